@@ -1,0 +1,1 @@
+//! Test support for the end-to-end suites in tests/tests/.

@@ -1,0 +1,11 @@
+//! virtlockd: libvirt's lock daemon, as a library (the binary is `main.rs`).
+//!
+//! | module | job |
+//! |---|---|
+//! | [`protocol`] | program 0x0EA7BEEF: argument types of the eight procedures |
+//! | [`lockspace`] | lockspaces, resources and their owners; byte-0 fcntl locks |
+//! | [`program`] | RPC dispatch: owner registration, restriction, checks in 9.0's order |
+
+pub mod lockspace;
+pub mod program;
+pub mod protocol;

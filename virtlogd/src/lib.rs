@@ -1,0 +1,13 @@
+//! virtlogd: libvirt's log daemon, as a library (the binary is `main.rs`).
+//!
+//! | module | job |
+//! |---|---|
+//! | [`protocol`] | program 0x87539319: argument and reply types of the four procedures |
+//! | [`rotating_file`] | size-capped log file with `.0..N` backups, and the reader across them |
+//! | [`handler`] | the open log files: one pipe pump per file, keyed by path |
+//! | [`program`] | RPC dispatch of the four procedures onto the handler |
+
+pub mod handler;
+pub mod program;
+pub mod protocol;
+pub mod rotating_file;
