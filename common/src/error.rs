@@ -222,12 +222,25 @@ mod tests {
         RpcError::rpc("unknown procedure: 99").encode(&mut e);
         let hex: String = e.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
         let want = concat!(
-            "00000027", "00000007",
-            "00000001", "00000015", "756e6b6e6f776e2070726f6365647572653a203939", "000000",
-            "00000002", "00000000",
-            "00000001", "00000002", "25730000",
-            "00000001", "00000015", "756e6b6e6f776e2070726f6365647572653a203939", "000000",
-            "00000000", "ffffffff", "ffffffff", "00000000"
+            "00000027",
+            "00000007",
+            "00000001",
+            "00000015",
+            "756e6b6e6f776e2070726f6365647572653a203939",
+            "000000",
+            "00000002",
+            "00000000",
+            "00000001",
+            "00000002",
+            "25730000",
+            "00000001",
+            "00000015",
+            "756e6b6e6f776e2070726f6365647572653a203939",
+            "000000",
+            "00000000",
+            "ffffffff",
+            "ffffffff",
+            "00000000"
         );
         assert_eq!(hex, want);
         let back = RpcError::decode(&mut Decoder::new(e.as_bytes())).unwrap();
@@ -237,7 +250,10 @@ mod tests {
     #[test]
     fn system_error_text() {
         let e = RpcError::system(domain::LOGGING, libc::EBUSY, "Cannot open log file: '/x'");
-        assert_eq!(e.message(), "Cannot open log file: '/x': Device or resource busy");
+        assert_eq!(
+            e.message(),
+            "Cannot open log file: '/x': Device or resource busy"
+        );
         assert_eq!(e.int1, 16);
         assert_eq!(e.str1.as_deref(), Some("%s"));
     }

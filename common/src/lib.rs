@@ -14,12 +14,14 @@
 //! | [`pidfile`] | the fcntl-locked pid file |
 //! | [`activation`] | systemd socket activation (LISTEN_FDS) and sd_notify |
 //! | [`logging`] | log_level / log_filters / log_outputs driving `tracing` |
+//! | [`daemon`] | the daemon front-end: start-up, sockets, signals, `--timeout`, re-exec |
 //! | [`restart`] | the re-exec state file (libvirt 9.0's JSON) and fd inheritance |
 
 pub mod activation;
 pub mod cli;
 pub mod config;
 pub mod connection;
+pub mod daemon;
 pub mod error;
 pub mod fdpass;
 pub mod logging;

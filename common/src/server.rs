@@ -1,1 +1,673 @@
-//! TODO
+//! One libvirt RPC server ("virtlogd", "virtlockd" or "admin"): its listening services,
+//! its clients, and dispatch of their calls onto registered programs.
+//!
+//! Each client is one tokio task that reads a message, dispatches it inline, writes the
+//! reply (fds included) and only then reads the next one: libvirt's
+//! `nrequests_client_max = 1`, without a worker pool. Nothing is shared between clients
+//! but the client registry, which is touched only on connect, disconnect and by admin.
+//!
+//! A task ends in one of three ways:
+//! * the peer hangs up or breaks the protocol: the client is closed and its program's
+//!   `client_closed` hook runs (virtlockd releases the owner's leases there);
+//! * the daemon quits: the same, for every client;
+//! * the daemon hands off for re-exec: at a message boundary the task gives its socket
+//!   back *without* running the close hook, so that nothing held is released.
+
+use crate::connection::{self, Incoming, LengthWord, ReadEnd};
+use crate::error::RpcError;
+use crate::protocol::{self, msg_type, status};
+use crate::xdr::XdrError;
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{watch, Notify};
+use tracing::{debug, warn};
+
+/// What the daemon as a whole is doing; every task watches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    /// Close everything (SIGTERM, idle timeout).
+    Quit,
+    /// Give every fd back untouched (SIGUSR1 re-exec).
+    Handoff,
+}
+
+/// Per-client private state owned by a program (virtlockd's registered owner, say).
+pub type Private = Box<dyn Any + Send>;
+
+/// Who a client is, as recorded at accept time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientInfo {
+    pub id: u64,
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Epoch seconds.
+    pub conn_time: i64,
+    pub fd: RawFd,
+}
+
+/// A program's hooks into the client life cycle, and its per-client state.
+pub trait ClientHooks: Send + Sync + 'static {
+    fn new_private(&self, _info: &ClientInfo) -> Private {
+        Box::new(())
+    }
+    /// The client is gone for good (not on hand-off).
+    fn client_closed(&self, _info: &ClientInfo, _private: Private) {}
+    /// The `privateData` object of the re-exec state.
+    fn save_private(&self, _private: &Private) -> Result<serde_json::Value, String> {
+        Ok(serde_json::json!({}))
+    }
+    fn restore_private(&self, _v: &serde_json::Value) -> Result<Private, String> {
+        Ok(Box::new(()))
+    }
+}
+
+/// The default hooks: no private state (virtlogd, admin).
+pub struct NoHooks;
+impl ClientHooks for NoHooks {}
+
+/// What a procedure handler returns on success.
+#[derive(Debug, Default)]
+pub struct Reply {
+    pub payload: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+impl Reply {
+    pub fn void() -> Self {
+        Reply::default()
+    }
+    pub fn payload(payload: Vec<u8>) -> Self {
+        Reply {
+            payload,
+            fds: Vec::new(),
+        }
+    }
+}
+
+/// Why a call failed, in the terms of libvirt's dispatcher.
+#[derive(Debug)]
+pub enum DispatchError {
+    UnknownProcedure,
+    Decode(XdrError),
+    Failed(RpcError),
+}
+
+impl From<RpcError> for DispatchError {
+    fn from(e: RpcError) -> Self {
+        DispatchError::Failed(e)
+    }
+}
+
+impl From<XdrError> for DispatchError {
+    fn from(e: XdrError) -> Self {
+        DispatchError::Decode(e)
+    }
+}
+
+/// The call being dispatched and the client making it.
+pub struct CallContext<'a> {
+    pub server: &'a Arc<Server>,
+    pub client: &'a ClientInfo,
+    pub private: &'a mut Private,
+    /// Fds that came with the call; whatever the handler leaves here is closed after it.
+    pub fds: Vec<OwnedFd>,
+    /// Set by a handler (admin CONNECT_CLOSE) to drop the connection after the reply.
+    pub close_after_reply: bool,
+}
+
+/// One RPC program served on a server.
+pub trait Program: Send + Sync + 'static {
+    fn program(&self) -> u32;
+    fn version(&self) -> u32;
+    /// Handles one call. Must answer `UnknownProcedure` before decoding anything, so
+    /// that the checks come in libvirt's order.
+    fn dispatch(
+        &self,
+        ctx: &mut CallContext<'_>,
+        proc_: i32,
+        args: &[u8],
+    ) -> Result<Reply, DispatchError>;
+}
+
+/// One listening socket of a server.
+#[derive(Debug, Clone)]
+pub struct ServiceInfo {
+    pub path: Option<PathBuf>,
+    /// Whether we bound it ourselves (and so unlink it on a clean stop).
+    pub unlink_on_stop: bool,
+}
+
+struct ClientEntry {
+    info: ClientInfo,
+    close: Arc<Notify>,
+}
+
+/// A client socket given back at hand-off, with what is needed to restore it.
+pub struct HandedOffClient {
+    pub info: ClientInfo,
+    pub fd: OwnedFd,
+    pub private: serde_json::Value,
+}
+
+/// A listening socket given back at hand-off.
+pub struct HandedOffService {
+    pub info: ServiceInfo,
+    pub fd: OwnedFd,
+}
+
+/// Live server limits and counters (admin reads and sets them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    pub max_clients: usize,
+    pub max_unauth: usize,
+}
+
+pub struct Server {
+    name: String,
+    programs: RwLock<Vec<Arc<dyn Program>>>,
+    hooks: Arc<dyn ClientHooks>,
+    allowed_uid: u32,
+    max_clients: AtomicUsize,
+    max_unauth: AtomicUsize,
+    next_client_id: AtomicU64,
+    clients: Mutex<BTreeMap<u64, ClientEntry>>,
+    /// Signalled whenever the client set or the limits change.
+    changed: Notify,
+    run: watch::Receiver<RunState>,
+    services_live: AtomicUsize,
+    handed_off_clients: Mutex<Vec<HandedOffClient>>,
+    handed_off_services: Mutex<Vec<HandedOffService>>,
+    service_infos: Mutex<Vec<ServiceInfo>>,
+}
+
+fn now_epoch() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Server {
+    pub fn new(
+        name: &str,
+        allowed_uid: u32,
+        limits: ClientLimits,
+        hooks: Arc<dyn ClientHooks>,
+        run: watch::Receiver<RunState>,
+    ) -> Arc<Self> {
+        Arc::new(Server {
+            name: name.to_string(),
+            programs: RwLock::new(Vec::new()),
+            hooks,
+            allowed_uid,
+            max_clients: AtomicUsize::new(limits.max_clients),
+            max_unauth: AtomicUsize::new(limits.max_unauth),
+            next_client_id: AtomicU64::new(1),
+            clients: Mutex::new(BTreeMap::new()),
+            changed: Notify::new(),
+            run,
+            services_live: AtomicUsize::new(0),
+            handed_off_clients: Mutex::new(Vec::new()),
+            handed_off_services: Mutex::new(Vec::new()),
+            service_infos: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn add_program(&self, p: Arc<dyn Program>) {
+        if let Ok(mut v) = self.programs.write() {
+            v.push(p);
+        }
+    }
+
+    pub fn hooks(&self) -> &Arc<dyn ClientHooks> {
+        &self.hooks
+    }
+
+    pub fn limits(&self) -> ClientLimits {
+        ClientLimits {
+            max_clients: self.max_clients.load(Ordering::Relaxed),
+            max_unauth: self.max_unauth.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn set_limits(&self, l: ClientLimits) {
+        self.max_clients.store(l.max_clients, Ordering::Relaxed);
+        self.max_unauth.store(l.max_unauth, Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+
+    pub fn next_client_id(&self) -> u64 {
+        self.next_client_id.load(Ordering::Relaxed)
+    }
+
+    pub fn set_next_client_id(&self, id: u64) {
+        self.next_client_id.store(id.max(1), Ordering::Relaxed);
+    }
+
+    pub fn nclients(&self) -> usize {
+        self.clients.lock().map(|c| c.len()).unwrap_or(0)
+    }
+
+    /// Snapshot of the connected clients, in id (= accept) order.
+    pub fn clients(&self) -> Vec<ClientInfo> {
+        self.clients
+            .lock()
+            .map(|c| c.values().map(|e| e.info.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn client(&self, id: u64) -> Option<ClientInfo> {
+        self.clients
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&id).map(|e| e.info.clone()))
+    }
+
+    /// Asks a client's task to close the connection (admin CLIENT_CLOSE).
+    pub fn close_client(&self, id: u64) -> bool {
+        match self.clients.lock() {
+            Ok(c) => match c.get(&id) {
+                Some(e) => {
+                    e.close.notify_one();
+                    true
+                }
+                None => false,
+            },
+            Err(_) => false,
+        }
+    }
+
+    pub fn services(&self) -> Vec<ServiceInfo> {
+        self.service_infos
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default()
+    }
+
+    /// Waits until the client set or the limits change.
+    pub async fn wait_changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// Whether every task of this server has finished (after Quit or Handoff).
+    pub fn is_drained(&self) -> bool {
+        self.nclients() == 0 && self.services_live.load(Ordering::Acquire) == 0
+    }
+
+    pub fn take_handed_off(&self) -> (Vec<HandedOffService>, Vec<HandedOffClient>) {
+        let s = self
+            .handed_off_services
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default();
+        let c = self
+            .handed_off_clients
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default();
+        (s, c)
+    }
+
+    /// Starts serving a listening socket.
+    pub fn add_service(self: &Arc<Self>, listener: UnixListener, info: ServiceInfo) {
+        if let Ok(mut v) = self.service_infos.lock() {
+            v.push(info.clone());
+        }
+        self.services_live.fetch_add(1, Ordering::AcqRel);
+        let me = self.clone();
+        tokio::spawn(async move { me.accept_loop(listener, info).await });
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: UnixListener, info: ServiceInfo) {
+        let mut run = self.run.clone();
+        let end = loop {
+            // At the client limit libvirt stops polling the listener: new peers wait in
+            // the backlog rather than being refused.
+            let full = {
+                let l = self.limits();
+                let n = self.nclients();
+                n >= l.max_clients || n >= l.max_unauth
+            };
+            let state = *run.borrow();
+            if state != RunState::Running {
+                break state;
+            }
+            if full {
+                tokio::select! {
+                    _ = self.changed.notified() => {}
+                    r = run.changed() => if r.is_err() { break RunState::Quit },
+                    // Notify has no memory for waiters that arrive late; poll as a backstop.
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                continue;
+            }
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((stream, _)) => self.accepted(stream),
+                    Err(e) if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE) => {
+                        warn!(server = %self.name, "accept: {e}; pausing accepts");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(e) => {
+                        warn!(server = %self.name, "accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                r = run.changed() => if r.is_err() { break RunState::Quit },
+            }
+        };
+        match end {
+            RunState::Handoff => match listener.into_std() {
+                Ok(l) => {
+                    if let Ok(mut v) = self.handed_off_services.lock() {
+                        v.push(HandedOffService {
+                            info,
+                            fd: OwnedFd::from(l),
+                        });
+                    }
+                }
+                Err(e) => warn!(server = %self.name, "cannot hand off listener: {e}"),
+            },
+            _ => {
+                if info.unlink_on_stop {
+                    if let Some(p) = &info.path {
+                        let _ = std::fs::remove_file(p);
+                    }
+                }
+            }
+        }
+        self.services_live.fetch_sub(1, Ordering::AcqRel);
+        self.changed.notify_waiters();
+    }
+
+    fn accepted(self: &Arc<Self>, stream: UnixStream) {
+        let cred = match stream.peer_cred() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(server = %self.name, "cannot read peer credentials: {e}");
+                return;
+            }
+        };
+        let pid = cred.pid().unwrap_or(0);
+        if cred.uid() != self.allowed_uid {
+            // libvirt closes such peers without a word; the log line is its wording.
+            warn!(
+                server = %self.name,
+                "operation forbidden: Disallowing client {pid} with uid {}",
+                cred.uid()
+            );
+            return;
+        }
+        let id = self.next_client_id.fetch_add(1, Ordering::Relaxed);
+        let info = ClientInfo {
+            id,
+            pid,
+            uid: cred.uid(),
+            gid: cred.gid(),
+            conn_time: now_epoch(),
+            fd: stream.as_raw_fd(),
+        };
+        let private = self.hooks.new_private(&info);
+        debug!(server = %self.name, client = id, pid, "new client");
+        self.spawn_client(stream, info, private);
+    }
+
+    /// Re-creates a client from an inherited socket (re-exec, or a failed exec).
+    pub fn adopt_client(
+        self: &Arc<Self>,
+        fd: OwnedFd,
+        id: u64,
+        conn_time: i64,
+        private: &serde_json::Value,
+    ) -> io::Result<()> {
+        let std_stream = std::os::unix::net::UnixStream::from(fd);
+        std_stream.set_nonblocking(true)?;
+        let stream = UnixStream::from_std(std_stream)?;
+        let cred = stream.peer_cred()?;
+        if cred.uid() != self.allowed_uid {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "Disallowing client {} with uid {}",
+                    cred.pid().unwrap_or(0),
+                    cred.uid()
+                ),
+            ));
+        }
+        let private = self
+            .hooks
+            .restore_private(private)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let info = ClientInfo {
+            id,
+            pid: cred.pid().unwrap_or(0),
+            uid: cred.uid(),
+            gid: cred.gid(),
+            conn_time,
+            fd: stream.as_raw_fd(),
+        };
+        // Keep ids unique after restoring.
+        self.next_client_id.fetch_max(id + 1, Ordering::Relaxed);
+        self.spawn_client(stream, info, private);
+        Ok(())
+    }
+
+    /// Re-creates a listening service from an inherited socket.
+    pub fn adopt_service(self: &Arc<Self>, fd: OwnedFd, info: ServiceInfo) -> io::Result<()> {
+        let l = std::os::unix::net::UnixListener::from(fd);
+        l.set_nonblocking(true)?;
+        let l = UnixListener::from_std(l)?;
+        self.add_service(l, info);
+        Ok(())
+    }
+
+    fn spawn_client(self: &Arc<Self>, stream: UnixStream, info: ClientInfo, private: Private) {
+        let close = Arc::new(Notify::new());
+        if let Ok(mut c) = self.clients.lock() {
+            c.insert(
+                info.id,
+                ClientEntry {
+                    info: info.clone(),
+                    close: close.clone(),
+                },
+            );
+        }
+        self.changed.notify_waiters();
+        let me = self.clone();
+        tokio::spawn(async move { me.client_loop(stream, info, private, close).await });
+    }
+
+    async fn client_loop(
+        self: Arc<Self>,
+        stream: UnixStream,
+        info: ClientInfo,
+        mut private: Private,
+        close: Arc<Notify>,
+    ) {
+        let mut run = self.run.clone();
+        let mut lw = LengthWord::default();
+        let outcome: RunState = loop {
+            let state = *run.borrow();
+            if state != RunState::Running {
+                break state;
+            }
+            let len = tokio::select! {
+                r = connection::read_length(&stream, &mut lw) => r,
+                r = run.changed() => { if r.is_err() { break RunState::Quit } continue }
+                _ = close.notified() => break RunState::Quit,
+            };
+            let len = match len {
+                Ok(l) => l,
+                Err(ReadEnd::Eof) => break RunState::Quit,
+                Err(ReadEnd::Broken(why)) => {
+                    debug!(server = %self.name, client = info.id, "closing: {why}");
+                    break RunState::Quit;
+                }
+            };
+            // Once a frame has started, finish it; a re-exec waits briefly for it and
+            // then gives up on it (libvirt drops a half-read request too).
+            let msg = tokio::select! {
+                r = connection::read_message(&stream, len) => r,
+                _ = handoff_grace(run.clone()) => {
+                    warn!(server = %self.name, client = info.id, "dropping a half-read request for re-exec");
+                    break RunState::Handoff;
+                }
+            };
+            let msg = match msg {
+                Ok(m) => m,
+                Err(ReadEnd::Eof) => break RunState::Quit,
+                Err(ReadEnd::Broken(why)) => {
+                    debug!(server = %self.name, client = info.id, "closing: {why}");
+                    break RunState::Quit;
+                }
+            };
+            match self.handle(&stream, &info, &mut private, msg).await {
+                Ok(true) => {}
+                Ok(false) => break RunState::Quit,
+                Err(e) => {
+                    debug!(server = %self.name, client = info.id, "write failed: {e}");
+                    break RunState::Quit;
+                }
+            }
+        };
+        if let Ok(mut c) = self.clients.lock() {
+            c.remove(&info.id);
+        }
+        if outcome == RunState::Handoff {
+            let saved = match self.hooks.save_private(&private) {
+                Ok(v) => v,
+                Err(e) => {
+                    warn!(server = %self.name, client = info.id, "cannot save client state: {e}");
+                    serde_json::json!({})
+                }
+            };
+            match stream.into_std() {
+                Ok(s) => {
+                    if let Ok(mut v) = self.handed_off_clients.lock() {
+                        v.push(HandedOffClient {
+                            info,
+                            fd: OwnedFd::from(s),
+                            private: saved,
+                        });
+                    }
+                }
+                Err(e) => warn!(server = %self.name, "cannot hand off client: {e}"),
+            }
+        } else {
+            drop(stream);
+            debug!(server = %self.name, client = info.id, "client closed");
+            self.hooks.client_closed(&info, private);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Dispatches one message and writes what it produces. `Ok(false)`: close now.
+    async fn handle(
+        self: &Arc<Self>,
+        stream: &UnixStream,
+        info: &ClientInfo,
+        private: &mut Private,
+        msg: Incoming,
+    ) -> io::Result<bool> {
+        let h = msg.header;
+        // 1. Keepalive is consumed before dispatch, and only as type MESSAGE.
+        if h.prog == protocol::KEEPALIVE_PROGRAM
+            && h.vers == protocol::KEEPALIVE_VERSION
+            && h.type_ == msg_type::MESSAGE
+        {
+            if h.proc_ == protocol::KEEPALIVE_PING {
+                connection::write_all(stream, &protocol::pong_frame()).await?;
+            }
+            return Ok(true);
+        }
+        let is_call = h.type_ == msg_type::CALL || h.type_ == msg_type::CALL_WITH_FDS;
+        // 2. Find the program.
+        let program = self.programs.read().ok().and_then(|v| {
+            v.iter()
+                .find(|p| p.program() == h.prog && p.version() == h.vers)
+                .cloned()
+        });
+        let Some(program) = program else {
+            if is_call {
+                let e = RpcError::rpc(format!(
+                    "Cannot find program {} version {}",
+                    h.prog as i32, h.vers as i32
+                ));
+                connection::write_all(stream, &protocol::encode_error_frame(&h, &e)).await?;
+            }
+            return Ok(true);
+        };
+        // 3. Only calls are answered; anything else is dropped without a word.
+        if !is_call {
+            return Ok(true);
+        }
+        // 4. Status must be OK.
+        if h.status != status::OK {
+            let e = RpcError::rpc(format!("Unexpected message status {}", h.status));
+            connection::write_all(stream, &protocol::encode_error_frame(&h, &e)).await?;
+            return Ok(true);
+        }
+        let mut ctx = CallContext {
+            server: self,
+            client: info,
+            private,
+            fds: msg.fds,
+            close_after_reply: false,
+        };
+        let res = program.dispatch(&mut ctx, h.proc_, &msg.body[msg.payload_offset..]);
+        let close_after = ctx.close_after_reply;
+        drop(ctx); // unused call fds are closed here, as libvirt does
+        match res {
+            Ok(reply) => {
+                let with_fds = !reply.fds.is_empty();
+                let frame = protocol::encode_frame(
+                    &h.reply(with_fds, status::OK),
+                    with_fds.then_some(reply.fds.len() as u32),
+                    &reply.payload,
+                );
+                connection::write_message(stream, &frame, &reply.fds).await?;
+            }
+            Err(err) => {
+                let e = match err {
+                    DispatchError::UnknownProcedure => {
+                        RpcError::rpc(format!("unknown procedure: {}", h.proc_))
+                    }
+                    DispatchError::Decode(x) => {
+                        debug!(server = %self.name, "undecodable payload: {x}");
+                        RpcError::rpc("Unable to decode message payload")
+                    }
+                    DispatchError::Failed(e) => e,
+                };
+                connection::write_all(stream, &protocol::encode_error_frame(&h, &e)).await?;
+            }
+        }
+        Ok(!close_after)
+    }
+}
+
+/// Resolves two seconds after a hand-off starts: how long a half-received request may
+/// hold up a re-exec.
+async fn handoff_grace(mut run: watch::Receiver<RunState>) {
+    loop {
+        if *run.borrow() == RunState::Handoff {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            return;
+        }
+        if run.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}

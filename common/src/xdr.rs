@@ -285,7 +285,10 @@ mod tests {
     fn forged_array_count_is_rejected() {
         let bytes = [0, 0, 1, 0];
         let mut d = Decoder::new(&bytes);
-        assert!(matches!(d.array_len(1024, 8), Err(XdrError::Truncated { .. })));
+        assert!(matches!(
+            d.array_len(1024, 8),
+            Err(XdrError::Truncated { .. })
+        ));
     }
 
     proptest! {

@@ -4,8 +4,10 @@
 //! |---|---|
 //! | [`protocol`] | program 0x0EA7BEEF: argument types of the eight procedures |
 //! | [`lockspace`] | lockspaces, resources and their owners; byte-0 fcntl locks |
+//! | [`daemon`] | virtlockd's part of the daemon front-end and of the re-exec state |
 //! | [`program`] | RPC dispatch: owner registration, restriction, checks in 9.0's order |
 
+pub mod daemon;
 pub mod lockspace;
 pub mod program;
 pub mod protocol;

@@ -6,7 +6,9 @@
 //! | [`rotating_file`] | size-capped log file with `.0..N` backups, and the reader across them |
 //! | [`handler`] | the open log files: one pipe pump per file, keyed by path |
 //! | [`program`] | RPC dispatch of the four procedures onto the handler |
+//! | [`daemon`] | virtlogd's part of the daemon front-end and of the re-exec state |
 
+pub mod daemon;
 pub mod handler;
 pub mod program;
 pub mod protocol;

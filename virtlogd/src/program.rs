@@ -1,1 +1,108 @@
-//! TODO
+//! RPC dispatch of program 0x87539319 onto the log handler, with libvirt 9.0's checks
+//! in libvirt 9.0's order.
+
+use crate::handler::{LogHandler, LogOwner, READ_MAX};
+use crate::protocol::{self as p, proc_};
+use std::sync::Arc;
+use vh_common::error::{domain, RpcError};
+use vh_common::server::{CallContext, DispatchError, Program, Reply};
+use vh_common::xdr::{Decoder, Encoder};
+
+pub struct LogProgram {
+    handler: Arc<LogHandler>,
+}
+
+impl LogProgram {
+    pub fn new(handler: Arc<LogHandler>) -> Arc<Self> {
+        Arc::new(LogProgram { handler })
+    }
+}
+
+fn check_flags(flags: u32, function: &str) -> Result<(), RpcError> {
+    if flags != 0 {
+        return Err(RpcError::unsupported_flags(
+            domain::LOGGING,
+            function,
+            u64::from(flags),
+        ));
+    }
+    Ok(())
+}
+
+fn position_reply(inode: u64, offset: u64) -> Vec<u8> {
+    let mut e = Encoder::new();
+    p::LogFilePosition { inode, offset }.encode(&mut e);
+    e.into_inner()
+}
+
+impl Program for LogProgram {
+    fn program(&self) -> u32 {
+        p::PROGRAM
+    }
+
+    fn version(&self) -> u32 {
+        p::VERSION
+    }
+
+    fn dispatch(
+        &self,
+        _ctx: &mut CallContext<'_>,
+        proc_: i32,
+        args: &[u8],
+    ) -> Result<Reply, DispatchError> {
+        let mut d = Decoder::new(args);
+        match proc_ {
+            proc_::DOMAIN_OPEN_LOG_FILE => {
+                let a = p::OpenLogFileArgs::decode(&mut d)?;
+                // Only TRUNCATE is looked at; other bits are ignored, as in 9.0.
+                let owner = LogOwner {
+                    driver: a.driver,
+                    domname: a.dom.name,
+                    domuuid: a.dom.uuid,
+                };
+                let (inode, offset, wr) =
+                    self.handler
+                        .open(owner, &a.path, a.flags & p::OPEN_TRUNCATE != 0)?;
+                Ok(Reply {
+                    payload: position_reply(inode, offset),
+                    fds: vec![wr],
+                })
+            }
+            proc_::DOMAIN_GET_LOG_FILE_POSITION => {
+                let a = p::GetLogFilePositionArgs::decode(&mut d)?;
+                check_flags(a.flags, "virLogHandlerDomainGetLogFilePosition")?;
+                let (inode, offset) = self.handler.position(&a.path)?;
+                Ok(Reply::payload(position_reply(inode, offset)))
+            }
+            proc_::DOMAIN_READ_LOG_FILE => {
+                let a = p::ReadLogFileArgs::decode(&mut d)?;
+                if a.maxlen > READ_MAX {
+                    return Err(RpcError::internal(
+                        domain::RPC,
+                        format!(
+                            "Requested data len {} is larger than maximum {READ_MAX}",
+                            a.maxlen
+                        ),
+                    )
+                    .into());
+                }
+                check_flags(a.flags, "virLogHandlerDomainReadLogFile")?;
+                let data = self
+                    .handler
+                    .read(&a.path, a.pos.inode, a.pos.offset, a.maxlen)?;
+                let mut e = Encoder::new();
+                e.opaque(&data);
+                Ok(Reply::payload(e.into_inner()))
+            }
+            proc_::DOMAIN_APPEND_LOG_FILE => {
+                let a = p::AppendLogFileArgs::decode(&mut d)?;
+                check_flags(a.flags, "virLogHandlerDomainAppendLogFile")?;
+                self.handler.append(&a.path, &a.message)?;
+                let mut e = Encoder::new();
+                e.i32(0);
+                Ok(Reply::payload(e.into_inner()))
+            }
+            _ => Err(DispatchError::UnknownProcedure),
+        }
+    }
+}

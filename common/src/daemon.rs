@@ -1,0 +1,685 @@
+//! The daemon front-end both binaries share: command line, config, logging, pid file,
+//! sockets (systemd activation or self-bound), signals, `--timeout`, and the SIGUSR1
+//! re-exec with its state file.
+//!
+//! Re-exec keeps the pid and every fd that matters. It is one code path in both
+//! directions: the state document we would hand to a new image is also what we restore
+//! from when the exec fails, so a failed upgrade leaves the daemon serving with
+//! everything it held (libvirt 9.0 exits and loses all locks there).
+
+use crate::activation::{self, Activation};
+use crate::cli::{self, CliAction, Options};
+use crate::config::{self, DaemonConfig, KeySet};
+use crate::logging::{self, LogHandle, LogInputs, LogSettings};
+use crate::paths::{DaemonKind, DaemonPaths, Mode};
+use crate::pidfile::PidFile;
+use crate::restart::{
+    self, ClientState, DaemonState, ServerState, ServiceState, SocketState, ADMIN_SERVER,
+};
+use crate::server::{ClientHooks, ClientLimits, NoHooks, Program, RunState, Server, ServiceInfo};
+use std::ffi::{CString, OsString};
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+/// libvirt's `virDaemonErr` exit codes.
+pub mod exit {
+    pub const PIDFILE: i32 = 1;
+    pub const RUNDIR: i32 = 2;
+    pub const INIT: i32 = 3;
+    pub const SIGNAL: i32 = 4;
+    pub const NETWORK: i32 = 6;
+    pub const CONFIG: i32 = 7;
+    pub const REEXEC: i32 = 9;
+}
+
+/// Listen backlog libvirt uses for its services.
+const BACKLOG: i32 = 30;
+/// How long a re-exec waits for tasks to park before giving up on stragglers.
+const HANDOFF_WAIT: Duration = Duration::from_secs(5);
+/// Graceful-quit guard, as libvirt's.
+const QUIT_WAIT: Duration = Duration::from_secs(30);
+
+/// Everything the daemon-specific part (virtlogd, virtlockd) needs from the front-end.
+pub struct Daemon {
+    pub kind: DaemonKind,
+    pub mode: Mode,
+    pub paths: DaemonPaths,
+    pub config: DaemonConfig,
+    pub options: Options,
+    /// Run-time control of the daemon's own logging (admin program).
+    pub log: LogHandle,
+    pub main: Arc<Server>,
+    pub admin: Arc<Server>,
+    run_tx: watch::Sender<RunState>,
+    timeout: AtomicU32,
+}
+
+impl Daemon {
+    /// Current `--timeout` (admin SET_DAEMON_TIMEOUT changes it).
+    pub fn timeout(&self) -> u32 {
+        self.timeout.load(Ordering::Relaxed)
+    }
+
+    pub fn set_timeout(&self, secs: u32) {
+        self.timeout.store(secs, Ordering::Relaxed);
+    }
+
+    pub fn run_state(&self) -> watch::Receiver<RunState> {
+        self.run_tx.subscribe()
+    }
+
+    pub fn servers(&self) -> [&Arc<Server>; 2] {
+        [&self.admin, &self.main]
+    }
+
+    pub fn server(&self, name: &str) -> Option<&Arc<Server>> {
+        self.servers().into_iter().find(|s| s.name() == name)
+    }
+}
+
+/// What a daemon binary plugs into the front-end.
+pub trait App: Send + Sync + Sized + 'static {
+    const KIND: DaemonKind;
+
+    /// Builds the daemon-specific state, before the servers exist.
+    fn new(config: &DaemonConfig, mode: Mode, run: watch::Receiver<RunState>) -> Self;
+    /// Hooks of the main server's clients.
+    fn hooks(&self) -> Arc<dyn ClientHooks>;
+    /// Programs served on the main server.
+    fn programs(&self) -> Vec<Arc<dyn Program>>;
+    /// Extra programs on the admin server (the admin program itself is added by the
+    /// front-end's caller through this too).
+    fn admin_programs(&self, daemon: &Arc<Daemon>) -> Vec<Arc<dyn Program>>;
+    /// Whether something held should keep an idle daemon alive (`--timeout`).
+    fn inhibits_shutdown(&self) -> bool;
+    /// After every server handed off: the full state document, as JSON text.
+    fn handoff(
+        &self,
+        daemon: DaemonState,
+        magic: String,
+    ) -> impl Future<Output = (String, Vec<RawFd>)> + Send;
+    /// Restores the daemon-specific part of a document; returns its generic part.
+    /// `in_place` is true after a failed exec: whatever `handoff` did not move out of
+    /// the app is still live and must not be adopted a second time.
+    fn restore(&self, text: &str, in_place: bool) -> Result<DaemonState, String>;
+    /// Clean stop: release what a stop releases.
+    fn shutdown(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// Entry point of both binaries: returns the process exit code.
+pub fn main<A: App>() -> i32 {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let opts = match cli::parse(A::KIND, &args) {
+        Ok(CliAction::Run(o)) => o,
+        Ok(CliAction::Exit {
+            code,
+            stdout,
+            stderr,
+        }) => {
+            print!("{stdout}");
+            eprint!("{stderr}");
+            return code;
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", A::KIND.name());
+            return e.exit_code();
+        }
+    };
+    let mode = Mode::current();
+    let paths = match DaemonPaths::current(A::KIND) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{}: cannot determine paths: {e}", A::KIND.name());
+            return exit::INIT;
+        }
+    };
+    let keys = match A::KIND {
+        DaemonKind::Logd => KeySet::Log,
+        DaemonKind::Lockd => KeySet::Lock,
+    };
+    let (cfg_path, explicit) = match &opts.config {
+        Some(p) => (p.clone(), true),
+        None => (paths.config_file.clone(), false),
+    };
+    let config = match config::load(&cfg_path, explicit, keys) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}", e.load_failure_message(&cfg_path));
+            return 1;
+        }
+    };
+    let inputs = LogInputs::from_process(
+        A::KIND,
+        mode,
+        paths.default_log_file.clone(),
+        &config,
+        opts.verbose,
+        opts.daemon,
+    );
+    let log = match LogSettings::resolve(&inputs).and_then(logging::install) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("{}: {e}", A::KIND.name());
+            return 1;
+        }
+    };
+    raise_nofile_limit();
+    if let Err(e) = paths.create_run_dir() {
+        error!("Unable to create rundir {}: {e}", paths.run_dir.display());
+        return exit::RUNDIR;
+    }
+    let my_pid = std::process::id();
+    let state = match restart::take_state_file(&paths.state_file, my_pid) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(
+                "cannot read re-exec state {}: {e}",
+                paths.state_file.display()
+            );
+            return exit::INIT;
+        }
+    };
+    // Daemonize only on a fresh start: after re-exec we already are the daemon.
+    let mut status_pipe = None;
+    if opts.daemon && state.is_none() {
+        match daemonize(A::KIND) {
+            Ok(p) => status_pipe = p,
+            Err(e) => {
+                error!("Failed to fork as daemon: {e}");
+                return exit::INIT;
+            }
+        }
+    }
+    let pid_path = opts.pid_file.clone().unwrap_or(paths.pid_file.clone());
+    let pidfile = match PidFile::acquire(&pid_path) {
+        Ok(p) => p,
+        Err(e) => {
+            error!("{e}");
+            report_status(&mut status_pipe, exit::PIDFILE as u8);
+            return exit::PIDFILE;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().min(4)))
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("cannot start runtime: {e}");
+            return exit::INIT;
+        }
+    };
+    let code = rt.block_on(run::<A>(opts, mode, paths, config, log, state, status_pipe));
+    let _ = pidfile.release();
+    code
+}
+
+fn report_status(pipe: &mut Option<OwnedFd>, code: u8) {
+    if let Some(fd) = pipe.take() {
+        let _ = nix::unistd::write(&fd, &[code]);
+    }
+}
+
+async fn run<A: App>(
+    options: Options,
+    mode: Mode,
+    paths: DaemonPaths,
+    config: DaemonConfig,
+    log: LogHandle,
+    state: Option<String>,
+    mut status_pipe: Option<OwnedFd>,
+) -> i32 {
+    let (run_tx, run_rx) = watch::channel(RunState::Running);
+    let app = A::new(&config, mode, run_rx.clone());
+    let own_uid = nix::unistd::geteuid().as_raw();
+    // System mode: only root may talk to us; session mode: only our own user.
+    let main_uid = if mode.is_privileged() { 0 } else { own_uid };
+    let main = Server::new(
+        A::KIND.name(),
+        main_uid,
+        ClientLimits {
+            max_clients: config.max_clients as usize,
+            max_unauth: config.max_clients as usize,
+        },
+        app.hooks(),
+        run_rx.clone(),
+    );
+    let admin = Server::new(
+        ADMIN_SERVER,
+        own_uid,
+        ClientLimits {
+            max_clients: config.admin_max_clients as usize,
+            max_unauth: config.admin_max_clients as usize,
+        },
+        Arc::new(NoHooks),
+        run_rx,
+    );
+    let daemon = Arc::new(Daemon {
+        kind: A::KIND,
+        mode,
+        timeout: AtomicU32::new(options.timeout),
+        paths,
+        config,
+        options,
+        log,
+        main,
+        admin,
+        run_tx,
+    });
+    let setup = match &state {
+        Some(text) => restore::<A>(&daemon, &app, text, false),
+        None => listen(&daemon),
+    };
+    if let Err((code, why)) = setup {
+        error!("{why}");
+        report_status(&mut status_pipe, code as u8);
+        return code;
+    }
+    for p in app.programs() {
+        daemon.main.add_program(p);
+    }
+    for p in app.admin_programs(&daemon) {
+        daemon.admin.add_program(p);
+    }
+    if state.is_some() {
+        info!("restarted in place from the re-exec state");
+    }
+    report_status(&mut status_pipe, 0);
+    let _ = activation::notify_ready();
+
+    let mut sigterm = signal(SignalKind::terminate());
+    let mut sigint = signal(SignalKind::interrupt());
+    let mut sigquit = signal(SignalKind::quit());
+    let mut sigusr1 = signal(SignalKind::user_defined1());
+    let (Ok(sigterm), Ok(sigint), Ok(sigquit), Ok(sigusr1)) =
+        (&mut sigterm, &mut sigint, &mut sigquit, &mut sigusr1)
+    else {
+        error!("cannot install signal handlers");
+        return exit::SIGNAL;
+    };
+
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        let timeout = daemon.timeout();
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sigquit.recv() => break,
+            _ = sigusr1.recv() => {
+                info!("SIGUSR1: re-executing in place");
+                reexec::<A>(&daemon, &app).await;
+                // Only reached when the exec failed and we restored ourselves.
+                continue;
+            }
+            // A cheap 1 s tick, only while an idle timeout is set.
+            _ = tokio::time::sleep(Duration::from_secs(1)), if timeout > 0 => {
+                let idle = daemon.main.nclients() == 0
+                    && daemon.admin.nclients() == 0
+                    && !app.inhibits_shutdown();
+                match (idle, idle_since) {
+                    (false, _) => idle_since = None,
+                    (true, None) => idle_since = Some(Instant::now()),
+                    (true, Some(t)) if t.elapsed() >= Duration::from_secs(u64::from(timeout)) => {
+                        info!("idle for {timeout}s; exiting");
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    quit::<A>(&daemon, &app).await
+}
+
+async fn quit<A: App>(daemon: &Arc<Daemon>, app: &A) -> i32 {
+    let _ = daemon.run_tx.send(RunState::Quit);
+    let deadline = Instant::now() + QUIT_WAIT;
+    while !(daemon.main.is_drained() && daemon.admin.is_drained()) {
+        if Instant::now() > deadline {
+            error!("Make forcefull daemon shutdown");
+            return 1;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    app.shutdown().await;
+    0
+}
+
+/// Binds our own sockets, or claims the ones systemd passed.
+fn listen(daemon: &Arc<Daemon>) -> Result<(), (i32, String)> {
+    let kind = daemon.kind;
+    match Activation::from_env() {
+        Ok(Some(mut act)) => {
+            for (server, name) in [
+                (&daemon.main, kind.socket_fd_name()),
+                (&daemon.admin, kind.admin_socket_fd_name()),
+            ] {
+                for fd in act.claim(name) {
+                    let _ = nix::sys::socket::listen(
+                        &fd,
+                        nix::sys::socket::Backlog::new(BACKLOG)
+                            .unwrap_or(nix::sys::socket::Backlog::MAXCONN),
+                    );
+                    let path = socket_path(fd.as_raw_fd());
+                    server
+                        .adopt_service(
+                            fd,
+                            ServiceInfo {
+                                path,
+                                unlink_on_stop: false,
+                            },
+                        )
+                        .map_err(|e| {
+                            (exit::NETWORK, format!("cannot use activated socket: {e}"))
+                        })?;
+                }
+            }
+            act.complete().map_err(|e| (exit::NETWORK, e.to_string()))?;
+            Ok(())
+        }
+        Ok(None) => {
+            for (server, path) in [
+                (&daemon.main, &daemon.paths.socket),
+                (&daemon.admin, &daemon.paths.admin_socket),
+            ] {
+                let fd = bind_socket(path).map_err(|e| {
+                    (
+                        exit::NETWORK,
+                        format!("Failed to bind socket to '{}': {e}", path.display()),
+                    )
+                })?;
+                server
+                    .adopt_service(
+                        fd,
+                        ServiceInfo {
+                            path: Some(path.clone()),
+                            unlink_on_stop: true,
+                        },
+                    )
+                    .map_err(|e| (exit::NETWORK, e.to_string()))?;
+            }
+            Ok(())
+        }
+        Err(e) => Err((e.exit_code(), e.to_string())),
+    }
+}
+
+/// The filesystem path a unix socket is bound to, if any.
+fn socket_path(fd: RawFd) -> Option<std::path::PathBuf> {
+    let addr: nix::sys::socket::UnixAddr = nix::sys::socket::getsockname(fd).ok()?;
+    addr.path().map(|p| p.to_path_buf())
+}
+
+/// Binds a listening unix socket the way libvirt does: stale file removed, mode 0700,
+/// backlog 30.
+pub fn bind_socket(path: &Path) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{bind, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    use nix::sys::stat::{umask, Mode as FMode};
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    let addr = UnixAddr::new(path)?;
+    // The umask is process-wide; nothing else creates files while we start up.
+    let old = umask(FMode::from_bits_truncate(0o077));
+    let r = bind(fd.as_raw_fd(), &addr);
+    umask(old);
+    r?;
+    nix::sys::socket::listen(&fd, Backlog::new(BACKLOG).unwrap_or(Backlog::MAXCONN))?;
+    Ok(fd)
+}
+
+/// Rebuilds servers, services and clients from a state document (after re-exec, or
+/// after a failed exec, from the document that was meant for the new image).
+fn restore<A: App>(
+    daemon: &Arc<Daemon>,
+    app: &A,
+    text: &str,
+    in_place: bool,
+) -> Result<(), (i32, String)> {
+    let state = app
+        .restore(text, in_place)
+        .map_err(|e| (exit::INIT, format!("cannot restore re-exec state: {e}")))?;
+    for (name, srv) in &state.servers {
+        let Some(server) = daemon.server(name) else {
+            warn!("re-exec state names an unknown server {name}");
+            continue;
+        };
+        server.set_next_client_id(srv.next_client_id);
+        // The config file may have changed across the upgrade; the running limits win,
+        // as in libvirt (they are part of the state).
+        server.set_limits(ClientLimits {
+            max_clients: srv.max_clients as usize,
+            max_unauth: srv.max_anonymous_clients as usize,
+        });
+        for svc in &srv.services {
+            for sock in &svc.socks {
+                let fd = adopt_fd(sock.fd)
+                    .map_err(|e| (exit::INIT, format!("inherited socket {}: {e}", sock.fd)))?;
+                let path = socket_path(fd.as_raw_fd());
+                server
+                    .adopt_service(
+                        fd,
+                        ServiceInfo {
+                            path,
+                            unlink_on_stop: sock.unlink_unix,
+                        },
+                    )
+                    .map_err(|e| (exit::INIT, e.to_string()))?;
+            }
+        }
+        for c in &srv.clients {
+            let fd = match adopt_fd(c.sock.fd) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    warn!("inherited client socket {}: {e}", c.sock.fd);
+                    continue;
+                }
+            };
+            // One bad client loses only itself (libvirt fails the whole restore).
+            if let Err(e) = server.adopt_client(fd, c.id, c.conn_time, &c.private_data) {
+                warn!(
+                    server = name.as_str(),
+                    client = c.id,
+                    "cannot restore client: {e}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Takes ownership of an inherited fd number, checking it is open, and marks it
+/// close-on-exec again.
+pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD)?;
+    restart::set_cloexec(fd)?;
+    // SAFETY: the fd is open (F_GETFD succeeded) and was handed to this image through
+    // the state document, which names each fd once; nothing else in this process owns
+    // it, so it is ours to own and close.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn server_state(
+    server: &Server,
+    services: Vec<ServiceState>,
+    clients: Vec<ClientState>,
+) -> ServerState {
+    let l = server.limits();
+    ServerState {
+        min_workers: 0,
+        max_workers: 0,
+        priority_workers: 0,
+        max_clients: l.max_clients as u32,
+        max_anonymous_clients: l.max_unauth.min(l.max_clients) as u32,
+        keepalive_interval: -1,
+        keepalive_count: 0,
+        next_client_id: server.next_client_id(),
+        services,
+        clients,
+    }
+}
+
+/// SIGUSR1: park everything, write the state, exec ourselves. Returns only if the exec
+/// failed, after restoring the daemon from the same state.
+async fn reexec<A: App>(daemon: &Arc<Daemon>, app: &A) {
+    let _ = daemon.run_tx.send(RunState::Handoff);
+    let deadline = Instant::now() + HANDOFF_WAIT;
+    while !(daemon.main.is_drained() && daemon.admin.is_drained()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut keep: Vec<RawFd> = Vec::new();
+    let mut servers = Vec::new();
+    for server in daemon.servers() {
+        let (svcs, clients) = server.take_handed_off();
+        let mut services = Vec::new();
+        for s in svcs {
+            let fd = s.fd.into_raw_fd();
+            keep.push(fd);
+            services.push(ServiceState {
+                auth: 0,
+                readonly: false,
+                nrequests_client_max: 1,
+                socks: vec![SocketState::listener(fd, s.info.unlink_on_stop)],
+            });
+        }
+        let mut cs: Vec<ClientState> = clients
+            .into_iter()
+            .map(|c| {
+                let fd = c.fd.into_raw_fd();
+                keep.push(fd);
+                ClientState {
+                    id: c.info.id,
+                    auth: 0,
+                    auth_pending: false,
+                    readonly: false,
+                    nrequests_max: 1,
+                    conn_time: c.info.conn_time,
+                    sock: SocketState::connection(fd),
+                    private_data: c.private,
+                }
+            })
+            .collect();
+        cs.sort_by_key(|c| c.id);
+        servers.push((
+            server.name().to_string(),
+            server_state(server, services, cs),
+        ));
+    }
+    let magic = restart::restart_magic(std::process::id());
+    let (text, app_fds) = app.handoff(DaemonState { servers }, magic).await;
+    keep.extend(app_fds);
+    for fd in &keep {
+        if let Err(e) = restart::clear_cloexec(*fd) {
+            warn!("cannot keep fd {fd} across exec: {e}");
+        }
+    }
+    let err = match restart::write_state_file(&daemon.paths.state_file, &text) {
+        Ok(()) => exec_self(&daemon.options),
+        Err(e) => io::Error::other(format!(
+            "cannot write {}: {e}",
+            daemon.paths.state_file.display()
+        )),
+    };
+    // Still here: the exec failed. Keep serving with everything we hold.
+    error!("Unable to restart self: {err}; staying up with all state");
+    let _ = std::fs::remove_file(&daemon.paths.state_file);
+    let _ = daemon.run_tx.send(RunState::Running);
+    if let Err((_, why)) = restore::<A>(daemon, app, &text, true) {
+        error!("restoring after a failed exec: {why}");
+    }
+}
+
+/// `execvp(argv[0], argv)` with the original arguments: a PATH search when argv[0] has
+/// no slash, exactly what libvirt does. Returns only on failure.
+fn exec_self(opts: &Options) -> io::Error {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let argv0 = if opts.argv0.is_empty() {
+        args.first().cloned().unwrap_or_default()
+    } else {
+        opts.argv0.clone()
+    };
+    let to_c = |s: &std::ffi::OsStr| CString::new(s.as_bytes());
+    let Ok(file) = to_c(&argv0) else {
+        return io::Error::from_raw_os_error(libc::EINVAL);
+    };
+    let argv: Result<Vec<CString>, _> = args.iter().map(|a| to_c(a)).collect();
+    let Ok(argv) = argv else {
+        return io::Error::from_raw_os_error(libc::EINVAL);
+    };
+    match nix::unistd::execvp(&file, &argv) {
+        Ok(never) => match never {},
+        Err(e) => e.into(),
+    }
+}
+
+/// Soft RLIMIT_NOFILE up to the hard limit, as libvirt does at start.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+/// `-d`: double fork and setsid. The original process waits for the daemon's status
+/// byte and exits with it; the daemon gets the write end of that pipe.
+fn daemonize(kind: DaemonKind) -> io::Result<Option<OwnedFd>> {
+    use nix::unistd::{fork, setsid, ForkResult};
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // SAFETY: called before the tokio runtime or any other thread exists, so the child
+    // inherits a consistent single-threaded process.
+    match unsafe { fork() }? {
+        ForkResult::Parent { .. } => {
+            drop(wr);
+            let mut b = [1u8; 1];
+            let n = nix::unistd::read(rd.as_raw_fd(), &mut b).unwrap_or(0);
+            if n == 1 && b[0] == 0 {
+                std::process::exit(0);
+            }
+            eprintln!(
+                "{}: error: Unable to start. Check /var/log/messages or run without --daemon for more info.",
+                kind.name()
+            );
+            std::process::exit(1);
+        }
+        ForkResult::Child => {}
+    }
+    drop(rd);
+    setsid()?;
+    // SAFETY: still single-threaded, as above.
+    match unsafe { fork() }? {
+        ForkResult::Parent { .. } => std::process::exit(0),
+        ForkResult::Child => {}
+    }
+    let _ = std::env::set_current_dir("/");
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for fd in 0..=2 {
+            let _ = nix::unistd::dup2(null.as_raw_fd(), fd);
+        }
+    }
+    Ok(Some(wr))
+}

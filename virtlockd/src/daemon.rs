@@ -1,0 +1,156 @@
+//! virtlockd's part of the daemon front-end: the lockspaces behind the main server, and
+//! the `defaultLockspace` / `lockspaces` sections of the re-exec state.
+
+use crate::lockspace::{LockSpace, LockSpaces};
+use crate::program::{LockDaemon, LockHooks, LockProgram};
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tracing::{error, warn};
+use vh_common::config::DaemonConfig;
+use vh_common::daemon::{adopt_fd, App, Daemon};
+use vh_common::paths::{DaemonKind, Mode};
+use vh_common::restart::{DaemonState, LockdState, LockspaceState, ResourceState};
+use vh_common::server::{ClientHooks, Program, RunState};
+
+pub struct LockDaemonApp {
+    pub daemon: Arc<LockDaemon>,
+}
+
+fn lockspace_state(ls: &LockSpace, fds: &mut Vec<RawFd>) -> LockspaceState {
+    let mut resources: Vec<ResourceState> = ls
+        .resources()
+        .map(|r| {
+            // The lock lives as long as this fd does: it must survive the exec.
+            if let Err(e) = r.set_inheritable(true) {
+                error!(resource = r.name(), "cannot keep lock fd across exec: {e}");
+            }
+            fds.push(r.raw_fd());
+            ResourceState {
+                name: r.name().to_string(),
+                path: r.path().to_string_lossy().into_owned(),
+                fd: r.raw_fd(),
+                lock_held: r.lock_held(),
+                flags: r.flags(),
+                owners: r.owners().iter().map(|&p| u64::from(p)).collect(),
+            }
+        })
+        .collect();
+    resources.sort_by(|a, b| a.name.cmp(&b.name));
+    LockspaceState {
+        directory: ls.directory().map(|d| d.to_string_lossy().into_owned()),
+        resources,
+    }
+}
+
+fn restore_lockspace(st: &LockspaceState) -> LockSpace {
+    let mut ls = LockSpace::restored(st.directory.as_ref().map(PathBuf::from));
+    for r in &st.resources {
+        let fd = match adopt_fd(r.fd) {
+            Ok(fd) => fd,
+            Err(e) => {
+                error!(resource = %r.name, "inherited lock fd {} is gone: {e}", r.fd);
+                continue;
+            }
+        };
+        let owners = r
+            .owners
+            .iter()
+            .filter_map(|&p| u32::try_from(p).ok())
+            .collect();
+        if let Err(e) = ls.restore_resource(
+            r.name.clone(),
+            PathBuf::from(&r.path),
+            fd,
+            r.lock_held,
+            r.flags,
+            owners,
+        ) {
+            warn!(resource = %r.name, "cannot restore resource: {e}");
+        }
+    }
+    ls
+}
+
+impl App for LockDaemonApp {
+    const KIND: DaemonKind = DaemonKind::Lockd;
+
+    fn new(_config: &DaemonConfig, _mode: Mode, _run: watch::Receiver<RunState>) -> Self {
+        LockDaemonApp {
+            daemon: LockDaemon::new(LockSpaces::new()),
+        }
+    }
+
+    fn hooks(&self) -> Arc<dyn ClientHooks> {
+        LockHooks::new(self.daemon.clone())
+    }
+
+    fn programs(&self) -> Vec<Arc<dyn Program>> {
+        vec![LockProgram::new(self.daemon.clone())]
+    }
+
+    fn admin_programs(&self, _daemon: &Arc<Daemon>) -> Vec<Arc<dyn Program>> {
+        Vec::new()
+    }
+
+    fn inhibits_shutdown(&self) -> bool {
+        false
+    }
+
+    async fn handoff(&self, daemon: DaemonState, magic: String) -> (String, Vec<RawFd>) {
+        let mut fds = Vec::new();
+        let (default_lockspace, lockspaces) = match self.daemon.spaces() {
+            Ok(s) => {
+                let d = lockspace_state(s.default_lockspace(), &mut fds);
+                let mut dirs: Vec<LockspaceState> = s
+                    .directories()
+                    .map(|(_, ls)| lockspace_state(ls, &mut fds))
+                    .collect();
+                dirs.sort_by(|a, b| a.directory.cmp(&b.directory));
+                (d, dirs)
+            }
+            Err(e) => {
+                error!("{e}");
+                (
+                    LockspaceState {
+                        directory: None,
+                        resources: Vec::new(),
+                    },
+                    Vec::new(),
+                )
+            }
+        };
+        let doc = LockdState {
+            daemon,
+            default_lockspace,
+            lockspaces,
+            magic,
+        };
+        (doc.to_json_string(), fds)
+    }
+
+    fn restore(&self, text: &str, in_place: bool) -> Result<DaemonState, String> {
+        let doc = LockdState::parse(text).map_err(|e| e.to_string())?;
+        let mut spaces = self.daemon.spaces().map_err(|e| e.to_string())?;
+        if in_place {
+            // The exec failed: the lockspaces never left; just close their fds on exec
+            // again.
+            for (_, ls) in spaces.iter() {
+                for r in ls.resources() {
+                    let _ = r.set_inheritable(false);
+                }
+            }
+            return Ok(doc.daemon);
+        }
+        spaces.insert(String::new(), restore_lockspace(&doc.default_lockspace));
+        for st in &doc.lockspaces {
+            if let Some(dir) = &st.directory {
+                spaces.insert(dir.clone(), restore_lockspace(st));
+            }
+        }
+        Ok(doc.daemon)
+    }
+
+    async fn shutdown(&self) {}
+}

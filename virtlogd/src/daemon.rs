@@ -1,0 +1,112 @@
+//! virtlogd's part of the daemon front-end: the log handler behind the main server,
+//! and the `handler` section of the re-exec state.
+
+use crate::handler::{HandedOffLog, Limits, LogHandler, LogOwner};
+use crate::program::LogProgram;
+use std::os::fd::{IntoRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::warn;
+use uuid::Uuid;
+use vh_common::config::DaemonConfig;
+use vh_common::daemon::{adopt_fd, App, Daemon};
+use vh_common::paths::{DaemonKind, Mode};
+use vh_common::restart::{DaemonState, LogFileState, LogHandlerState, LogdState};
+use vh_common::server::{ClientHooks, NoHooks, Program, RunState};
+
+pub struct LogDaemon {
+    pub handler: Arc<LogHandler>,
+    mode: Mode,
+}
+
+impl App for LogDaemon {
+    const KIND: DaemonKind = DaemonKind::Logd;
+
+    fn new(config: &DaemonConfig, mode: Mode, run: watch::Receiver<RunState>) -> Self {
+        LogDaemon {
+            handler: LogHandler::new(
+                Limits {
+                    max_size: config.max_size,
+                    max_backups: config.max_backups,
+                },
+                run,
+            ),
+            mode,
+        }
+    }
+
+    fn hooks(&self) -> Arc<dyn ClientHooks> {
+        Arc::new(NoHooks)
+    }
+
+    fn programs(&self) -> Vec<Arc<dyn Program>> {
+        vec![LogProgram::new(self.handler.clone())]
+    }
+
+    fn admin_programs(&self, _daemon: &Arc<Daemon>) -> Vec<Arc<dyn Program>> {
+        Vec::new()
+    }
+
+    /// Only a session daemon counts open logs as a reason to stay up (9.0's rule; the
+    /// system daemon relies on systemd ordering).
+    fn inhibits_shutdown(&self) -> bool {
+        self.mode == Mode::Session && self.handler.nfiles() > 0
+    }
+
+    async fn handoff(&self, daemon: DaemonState, magic: String) -> (String, Vec<RawFd>) {
+        let logs = self.handler.handoff(Duration::from_secs(5)).await;
+        let mut fds = Vec::with_capacity(logs.len());
+        let files = logs
+            .into_iter()
+            .map(|l| {
+                let fd = l.pipe.into_raw_fd();
+                fds.push(fd);
+                LogFileState {
+                    pipefd: fd,
+                    path: l.path.to_string_lossy().into_owned(),
+                    driver: l.owner.driver,
+                    domname: l.owner.domname,
+                    domuuid: Uuid::from_bytes(l.owner.domuuid),
+                }
+            })
+            .collect();
+        let doc = LogdState {
+            daemon,
+            magic,
+            handler: LogHandlerState { files },
+        };
+        (doc.to_json_string(), fds)
+    }
+
+    /// The handler gave every file away at hand-off, so `in_place` changes nothing here.
+    fn restore(&self, text: &str, _in_place: bool) -> Result<DaemonState, String> {
+        let doc = LogdState::parse(text).map_err(|e| e.to_string())?;
+        for f in doc.handler.files {
+            let pipe = match adopt_fd(f.pipefd) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    warn!(path = %f.path, "inherited log pipe {}: {e}", f.pipefd);
+                    continue;
+                }
+            };
+            let log = HandedOffLog {
+                pipe,
+                path: PathBuf::from(&f.path),
+                owner: LogOwner {
+                    driver: f.driver,
+                    domname: f.domname,
+                    domuuid: *f.domuuid.as_bytes(),
+                },
+            };
+            // One unopenable log loses only itself; 9.0 would fail the whole restart.
+            if let Err(e) = self.handler.restore(log) {
+                warn!(path = %f.path, "cannot restore log: {e}");
+            }
+        }
+        Ok(doc.daemon)
+    }
+
+    async fn shutdown(&self) {}
+}
