@@ -308,6 +308,10 @@ impl Server {
     }
 
     pub fn take_handed_off(&self) -> (Vec<HandedOffService>, Vec<HandedOffClient>) {
+        // Services are re-added (with their info) when they are restored.
+        if let Ok(mut v) = self.service_infos.lock() {
+            v.clear();
+        }
         let s = self
             .handed_off_services
             .lock()

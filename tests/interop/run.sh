@@ -13,6 +13,7 @@
 #   VIRTLOGD_BIN      default /usr/sbin/virtlogd
 #   VIRTLOCKD_BIN     default /usr/sbin/virtlockd
 #   LIBVIRTD_BIN      default /usr/sbin/libvirtd
+#   VIRTLOGD_ARGS / VIRTLOCKD_ARGS  extra arguments (word-split), e.g. "-v"
 #   INTEROP_TIMEOUT   hard wall-clock limit for the whole run, seconds (default 600)
 #   INTEROP_KEEP=1    keep the work directory (logs, configs) even on success
 #   INTEROP_DEBUG=1   debug-level logging for virtlogd/virtlockd
@@ -85,7 +86,7 @@ if [[ -z ${INTEROP_INNER:-} ]]; then
             fi
         done <"$WORK/pids"
     fi
-    printf 'interop: rc=%s elapsed=%.1fs\n' "$rc" "$(echo "$t1 - $t0" | bc 2>/dev/null || awk "BEGIN{print $t1-$t0}")"
+    printf 'interop: rc=%s elapsed=%ss\n' "$rc" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')"
     if [[ $rc == 0 && -z ${INTEROP_KEEP:-} ]]; then
         rm -rf "$WORK"
     else
@@ -262,11 +263,14 @@ wait_sock() {
 }
 
 start_daemons() {
-    log "starting virtlogd: $VIRTLOGD_BIN -f /etc/libvirt/virtlogd.conf"
-    "$VIRTLOGD_BIN" -f /etc/libvirt/virtlogd.conf </dev/null >"$ART/virtlogd.stderr" 2>&1 &
+    # shellcheck disable=SC2086 # *_ARGS are deliberately word-split
+    log "starting virtlogd: $VIRTLOGD_BIN -f /etc/libvirt/virtlogd.conf ${VIRTLOGD_ARGS:-}"
+    # shellcheck disable=SC2086
+    "$VIRTLOGD_BIN" -f /etc/libvirt/virtlogd.conf ${VIRTLOGD_ARGS:-} </dev/null >"$ART/virtlogd.stderr" 2>&1 &
     VIRTLOGD_PID=$!; record_pid "$VIRTLOGD_PID" "$VIRTLOGD_BIN"
-    log "starting virtlockd: $VIRTLOCKD_BIN -f /etc/libvirt/virtlockd.conf"
-    "$VIRTLOCKD_BIN" -f /etc/libvirt/virtlockd.conf </dev/null >"$ART/virtlockd.stderr" 2>&1 &
+    log "starting virtlockd: $VIRTLOCKD_BIN -f /etc/libvirt/virtlockd.conf ${VIRTLOCKD_ARGS:-}"
+    # shellcheck disable=SC2086
+    "$VIRTLOCKD_BIN" -f /etc/libvirt/virtlockd.conf ${VIRTLOCKD_ARGS:-} </dev/null >"$ART/virtlockd.stderr" 2>&1 &
     VIRTLOCKD_PID=$!; record_pid "$VIRTLOCKD_PID" "$VIRTLOCKD_BIN"
 
     if wait_sock virtlogd /run/libvirt/virtlogd-sock "$VIRTLOGD_PID" 20; then

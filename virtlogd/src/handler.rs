@@ -287,7 +287,11 @@ impl LogHandler {
             match *run.borrow() {
                 RunState::Running => {}
                 RunState::Handoff => return,
-                RunState::Quit => break,
+                RunState::Quit => {
+                    // Whatever QEMU already wrote goes to the file before we let go.
+                    while let Pumped::More = file.pump(READS_PER_WAKE) {}
+                    break;
+                }
             }
             tokio::select! {
                 g = file.pipe.readable() => {
