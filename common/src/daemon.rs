@@ -61,6 +61,7 @@ pub struct Daemon {
     pub admin: Arc<Server>,
     run_tx: watch::Sender<RunState>,
     timeout: AtomicU32,
+    timeout_changed: tokio::sync::Notify,
 }
 
 impl Daemon {
@@ -71,6 +72,8 @@ impl Daemon {
 
     pub fn set_timeout(&self, secs: u32) {
         self.timeout.store(secs, Ordering::Relaxed);
+        // Wake the main loop so a new timeout is armed at once, as in 9.0.
+        self.timeout_changed.notify_one();
     }
 
     pub fn run_state(&self) -> watch::Receiver<RunState> {
@@ -268,6 +271,7 @@ async fn run<A: App>(
         kind: A::KIND,
         mode,
         timeout: AtomicU32::new(options.timeout),
+        timeout_changed: tokio::sync::Notify::new(),
         paths,
         config,
         options,
@@ -276,6 +280,28 @@ async fn run<A: App>(
         admin,
         run_tx,
     });
+    // Handlers first, as libvirt does: the sockets serve as soon as they are adopted,
+    // and a SIGUSR1 sent once a client got an answer must not meet the default action
+    // (terminate) of a fresh image.
+    let mut sigterm = signal(SignalKind::terminate());
+    let mut sigint = signal(SignalKind::interrupt());
+    let mut sigquit = signal(SignalKind::quit());
+    let mut sigusr1 = signal(SignalKind::user_defined1());
+    let (Ok(sigterm), Ok(sigint), Ok(sigquit), Ok(sigusr1)) =
+        (&mut sigterm, &mut sigint, &mut sigquit, &mut sigusr1)
+    else {
+        error!("cannot install signal handlers");
+        report_status(&mut status_pipe, exit::SIGNAL as u8);
+        return exit::SIGNAL;
+    };
+    // Programs before any socket: adopted clients and listeners serve at once, and a
+    // call must never meet a server without its program ("Cannot find program").
+    for p in app.programs() {
+        daemon.main.add_program(p);
+    }
+    for p in app.admin_programs(&daemon) {
+        daemon.admin.add_program(p);
+    }
     let setup = match &state {
         Some(text) => restore::<A>(&daemon, &app, text, false),
         None => listen(&daemon),
@@ -285,28 +311,11 @@ async fn run<A: App>(
         report_status(&mut status_pipe, code as u8);
         return code;
     }
-    for p in app.programs() {
-        daemon.main.add_program(p);
-    }
-    for p in app.admin_programs(&daemon) {
-        daemon.admin.add_program(p);
-    }
     if state.is_some() {
         info!("restarted in place from the re-exec state");
     }
     report_status(&mut status_pipe, 0);
     let _ = activation::notify_ready();
-
-    let mut sigterm = signal(SignalKind::terminate());
-    let mut sigint = signal(SignalKind::interrupt());
-    let mut sigquit = signal(SignalKind::quit());
-    let mut sigusr1 = signal(SignalKind::user_defined1());
-    let (Ok(sigterm), Ok(sigint), Ok(sigquit), Ok(sigusr1)) =
-        (&mut sigterm, &mut sigint, &mut sigquit, &mut sigusr1)
-    else {
-        error!("cannot install signal handlers");
-        return exit::SIGNAL;
-    };
 
     let mut idle_since: Option<Instant> = None;
     loop {
@@ -315,6 +324,7 @@ async fn run<A: App>(
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sigquit.recv() => break,
+            _ = daemon.timeout_changed.notified() => idle_since = None,
             _ = sigusr1.recv() => {
                 info!("SIGUSR1: re-executing in place");
                 reexec::<A>(&daemon, &app).await;

@@ -16,8 +16,10 @@
 //! | [`logging`] | log_level / log_filters / log_outputs driving `tracing` |
 //! | [`daemon`] | the daemon front-end: start-up, sockets, signals, `--timeout`, re-exec |
 //! | [`restart`] | the re-exec state file (libvirt 9.0's JSON) and fd inheritance |
+//! | [`admin`] | libvirt's admin program (0x06900690): servers, clients, limits, logging |
 
 pub mod activation;
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod connection;

@@ -90,8 +90,8 @@ impl App for LockDaemonApp {
         vec![LockProgram::new(self.daemon.clone())]
     }
 
-    fn admin_programs(&self, _daemon: &Arc<Daemon>) -> Vec<Arc<dyn Program>> {
-        Vec::new()
+    fn admin_programs(&self, daemon: &Arc<Daemon>) -> Vec<Arc<dyn Program>> {
+        vec![vh_common::admin::admin_program(Arc::downgrade(daemon))]
     }
 
     fn inhibits_shutdown(&self) -> bool {

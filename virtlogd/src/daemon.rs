@@ -16,6 +16,17 @@ use vh_common::paths::{DaemonKind, Mode};
 use vh_common::restart::{DaemonState, LogFileState, LogHandlerState, LogdState};
 use vh_common::server::{ClientHooks, NoHooks, Program, RunState};
 
+fn set_blocking(fd: &std::os::fd::OwnedFd) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::os::fd::AsRawFd;
+    let fl = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?;
+    fcntl(
+        fd.as_raw_fd(),
+        FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) & !OFlag::O_NONBLOCK),
+    )?;
+    Ok(())
+}
+
 pub struct LogDaemon {
     pub handler: Arc<LogHandler>,
     mode: Mode,
@@ -45,8 +56,8 @@ impl App for LogDaemon {
         vec![LogProgram::new(self.handler.clone())]
     }
 
-    fn admin_programs(&self, _daemon: &Arc<Daemon>) -> Vec<Arc<dyn Program>> {
-        Vec::new()
+    fn admin_programs(&self, daemon: &Arc<Daemon>) -> Vec<Arc<dyn Program>> {
+        vec![vh_common::admin::admin_program(Arc::downgrade(daemon))]
     }
 
     /// Only a session daemon counts open logs as a reason to stay up (9.0's rule; the
@@ -61,6 +72,12 @@ impl App for LogDaemon {
         let files = logs
             .into_iter()
             .map(|l| {
+                // libvirt's pipes are blocking and its event handler reads once per
+                // wake-up: an EAGAIN there would close the log. Hand them over the way
+                // the C daemon made them; our restore sets O_NONBLOCK again.
+                if let Err(e) = set_blocking(&l.pipe) {
+                    warn!(path = %l.path.display(), "cannot make log pipe blocking: {e}");
+                }
                 let fd = l.pipe.into_raw_fd();
                 fds.push(fd);
                 LogFileState {
