@@ -91,7 +91,12 @@ impl App for LockDaemonApp {
     }
 
     fn admin_programs(&self, daemon: &Arc<Daemon>) -> Vec<Arc<dyn Program>> {
-        vec![vh_common::admin::admin_program(Arc::downgrade(daemon))]
+        // libvirt's admin program, plus our inspect program (what the daemon holds),
+        // which libvirt's clients never call.
+        vec![
+            vh_common::admin::admin_program(Arc::downgrade(daemon)),
+            crate::inspect::InspectProgram::new(self.daemon.clone()),
+        ]
     }
 
     fn inhibits_shutdown(&self) -> bool {

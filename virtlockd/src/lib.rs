@@ -8,6 +8,7 @@
 //! | [`program`] | RPC dispatch: owner registration, restriction, checks in 9.0's order |
 
 pub mod daemon;
+pub mod inspect;
 pub mod lockspace;
 pub mod program;
 pub mod protocol;

@@ -57,7 +57,12 @@ impl App for LogDaemon {
     }
 
     fn admin_programs(&self, daemon: &Arc<Daemon>) -> Vec<Arc<dyn Program>> {
-        vec![vh_common::admin::admin_program(Arc::downgrade(daemon))]
+        // libvirt's admin program, plus our inspect program (what the daemon holds),
+        // which libvirt's clients never call.
+        vec![
+            vh_common::admin::admin_program(Arc::downgrade(daemon)),
+            crate::inspect::InspectProgram::new(self.handler.clone()),
+        ]
     }
 
     /// Only a session daemon counts open logs as a reason to stay up (9.0's rule; the

@@ -10,6 +10,7 @@
 
 pub mod daemon;
 pub mod handler;
+pub mod inspect;
 pub mod program;
 pub mod protocol;
 pub mod rotating_file;
