@@ -203,7 +203,18 @@ impl std::error::Error for RpcError {}
 
 /// glibc's text for an errno, as libvirt prints it.
 pub fn strerror(errno: i32) -> String {
-    nix::errno::Errno::from_raw(errno).desc().to_string()
+    // glibc's own texts, as the C daemons print them ("Bad file descriptor"); nix's table
+    // differs for some errnos ("Bad file number").
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is valid for `buf.len()` bytes; the XSI strerror_r NUL-terminates
+    // what it writes on success.
+    let r = unsafe { libc::strerror_r(errno, buf.as_mut_ptr().cast(), buf.len()) };
+    if r == 0 {
+        if let Ok(s) = std::ffi::CStr::from_bytes_until_nul(&buf) {
+            return s.to_string_lossy().into_owned();
+        }
+    }
+    format!("Unknown error {errno}")
 }
 
 /// The errno of an I/O error (EIO when it has none).

@@ -620,7 +620,8 @@ impl Server {
         }
         // 4. Status must be OK.
         if h.status != status::OK {
-            let e = RpcError::rpc(format!("Unexpected message status {}", h.status));
+            // libvirt prints the status with %u.
+            let e = RpcError::rpc(format!("Unexpected message status {}", h.status as u32));
             connection::write_all(stream, &protocol::encode_error_frame(&h, &e)).await?;
             return Ok(true);
         }
