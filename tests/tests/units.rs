@@ -40,6 +40,10 @@ fn units_match_debian_12() {
     ] {
         let a = std::fs::read_to_string(ours.join(unit)).expect("our unit");
         let b = std::fs::read_to_string(debian.join(unit)).expect("Debian's unit");
-        assert_eq!(settings(&a), settings(&b), "{unit} differs from Debian 12's");
+        assert_eq!(
+            settings(&a),
+            settings(&b),
+            "{unit} differs from Debian 12's"
+        );
     }
 }
