@@ -21,7 +21,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{watch, Notify};
@@ -66,6 +66,9 @@ struct LogFile {
     pipe: AsyncFd<OwnedFd>,
     writer: Mutex<RotatingFileWriter>,
     closed: AtomicBool,
+    /// Bytes read from the pipe that could not be written (disk full, I/O error).
+    /// Changed only under the writer lock.
+    dropped: AtomicU64,
 }
 
 /// What one pump pass found in the pipe.
@@ -90,11 +93,7 @@ impl LogFile {
             for _ in 0..max_reads {
                 match nix::unistd::read(self.pipe.get_ref().as_raw_fd(), &mut buf[..]) {
                     Ok(0) => return Pumped::Done(None),
-                    Ok(n) => {
-                        if let Err(e) = w.append_in_chunks(&buf[..n], PIPE_CHUNK) {
-                            return Pumped::Done(Some(e));
-                        }
-                    }
+                    Ok(n) => self.deliver(&mut w, &buf[..n]),
                     Err(nix::errno::Errno::EAGAIN) => return Pumped::Empty,
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(e) => return Pumped::Done(Some(e.into())),
@@ -102,6 +101,33 @@ impl LogFile {
             }
             Pumped::More
         })
+    }
+}
+
+impl LogFile {
+    /// Appends pipe data. A failed write never closes the pipe (libvirt 9.0 closes it,
+    /// so QEMU gets EPIPE and everything after a full disk is lost): the data that
+    /// cannot be written is counted and dropped, and once the file takes writes again
+    /// a marker line says how much is missing.
+    fn deliver(&self, w: &mut RotatingFileWriter, data: &[u8]) {
+        let dropped = self.dropped.load(Ordering::Relaxed);
+        if dropped > 0 {
+            let note = format!(
+                "virtlogd: {dropped} bytes of output were lost: the log could not be written\n"
+            );
+            if w.append(note.as_bytes()).is_err() {
+                self.dropped.fetch_add(data.len() as u64, Ordering::Relaxed);
+                return;
+            }
+            self.dropped.store(0, Ordering::Relaxed);
+            warn!(path = %self.path.display(), "log writable again after losing {dropped} bytes");
+        }
+        if let Err(e) = w.append_in_chunks(data, PIPE_CHUNK) {
+            if dropped == 0 {
+                error!(path = %self.path.display(), "cannot write log: {e}; dropping output until it can be written");
+            }
+            self.dropped.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
     }
 }
 
@@ -260,6 +286,7 @@ impl LogHandler {
                 .map_err(|e| io::Error::other(e.to_string()))?,
             writer: Mutex::new(writer),
             closed: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
         });
         {
             let mut files = self
@@ -493,4 +520,70 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
         FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) | OFlag::O_NONBLOCK),
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn owner() -> LogOwner {
+        LogOwner {
+            driver: "qemu".into(),
+            domname: "t".into(),
+            domuuid: [0; 16],
+        }
+    }
+
+    /// A log that cannot be written (here /dev/full: every write is ENOSPC) keeps its
+    /// pipe: QEMU's writes never fail with EPIPE, and the log stays open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn full_disk_keeps_the_pipe() {
+        let (_tx, rx) = watch::channel(RunState::Running);
+        let h = LogHandler::new(
+            Limits {
+                max_size: 0,
+                max_backups: 0,
+            },
+            rx,
+        );
+        let (_, _, wr) = h.open(owner(), b"/dev/full", false).unwrap();
+        let mut w = std::fs::File::from(wr);
+        // Several pipe buffers' worth: this blocks unless the pump keeps draining.
+        let chunk = [b'x'; 4096];
+        let writer = std::thread::spawn(move || {
+            for _ in 0..64 {
+                w.write_all(&chunk)?;
+            }
+            Ok::<_, std::io::Error>(w)
+        });
+        let mut w = tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        h.position(b"/dev/full").unwrap();
+        assert_eq!(h.nfiles(), 1);
+        w.write_all(b"still accepted\n").unwrap();
+    }
+
+    /// The rotation check on open happens after the EBUSY check, as in 9.0.
+    #[tokio::test]
+    async fn second_open_is_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.log");
+        let (_tx, rx) = watch::channel(RunState::Running);
+        let h = LogHandler::new(
+            Limits {
+                max_size: 100,
+                max_backups: 2,
+            },
+            rx,
+        );
+        let p = path.as_os_str().as_encoded_bytes();
+        let _keep = h.open(owner(), p, false).unwrap();
+        let e = h.open(owner(), p, true).unwrap_err();
+        assert_eq!(e.int1, libc::EBUSY);
+        assert_eq!(e.domain, domain::LOGGING);
+    }
 }
