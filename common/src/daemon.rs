@@ -92,6 +92,10 @@ impl Daemon {
 /// What a daemon binary plugs into the front-end.
 pub trait App: Send + Sync + Sized + 'static {
     const KIND: DaemonKind;
+    /// Serve everything from one thread. Right for virtlockd: each call is microseconds
+    /// of work under one table lock, so extra threads only add hand-offs and lock
+    /// contention, and one loop serves clients in arrival order (as 9.0 does).
+    const SINGLE_THREADED: bool = false;
 
     /// Builds the daemon-specific state, before the servers exist.
     fn new(config: &DaemonConfig, mode: Mode, run: watch::Receiver<RunState>) -> Self;
@@ -211,11 +215,14 @@ pub fn main<A: App>() -> i32 {
             return exit::PIDFILE;
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().min(4)))
-        .enable_all()
-        .build()
-    {
+    let mut builder = if A::SINGLE_THREADED {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().min(4)));
+        b
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             error!("cannot start runtime: {e}");

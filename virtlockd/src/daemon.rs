@@ -75,6 +75,7 @@ fn restore_lockspace(st: &LockspaceState) -> LockSpace {
 
 impl App for LockDaemonApp {
     const KIND: DaemonKind = DaemonKind::Lockd;
+    const SINGLE_THREADED: bool = true;
 
     fn new(_config: &DaemonConfig, _mode: Mode, _run: watch::Receiver<RunState>) -> Self {
         LockDaemonApp {

@@ -1,0 +1,245 @@
+//! Spawning a daemon (ours or libvirt's C one) in system mode inside a private mount
+//! namespace, and reading its counters from /proc.
+
+use std::fs;
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Logd,
+    Lockd,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Logd => "virtlogd",
+            Kind::Lockd => "virtlockd",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Impl {
+    C,
+    Ours,
+}
+
+impl Impl {
+    pub fn label(self) -> &'static str {
+        match self {
+            Impl::C => "C 9.0",
+            Impl::Ours => "ours",
+        }
+    }
+}
+
+/// Where the binaries live.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    pub ours_dir: PathBuf,
+}
+
+impl Bins {
+    pub fn path(&self, kind: Kind, imp: Impl) -> PathBuf {
+        match imp {
+            Impl::C => PathBuf::from("/usr/sbin").join(kind.name()),
+            Impl::Ours => self.ours_dir.join(kind.name()),
+        }
+    }
+}
+
+/// A running daemon; killed (SIGTERM, then SIGKILL) and reaped on drop.
+pub struct Daemon {
+    child: Child,
+    pub pid: i32,
+    pub kind: Kind,
+    pub imp: Impl,
+    /// Time from spawn until the first successful connect().
+    pub startup: Duration,
+}
+
+fn conf_text(kind: Kind) -> String {
+    let mut s = String::from(
+        "log_level = 3\nlog_outputs = \"3:stderr\"\nmax_clients = 5000\nmax_anonymous_clients = 5000\n",
+    );
+    if kind == Kind::Logd {
+        s.push_str("max_size = 2097152\nmax_backups = 3\n");
+    }
+    s
+}
+
+impl Daemon {
+    pub fn spawn(bins: &Bins, kind: Kind, imp: Impl, work: &Path) -> Res<Daemon> {
+        let bin = bins.path(kind, imp);
+        if !bin.exists() {
+            return Err(format!(
+                "{} not found (build with cargo build --release)",
+                bin.display()
+            )
+            .into());
+        }
+        let conf = work.join(format!("{}-{}.conf", kind.name(), tag(imp)));
+        fs::write(&conf, conf_text(kind))?;
+        let errlog = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(work.join(format!("{}-{}.stderr", kind.name(), tag(imp))))?;
+        let script = format!(
+            "mount -t tmpfs tmpfs /run && exec {} -f {}",
+            bin.display(),
+            conf.display()
+        );
+        let t0 = Instant::now();
+        let child = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(errlog.try_clone()?)
+            .stderr(errlog)
+            .spawn()?;
+        let pid = child.id() as i32;
+        let mut d = Daemon {
+            child,
+            pid,
+            kind,
+            imp,
+            startup: Duration::ZERO,
+        };
+        let sock = d.socket();
+        loop {
+            if UnixStream::connect(&sock).is_ok() {
+                d.startup = t0.elapsed();
+                break;
+            }
+            if let Ok(Some(st)) = d.child.try_wait() {
+                return Err(format!(
+                    "{} ({}) exited during start-up: {st}",
+                    kind.name(),
+                    imp.label()
+                )
+                .into());
+            }
+            if t0.elapsed() > Duration::from_secs(20) {
+                return Err(
+                    format!("{} ({}) not ready after 20 s", kind.name(), imp.label()).into(),
+                );
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(d)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/{}/root/run/libvirt/{}-sock",
+            self.pid,
+            self.kind.name()
+        ))
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// utime + stime of all threads, in seconds.
+    pub fn cpu(&self) -> Res<f64> {
+        let f = stat_fields(self.pid)?;
+        let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        Ok(ticks / if hz > 0 { hz as f64 } else { 100.0 })
+    }
+
+    /// VmRSS in KiB.
+    pub fn rss_kib(&self) -> Res<u64> {
+        let s = fs::read_to_string(format!("/proc/{}/status", self.pid))?;
+        for l in s.lines() {
+            if let Some(v) = l.strip_prefix("VmRSS:") {
+                return Ok(v.trim().trim_end_matches("kB").trim().parse()?);
+            }
+        }
+        Err("no VmRSS".into())
+    }
+
+    pub fn nfds(&self) -> Res<usize> {
+        Ok(fs::read_dir(format!("/proc/{}/fd", self.pid))?.count())
+    }
+
+    /// Changes on every exec (ASLR'd auxv entries), never otherwise.
+    pub fn exec_fingerprint(&self) -> io::Result<Vec<u8>> {
+        fs::read(format!("/proc/{}/auxv", self.pid))
+    }
+
+    pub fn signal(&self, sig: i32) -> io::Result<()> {
+        // SAFETY: kill(2) on a pid we spawned and have not reaped.
+        if unsafe { libc::kill(self.pid, sig) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+fn tag(imp: Impl) -> &'static str {
+    match imp {
+        Impl::C => "c",
+        Impl::Ours => "ours",
+    }
+}
+
+/// The fields of /proc/PID/stat after the command name; index 0 is field 3 (state).
+fn stat_fields(pid: i32) -> Res<Vec<String>> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = s.rsplit_once(')').map(|(_, r)| r).ok_or("bad stat")?;
+    Ok(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if !self.alive() {
+            return;
+        }
+        let _ = self.signal(libc::SIGTERM);
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(5) {
+            if !self.alive() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// CPU seconds (user + system) of the calling thread.
+pub fn thread_cpu() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_THREAD, &mut ru) != 0 {
+            return 0.0;
+        }
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    }
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (inherited by the daemons).
+pub fn raise_nofile() -> u64 {
+    // SAFETY: get/setrlimit on a local struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+            return r.rlim_cur;
+        }
+    }
+    0
+}

@@ -1,0 +1,664 @@
+//! vh-bench: measures our virtlogd/virtlockd against Debian's C daemons in one run and
+//! writes bench/RESULTS.md and bench/growth.svg.
+//!
+//! Usage: `vh-bench all [--quick] [--dir WORKDIR] [--out DIR]` (run as root: each daemon
+//! runs in system mode in its own private mount namespace via `unshare -m`).
+
+mod daemon;
+mod lockd;
+mod logd;
+mod report;
+
+use daemon::{Bins, Daemon, Impl, Kind, Res};
+use report::{Row, Series, Stat};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use vh_common::connection::blocking::Client;
+
+const IMPLS: [Impl; 2] = [Impl::C, Impl::Ours];
+
+/// Every size the run uses; `quick` shrinks them for a smoke test.
+#[derive(Debug, Clone)]
+pub struct Sizes {
+    pub reps: usize,
+    pub one_pipe_bytes: u64,
+    pub eight_pipe_bytes: u64,
+    pub small_pipes: usize,
+    pub small_lines: usize,
+    pub owners: Vec<usize>,
+    pub rtt_secs: f64,
+    pub held_pipes: usize,
+    pub leases: usize,
+    pub lease_conns: usize,
+    pub growth: Vec<usize>,
+    pub growth_bytes: u64,
+    pub growth_rtt_secs: f64,
+    pub startup_reps: usize,
+}
+
+impl Sizes {
+    fn full() -> Self {
+        Sizes {
+            reps: 3,
+            one_pipe_bytes: 256 << 20,
+            eight_pipe_bytes: 32 << 20,
+            small_pipes: 1000,
+            small_lines: 300_000,
+            owners: vec![1, 16, 256],
+            rtt_secs: 3.0,
+            held_pipes: 1000,
+            leases: 10_000,
+            lease_conns: 10,
+            growth: vec![10, 100, 1000],
+            growth_bytes: 64 << 20,
+            growth_rtt_secs: 2.0,
+            startup_reps: 5,
+        }
+    }
+    fn quick() -> Self {
+        Sizes {
+            reps: 1,
+            one_pipe_bytes: 16 << 20,
+            eight_pipe_bytes: 2 << 20,
+            small_pipes: 100,
+            small_lines: 5_000,
+            owners: vec![1, 16],
+            rtt_secs: 0.5,
+            held_pipes: 100,
+            leases: 500,
+            lease_conns: 2,
+            growth: vec![10, 100],
+            growth_bytes: 8 << 20,
+            growth_rtt_secs: 0.5,
+            startup_reps: 2,
+        }
+    }
+}
+
+fn progress(msg: &str) {
+    eprintln!("[vh-bench] {msg}");
+}
+
+struct Ctx {
+    bins: Bins,
+    work: PathBuf,
+    sz: Sizes,
+}
+
+impl Ctx {
+    fn spawn(&self, kind: Kind, imp: Impl) -> Res<Daemon> {
+        Daemon::spawn(&self.bins, kind, imp, &self.work)
+    }
+    fn dir(&self, name: &str) -> PathBuf {
+        self.work.join("data").join(name)
+    }
+}
+
+/// Runs `f` `reps` times on one daemon per implementation, collecting one value.
+fn per_impl<T>(
+    cx: &Ctx,
+    kind: Kind,
+    reps: usize,
+    mut f: impl FnMut(&Daemon, usize) -> Res<T>,
+) -> Res<[Vec<T>; 2]> {
+    let mut out = [Vec::new(), Vec::new()];
+    for (k, imp) in IMPLS.iter().enumerate() {
+        let d = cx.spawn(kind, *imp)?;
+        for r in 0..reps {
+            settle();
+            out[k].push(f(&d, r)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Flushes dirty pages left by the previous test, so that background writeback does not
+/// land in the middle of the next one (it slows file creation and unlink in particular).
+fn settle() {
+    // SAFETY: sync(2) has no preconditions.
+    unsafe { libc::sync() };
+    std::thread::sleep(Duration::from_millis(100));
+}
+
+/// `vh-bench one logd|lockd c|ours N [SECS]`: one test on one fresh daemon, printing its
+/// pid first and waiting 2 s so a profiler can attach (`perf record -p PID`).
+fn one(cx: &Ctx, args: &[String]) -> Res<()> {
+    let kind = match args.first().map(String::as_str) {
+        Some("logd") => Kind::Logd,
+        Some("lockd") => Kind::Lockd,
+        _ => return Err("one: logd|lockd c|ours N [SECS]".into()),
+    };
+    let imp = match args.get(1).map(String::as_str) {
+        Some("c") => Impl::C,
+        Some("ours") => Impl::Ours,
+        _ => return Err("one: logd|lockd c|ours N [SECS]".into()),
+    };
+    let n: usize = args.get(2).ok_or("one: N missing")?.parse()?;
+    let secs: f64 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(3.0);
+    let d = cx.spawn(kind, imp)?;
+    println!("pid {}", d.pid);
+    std::thread::sleep(Duration::from_secs(2));
+    settle();
+    match kind {
+        Kind::Logd => {
+            let f = logd::bulk(&d, &cx.dir("one"), 1, (n as u64) << 20, 1)?;
+            println!("{f:?}");
+        }
+        Kind::Lockd => {
+            let r = lockd::round_trips(&d, &cx.dir("one"), n, Duration::from_secs_f64(secs))?;
+            println!("{r:?}");
+        }
+    }
+    Ok(())
+}
+
+/// SIGUSR1, wait for the exec (the process's auxv changes), then until a new client's
+/// call gets a reply. Returns milliseconds.
+fn reexec_downtime(d: &Daemon, ping: fn(&mut Client) -> Res<()>) -> Res<f64> {
+    let fp0 = d.exec_fingerprint()?;
+    let connect = |d: &Daemon| -> Res<Client> {
+        match d.kind {
+            Kind::Logd => logd::connect(d),
+            Kind::Lockd => lockd::connect(d),
+        }
+    };
+    // The C daemons listen before they install their SIGUSR1 handler (a signal in that
+    // window kills them), so first make sure the event loop is serving.
+    ping(&mut connect(d)?)?;
+    let t0 = Instant::now();
+    d.signal(libc::SIGUSR1)?;
+    loop {
+        if d.exec_fingerprint().is_ok_and(|fp| fp != fp0) {
+            break;
+        }
+        if !Path::new(&format!("/proc/{}/auxv", d.pid)).exists() {
+            return Err(format!("{} {} died on SIGUSR1", d.imp.label(), d.kind.name()).into());
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            return Err(format!(
+                "{} {} did not re-exec within 60 s",
+                d.imp.label(),
+                d.kind.name()
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    loop {
+        if connect(d).and_then(|mut c| ping(&mut c)).is_ok() {
+            return Ok(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            return Err(format!(
+                "{} {}: no reply within 60 s of SIGUSR1",
+                d.imp.label(),
+                d.kind.name()
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn kib_to_mib(v: u64) -> f64 {
+    v as f64 / 1024.0
+}
+
+fn run_all(cx: &Ctx, rows: &mut Vec<Row>, series: &mut Vec<Series>) -> Res<()> {
+    let sz = &cx.sz;
+    let reps = sz.reps;
+
+    // ---- virtlogd throughput
+    progress(&format!(
+        "virtlogd 1 pipe x {} MiB",
+        sz.one_pipe_bytes >> 20
+    ));
+    let one = per_impl(cx, Kind::Logd, reps, |d, _| {
+        logd::bulk(d, &cx.dir("bulk1"), 1, sz.one_pipe_bytes, 1)
+    })?;
+    progress("pipe->file reference (64 KiB copy loop)");
+    let mut refs = Vec::new();
+    let mut refs_rot = Vec::new();
+    for _ in 0..reps {
+        refs.push(logd::reference(&cx.dir("ref"), sz.one_pipe_bytes, None)?);
+        refs_rot.push(logd::reference(
+            &cx.dir("ref"),
+            sz.one_pipe_bytes,
+            Some(2 << 20),
+        )?);
+    }
+    let ref_med = Stat::of(refs.iter().map(|f| f.mib_s)).med;
+    rows.push(Row::ratio(
+        "virtlogd",
+        &format!("1 pipe × {} MiB, MiB/s", sz.one_pipe_bytes >> 20),
+        one.each(|f| f.mib_s),
+        "ours ≥ 3× C",
+        3.0,
+        true,
+    ));
+    rows.push(Row::single(
+        "virtlogd",
+        "pipe→file reference (separate process, 64 KiB read/write, O_APPEND, no rotation), MiB/s",
+        Stat::of(refs.iter().map(|f| f.mib_s)),
+    ));
+    let rot_med = Stat::of(refs_rot.iter().map(|f| f.mib_s)).med;
+    rows.push(Row::single(
+        "virtlogd",
+        "pipe→file reference, file truncated every 2 MiB (rotation-like footprint), MiB/s",
+        Stat::of(refs_rot.iter().map(|f| f.mib_s)),
+    ));
+    let ours_one = Stat::of(one[1].iter().map(|f| f.mib_s)).med;
+    rows.push(Row::note(
+        "virtlogd",
+        "1 pipe: ours / reference (medians)",
+        format!("{:.0} %", 100.0 * ours_one / ref_med),
+        "≥ 90 %",
+        ours_one >= 0.9 * ref_med,
+    ));
+    rows.push(Row::note(
+        "virtlogd",
+        "1 pipe: ours / truncating reference (medians)",
+        format!("{:.0} %", 100.0 * ours_one / rot_med),
+        "≥ 90 %",
+        ours_one >= 0.9 * rot_med,
+    ));
+    rows.push(Row::ratio(
+        "virtlogd",
+        "1 pipe, daemon CPU-s per GiB",
+        one.each(|f| f.cpu_per_gib),
+        "ours ≤ 1/6 of C",
+        1.0 / 6.0,
+        false,
+    ));
+    rows.push(Row::single(
+        "virtlogd",
+        "reference copier CPU-s per GiB",
+        Stat::of(refs.iter().map(|f| f.cpu_per_gib)),
+    ));
+    rows.push(Row::single(
+        "virtlogd",
+        "truncating reference copier CPU-s per GiB",
+        Stat::of(refs_rot.iter().map(|f| f.cpu_per_gib)),
+    ));
+
+    progress(&format!(
+        "virtlogd 8 pipes x {} MiB",
+        sz.eight_pipe_bytes >> 20
+    ));
+    let eight = per_impl(cx, Kind::Logd, reps, |d, _| {
+        logd::bulk(d, &cx.dir("bulk8"), 8, sz.eight_pipe_bytes, 8)
+    })?;
+    rows.push(Row::ratio(
+        "virtlogd",
+        &format!(
+            "8 pipes × {} MiB (aggregate), MiB/s",
+            sz.eight_pipe_bytes >> 20
+        ),
+        eight.each(|f| f.mib_s),
+        "—",
+        0.0,
+        true,
+    ));
+    rows.push(Row::ratio(
+        "virtlogd",
+        "8 pipes, daemon CPU-s per GiB",
+        eight.each(|f| f.cpu_per_gib),
+        "ours ≤ 1/6 of C",
+        1.0 / 6.0,
+        false,
+    ));
+
+    progress(&format!(
+        "virtlogd {} pipes, {} x 100-byte lines at random intervals",
+        sz.small_pipes, sz.small_lines
+    ));
+    let small = per_impl(cx, Kind::Logd, reps, |d, _| {
+        logd::small(d, &cx.dir("small"), sz.small_pipes, sz.small_lines)
+    })?;
+    rows.push(Row::ratio(
+        "virtlogd",
+        &format!(
+            "{} pipes, {} × 100-byte lines, MiB/s (writer-paced)",
+            sz.small_pipes, sz.small_lines
+        ),
+        small.each(|f| f.mib_s),
+        "—",
+        0.0,
+        true,
+    ));
+    rows.push(Row::ratio(
+        "virtlogd",
+        &format!(
+            "{} pipes small writes, daemon CPU-s per GiB",
+            sz.small_pipes
+        ),
+        small.each(|f| f.cpu_per_gib),
+        "ours ≤ 1/6 of C",
+        1.0 / 6.0,
+        false,
+    ));
+
+    // ---- virtlockd round trips
+    for &n in &sz.owners {
+        progress(&format!("virtlockd {n} owners x {} s", sz.rtt_secs));
+        let r = per_impl(cx, Kind::Lockd, reps, |d, rep| {
+            lockd::round_trips(
+                d,
+                &cx.dir(&format!("ls{n}-{rep}")),
+                n,
+                Duration::from_secs_f64(sz.rtt_secs),
+            )
+        })?;
+        rows.push(Row::ratio(
+            "virtlockd",
+            &format!("{n} owner(s): acquire+release round trips/s"),
+            r.each(|x| x.per_sec),
+            "ours ≥ C",
+            1.0,
+            true,
+        ));
+        rows.push(Row::ratio(
+            "virtlockd",
+            &format!("{n} owner(s): p50 latency, µs"),
+            r.each(|x| x.p50_us),
+            "—",
+            0.0,
+            false,
+        ));
+        rows.push(Row::ratio(
+            "virtlockd",
+            &format!("{n} owner(s): p99 latency, µs"),
+            r.each(|x| x.p99_us),
+            "ours ≤ C",
+            1.0,
+            false,
+        ));
+    }
+
+    // ---- start-up time and idle RSS
+    progress("start-up time and idle RSS");
+    for kind in [Kind::Logd, Kind::Lockd] {
+        let mut st = [Vec::new(), Vec::new()];
+        let mut idle = [Vec::new(), Vec::new()];
+        for _ in 0..sz.startup_reps {
+            for (k, imp) in IMPLS.iter().enumerate() {
+                let d = cx.spawn(kind, *imp)?;
+                st[k].push(d.startup.as_secs_f64() * 1000.0);
+                std::thread::sleep(Duration::from_millis(200));
+                idle[k].push(kib_to_mib(d.rss_kib()?));
+            }
+        }
+        rows.push(Row::ratio(
+            kind.name(),
+            "start-up to socket-ready (spawn incl. unshare+mount+sh), ms",
+            st,
+            "—",
+            0.0,
+            false,
+        ));
+        rows.push(Row::ratio(
+            kind.name(),
+            "VmRSS idle, MiB",
+            idle,
+            "—",
+            0.0,
+            false,
+        ));
+    }
+
+    // ---- RSS with state held, and re-exec downtime
+    progress(&format!("RSS + re-exec with 1 and {} pipes", sz.held_pipes));
+    for n in [1, sz.held_pipes] {
+        let mut rss = [Vec::new(), Vec::new()];
+        let mut down = [Vec::new(), Vec::new()];
+        for _ in 0..reps {
+            for (k, imp) in IMPLS.iter().enumerate() {
+                let mut d = cx.spawn(Kind::Logd, *imp)?;
+                let pipes = logd::hold_pipes(&d, &cx.dir("held"), n)?;
+                rss[k].push(kib_to_mib(d.rss_kib()?));
+                let fds0 = d.nfds()?;
+                down[k].push(reexec_downtime(&d, logd::ping)?);
+                std::thread::sleep(Duration::from_millis(100));
+                if !d.alive() {
+                    return Err(format!("{} virtlogd died after re-exec", imp.label()).into());
+                }
+                let fds1 = d.nfds()?;
+                if fds1 + 2 < fds0 {
+                    progress(&format!(
+                        "warning: {} virtlogd had {fds0} fds before re-exec, {fds1} after",
+                        imp.label()
+                    ));
+                }
+                drop(pipes);
+            }
+        }
+        if n > 1 {
+            rows.push(Row::ratio(
+                "virtlogd",
+                &format!("VmRSS with {n} open pipes, MiB"),
+                rss,
+                "—",
+                0.0,
+                false,
+            ));
+        }
+        rows.push(Row::ratio(
+            "virtlogd",
+            &format!("re-exec downtime (SIGUSR1 → new client's reply), {n} pipe(s), ms"),
+            down,
+            "—",
+            0.0,
+            false,
+        ));
+    }
+    progress(&format!("RSS + re-exec with {} leases", sz.leases));
+    {
+        let mut rss = [Vec::new(), Vec::new()];
+        let mut down = [Vec::new(), Vec::new()];
+        let mut idle_down = [Vec::new(), Vec::new()];
+        for rep in 0..reps {
+            for (k, imp) in IMPLS.iter().enumerate() {
+                let d = cx.spawn(Kind::Lockd, *imp)?;
+                idle_down[k].push(reexec_downtime(&d, lockd::ping)?);
+                let held = lockd::hold_leases(
+                    &d,
+                    &cx.dir(&format!("leases{rep}")),
+                    sz.leases,
+                    sz.lease_conns,
+                )?;
+                rss[k].push(kib_to_mib(d.rss_kib()?));
+                down[k].push(reexec_downtime(&d, lockd::ping)?);
+                drop(held);
+            }
+        }
+        rows.push(Row::ratio(
+            "virtlockd",
+            &format!("VmRSS with {} held leases, MiB", sz.leases),
+            rss,
+            "—",
+            0.0,
+            false,
+        ));
+        rows.push(Row::ratio(
+            "virtlockd",
+            "re-exec downtime, no leases, ms",
+            idle_down,
+            "—",
+            0.0,
+            false,
+        ));
+        rows.push(Row::ratio(
+            "virtlockd",
+            &format!("re-exec downtime, {} leases, ms", sz.leases),
+            down,
+            "—",
+            0.0,
+            false,
+        ));
+    }
+
+    // ---- growth
+    let mut tput = [Vec::new(), Vec::new()];
+    let mut prss = [Vec::new(), Vec::new()];
+    let mut rtts = [Vec::new(), Vec::new()];
+    let mut orss = [Vec::new(), Vec::new()];
+    for &n in &sz.growth {
+        progress(&format!(
+            "growth: {n} pipes sharing {} MiB; {n} owners",
+            sz.growth_bytes >> 20
+        ));
+        let per = (sz.growth_bytes / n as u64 / logd::CHUNK as u64).max(1) * logd::CHUNK as u64;
+        let g = per_impl(cx, Kind::Logd, reps, |d, _| {
+            logd::bulk(d, &cx.dir("growth"), n, per, n.min(4))
+        })?;
+        let o = per_impl(cx, Kind::Lockd, reps, |d, rep| {
+            lockd::round_trips(
+                d,
+                &cx.dir(&format!("gls{n}-{rep}")),
+                n,
+                Duration::from_secs_f64(sz.growth_rtt_secs),
+            )
+        })?;
+        for k in 0..2 {
+            tput[k].push((n, Stat::of(g[k].iter().map(|f| f.mib_s))));
+            prss[k].push((n, Stat::of(g[k].iter().map(|f| kib_to_mib(f.peak_rss_kib)))));
+            rtts[k].push((n, Stat::of(o[k].iter().map(|x| x.per_sec))));
+            orss[k].push((n, Stat::of(o[k].iter().map(|x| kib_to_mib(x.rss_kib)))));
+        }
+    }
+    series.push(Series::new("virtlogd throughput, MiB/s", "pipes", tput));
+    series.push(Series::new("virtlogd peak VmRSS, MiB", "pipes", prss));
+    series.push(Series::new("virtlockd round trips/s", "owners", rtts));
+    series.push(Series::new("virtlockd VmRSS, MiB", "owners", orss));
+    Ok(())
+}
+
+trait Each<T> {
+    fn each(&self, f: impl Fn(&T) -> f64) -> [Vec<f64>; 2];
+}
+
+impl<T> Each<T> for [Vec<T>; 2] {
+    fn each(&self, f: impl Fn(&T) -> f64) -> [Vec<f64>; 2] {
+        [
+            self[0].iter().map(&f).collect(),
+            self[1].iter().map(&f).collect(),
+        ]
+    }
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("vh-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Res<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("copy") {
+        let path = PathBuf::from(args.get(2).ok_or("copy PATH [ROTATE_AT]")?);
+        let rot = args.get(3).map(|s| s.parse()).transpose()?;
+        return logd::copy_main(&path, rot);
+    }
+    let mut quick = false;
+    let mut work = PathBuf::from("/var/tmp/vh-bench-work");
+    let mut out: Option<PathBuf> = None;
+    let mut keep = false;
+    let mut cmd = None;
+    let mut rest: Vec<String> = Vec::new();
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--keep" => keep = true,
+            "--dir" => work = PathBuf::from(it.next().ok_or("--dir needs a value")?),
+            "--out" => out = Some(PathBuf::from(it.next().ok_or("--out needs a value")?)),
+            "all" => cmd = Some("all"),
+            "one" => {
+                cmd = Some("one");
+                rest = it.by_ref().cloned().collect();
+            }
+            "-h" | "--help" => {
+                println!("usage: vh-bench all [--quick] [--dir WORKDIR] [--out DIR] [--keep]");
+                return Ok(());
+            }
+            other => return Err(format!("unknown argument {other:?} (try --help)").into()),
+        }
+    }
+    if cmd.is_none() {
+        return Err("usage: vh-bench all [--quick] [--dir WORKDIR] [--out DIR] [--keep]".into());
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("must run as root (unshare -m, system-mode daemons)".into());
+    }
+    let exe = std::env::current_exe()?;
+    let ours_dir = exe.parent().ok_or("no exe dir")?.to_path_buf();
+    let out = out.unwrap_or_else(|| {
+        // target/release/vh-bench → <workspace>/bench
+        ours_dir
+            .parent()
+            .and_then(Path::parent)
+            .map(|p| p.join("bench"))
+            .unwrap_or_else(|| PathBuf::from("bench"))
+    });
+    let nofile = daemon::raise_nofile();
+    if work.exists() {
+        std::fs::remove_dir_all(&work)?;
+    }
+    std::fs::create_dir_all(work.join("data"))?;
+    let cx = Ctx {
+        bins: Bins { ours_dir },
+        work: work.clone(),
+        sz: if quick { Sizes::quick() } else { Sizes::full() },
+    };
+    if cmd == Some("one") {
+        let r = one(&cx, &rest);
+        let _ = std::fs::remove_dir_all(&work);
+        return r;
+    }
+    let t0 = Instant::now();
+    let mut rows = Vec::new();
+    let mut series = Vec::new();
+    let res = run_all(&cx, &mut rows, &mut series);
+    let elapsed = t0.elapsed();
+    if let Err(e) = &res {
+        progress(&format!("run failed: {e} (writing partial results)"));
+    }
+    let md = report::markdown(&report::Env {
+        command: args.join(" "),
+        sizes: &cx.sz,
+        work: &work,
+        elapsed,
+        nofile,
+        quick,
+        rows: &rows,
+        series: &series,
+        analysis: std::fs::read_to_string(out.join("ANALYSIS.md")).ok(),
+        error: res.as_ref().err().map(|e| e.to_string()),
+    });
+    std::fs::create_dir_all(&out)?;
+    let name = if quick {
+        "RESULTS-quick.md"
+    } else {
+        "RESULTS.md"
+    };
+    std::fs::write(out.join(name), md)?;
+    if !series.is_empty() {
+        let svg = if quick {
+            "growth-quick.svg"
+        } else {
+            "growth.svg"
+        };
+        std::fs::write(out.join(svg), report::svg(&series))?;
+    }
+    progress(&format!(
+        "done in {:.0} s; wrote {}",
+        elapsed.as_secs_f64(),
+        out.join(name).display()
+    ));
+    if !keep {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    res
+}

@@ -1,0 +1,404 @@
+//! RESULTS.md and the growth SVG.
+
+use crate::Sizes;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stat {
+    pub min: f64,
+    pub med: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+impl Stat {
+    pub fn of(v: impl IntoIterator<Item = f64>) -> Stat {
+        let mut v: Vec<f64> = v.into_iter().collect();
+        if v.is_empty() {
+            return Stat::default();
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        let med = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Stat {
+            min: v[0],
+            med,
+            max: v[n - 1],
+            n,
+        }
+    }
+}
+
+fn num(x: f64) -> String {
+    let a = x.abs();
+    if a >= 1000.0 {
+        format!("{x:.0}")
+    } else if a >= 100.0 {
+        format!("{x:.1}")
+    } else if a >= 1.0 {
+        format!("{x:.2}")
+    } else {
+        format!("{x:.3}")
+    }
+}
+
+fn cell(s: &Stat) -> String {
+    if s.n == 0 {
+        return "—".into();
+    }
+    format!("{} / **{}** / {}", num(s.min), num(s.med), num(s.max))
+}
+
+pub struct Row {
+    group: String,
+    label: String,
+    c: Option<Stat>,
+    ours: Option<Stat>,
+    ratio: String,
+    target: String,
+    met: Option<bool>,
+}
+
+impl Row {
+    /// C vs ours; `threshold` 0 means no target.
+    pub fn ratio(
+        group: &str,
+        label: &str,
+        v: [Vec<f64>; 2],
+        target: &str,
+        threshold: f64,
+        higher_better: bool,
+    ) -> Row {
+        let c = Stat::of(v[0].iter().copied());
+        let ours = Stat::of(v[1].iter().copied());
+        let r = if c.med != 0.0 {
+            ours.med / c.med
+        } else {
+            f64::NAN
+        };
+        let ok = if higher_better {
+            r >= threshold
+        } else {
+            r <= threshold
+        };
+        let met = (threshold > 0.0).then_some(ok);
+        Row {
+            group: group.into(),
+            label: label.into(),
+            c: Some(c),
+            ours: Some(ours),
+            ratio: format!("{r:.2}×"),
+            target: target.into(),
+            met,
+        }
+    }
+    pub fn single(group: &str, label: &str, s: Stat) -> Row {
+        Row {
+            group: group.into(),
+            label: label.into(),
+            c: None,
+            ours: Some(s),
+            ratio: "—".into(),
+            target: "—".into(),
+            met: None,
+        }
+    }
+    pub fn note(group: &str, label: &str, ratio: String, target: &str, met: bool) -> Row {
+        Row {
+            group: group.into(),
+            label: label.into(),
+            c: None,
+            ours: None,
+            ratio,
+            target: target.into(),
+            met: Some(met),
+        }
+    }
+}
+
+pub struct Series {
+    title: String,
+    xlabel: String,
+    /// [C, ours]: (x, stat) points.
+    pts: [Vec<(usize, Stat)>; 2],
+}
+
+impl Series {
+    pub fn new(title: &str, xlabel: &str, pts: [Vec<(usize, Stat)>; 2]) -> Series {
+        Series {
+            title: title.into(),
+            xlabel: xlabel.into(),
+            pts,
+        }
+    }
+}
+
+pub struct Env<'a> {
+    pub command: String,
+    pub sizes: &'a Sizes,
+    pub work: &'a Path,
+    pub elapsed: Duration,
+    pub nofile: u64,
+    pub quick: bool,
+    pub rows: &'a [Row],
+    pub series: &'a [Series],
+    pub analysis: Option<String>,
+    pub error: Option<String>,
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+pub fn markdown(e: &Env<'_>) -> String {
+    let mut s = String::new();
+    let sz = e.sizes;
+    let _ = writeln!(s, "# vh-bench results: ours vs libvirt 9.0's C daemons\n");
+    if e.quick {
+        let _ = writeln!(
+            s,
+            "> **Quick smoke run (reduced sizes, 1 rep): not for comparison.**\n"
+        );
+    }
+    if let Some(err) = &e.error {
+        let _ = writeln!(
+            s,
+            "> **The run stopped early: {err}.** Rows below are partial.\n"
+        );
+    }
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let fs = sh("df", &["-T", &e.work.to_string_lossy()]);
+    let fs = fs
+        .lines()
+        .last()
+        .unwrap_or("")
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let _ = writeln!(
+        s,
+        "Generated by `bench/run.sh` (the whole run is one command).\n"
+    );
+    let _ = writeln!(s, "| | |\n|---|---|");
+    let _ = writeln!(s, "| Command | `{}` |", e.command);
+    let _ = writeln!(
+        s,
+        "| Date (UTC) | {} |",
+        sh("date", &["-u", "+%Y-%m-%d %H:%M"])
+    );
+    let _ = writeln!(s, "| Cores | {cores} ({}) |", cpu_model());
+    let _ = writeln!(s, "| Kernel | {} |", sh("uname", &["-sr"]));
+    let _ = writeln!(s, "| Data directory | `{}` on {fs} (real disk; logs, reference file and lockspaces all here) |", e.work.display());
+    let _ = writeln!(
+        s,
+        "| C daemons | `/usr/sbin/virtlogd`, `/usr/sbin/virtlockd` ({}) |",
+        sh("dpkg-query", &["-W", "-f", "${Version}", "libvirt-daemon"])
+    );
+    let _ = writeln!(
+        s,
+        "| Ours | `target/release/virtlogd`, `target/release/virtlockd` |"
+    );
+    let _ = writeln!(
+        s,
+        "| RLIMIT_NOFILE | {} (soft raised to hard, inherited by both daemons) |",
+        e.nofile
+    );
+    let _ = writeln!(
+        s,
+        "| Wall time of the run | {:.0} s |",
+        e.elapsed.as_secs_f64()
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(s, "## Setup and sizes\n");
+    let _ = writeln!(s, "- Each daemon runs in system mode (`-f CONF`) in a private mount namespace with a tmpfs on `/run` (`unshare -m --propagation private`); clients reach it at `/proc/PID/root/run/libvirt/NAME-sock`. Same config for both: `max_size = 2097152`, `max_backups = 3`, `max_clients = 5000`, `log_level = 3` to stderr.");
+    let _ = writeln!(s, "- Every figure is min / **median** / max over {} repetitions (start-up: {}); ratios are ours/C of the medians.", sz.reps, sz.startup_reps);
+    let _ = writeln!(s, "- Writer: Rust threads writing 4,100-byte chunks ('x', newline every 80 bytes) into the pipe write ends that OpenLogFile returned. 1 pipe × {} MiB (1 writer); 8 pipes × {} MiB (8 writers). Throughput is bytes / (first write → daemon closed every log after EOF, i.e. everything is in the files). Daemon CPU = utime+stime deltas of /proc/PID/stat (10 ms ticks).", sz.one_pipe_bytes >> 20, sz.eight_pipe_bytes >> 20);
+    let _ = writeln!(s, "- Small writes: {} pipes, {} lines of 100 bytes in total from 4 writer threads, each line to a random pipe, a random 0–500 µs pause after ~1/16 of the lines. Writer-paced, so MiB/s mostly shows the writer; CPU-s/GiB is the daemon's cost of many small wake-ups.", sz.small_pipes, sz.small_lines);
+    let _ = writeln!(s, "- Reference (the spec's `cat`): the same writer into the stdin pipe of a separate process (`vh-bench copy`) that copies with 64 KiB read/write into an `O_APPEND` file in the same directory; once without rotation, once truncating the file every 2 MiB (a rotating log's disk footprint: dirty pages are dropped instead of written back). Its CPU is the copier process's own getrusage.");
+    let _ = writeln!(s, "- virtlockd: CREATE_LOCKSPACE of a directory once; each owner is a thread with its own connection, REGISTER once (owner PIDs are fake, ≥ 3,000,000, so no daemon ever kills the bench), then ACQUIRE(AUTOCREATE)+RELEASE of its own resource in a loop for {} s. Latency is that of the pair (two RPCs).", sz.rtt_secs);
+    let _ = writeln!(s, "- Memory: VmRSS of /proc/PID/status: idle 200 ms after ready; with {} open pipes (one line written to each); with {} leases held by {} registered connections.", sz.held_pipes, sz.leases, sz.lease_conns);
+    let _ = writeln!(s, "- Start-up: spawn of `unshare … sh -c 'mount …; exec DAEMON'` until connect() to its socket succeeds (the unshare/mount/sh overhead is in both).");
+    let _ = writeln!(s, "- Re-exec downtime: SIGUSR1 → the process has exec'd (its /proc/PID/auxv changed) → a *new* connection's call got a reply (virtlogd: GetLogFilePosition of an unknown path, whose error reply counts; virtlockd: REGISTER). A fresh daemon per repetition.");
+    let _ = writeln!(s, "- Growth: N pipes sharing {} MiB (4,100-byte writes, min(N,4) writer threads); N owners for {} s each. Peak VmRSS sampled every 20 ms during the run (virtlockd: with all N connections still open). Plot: `growth.svg`.\n", sz.growth_bytes >> 20, sz.growth_rtt_secs);
+
+    let _ = writeln!(s, "## Results\n");
+    let _ = writeln!(s, "| Daemon | Test | C 9.0 min / **med** / max | ours min / **med** / max | ours/C | Target | Met |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    for r in e.rows {
+        let met = match r.met {
+            Some(true) => "✅",
+            Some(false) => "❌",
+            None => "",
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.group,
+            r.label,
+            r.c.as_ref().map(cell).unwrap_or_else(|| "—".into()),
+            r.ours.as_ref().map(cell).unwrap_or_else(|| "—".into()),
+            r.ratio,
+            r.target,
+            met
+        );
+    }
+    if !e.series.is_empty() {
+        let _ = writeln!(s, "\n## Growth (medians; min–max in brackets)\n");
+        for se in e.series {
+            let _ = writeln!(s, "**{}**\n", se.title);
+            let _ = writeln!(s, "| {} | C 9.0 | ours | ours/C |", se.xlabel);
+            let _ = writeln!(s, "|---|---|---|---|");
+            for (i, (x, c)) in se.pts[0].iter().enumerate() {
+                let o = se.pts[1].get(i).map(|p| p.1).unwrap_or_default();
+                let _ = writeln!(
+                    s,
+                    "| {x} | {} [{}–{}] | {} [{}–{}] | {:.2}× |",
+                    num(c.med),
+                    num(c.min),
+                    num(c.max),
+                    num(o.med),
+                    num(o.min),
+                    num(o.max),
+                    if c.med != 0.0 {
+                        o.med / c.med
+                    } else {
+                        f64::NAN
+                    }
+                );
+            }
+            let _ = writeln!(s);
+        }
+        let _ = writeln!(s, "![growth](growth.svg)\n");
+    }
+    if let Some(a) = &e.analysis {
+        let _ = writeln!(s, "{}", a.trim_end());
+    }
+    s
+}
+
+/// Four small line charts side by side (log-spaced x, linear y from 0), C red, ours blue.
+pub fn svg(series: &[Series]) -> String {
+    let (w, h) = (320.0, 240.0);
+    let (ml, mr, mt, mb) = (58.0, 12.0, 28.0, 36.0);
+    let total_w = w * series.len() as f64;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{total_w}" height="{}" font-family="sans-serif" font-size="11">"#,
+        h + 24.0
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    for (k, se) in series.iter().enumerate() {
+        let ox = k as f64 * w;
+        let xs: Vec<usize> = se.pts[0].iter().map(|p| p.0).collect();
+        let ymax = se
+            .pts
+            .iter()
+            .flat_map(|v| v.iter().map(|p| p.1.max))
+            .fold(0.0f64, f64::max)
+            * 1.1;
+        let ymax = if ymax > 0.0 { ymax } else { 1.0 };
+        let pw = w - ml - mr;
+        let ph = h - mt - mb;
+        let px = |i: usize| {
+            if xs.len() <= 1 {
+                ox + ml + pw / 2.0
+            } else {
+                ox + ml + pw * i as f64 / (xs.len() - 1) as f64
+            }
+        };
+        let py = |v: f64| mt + ph * (1.0 - v / ymax);
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="16" text-anchor="middle" font-weight="bold">{}</text>"#,
+            ox + w / 2.0,
+            se.title
+        );
+        let _ = writeln!(
+            s,
+            r##"<rect x="{}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>"##,
+            ox + ml
+        );
+        for t in 0..=4 {
+            let v = ymax * t as f64 / 4.0;
+            let _ = writeln!(
+                s,
+                r##"<line x1="{}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
+                ox + ml,
+                ox + ml + pw,
+                ox + ml - 4.0,
+                py(v) + 4.0,
+                num(v),
+                y = py(v)
+            );
+        }
+        for (i, x) in xs.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="middle">{x}</text>"#,
+                px(i),
+                mt + ph + 14.0
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">{} (log scale)</text>"#,
+            ox + ml + pw / 2.0,
+            mt + ph + 30.0,
+            se.xlabel
+        );
+        for (j, color) in ["#d62728", "#1f77b4"].iter().enumerate() {
+            let pts: Vec<String> = se.pts[j]
+                .iter()
+                .enumerate()
+                .map(|(i, p)| format!("{:.1},{:.1}", px(i), py(p.1.med)))
+                .collect();
+            let _ = writeln!(
+                s,
+                r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#,
+                pts.join(" ")
+            );
+            for (i, p) in se.pts[j].iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#,
+                    px(i),
+                    py(p.1.med)
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        s,
+        r##"<text x="10" y="{}" fill="#d62728">— C 9.0</text><text x="80" y="{}" fill="#1f77b4">— ours</text>"##,
+        h + 16.0,
+        h + 16.0
+    );
+    s.push_str("</svg>\n");
+    s
+}
