@@ -18,6 +18,7 @@
 #   INTEROP_KEEP=1    keep the work directory (logs, configs) even on success
 #   INTEROP_DEBUG=1   debug-level logging for virtlogd/virtlockd
 #   INTEROP_TMP       where to create the work directory (default ${TMPDIR:-/tmp})
+#   INTEROP_REEXEC=1  also run scenario h: SIGUSR1 re-exec C->ours->C under a live guest
 #   INTEROP_NO_PIDNS=1 do not use a pid namespace (debugging; cleanup then
 #                     relies on the EXIT trap and a pid/exe check)
 set -u -o pipefail
@@ -450,6 +451,102 @@ scenario_g_truncate() {
     check "g: lease released" wait_until 10 "lease released" lease_free
 }
 
+# ------------------------------------------------------------------ h (INTEROP_REEXEC=1)
+# Zero-downtime upgrade under a live guest: the daemons run from copies at
+# P_LOGD/P_LOCKD (argv[0] = P), P is replaced (cp + mv) and SIGUSR1 makes the
+# daemon execvp(argv[0]) the new binary, handing over its state via
+# /run/<daemon>-restart-exec.json.  C -> ours, then ours -> C.
+C_LOGD=/usr/sbin/virtlogd C_LOCKD=/usr/sbin/virtlockd
+P_LOGD=$WORK/bin/virtlogd P_LOCKD=$WORK/bin/virtlockd
+
+exe_sha() { sha256sum "/proc/$1/exe" 2>/dev/null | cut -d' ' -f1; }
+file_sha() { sha256sum "$1" | cut -d' ' -f1; }
+# install_at SRC DST: atomically replace DST (new inode) with a copy of SRC.
+install_at() { cp "$1" "$2.tmp" && chmod 755 "$2.tmp" && mv -f "$2.tmp" "$2"; }
+reexec_done() { # PID WANT_SHA STATEFILE
+    pid_alive "$1" && [[ $(exe_sha "$1") == "$2" ]] && [[ ! -e $3 ]]
+}
+
+restart_daemons_from_copies() {
+    log "h: restarting all daemons, virtlogd/virtlockd from copies of the C binaries at $WORK/bin"
+    kill_wait "$LIBVIRTD_PID" 20
+    kill_wait "$VIRTLOCKD_PID" 10
+    kill_wait "$VIRTLOGD_PID" 10
+    local f; for f in virtlogd virtlockd libvirtd; do
+        mv "$ART/$f.stderr" "$ART/$f.main.stderr" 2>/dev/null; done
+    mkdir -p "$WORK/bin"
+    install_at "$C_LOGD" "$P_LOGD" && install_at "$C_LOCKD" "$P_LOCKD" ||
+        { fail "h: could not copy the C daemons to $WORK/bin"; return 1; }
+    VIRTLOGD_BIN=$P_LOGD VIRTLOCKD_BIN=$P_LOCKD start_daemons
+}
+
+# h_upgrade TAG LOGD_SRC LOCKD_SRC: replace P_* with *_SRC, SIGUSR1 both, verify.
+h_upgrade() {
+    local tag=$1 logd_src=$2 lockd_src=$3 out
+    local logd_sha lockd_sha old_logd_ino old_lockd_ino
+    logd_sha=$(file_sha "$logd_src") lockd_sha=$(file_sha "$lockd_src")
+    old_logd_ino=$(stat -L -c %i "/proc/$VIRTLOGD_PID/exe") old_lockd_ino=$(stat -L -c %i "/proc/$VIRTLOCKD_PID/exe")
+    install_at "$logd_src" "$P_LOGD" && install_at "$lockd_src" "$P_LOCKD" ||
+        { fail "h($tag): could not replace the binaries at $WORK/bin"; return 1; }
+    kill -USR1 "$VIRTLOGD_PID" "$VIRTLOCKD_PID"
+    check "h($tag): virtlogd re-executed in place (pid $VIRTLOGD_PID, /proc/PID/exe = $logd_src, state file consumed)" \
+        wait_until 20 "virtlogd re-exec" reexec_done "$VIRTLOGD_PID" "$logd_sha" /run/virtlogd-restart-exec.json
+    check "h($tag): virtlockd re-executed in place (pid $VIRTLOCKD_PID, /proc/PID/exe = $lockd_src, state file consumed)" \
+        wait_until 20 "virtlockd re-exec" reexec_done "$VIRTLOCKD_PID" "$lockd_sha" /run/virtlockd-restart-exec.json
+    check "h($tag): exe inodes changed (virtlogd $old_logd_ino -> $(stat -L -c %i "/proc/$VIRTLOGD_PID/exe" 2>/dev/null), virtlockd $old_lockd_ino -> $(stat -L -c %i "/proc/$VIRTLOCKD_PID/exe" 2>/dev/null))" \
+        test "$(stat -L -c %i "/proc/$VIRTLOGD_PID/exe")" != "$old_logd_ino" -a \
+             "$(stat -L -c %i "/proc/$VIRTLOCKD_PID/exe")" != "$old_lockd_ino"
+    check "h($tag): sockets still present" test -S /run/libvirt/virtlogd-sock -a -S /run/libvirt/virtlockd-sock
+    check "h($tag): $A still running" dom_is "$A" running
+    check "h($tag): lease still held by virtlockd (pid $VIRTLOCKD_PID) after re-exec" lease_held
+    if out=$(virsh_ start "$B" 2>&1); then
+        fail "h($tag): $B started although $A holds the disk lease"
+        virsh_ destroy "$B" >/dev/null 2>&1
+    elif grep -qi "resource busy" <<<"$out" && grep -qi "${LEASE##*/}' is locked" <<<"$out"; then
+        pass "h($tag): $B refused by the re-executed virtlockd (resource busy ... is locked)"
+    else
+        fail "h($tag): $B failed but not with a lock error: $out"
+    fi
+    check "h($tag): $B is shut off" wait_until 15 "$B shut off" dom_is "$B" "shut off"
+    check "h($tag): lease still held after the refused start" lease_held
+}
+
+scenario_h_reexec() {
+    local out n_hdr n_term n_shut
+    restart_daemons_from_copies || return 1
+    check "h: daemons run from the copies (C binaries at $WORK/bin)" \
+        test "$(exe_sha "$VIRTLOGD_PID")" == "$(file_sha "$C_LOGD")" -a \
+             "$(exe_sha "$VIRTLOCKD_PID")" == "$(file_sha "$C_LOCKD")"
+    n_hdr=$(count "$ALOG" ": starting up libvirt version: ")
+    n_term=$(count "$ALOG" "terminating on signal 15")
+    n_shut=$(count "$ALOG" "shutting down, reason=destroyed")
+    if out=$(virsh_ start "$A" 2>&1); then pass "h: $A started under the C daemons"
+    else fail "h: virsh start $A: $out"; return 1; fi
+    check "h: $A.log got a new header" \
+        wait_until 10 "header" test "$(count "$ALOG" ": starting up libvirt version: ")" -gt "$n_hdr"
+    check "h: lease held by the C virtlockd" wait_until 10 "lease held" lease_held
+    # Image swap as in c: B gets a fresh image at the same path.
+    mv "$DISK" "$DISK.a-in-use" && make_boot_disk "$DISK" ||
+        { fail "h: could not replace $DISK"; return 1; }
+
+    h_upgrade "C->ours" "$VIRTLOGD_BIN" "$VIRTLOCKD_BIN"
+    h_upgrade "ours->C" "$C_LOGD" "$C_LOCKD"
+
+    out=$(virsh_ destroy "$A" 2>&1) || { fail "h: virsh destroy $A: $out"; return 1; }
+    check "h: $A.log got a new 'shutting down, reason=destroyed' after two re-execs" \
+        wait_until 10 "shutdown line" test "$(count "$ALOG" "shutting down, reason=destroyed")" -gt "$n_shut"
+    check "h: QEMU stderr ('terminating on signal 15') still reached $A.log through the inherited pipe" \
+        wait_until 10 "terminating line" test "$(count "$ALOG" "terminating on signal 15")" -gt "$n_term"
+    check "h: lease released after destroy" wait_until 10 "lease released" lease_free
+    check "h: lease file removed" wait_until 10 "lease file gone" test ! -e "$LEASE"
+    rm -f "$DISK.a-in-use"
+    if out=$(virsh_ start "$B" 2>&1); then pass "h: $B starts once $A is gone"
+    else fail "h: $B cannot start after $A was destroyed: $out"; return 1; fi
+    check "h: $B holds the lease" wait_until 10 "lease held" lease_held
+    out=$(virsh_ destroy "$B" 2>&1) || fail "h: virsh destroy $B: $out"
+    check "h: lease released after destroying $B" wait_until 10 "lease released" lease_free
+}
+
 info_admin() {
     # libvirtd never talks to the admin sockets; this is informational only.
     local u out
@@ -476,6 +573,9 @@ main() {
             scenario_g_truncate
         fi
         info_admin
+        if [[ ${INTEROP_REEXEC:-} == 1 ]] && ((IT_FAIL == 0)); then
+            scenario_h_reexec
+        fi
     fi
     if ((IT_FAIL == 0)); then
         check "daemons: virtlogd still alive at the end" pid_alive "$VIRTLOGD_PID"
