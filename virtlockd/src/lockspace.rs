@@ -490,6 +490,25 @@ impl LockSpace {
         any
     }
 
+    /// The file of a resource that create/delete may touch: not held under this name,
+    /// a valid name, and not a file held under another name (touching that one and
+    /// closing it would drop its lock).
+    fn unheld_resource_path(
+        &self,
+        name: &str,
+        held_elsewhere: &dyn Fn(FileId) -> bool,
+    ) -> Result<PathBuf, RpcError> {
+        if self.resources.contains_key(name) {
+            return Err(busy(name));
+        }
+        self.check_name(name)?;
+        let path = self.resource_path(name);
+        if FileId::of_path(&path).is_some_and(|id| self.holds_file(id) || held_elsewhere(id)) {
+            return Err(busy(name));
+        }
+        Ok(path)
+    }
+
     /// Create the resource file (touch: `O_WRONLY|O_CREAT`, 0600; an existing file is left
     /// alone). Refused while the resource is held.
     pub fn create_resource(&mut self, name: &str) -> Result<(), RpcError> {
@@ -501,14 +520,7 @@ impl LockSpace {
         name: &str,
         held_elsewhere: &dyn Fn(FileId) -> bool,
     ) -> Result<(), RpcError> {
-        if self.resources.contains_key(name) {
-            return Err(busy(name));
-        }
-        self.check_name(name)?;
-        let path = self.resource_path(name);
-        if FileId::of_path(&path).is_some_and(|id| self.holds_file(id) || held_elsewhere(id)) {
-            return Err(busy(name));
-        }
+        let path = self.unheld_resource_path(name, held_elsewhere)?;
         let file = OpenOptions::new()
             .write(true)
             .create(true)
@@ -543,14 +555,7 @@ impl LockSpace {
         name: &str,
         held_elsewhere: &dyn Fn(FileId) -> bool,
     ) -> Result<(), RpcError> {
-        if self.resources.contains_key(name) {
-            return Err(busy(name));
-        }
-        self.check_name(name)?;
-        let path = self.resource_path(name);
-        if FileId::of_path(&path).is_some_and(|id| self.holds_file(id) || held_elsewhere(id)) {
-            return Err(busy(name));
-        }
+        let path = self.unheld_resource_path(name, held_elsewhere)?;
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
