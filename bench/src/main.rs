@@ -122,32 +122,53 @@ fn settle() {
 
 /// `vh-bench one logd|lockd c|ours N [SECS]`: one test on one fresh daemon, printing its
 /// pid first and waiting 2 s so a profiler can attach (`perf record -p PID`).
+/// One scenario against one daemon, for profiling and quick iteration:
+/// `one logd c|ours N` (1 pipe × N MiB), `one logd c|ours eight N` (8 pipes × N MiB),
+/// `one logd c|ours small N` (N lines over 1000 pipes), `one logd c|ours reexec N`
+/// (re-exec downtime with N open pipes), `one logd c|ours ref N` (the pipe→file
+/// reference copier, N MiB; the daemon idles), `one lockd c|ours N [SECS]` (N owners),
+/// `one lockd c|ours reexec N` (re-exec downtime with N leases).
 fn one(cx: &Ctx, args: &[String]) -> Res<()> {
+    const USAGE: &str = "one logd|lockd c|ours [eight|small|reexec] N [SECS]";
     let kind = match args.first().map(String::as_str) {
         Some("logd") => Kind::Logd,
         Some("lockd") => Kind::Lockd,
-        _ => return Err("one: logd|lockd c|ours N [SECS]".into()),
+        _ => return Err(USAGE.into()),
     };
     let imp = match args.get(1).map(String::as_str) {
         Some("c") => Impl::C,
         Some("ours") => Impl::Ours,
-        _ => return Err("one: logd|lockd c|ours N [SECS]".into()),
+        _ => return Err(USAGE.into()),
     };
-    let n: usize = args.get(2).ok_or("one: N missing")?.parse()?;
-    let secs: f64 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(3.0);
+    let (mode, rest) = match args.get(2).map(String::as_str) {
+        Some(m @ ("eight" | "small" | "reexec" | "ref")) => (m, &args[3..]),
+        _ => ("", &args[2..]),
+    };
+    let n: usize = rest.first().ok_or(USAGE)?.parse()?;
+    let secs: f64 = rest.get(1).map(|s| s.parse()).transpose()?.unwrap_or(3.0);
     let d = cx.spawn(kind, imp)?;
     println!("pid {}", d.pid);
     std::thread::sleep(Duration::from_secs(2));
     settle();
-    match kind {
-        Kind::Logd => {
-            let f = logd::bulk(&d, &cx.dir("one"), 1, (n as u64) << 20, 1)?;
-            println!("{f:?}");
+    let dir = cx.dir("one");
+    match (kind, mode) {
+        (Kind::Logd, "") => println!("{:?}", logd::bulk(&d, &dir, 1, (n as u64) << 20, 1)?),
+        (Kind::Logd, "eight") => println!("{:?}", logd::bulk(&d, &dir, 8, (n as u64) << 20, 8)?),
+        (Kind::Logd, "ref") => println!("{:?}", logd::reference(&dir, (n as u64) << 20, None)?),
+        (Kind::Logd, "small") => println!("{:?}", logd::small(&d, &dir, 1000, n)?),
+        (Kind::Logd, "reexec") => {
+            let _pipes = logd::hold_pipes(&d, &dir, n)?;
+            println!("downtime {:.2} ms", reexec_downtime(&d, logd::ping)?);
         }
-        Kind::Lockd => {
-            let r = lockd::round_trips(&d, &cx.dir("one"), n, Duration::from_secs_f64(secs))?;
-            println!("{r:?}");
+        (Kind::Lockd, "reexec") => {
+            let _held = lockd::hold_leases(&d, &dir, n, 10)?;
+            println!("downtime {:.2} ms", reexec_downtime(&d, lockd::ping)?);
         }
+        (Kind::Lockd, _) => println!(
+            "{:?}",
+            lockd::round_trips(&d, &dir, n, Duration::from_secs_f64(secs))?
+        ),
+        _ => return Err(USAGE.into()),
     }
     Ok(())
 }

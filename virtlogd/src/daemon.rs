@@ -6,7 +6,6 @@ use crate::program::LogProgram;
 use std::os::fd::{IntoRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::watch;
 use tracing::warn;
 use uuid::Uuid;
@@ -35,15 +34,12 @@ pub struct LogDaemon {
 impl App for LogDaemon {
     const KIND: DaemonKind = DaemonKind::Logd;
 
-    fn new(config: &DaemonConfig, mode: Mode, run: watch::Receiver<RunState>) -> Self {
+    fn new(config: &DaemonConfig, mode: Mode, _run: watch::Receiver<RunState>) -> Self {
         LogDaemon {
-            handler: LogHandler::new(
-                Limits {
-                    max_size: config.max_size,
-                    max_backups: config.max_backups,
-                },
-                run,
-            ),
+            handler: LogHandler::new(Limits {
+                max_size: config.max_size,
+                max_backups: config.max_backups,
+            }),
             mode,
         }
     }
@@ -72,7 +68,10 @@ impl App for LogDaemon {
     }
 
     async fn handoff(&self, daemon: DaemonState, magic: String) -> (String, Vec<RawFd>) {
-        let logs = self.handler.handoff(Duration::from_secs(5)).await;
+        let handler = self.handler.clone();
+        let logs = tokio::task::spawn_blocking(move || handler.handoff())
+            .await
+            .unwrap_or_default();
         let mut fds = Vec::with_capacity(logs.len());
         let files = logs
             .into_iter()
@@ -130,5 +129,8 @@ impl App for LogDaemon {
         Ok(doc.daemon)
     }
 
-    async fn shutdown(&self) {}
+    async fn shutdown(&self) {
+        let handler = self.handler.clone();
+        let _ = tokio::task::spawn_blocking(move || handler.shutdown()).await;
+    }
 }

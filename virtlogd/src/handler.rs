@@ -1,33 +1,32 @@
-//! The log handler: every open log file, the pipe that feeds it, and the task that pumps
-//! one into the other.
+//! The log handler: every open log file and the pipe that feeds it. The pump thread
+//! (`pump.rs`) moves the data; this module owns the table and the RPC operations.
 //!
 //! Design, against the C daemon's single lock, 1 KiB reads and linear scans:
-//! * each file has its own task and its own lock; the pipe's readiness wakes exactly the
-//!   task that owns it (no fd → file lookup at all);
-//! * reads are up to 128 KiB into a per-worker-thread buffer (no allocation per chunk,
-//!   no 128 KiB per idle pipe), and the rotation logic still sees 1 KiB pieces so split
+//! * each file has its own lock; the pump finds a ready pipe's file by its epoll token
+//!   (an index), never by a scan;
+//! * reads are up to 128 KiB into a per-thread buffer (no allocation per chunk, no
+//!   128 KiB per idle pipe), and the rotation logic still sees 1 KiB pieces so split
 //!   points match the C daemon's, while the write(2)s are batched;
 //! * the table of open paths is a map, touched only on open, close and lookups by RPC.
 //!
 //! Reads from a pipe always happen under the file's lock, together with the append, so
-//! the pump and a synchronous drain (GetLogFilePosition) can never reorder data, and a
-//! re-exec hand-off finds every byte either in the file or still in the pipe.
+//! the pump and a synchronous drain (every RPC on an open log drains its pipe first)
+//! can never reorder data, and a re-exec hand-off finds every byte either in the file or
+//! still in the pipe.
 
-use crate::rotating_file::{RotatingFileReader, RotatingFileWriter, PIPE_CHUNK};
+use crate::pump::Pump;
+use crate::rotating_file::{RotatingFileReader, RotatingFileWriter, SpliceStop, PIPE_CHUNK};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::io::unix::AsyncFd;
-use tokio::sync::{watch, Notify};
 use tracing::{debug, error, warn};
 use vh_common::error::{code, domain, errno_of, RpcError};
-use vh_common::server::RunState;
 
 /// Largest number of backups libvirt allows.
 pub const MAX_BACKUPS_LIMIT: u64 = 32;
@@ -37,9 +36,8 @@ pub const READ_MAX: u64 = 4_194_304;
 const LOG_MODE: u32 = 0o600;
 /// One pipe read: two default pipe buffers.
 const READ_BUF: usize = 128 * 1024;
-/// Reads per wake-up before yielding to other pipes, so one flooding guest cannot
-/// starve the rest.
-const READS_PER_WAKE: usize = 8;
+/// Most one splice(2) moves: a whole enlarged pipe.
+const SPLICE_MAX: usize = 1 << 20;
 
 thread_local! {
     static READ_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_BUF].into_boxed_slice());
@@ -60,10 +58,11 @@ pub struct LogOwner {
     pub domuuid: [u8; 16],
 }
 
-struct LogFile {
-    path: PathBuf,
+pub(crate) struct LogFile {
+    pub(crate) path: PathBuf,
     owner: LogOwner,
-    pipe: AsyncFd<OwnedFd>,
+    /// Our (non-blocking) read end.
+    pub(crate) pipe: OwnedFd,
     writer: Mutex<RotatingFileWriter>,
     closed: AtomicBool,
     /// Bytes read from the pipe that could not be written (disk full, I/O error).
@@ -72,7 +71,7 @@ struct LogFile {
 }
 
 /// What one pump pass found in the pipe.
-enum Pumped {
+pub(crate) enum Pumped {
     /// Pipe empty for now.
     Empty,
     /// Read budget used up; more may be waiting.
@@ -83,18 +82,46 @@ enum Pumped {
 
 impl LogFile {
     /// Moves up to `max_reads` reads from the pipe into the file, under the file lock.
-    fn pump(&self, max_reads: usize) -> Pumped {
-        let mut w = match self.writer.lock() {
-            Ok(w) => w,
-            Err(_) => return Pumped::Done(None),
+    /// Also returns how many bytes it moved.
+    pub(crate) fn pump(&self, max_reads: usize) -> (Pumped, usize) {
+        match self.writer.lock() {
+            Ok(mut w) => self.pump_locked(&mut w, max_reads),
+            Err(_) => (Pumped::Done(None), 0),
+        }
+    }
+
+    /// The pump thread's pass over a busy pipe: bulk data goes by splice(2) while the
+    /// file has room; the bytes around a rollover, and everything after a failure (a
+    /// full disk included, so the loss accounting stays in one place), by read.
+    pub(crate) fn pump_spliced(&self, max_calls: usize) -> (Pumped, usize) {
+        let Ok(mut w) = self.writer.lock() else {
+            return (Pumped::Done(None), 0);
         };
-        READ_BUFFER.with(|b| {
+        if self.dropped.load(Ordering::Relaxed) == 0 {
+            match w.splice_batch(self.pipe.as_fd(), max_calls, SPLICE_MAX) {
+                Ok((SpliceStop::Empty, n)) => return (Pumped::Empty, n),
+                Ok((SpliceStop::Eof, n)) => return (Pumped::Done(None), n),
+                Ok((SpliceStop::Budget, n)) => return (Pumped::More, n),
+                Ok((SpliceStop::Rollover, n)) => {
+                    let (p, m) = self.pump_locked(&mut w, max_calls);
+                    return (p, n + m);
+                }
+                Err(e) => debug!(path = %self.path.display(), "splice: {e}; reading instead"),
+            }
+        }
+        self.pump_locked(&mut w, max_calls)
+    }
+
+    fn pump_locked(&self, w: &mut RotatingFileWriter, max_reads: usize) -> (Pumped, usize) {
+        let mut moved = 0;
+        let outcome = READ_BUFFER.with(|b| {
             let mut buf = b.borrow_mut();
             for _ in 0..max_reads {
-                match nix::unistd::read(self.pipe.get_ref().as_raw_fd(), &mut buf[..]) {
+                match nix::unistd::read(self.pipe.as_raw_fd(), &mut buf[..]) {
                     Ok(0) => return Pumped::Done(None),
                     Ok(n) => {
-                        self.deliver(&mut w, &buf[..n]);
+                        moved += n;
+                        self.deliver(w, &buf[..n]);
                         // A pipe read returns everything present up to the buffer size,
                         // so a short one emptied the pipe: skip the read that would only
                         // say EAGAIN (one syscall of ~5 per wake-up). Any later write
@@ -109,7 +136,14 @@ impl LogFile {
                 }
             }
             Pumped::More
-        })
+        });
+        (outcome, moved)
+    }
+
+    /// Moves everything the pipe holds into the file (before an RPC looks at the file).
+    /// EOF or a read error is left for the pump thread to act on.
+    fn drain_locked(&self, w: &mut RotatingFileWriter) {
+        while let (Pumped::More, _) = self.pump_locked(w, usize::MAX) {}
     }
 }
 
@@ -160,9 +194,7 @@ pub struct LogFileInfo {
 pub struct LogHandler {
     limits: Limits,
     files: Mutex<HashMap<PathBuf, Arc<LogFile>>>,
-    run: watch::Receiver<RunState>,
-    pumps_live: AtomicUsize,
-    changed: Notify,
+    pump: Pump,
 }
 
 fn path_of(bytes: &[u8]) -> PathBuf {
@@ -175,14 +207,18 @@ fn shown(p: &Path) -> String {
 }
 
 impl LogHandler {
-    pub fn new(limits: Limits, run: watch::Receiver<RunState>) -> Arc<Self> {
-        Arc::new(LogHandler {
+    pub fn new(limits: Limits) -> Arc<Self> {
+        let h = Arc::new_cyclic(|me| LogHandler {
             limits,
             files: Mutex::new(HashMap::new()),
-            run,
-            pumps_live: AtomicUsize::new(0),
-            changed: Notify::new(),
-        })
+            pump: Pump::new(me.clone()),
+        });
+        // Now rather than at the first log, so the daemon's fds are steady from start-up;
+        // a failure here is retried by the first open.
+        if let Err(e) = h.pump.start() {
+            error!("cannot start the log pump: {e}");
+        }
+        h
     }
 
     pub fn limits(&self) -> Limits {
@@ -289,10 +325,7 @@ impl LogHandler {
         let file = Arc::new(LogFile {
             path: path.clone(),
             owner,
-            // SAFETY: `rd` is an OwnedFd moved into the AsyncFd: it stays open and names
-            // the same pipe until the AsyncFd is dropped or `into_inner` gives it back.
-            pipe: unsafe { AsyncFd::register_with_interest(rd, tokio::io::Interest::READABLE) }
-                .map_err(|e| io::Error::other(e.to_string()))?,
+            pipe: rd,
             writer: Mutex::new(writer),
             closed: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
@@ -307,52 +340,15 @@ impl LogHandler {
             }
             files.insert(path, file.clone());
         }
-        self.pumps_live.fetch_add(1, Ordering::AcqRel);
-        let me = self.clone();
-        tokio::spawn(async move {
-            me.pump_task(file).await;
-            me.pumps_live.fetch_sub(1, Ordering::AcqRel);
-            me.changed.notify_waiters();
-        });
+        if let Err(e) = self.pump.add(file.clone()) {
+            self.close(&file);
+            return Err(e);
+        }
         Ok(())
     }
 
-    async fn pump_task(&self, file: Arc<LogFile>) {
-        let mut run = self.run.clone();
-        loop {
-            match *run.borrow() {
-                RunState::Running => {}
-                RunState::Handoff => return,
-                RunState::Quit => {
-                    // Whatever QEMU already wrote goes to the file before we let go.
-                    while let Pumped::More = file.pump(READS_PER_WAKE) {}
-                    break;
-                }
-            }
-            tokio::select! {
-                g = file.pipe.readable() => {
-                    let mut guard = match g {
-                        Ok(g) => g,
-                        Err(e) => { warn!(path = %file.path.display(), "pipe poll failed: {e}"); break; }
-                    };
-                    match file.pump(READS_PER_WAKE) {
-                        Pumped::Empty => guard.clear_ready(),
-                        Pumped::More => tokio::task::yield_now().await,
-                        Pumped::Done(None) => break,
-                        Pumped::Done(Some(e)) => {
-                            error!(path = %file.path.display(), "closing log after write failure: {e}");
-                            break;
-                        }
-                    }
-                }
-                r = run.changed() => if r.is_err() { break },
-            }
-        }
-        self.close(&file);
-    }
-
     /// Forgets a file: its pipe closes when the last reference goes.
-    fn close(&self, file: &Arc<LogFile>) {
+    pub(crate) fn close(&self, file: &Arc<LogFile>) {
         if file.closed.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -374,24 +370,11 @@ impl LogHandler {
                 format!("No open log file {}", shown(&path)),
             )
         })?;
-        loop {
-            match file.pump(usize::MAX) {
-                Pumped::More => continue,
-                Pumped::Empty => break,
-                Pumped::Done(e) => {
-                    if let Some(e) = e {
-                        error!(path = %file.path.display(), "closing log after write failure: {e}");
-                    }
-                    // The pump task sees EOF too and closes the file; the position of
-                    // what was written is still the right answer.
-                    break;
-                }
-            }
-        }
-        let w = file
+        let mut w = file
             .writer
             .lock()
             .map_err(|_| RpcError::internal(domain::LOGGING, "log file lock poisoned"))?;
+        file.drain_locked(&mut w);
         Ok((w.inode(), w.position()))
     }
 
@@ -405,6 +388,12 @@ impl LogHandler {
     ) -> Result<Vec<u8>, RpcError> {
         let path = path_of(path);
         let backups = self.check_backups()?;
+        // What QEMU has written must be readable, even if the pump has not come by yet.
+        if let Some(file) = self.lookup(&path) {
+            if let Ok(mut w) = file.writer.lock() {
+                file.drain_locked(&mut w);
+            }
+        }
         let mut r = RotatingFileReader::open(path.clone(), backups).map_err(|e| {
             RpcError::system(
                 domain::NONE,
@@ -454,6 +443,8 @@ impl LogHandler {
                 .writer
                 .lock()
                 .map_err(|_| RpcError::internal(domain::LOGGING, "log file lock poisoned"))?;
+            // Output QEMU wrote before this call goes first.
+            file.drain_locked(&mut w);
             return w.append(msg).map_err(write_err);
         }
         let backups = self.check_backups()?;
@@ -469,20 +460,10 @@ impl LogHandler {
         w.append(msg).map_err(write_err)
     }
 
-    /// After `RunState::Handoff`: waits for every pump to park, then gives back each
-    /// file's pipe without closing anything.
-    pub async fn handoff(&self, timeout: std::time::Duration) -> Vec<HandedOffLog> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while self.pumps_live.load(Ordering::Acquire) > 0 {
-            let wait = self.changed.notified();
-            if self.pumps_live.load(Ordering::Acquire) == 0 {
-                break;
-            }
-            if tokio::time::timeout_at(deadline, wait).await.is_err() {
-                warn!("log pumps did not stop in time");
-                break;
-            }
-        }
+    /// Re-exec: stops the pump, then gives back each file's pipe without closing
+    /// anything. Whatever is still in a pipe stays there for the next image.
+    pub fn handoff(&self) -> Vec<HandedOffLog> {
+        self.pump.stop(false);
         let files: Vec<Arc<LogFile>> = self
             .files
             .lock()
@@ -492,7 +473,7 @@ impl LogHandler {
         for f in files {
             match Arc::try_unwrap(f) {
                 Ok(f) => out.push(HandedOffLog {
-                    pipe: f.pipe.into_inner(),
+                    pipe: f.pipe,
                     path: f.path,
                     owner: f.owner,
                 }),
@@ -500,6 +481,11 @@ impl LogHandler {
             }
         }
         out
+    }
+
+    /// Clean stop: what QEMU already wrote reaches the files, then the pump ends.
+    pub fn shutdown(&self) {
+        self.pump.stop(true);
     }
 
     /// Adopts a pipe inherited across re-exec: reopens the file by path (no truncate)
@@ -548,14 +534,10 @@ mod tests {
     /// pipe: QEMU's writes never fail with EPIPE, and the log stays open.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn full_disk_keeps_the_pipe() {
-        let (_tx, rx) = watch::channel(RunState::Running);
-        let h = LogHandler::new(
-            Limits {
-                max_size: 0,
-                max_backups: 0,
-            },
-            rx,
-        );
+        let h = LogHandler::new(Limits {
+            max_size: 0,
+            max_backups: 0,
+        });
         let (_, _, wr) = h.open(owner(), b"/dev/full", false).unwrap();
         let mut w = std::fs::File::from(wr);
         // Several pipe buffers' worth: this blocks unless the pump keeps draining.
@@ -576,19 +558,75 @@ mod tests {
         w.write_all(b"still accepted\n").unwrap();
     }
 
+    /// Every RPC on an open log drains its pipe first: output the pump has not taken
+    /// yet (it may be pausing to batch) is readable at once, and comes before a message
+    /// appended after it.
+    #[tokio::test]
+    async fn rpcs_see_output_the_pump_has_not_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.log");
+        let p = path.as_os_str().as_encoded_bytes();
+        let h = LogHandler::new(Limits {
+            max_size: 0,
+            max_backups: 0,
+        });
+        let (ino, _, wr) = h.open(owner(), p, false).unwrap();
+        let mut w = std::fs::File::from(wr);
+        w.write_all(b"qemu says\n").unwrap();
+        assert_eq!(h.read(p, ino, 0, 100).unwrap(), b"qemu says\n");
+        w.write_all(b"then this\n").unwrap();
+        h.append(p, b"libvirt note\n").unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"qemu says\nthen this\nlibvirt note\n"
+        );
+    }
+
+    /// A flood through one pipe (spliced once busy) arrives complete and in order, with
+    /// rollovers, exactly as the read path would write it.
+    #[tokio::test]
+    async fn flood_arrives_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.log");
+        let p = path.as_os_str().as_encoded_bytes().to_vec();
+        let h = LogHandler::new(Limits {
+            max_size: 1 << 20,
+            max_backups: 8,
+        });
+        let (_, _, wr) = h.open(owner(), &p, false).unwrap();
+        let mut w = std::fs::File::from(wr);
+        let mut sent = Vec::new();
+        for i in 0..40_000u32 {
+            sent.extend_from_slice(format!("line {i:08} of the flood test\n").as_bytes());
+        }
+        let data = sent.clone();
+        let writer = std::thread::spawn(move || w.write_all(&data));
+        tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        h.position(&p).unwrap();
+        let mut got = Vec::new();
+        for i in (0..8).rev() {
+            if let Ok(b) = std::fs::read(format!("{}.{i}", path.display())) {
+                got.extend(b);
+            }
+        }
+        got.extend(std::fs::read(&path).unwrap());
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "log content differs from what was written");
+    }
+
     /// The rotation check on open happens after the EBUSY check, as in 9.0.
     #[tokio::test]
     async fn second_open_is_busy() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vm.log");
-        let (_tx, rx) = watch::channel(RunState::Running);
-        let h = LogHandler::new(
-            Limits {
-                max_size: 100,
-                max_backups: 2,
-            },
-            rx,
-        );
+        let h = LogHandler::new(Limits {
+            max_size: 100,
+            max_backups: 2,
+        });
         let p = path.as_os_str().as_encoded_bytes();
         let _keep = h.open(owner(), p, false).unwrap();
         let e = h.open(owner(), p, true).unwrap_err();

@@ -4,8 +4,10 @@
 //! |---|---|
 //! | [`protocol`] | program 0x87539319: argument and reply types of the four procedures |
 //! | [`rotating_file`] | size-capped log file with `.0..N` backups, and the reader across them |
-//! | [`handler`] | the open log files: one pipe pump per file, keyed by path |
+//! | [`handler`] | the open log files keyed by path, and the RPC operations on them |
+//! | [`pump`] | the thread that moves pipe data into the files, coalescing wake-ups |
 //! | [`program`] | RPC dispatch of the four procedures onto the handler |
+//! | [`inspect`] | our operator program: what logs are open |
 //! | [`daemon`] | virtlogd's part of the daemon front-end and of the re-exec state |
 
 pub mod daemon;
@@ -13,4 +15,5 @@ pub mod handler;
 pub mod inspect;
 pub mod program;
 pub mod protocol;
+pub mod pump;
 pub mod rotating_file;

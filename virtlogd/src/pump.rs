@@ -1,0 +1,409 @@
+//! The log pump: one thread that moves the bytes of every log pipe into its file.
+//!
+//! A log daemon's cost is per wake-up, not per byte: QEMU writes a line, the daemon
+//! wakes, reads the line and writes it. The C daemon (and a task per pipe on an async
+//! runtime) pays an epoll_wait, a read and a write for nearly every line. This thread
+//! coalesces instead: after a round that found the pipes nearly empty it sleeps a
+//! moment before looking again, and the lines that arrive meanwhile are taken with one
+//! read(2) and written with one write(2) per file. The epoll set is level-triggered, so
+//! the kernel just keeps the pipes marked readable while we sleep: no wake-up is spent
+//! per line, and nothing can be missed.
+//!
+//! The sleep adapts per round: it grows while rounds find every pipe under 1/8 full and
+//! halves as soon as one is found half full, so a flooding guest is never left blocked
+//! on a full pipe. A pipe found half full is also enlarged (F_SETPIPE_SZ, within a
+//! daemon-wide budget) so that a round takes more per read.
+//!
+//! The delay never reaches libvirtd: every call that reads or reports a log
+//! (GetLogFilePosition, ReadLogFile, AppendLogFile) first drains that file's pipe under
+//! the file lock. It is visible only to a process reading the file itself (`tail -f`),
+//! and bounded by [`MAX_COALESCE`]. An isolated line is handled at once: the sleep comes
+//! after a round, never before it.
+
+use crate::handler::{LogFile, LogHandler, Pumped};
+use nix::errno::Errno;
+use nix::poll::{ppoll, PollFd, PollFlags};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::time::TimeSpec;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tracing::{debug, error, warn};
+
+/// Longest pause between rounds (the most a `tail -f` reader waits for a line).
+pub const MAX_COALESCE: Duration = Duration::from_millis(20);
+/// First pause once rounds find little data.
+const START_COALESCE: Duration = Duration::from_micros(200);
+/// Shorter pauses than this are not worth a sleep.
+const MIN_COALESCE: Duration = Duration::from_micros(50);
+/// A pass that moved this much marks the pipe as busy (spliced on the next pass).
+const BULK_BYTES: usize = 32 * 1024;
+/// A busy pipe whose pass moved less than this goes back to read + write.
+const BULK_END: usize = 2048;
+/// Reads of one file per round; a file with more waiting gets another round at once.
+const READS_PER_ROUND: usize = 8;
+/// Size a busy pipe is raised to (the kernel's default pipe-max-size).
+const BIG_PIPE: usize = 1 << 20;
+/// Extra pipe capacity all enlarged pipes may add together: pipe pages are kernel
+/// memory charged to our user, and a session daemon's user has a 64 MiB soft cap.
+const ENLARGE_BUDGET: usize = 32 << 20;
+/// Epoll token of the command eventfd; pipes use their slot index + 1.
+const WAKE_TOKEN: u64 = 0;
+const EVENTS_PER_WAIT: usize = 256;
+
+enum Cmd {
+    Add(Arc<LogFile>),
+    /// Ends the thread; `drain` first moves whatever the pipes hold into the files.
+    Stop {
+        drain: bool,
+    },
+}
+
+struct Running {
+    tx: Sender<Cmd>,
+    wake: Arc<EventFd>,
+    thread: JoinHandle<()>,
+}
+
+/// Handle on the pump thread. The thread starts with the first log and can be stopped
+/// and started again (a failed re-exec restores the logs into the same process).
+pub(crate) struct Pump {
+    running: Mutex<Option<Running>>,
+    handler: Weak<LogHandler>,
+}
+
+impl Pump {
+    pub(crate) fn new(handler: Weak<LogHandler>) -> Self {
+        Pump {
+            running: Mutex::new(None),
+            handler,
+        }
+    }
+
+    /// Starts the thread (if it is not running), so its fds exist from start-up on.
+    pub(crate) fn start(&self) -> io::Result<()> {
+        self.with_running(|_| Ok(()))
+    }
+
+    /// Starts pumping `file`'s pipe.
+    pub(crate) fn add(&self, file: Arc<LogFile>) -> io::Result<()> {
+        self.with_running(|r| {
+            r.tx.send(Cmd::Add(file))
+                .map_err(|_| io::Error::other("log pump gone"))?;
+            r.wake.write(1)?;
+            Ok(())
+        })
+    }
+
+    fn with_running(&self, f: impl FnOnce(&Running) -> io::Result<()>) -> io::Result<()> {
+        let mut running = self
+            .running
+            .lock()
+            .map_err(|_| io::Error::other("log pump lock poisoned"))?;
+        if running.as_ref().is_some_and(|r| r.thread.is_finished()) {
+            // It ends only on Stop; start a new one rather than queue to nobody.
+            *running = None;
+        }
+        if running.is_none() {
+            *running = Some(self.spawn()?);
+        }
+        match running.as_ref() {
+            Some(r) => f(r),
+            None => Err(io::Error::other("log pump not running")),
+        }
+    }
+
+    /// Stops the thread and waits for it; with `drain`, everything already in the pipes
+    /// reaches the files first. The thread drops its references to the files, so after
+    /// this the handler holds the only ones.
+    pub(crate) fn stop(&self, drain: bool) {
+        let Some(r) = self.running.lock().ok().and_then(|mut r| r.take()) else {
+            return;
+        };
+        if r.tx.send(Cmd::Stop { drain }).is_ok() {
+            let _ = r.wake.write(1);
+        }
+        if r.thread.join().is_err() {
+            error!("log pump thread panicked");
+        }
+    }
+
+    fn spawn(&self) -> io::Result<Running> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let wake = Arc::new(EventFd::from_flags(
+            EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
+        )?);
+        epoll.add(
+            wake.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN),
+        )?;
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new().name("log-pump".into()).spawn({
+            let wake = wake.clone();
+            let handler = self.handler.clone();
+            move || Thread::new(epoll, wake, rx, handler).run()
+        })?;
+        Ok(Running { tx, wake, thread })
+    }
+}
+
+/// One pipe in the thread's table.
+struct Slot {
+    file: Arc<LogFile>,
+    /// Current capacity of the pipe, bytes.
+    capacity: usize,
+    /// The kernel refused to enlarge this pipe; do not ask again.
+    fixed: bool,
+    /// The last pass moved at least [`BULK_BYTES`]: use splice(2).
+    bulk: bool,
+}
+
+struct Thread {
+    epoll: Epoll,
+    wake: Arc<EventFd>,
+    rx: Receiver<Cmd>,
+    handler: Weak<LogHandler>,
+    /// Pipes by token - 1; freed slots are reused, so lookups never scan.
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    /// Capacity added by enlarging pipes, counted against [`ENLARGE_BUDGET`].
+    enlarged: usize,
+    coalesce: Duration,
+}
+
+impl Thread {
+    fn new(epoll: Epoll, wake: Arc<EventFd>, rx: Receiver<Cmd>, handler: Weak<LogHandler>) -> Self {
+        Thread {
+            epoll,
+            wake,
+            rx,
+            handler,
+            slots: Vec::new(),
+            free: Vec::new(),
+            enlarged: 0,
+            coalesce: Duration::ZERO,
+        }
+    }
+
+    fn run(mut self) {
+        let mut events = vec![EpollEvent::empty(); EVENTS_PER_WAIT];
+        let mut more_waiting = false;
+        loop {
+            if let Some(drain) = self.commands() {
+                if drain {
+                    self.drain_all();
+                }
+                return;
+            }
+            let timeout = if more_waiting {
+                EpollTimeout::ZERO
+            } else {
+                EpollTimeout::NONE
+            };
+            let n = match self.epoll.wait(&mut events, timeout) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    // Cannot happen with a valid epoll fd and buffer; do not spin.
+                    error!("log pump: epoll_wait: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            more_waiting = false;
+            let mut moved_any = false;
+            let mut fullest = 0.0f64;
+            for ev in &events[..n] {
+                let token = ev.data();
+                if token == WAKE_TOKEN {
+                    let _ = self.wake.read();
+                    continue;
+                }
+                let (bytes, fill, more) = self.service((token - 1) as usize);
+                moved_any |= bytes > 0;
+                more_waiting |= more;
+                fullest = fullest.max(fill);
+            }
+            if more_waiting {
+                self.coalesce = Duration::ZERO;
+            } else if moved_any {
+                self.adapt(fullest);
+                if !self.coalesce.is_zero() {
+                    self.pause(self.coalesce);
+                }
+            }
+        }
+    }
+
+    /// One ready pipe: moves what it holds, closes the log at EOF. Returns the bytes
+    /// moved, how full that left the pipe's capacity, and whether more is waiting.
+    fn service(&mut self, idx: usize) -> (usize, f64, bool) {
+        let Some(slot) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
+            return (0, 0.0, false);
+        };
+        // A pipe that gave a lot last time is read by splice(2); small amounts are
+        // cheaper by plain read + write.
+        let (outcome, bytes) = if slot.bulk {
+            slot.file.pump_spliced(READS_PER_ROUND)
+        } else {
+            slot.file.pump(READS_PER_ROUND)
+        };
+        // Hysteresis, so a flood does not flip paths on every short pass.
+        slot.bulk = bytes >= if slot.bulk { BULK_END } else { BULK_BYTES };
+        let fill = bytes as f64 / slot.capacity.max(1) as f64;
+        match outcome {
+            Pumped::Empty => {
+                if fill >= 0.5 {
+                    self.enlarge(idx);
+                }
+                (bytes, fill, false)
+            }
+            Pumped::More => {
+                self.enlarge(idx);
+                (bytes, fill, true)
+            }
+            Pumped::Done(err) => {
+                if let Some(e) = err {
+                    error!(path = %slot.file.path.display(), "closing log after failure: {e}");
+                }
+                self.remove(idx);
+                (bytes, fill, false)
+            }
+        }
+    }
+
+    /// Applies queued commands. Returns `Some(drain)` when told to stop.
+    fn commands(&mut self) -> Option<bool> {
+        loop {
+            match self.rx.try_recv() {
+                Ok(Cmd::Add(file)) => self.insert(file),
+                Ok(Cmd::Stop { drain }) => return Some(drain),
+                Err(TryRecvError::Empty) => return None,
+                // The handle is gone (handler dropped): nothing left to serve.
+                Err(TryRecvError::Disconnected) => return Some(false),
+            }
+        }
+    }
+
+    fn insert(&mut self, file: Arc<LogFile>) {
+        let capacity = pipe_capacity(&file);
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        let token = idx as u64 + 1;
+        if let Err(e) = self.epoll.add(
+            file.pipe.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, token),
+        ) {
+            error!(path = %file.path.display(), "cannot watch log pipe: {e}");
+            self.free.push(idx);
+            if let Some(h) = self.handler.upgrade() {
+                h.close(&file);
+            }
+            return;
+        }
+        self.slots[idx] = Some(Slot {
+            file,
+            capacity,
+            fixed: false,
+            bulk: false,
+        });
+    }
+
+    fn remove(&mut self, idx: usize) {
+        let Some(slot) = self.slots.get_mut(idx).and_then(Option::take) else {
+            return;
+        };
+        let _ = self.epoll.delete(slot.file.pipe.as_fd());
+        self.enlarged = self
+            .enlarged
+            .saturating_sub(slot.capacity.saturating_sub(DEFAULT_PIPE));
+        self.free.push(idx);
+        if let Some(h) = self.handler.upgrade() {
+            h.close(&slot.file);
+        }
+    }
+
+    /// Raises a busy pipe to [`BIG_PIPE`] if the budget allows. Failure is harmless: the
+    /// pipe keeps its size (an unprivileged user may be over its pipe quota).
+    fn enlarge(&mut self, idx: usize) {
+        let Some(slot) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
+            return;
+        };
+        if slot.fixed
+            || slot.capacity >= BIG_PIPE
+            || self.enlarged + BIG_PIPE - slot.capacity > ENLARGE_BUDGET
+        {
+            return;
+        }
+        let fd = slot.file.pipe.as_raw_fd();
+        match nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(BIG_PIPE as i32)) {
+            Ok(n) if n > 0 && n as usize > slot.capacity => {
+                self.enlarged += n as usize - slot.capacity;
+                slot.capacity = n as usize;
+                debug!(path = %slot.file.path.display(), "pipe raised to {n} bytes");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                debug!(path = %slot.file.path.display(), "cannot raise pipe size: {e}");
+                slot.fixed = true;
+            }
+        }
+    }
+
+    /// Next pause from how full the fullest pipe of this round was: back off fast when
+    /// a pipe fills (its writer must not block), creep up while every pipe is nearly empty.
+    fn adapt(&mut self, fullest: f64) {
+        self.coalesce = if fullest >= 0.5 {
+            let half = self.coalesce / 2;
+            if half < MIN_COALESCE {
+                Duration::ZERO
+            } else {
+                half
+            }
+        } else if fullest < 0.125 {
+            if self.coalesce.is_zero() {
+                START_COALESCE
+            } else {
+                (self.coalesce * 2).min(MAX_COALESCE)
+            }
+        } else {
+            self.coalesce
+        };
+    }
+
+    /// Sleeps for `d`, waking early only for a command (never for pipe data).
+    fn pause(&self, d: Duration) {
+        let mut fds = [PollFd::new(self.wake.as_fd(), PollFlags::POLLIN)];
+        let ts = TimeSpec::from_duration(d);
+        match ppoll(&mut fds, Some(ts), None) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => warn!("log pump: ppoll: {e}"),
+        }
+    }
+
+    /// Quit: every byte already written by QEMU reaches its file before we exit.
+    fn drain_all(&mut self) {
+        for slot in self.slots.iter().flatten() {
+            while let (Pumped::More, _) = slot.file.pump(usize::MAX) {}
+        }
+    }
+}
+
+/// Linux's default pipe capacity (16 pages).
+const DEFAULT_PIPE: usize = 65_536;
+
+fn pipe_capacity(file: &LogFile) -> usize {
+    match nix::fcntl::fcntl(file.pipe.as_raw_fd(), nix::fcntl::FcntlArg::F_GETPIPE_SZ) {
+        Ok(n) if n > 0 => n as usize,
+        _ => DEFAULT_PIPE,
+    }
+}
