@@ -205,8 +205,18 @@ fn reexec_downtime(d: &Daemon, ping: fn(&mut Client) -> Res<()>) -> Res<f64> {
         }
         std::thread::sleep(Duration::from_micros(50));
     }
+    let t_exec = t0.elapsed();
     loop {
-        if connect(d).and_then(|mut c| ping(&mut c)).is_ok() {
+        let r = connect(d).and_then(|mut c| ping(&mut c));
+        if std::env::var_os("VH_DEBUG").is_some() {
+            eprintln!(
+                "exec seen at {:?}, attempt at {:?}: {:?}",
+                t_exec,
+                t0.elapsed(),
+                r.as_ref().err().map(|e| e.to_string())
+            );
+        }
+        if r.is_ok() {
             return Ok(t0.elapsed().as_secs_f64() * 1000.0);
         }
         if t0.elapsed() > Duration::from_secs(60) {
@@ -635,7 +645,9 @@ fn real_main() -> Res<()> {
     };
     if cmd == Some("one") {
         let r = one(&cx, &rest);
-        let _ = std::fs::remove_dir_all(&work);
+        if !keep {
+            let _ = std::fs::remove_dir_all(&work);
+        }
         return r;
     }
     let t0 = Instant::now();

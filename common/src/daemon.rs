@@ -360,13 +360,9 @@ async fn run<A: App>(
 
 async fn quit<A: App>(daemon: &Arc<Daemon>, app: &A) -> i32 {
     let _ = daemon.run_tx.send(RunState::Quit);
-    let deadline = Instant::now() + QUIT_WAIT;
-    while !(daemon.main.is_drained() && daemon.admin.is_drained()) {
-        if Instant::now() > deadline {
-            error!("Make forcefull daemon shutdown");
-            return 1;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    if !servers_drained(daemon, QUIT_WAIT).await {
+        error!("Make forcefull daemon shutdown");
+        return 1;
     }
     app.shutdown().await;
     0
@@ -529,9 +525,9 @@ pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
     if fd < 0 {
         return Err(io::Error::from_raw_os_error(libc::EBADF));
     }
-    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD)?;
+    // Fails with EBADF when the fd is not open.
     restart::set_cloexec(fd)?;
-    // SAFETY: the fd is open (F_GETFD succeeded) and was handed to this image through
+    // SAFETY: the fd is open (F_SETFD succeeded) and was handed to this image through
     // the state document, which names each fd once; nothing else in this process owns
     // it, so it is ours to own and close.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -557,13 +553,21 @@ fn server_state(
     }
 }
 
+/// Waits until every listener and client task of both servers has ended.
+async fn servers_drained(daemon: &Daemon, within: Duration) -> bool {
+    let both = async {
+        daemon.main.drained().await;
+        daemon.admin.drained().await;
+    };
+    tokio::time::timeout(within, both).await.is_ok()
+}
+
 /// SIGUSR1: park everything, write the state, exec ourselves. Returns only if the exec
 /// failed, after restoring the daemon from the same state.
 async fn reexec<A: App>(daemon: &Arc<Daemon>, app: &A) {
     let _ = daemon.run_tx.send(RunState::Handoff);
-    let deadline = Instant::now() + HANDOFF_WAIT;
-    while !(daemon.main.is_drained() && daemon.admin.is_drained()) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(2)).await;
+    if !servers_drained(daemon, HANDOFF_WAIT).await {
+        warn!("some clients did not park in time; handing off the rest");
     }
     let mut keep: Vec<RawFd> = Vec::new();
     let mut servers = Vec::new();

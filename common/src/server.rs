@@ -307,6 +307,21 @@ impl Server {
         self.nclients() == 0 && self.services_live.load(Ordering::Acquire) == 0
     }
 
+    /// Returns once [`Self::is_drained`]: woken by each task as it ends, not by polling
+    /// (a re-exec's downtime starts here).
+    pub async fn drained(&self) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the check, so an end between the two is not missed.
+            changed.as_mut().enable();
+            if self.is_drained() {
+                return;
+            }
+            changed.await;
+        }
+    }
+
     pub fn take_handed_off(&self) -> (Vec<HandedOffService>, Vec<HandedOffClient>) {
         // Services are re-added (with their info) when they are restored.
         if let Ok(mut v) = self.service_infos.lock() {

@@ -15,17 +15,6 @@ use vh_common::paths::{DaemonKind, Mode};
 use vh_common::restart::{DaemonState, LogFileState, LogHandlerState, LogdState};
 use vh_common::server::{ClientHooks, NoHooks, Program, RunState};
 
-fn set_blocking(fd: &std::os::fd::OwnedFd) -> nix::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    use std::os::fd::AsRawFd;
-    let fl = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?;
-    fcntl(
-        fd.as_raw_fd(),
-        FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) & !OFlag::O_NONBLOCK),
-    )?;
-    Ok(())
-}
-
 pub struct LogDaemon {
     pub handler: Arc<LogHandler>,
     mode: Mode,
@@ -34,14 +23,22 @@ pub struct LogDaemon {
 impl App for LogDaemon {
     const KIND: DaemonKind = DaemonKind::Logd;
 
-    fn new(config: &DaemonConfig, mode: Mode, _run: watch::Receiver<RunState>) -> Self {
-        LogDaemon {
-            handler: LogHandler::new(Limits {
-                max_size: config.max_size,
-                max_backups: config.max_backups,
-            }),
-            mode,
-        }
+    fn new(config: &DaemonConfig, mode: Mode, mut run: watch::Receiver<RunState>) -> Self {
+        let handler = LogHandler::new(Limits {
+            max_size: config.max_size,
+            max_backups: config.max_backups,
+        });
+        // The pump's stop is started the moment a re-exec begins, in parallel with the
+        // servers parking their clients, rather than at `handoff`.
+        let h = handler.clone();
+        tokio::spawn(async move {
+            while run.changed().await.is_ok() {
+                if *run.borrow() == RunState::Handoff {
+                    h.handoff_begins();
+                }
+            }
+        });
+        LogDaemon { handler, mode }
     }
 
     fn hooks(&self) -> Arc<dyn ClientHooks> {
@@ -76,12 +73,6 @@ impl App for LogDaemon {
         let files = logs
             .into_iter()
             .map(|l| {
-                // libvirt's pipes are blocking and its event handler reads once per
-                // wake-up: an EAGAIN there would close the log. Hand them over the way
-                // the C daemon made them; our restore sets O_NONBLOCK again.
-                if let Err(e) = set_blocking(&l.pipe) {
-                    warn!(path = %l.path.display(), "cannot make log pipe blocking: {e}");
-                }
                 let fd = l.pipe.into_raw_fd();
                 fds.push(fd);
                 LogFileState {
@@ -104,6 +95,7 @@ impl App for LogDaemon {
     /// The handler gave every file away at hand-off, so `in_place` changes nothing here.
     fn restore(&self, text: &str, _in_place: bool) -> Result<DaemonState, String> {
         let doc = LogdState::parse(text).map_err(|e| e.to_string())?;
+        let mut logs = Vec::with_capacity(doc.handler.files.len());
         for f in doc.handler.files {
             let pipe = match adopt_fd(f.pipefd) {
                 Ok(fd) => fd,
@@ -121,10 +113,12 @@ impl App for LogDaemon {
                     domuuid: *f.domuuid.as_bytes(),
                 },
             };
-            // One unopenable log loses only itself; 9.0 would fail the whole restart.
-            if let Err(e) = self.handler.restore(log) {
-                warn!(path = %f.path, "cannot restore log: {e}");
-            }
+            logs.push(log);
+        }
+        // One unopenable log loses only itself (the pump reports it); 9.0 would fail the
+        // whole restart.
+        if let Err(e) = self.handler.restore(logs) {
+            warn!("cannot restore logs: {e}");
         }
         Ok(doc.daemon)
     }

@@ -61,9 +61,13 @@ pub struct LogOwner {
 pub(crate) struct LogFile {
     pub(crate) path: PathBuf,
     owner: LogOwner,
-    /// Our (non-blocking) read end.
+    /// Our read end (non-blocking once the writer is open).
     pub(crate) pipe: OwnedFd,
-    writer: Mutex<RotatingFileWriter>,
+    /// `None` for a log restored across re-exec that nobody has touched yet: the file is
+    /// reopened (and the pipe made non-blocking) on first use, under this lock, so the
+    /// new image serves before it has opened a thousand files.
+    writer: Mutex<Option<RotatingFileWriter>>,
+    limits: Limits,
     closed: AtomicBool,
     /// Bytes read from the pipe that could not be written (disk full, I/O error).
     /// Changed only under the writer lock.
@@ -81,35 +85,66 @@ pub(crate) enum Pumped {
 }
 
 impl LogFile {
+    /// Runs `f` on the writer under the file lock, reopening the file first if this log
+    /// came across a re-exec and has not been touched since. Every read of the pipe goes
+    /// through here, so none can meet a still-blocking pipe.
+    fn with_writer<R>(&self, f: impl FnOnce(&mut RotatingFileWriter) -> R) -> io::Result<R> {
+        let mut slot = self
+            .writer
+            .lock()
+            .map_err(|_| io::Error::other("log file lock poisoned"))?;
+        if slot.is_none() {
+            set_nonblocking(&self.pipe)?;
+            let backups = usize::try_from(self.limits.max_backups).unwrap_or(usize::MAX);
+            let w = RotatingFileWriter::open(
+                self.path.clone(),
+                self.limits.max_size,
+                backups,
+                false,
+                LOG_MODE,
+            )
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("Unable to open file: {}: {e}", shown(&self.path)),
+                )
+            })?;
+            *slot = Some(w);
+        }
+        slot.as_mut()
+            .map(f)
+            .ok_or_else(|| io::Error::other("log writer missing"))
+    }
+
     /// Moves up to `max_reads` reads from the pipe into the file, under the file lock.
     /// Also returns how many bytes it moved.
     pub(crate) fn pump(&self, max_reads: usize) -> (Pumped, usize) {
-        match self.writer.lock() {
-            Ok(mut w) => self.pump_locked(&mut w, max_reads),
-            Err(_) => (Pumped::Done(None), 0),
-        }
+        self.with_writer(|w| self.pump_locked(w, max_reads))
+            .unwrap_or_else(|e| (Pumped::Done(Some(e)), 0))
     }
 
     /// The pump thread's pass over a busy pipe: bulk data goes by splice(2) while the
     /// file has room; the bytes around a rollover, and everything after a failure (a
     /// full disk included, so the loss accounting stays in one place), by read.
     pub(crate) fn pump_spliced(&self, max_calls: usize) -> (Pumped, usize) {
-        let Ok(mut w) = self.writer.lock() else {
-            return (Pumped::Done(None), 0);
-        };
+        self.with_writer(|w| self.pump_spliced_locked(w, max_calls))
+            .unwrap_or_else(|e| (Pumped::Done(Some(e)), 0))
+    }
+
+    fn pump_spliced_locked(&self, w: &mut RotatingFileWriter, max_calls: usize) -> (Pumped, usize) {
         if self.dropped.load(Ordering::Relaxed) == 0 {
             match w.splice_batch(self.pipe.as_fd(), max_calls, SPLICE_MAX) {
                 Ok((SpliceStop::Empty, n)) => return (Pumped::Empty, n),
                 Ok((SpliceStop::Eof, n)) => return (Pumped::Done(None), n),
                 Ok((SpliceStop::Budget, n)) => return (Pumped::More, n),
                 Ok((SpliceStop::Rollover, n)) => {
-                    let (p, m) = self.pump_locked(&mut w, max_calls);
+                    let (p, m) = self.pump_locked(w, max_calls);
                     return (p, n + m);
                 }
                 Err(e) => debug!(path = %self.path.display(), "splice: {e}; reading instead"),
             }
         }
-        self.pump_locked(&mut w, max_calls)
+        self.pump_locked(w, max_calls)
     }
 
     fn pump_locked(&self, w: &mut RotatingFileWriter, max_reads: usize) -> (Pumped, usize) {
@@ -257,12 +292,12 @@ impl LogHandler {
         let mut out: Vec<LogFileInfo> = files
             .iter()
             .filter_map(|f| {
-                let w = f.writer.lock().ok()?;
+                let (inode, offset) = f.with_writer(|w| (w.inode(), w.position())).ok()?;
                 Some(LogFileInfo {
                     path: f.path.clone(),
                     owner: f.owner.clone(),
-                    inode: w.inode(),
-                    offset: w.position(),
+                    inode,
+                    offset,
                 })
             })
             .collect();
@@ -308,7 +343,7 @@ impl LogHandler {
         set_nonblocking(&rd).map_err(|e| {
             RpcError::system(domain::LOGGING, errno_of(&e), "Cannot set O_NONBLOCK")
         })?;
-        self.install(rd, path, owner, writer).map_err(|e| {
+        self.install(rd, path, owner, Some(writer)).map_err(|e| {
             RpcError::system(domain::LOGGING, errno_of(&e), "Cannot watch log pipe")
         })?;
         Ok((inode, offset, wr))
@@ -320,13 +355,14 @@ impl LogHandler {
         rd: OwnedFd,
         path: PathBuf,
         owner: LogOwner,
-        writer: RotatingFileWriter,
+        writer: Option<RotatingFileWriter>,
     ) -> io::Result<()> {
         let file = Arc::new(LogFile {
             path: path.clone(),
             owner,
             pipe: rd,
             writer: Mutex::new(writer),
+            limits: self.limits,
             closed: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
         });
@@ -370,12 +406,11 @@ impl LogHandler {
                 format!("No open log file {}", shown(&path)),
             )
         })?;
-        let mut w = file
-            .writer
-            .lock()
-            .map_err(|_| RpcError::internal(domain::LOGGING, "log file lock poisoned"))?;
-        file.drain_locked(&mut w);
-        Ok((w.inode(), w.position()))
+        file.with_writer(|w| {
+            file.drain_locked(w);
+            (w.inode(), w.position())
+        })
+        .map_err(|e| RpcError::system(domain::LOGGING, errno_of(&e), e.to_string()))
     }
 
     /// DOMAIN_READ_LOG_FILE (flags and maxlen already checked by the caller).
@@ -390,9 +425,8 @@ impl LogHandler {
         let backups = self.check_backups()?;
         // What QEMU has written must be readable, even if the pump has not come by yet.
         if let Some(file) = self.lookup(&path) {
-            if let Ok(mut w) = file.writer.lock() {
-                file.drain_locked(&mut w);
-            }
+            // A failure here is the pump's to report; the read goes on regardless.
+            let _ = file.with_writer(|w| file.drain_locked(w));
         }
         let mut r = RotatingFileReader::open(path.clone(), backups).map_err(|e| {
             RpcError::system(
@@ -439,13 +473,14 @@ impl LogHandler {
             )
         };
         if let Some(file) = self.lookup(&path) {
-            let mut w = file
-                .writer
-                .lock()
-                .map_err(|_| RpcError::internal(domain::LOGGING, "log file lock poisoned"))?;
             // Output QEMU wrote before this call goes first.
-            file.drain_locked(&mut w);
-            return w.append(msg).map_err(write_err);
+            return file
+                .with_writer(|w| {
+                    file.drain_locked(w);
+                    w.append(msg)
+                })
+                .and_then(|r| r)
+                .map_err(write_err);
         }
         let backups = self.check_backups()?;
         let mut w =
@@ -470,17 +505,42 @@ impl LogHandler {
             .map(|mut f| f.drain().map(|(_, v)| v).collect())
             .unwrap_or_default();
         let mut out = Vec::with_capacity(files.len());
+        let mut writers = Vec::with_capacity(files.len());
         for f in files {
             match Arc::try_unwrap(f) {
-                Ok(f) => out.push(HandedOffLog {
-                    pipe: f.pipe,
-                    path: f.path,
-                    owner: f.owner,
-                }),
+                Ok(f) => {
+                    // libvirt's pipes are blocking and its event handler reads once per
+                    // wake-up: hand them over the way the C daemon makes them, in case
+                    // the next image is one. Ours sets O_NONBLOCK again on first use.
+                    if let Err(e) = set_blocking(&f.pipe) {
+                        warn!(path = %f.path.display(), "cannot make log pipe blocking: {e}");
+                    }
+                    writers.push(f.writer);
+                    out.push(HandedOffLog {
+                        pipe: f.pipe,
+                        path: f.path,
+                        owner: f.owner,
+                    })
+                }
                 Err(f) => error!(path = %f.path.display(), "log still in use at hand-off"),
             }
         }
+        // Closing a thousand log files takes a millisecond or two; do it beside the rest
+        // of the hand-off. Whatever is still open at exec is closed by the kernel (the
+        // files are close-on-exec), and the next image reopens them by path.
+        if std::thread::Builder::new()
+            .name("log-close".into())
+            .spawn(move || drop(writers))
+            .is_err()
+        {
+            debug!("closing log files inline");
+        }
         out
+    }
+
+    /// A re-exec has begun: the pump stops while the servers park their clients.
+    pub fn handoff_begins(&self) {
+        self.pump.request_stop();
     }
 
     /// Clean stop: what QEMU already wrote reaches the files, then the pump ends.
@@ -488,32 +548,52 @@ impl LogHandler {
         self.pump.stop(true);
     }
 
-    /// Adopts a pipe inherited across re-exec: reopens the file by path (no truncate)
-    /// and resumes pumping. A file that cannot be reopened loses only itself.
-    pub fn restore(self: &Arc<Self>, log: HandedOffLog) -> Result<(), String> {
-        let backups = self.check_backups().map_err(|e| e.to_string())?;
-        let writer = RotatingFileWriter::open(
-            log.path.clone(),
-            self.limits.max_size,
-            backups,
-            false,
-            LOG_MODE,
-        )
-        .map_err(|e| format!("Unable to open file: {}: {e}", shown(&log.path)))?;
-        vh_common::restart::set_cloexec(log.pipe.as_raw_fd()).map_err(|e| e.to_string())?;
-        set_nonblocking(&log.pipe).map_err(|e| e.to_string())?;
-        self.install(log.pipe, log.path, log.owner, writer)
-            .map_err(|e| e.to_string())
+    /// Adopts the pipes inherited across re-exec and resumes pumping. Each file is
+    /// reopened by path (no truncate) on first use: its first data, an RPC on it, or an
+    /// operator listing. A log whose file cannot be reopened then loses only itself.
+    pub fn restore(self: &Arc<Self>, logs: Vec<HandedOffLog>) -> Result<(), String> {
+        self.check_backups().map_err(|e| e.to_string())?;
+        let mut files = Vec::with_capacity(logs.len());
+        {
+            let mut table = self
+                .files
+                .lock()
+                .map_err(|_| "log table poisoned".to_string())?;
+            table.reserve(logs.len());
+            for log in logs {
+                if table.contains_key(&log.path) {
+                    warn!(path = %log.path.display(), "log named twice in the re-exec state; keeping the first");
+                    continue;
+                }
+                let file = Arc::new(LogFile {
+                    path: log.path.clone(),
+                    owner: log.owner,
+                    pipe: log.pipe,
+                    writer: Mutex::new(None),
+                    limits: self.limits,
+                    closed: AtomicBool::new(false),
+                    dropped: AtomicU64::new(0),
+                });
+                table.insert(log.path, file.clone());
+                files.push(file);
+            }
+        }
+        self.pump.add_many(files).map_err(|e| e.to_string())
     }
 }
 
+/// Clears O_NONBLOCK with one syscall (see [`set_nonblocking`]).
+fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(OFlag::empty()))?;
+    Ok(())
+}
+
+/// Sets O_NONBLOCK with one syscall: F_SETFL only touches O_APPEND, O_ASYNC, O_DIRECT,
+/// O_NOATIME and O_NONBLOCK, and a log pipe's read end has none of the others.
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let fl = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?;
-    fcntl(
-        fd.as_raw_fd(),
-        FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) | OFlag::O_NONBLOCK),
-    )?;
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
     Ok(())
 }
 

@@ -54,12 +54,18 @@ const ENLARGE_BUDGET: usize = 32 << 20;
 /// Epoll token of the command eventfd; pipes use their slot index + 1.
 const WAKE_TOKEN: u64 = 0;
 const EVENTS_PER_WAIT: usize = 256;
+/// How long a stop waits for the thread to let go of the logs.
+const STOP_WAIT: Duration = Duration::from_secs(5);
 
 enum Cmd {
     Add(Arc<LogFile>),
+    /// Logs restored across re-exec: their files are opened here, not before serving.
+    Restore(Vec<Arc<LogFile>>),
     /// Ends the thread; `drain` first moves whatever the pipes hold into the files.
+    /// `done` is signalled once the thread holds no log any more.
     Stop {
         drain: bool,
+        done: Sender<()>,
     },
 }
 
@@ -67,6 +73,8 @@ struct Running {
     tx: Sender<Cmd>,
     wake: Arc<EventFd>,
     thread: JoinHandle<()>,
+    /// Set once a stop was sent ahead of [`Pump::stop`]: its acknowledgement.
+    stopping: Option<Receiver<()>>,
 }
 
 /// Handle on the pump thread. The thread starts with the first log and can be stopped
@@ -99,6 +107,16 @@ impl Pump {
         })
     }
 
+    /// Starts pumping the pipes of logs restored across re-exec (one wake-up for all).
+    pub(crate) fn add_many(&self, files: Vec<Arc<LogFile>>) -> io::Result<()> {
+        self.with_running(|r| {
+            r.tx.send(Cmd::Restore(files))
+                .map_err(|_| io::Error::other("log pump gone"))?;
+            r.wake.write(1)?;
+            Ok(())
+        })
+    }
+
     fn with_running(&self, f: impl FnOnce(&Running) -> io::Result<()>) -> io::Result<()> {
         let mut running = self
             .running
@@ -117,18 +135,42 @@ impl Pump {
         }
     }
 
-    /// Stops the thread and waits for it; with `drain`, everything already in the pipes
-    /// reaches the files first. The thread drops its references to the files, so after
-    /// this the handler holds the only ones.
-    pub(crate) fn stop(&self, drain: bool) {
-        let Some(r) = self.running.lock().ok().and_then(|mut r| r.take()) else {
+    /// Tells the thread to stop pumping (for a re-exec) without waiting: the hand-off
+    /// of everything else goes on meanwhile, and [`Self::stop`] collects the answer.
+    pub(crate) fn request_stop(&self) {
+        let Ok(mut running) = self.running.lock() else {
             return;
         };
-        if r.tx.send(Cmd::Stop { drain }).is_ok() {
-            let _ = r.wake.write(1);
+        if let Some(r) = running.as_mut().filter(|r| r.stopping.is_none()) {
+            r.stopping = Some(send_stop(r, false));
         }
-        if r.thread.join().is_err() {
-            error!("log pump thread panicked");
+    }
+
+    /// Stops the thread and waits for it; with `drain`, everything already in the pipes
+    /// reaches the files first (unless a stop without drain was already requested). The
+    /// thread drops its references to the files, so after this the handler holds the
+    /// only ones.
+    pub(crate) fn stop(&self, drain: bool) {
+        let Some(mut r) = self.running.lock().ok().and_then(|mut r| r.take()) else {
+            return;
+        };
+        let stopped = match r.stopping.take() {
+            Some(rx) => rx,
+            None => send_stop(&r, drain),
+        };
+        // Not a join: the thread's own exit (stack unmapping and so on) need not delay a
+        // re-exec. A pump stuck in a write (a hung filesystem) is left behind; the logs
+        // it holds are then not handed over.
+        match stopped.recv_timeout(STOP_WAIT) {
+            Ok(()) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                error!("log pump did not stop within {STOP_WAIT:?}")
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                if r.thread.join().is_err() {
+                    error!("log pump thread panicked");
+                }
+            }
         }
     }
 
@@ -147,14 +189,28 @@ impl Pump {
             let handler = self.handler.clone();
             move || Thread::new(epoll, wake, rx, handler).run()
         })?;
-        Ok(Running { tx, wake, thread })
+        Ok(Running {
+            tx,
+            wake,
+            thread,
+            stopping: None,
+        })
     }
+}
+
+/// Queues a stop; the receiver gets the thread's acknowledgement.
+fn send_stop(r: &Running, drain: bool) -> Receiver<()> {
+    let (done, stopped) = mpsc::channel();
+    if r.tx.send(Cmd::Stop { drain, done }).is_ok() {
+        let _ = r.wake.write(1);
+    }
+    stopped
 }
 
 /// One pipe in the thread's table.
 struct Slot {
     file: Arc<LogFile>,
-    /// Current capacity of the pipe, bytes.
+    /// Current capacity of the pipe, bytes; 0 until first serviced.
     capacity: usize,
     /// The kernel refused to enlarge this pipe; do not ask again.
     fixed: bool,
@@ -193,9 +249,13 @@ impl Thread {
         let mut events = vec![EpollEvent::empty(); EVENTS_PER_WAIT];
         let mut more_waiting = false;
         loop {
-            if let Some(drain) = self.commands() {
+            if let Some((drain, done)) = self.commands() {
                 if drain {
                     self.drain_all();
+                }
+                self.slots.clear();
+                if let Some(done) = done {
+                    let _ = done.send(());
                 }
                 return;
             }
@@ -245,6 +305,11 @@ impl Thread {
         let Some(slot) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
             return (0, 0.0, false);
         };
+        if slot.capacity == 0 {
+            // A pipe enlarged by the previous image counts against the budget here too.
+            slot.capacity = pipe_capacity(&slot.file);
+            self.enlarged += slot.capacity.saturating_sub(DEFAULT_PIPE);
+        }
         // A pipe that gave a lot last time is read by splice(2); small amounts are
         // cheaper by plain read + write.
         let (outcome, bytes) = if slot.bulk {
@@ -276,21 +341,24 @@ impl Thread {
         }
     }
 
-    /// Applies queued commands. Returns `Some(drain)` when told to stop.
-    fn commands(&mut self) -> Option<bool> {
+    /// Applies queued commands. Returns `Some((drain, ack))` when told to stop.
+    fn commands(&mut self) -> Option<(bool, Option<Sender<()>>)> {
         loop {
             match self.rx.try_recv() {
                 Ok(Cmd::Add(file)) => self.insert(file),
-                Ok(Cmd::Stop { drain }) => return Some(drain),
+                // Restored logs open their files on first use (first data, an RPC or
+                // the operator listing): right after a re-exec the daemon serves
+                // rather than opening a thousand files, and idle logs cost nothing.
+                Ok(Cmd::Restore(files)) => files.into_iter().for_each(|f| self.insert(f)),
+                Ok(Cmd::Stop { drain, done }) => return Some((drain, Some(done))),
                 Err(TryRecvError::Empty) => return None,
                 // The handle is gone (handler dropped): nothing left to serve.
-                Err(TryRecvError::Disconnected) => return Some(false),
+                Err(TryRecvError::Disconnected) => return Some((false, None)),
             }
         }
     }
 
     fn insert(&mut self, file: Arc<LogFile>) {
-        let capacity = pipe_capacity(&file);
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -312,7 +380,7 @@ impl Thread {
         }
         self.slots[idx] = Some(Slot {
             file,
-            capacity,
+            capacity: 0,
             fixed: false,
             bulk: false,
         });
