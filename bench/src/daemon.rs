@@ -171,6 +171,17 @@ impl Daemon {
         Ok(fs::read_dir(format!("/proc/{}/fd", self.pid))?.count())
     }
 
+    /// Open pipe fds (the logs' read ends, for virtlogd).
+    pub fn npipes(&self) -> Res<usize> {
+        let mut n = 0;
+        for e in fs::read_dir(format!("/proc/{}/fd", self.pid))? {
+            if fs::read_link(e?.path()).is_ok_and(|t| t.to_string_lossy().starts_with("pipe:")) {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Changes on every exec (ASLR'd auxv entries), never otherwise.
     pub fn exec_fingerprint(&self) -> io::Result<Vec<u8>> {
         fs::read(format!("/proc/{}/auxv", self.pid))

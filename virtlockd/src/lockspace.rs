@@ -427,15 +427,27 @@ impl LockSpace {
         let path = self.resource_path(name);
         let is_held = |id: FileId| self.holds_file(id) || held_elsewhere(id);
 
-        // Never open a file we already hold under another name (module docs).
-        if FileId::of_path(&path).is_some_and(is_held) {
-            return Err(busy(name));
-        }
-
-        let (fd, file_id) = if flags & ACQUIRE_AUTOCREATE != 0 {
-            open_create_and_lock(name, &path, shared, &is_held)?
+        // The usual AUTOCREATE case, a lease file that does not exist yet: creating it
+        // exclusively proves it is no file we hold (those stay open, so their inodes
+        // live on), which saves the alias check's stat.
+        let created = if flags & ACQUIRE_AUTOCREATE != 0 {
+            create_new_and_lock(name, &path, shared)?
         } else {
-            open_and_lock(name, &path, shared, &is_held)?
+            None
+        };
+        let (fd, file_id) = match created {
+            Some(locked) => locked,
+            None => {
+                // Never open a file we already hold under another name (module docs).
+                if FileId::of_path(&path).is_some_and(is_held) {
+                    return Err(busy(name));
+                }
+                if flags & ACQUIRE_AUTOCREATE != 0 {
+                    open_create_and_lock(name, &path, shared, &is_held)?
+                } else {
+                    open_and_lock(name, &path, shared, &is_held)?
+                }
+            }
         };
 
         tracing::debug!(name, path = %path.display(), owner, flags, "acquired resource");
@@ -662,6 +674,41 @@ fn open_and_lock(
     }
     set_lock(file.as_raw_fd(), shared).map_err(|e| lock_error(name, path, e))?;
     Ok((file.into(), id))
+}
+
+/// AUTOCREATE's fast path: create the file exclusively (O_EXCL), lock it, and check the
+/// path still names it. `None` when the file already exists, or vanished or was replaced
+/// before the check: the general path below then deals with it.
+fn create_new_and_lock(
+    name: &str,
+    path: &Path,
+    shared: bool,
+) -> Result<Option<(OwnedFd, FileId)>, RpcError> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(None),
+        Err(e) => {
+            return Err(RpcError::system(
+                domain::LOCKSPACE,
+                errno_of(&e),
+                format_args!("Unable to open/create resource {}", path.display()),
+            ))
+        }
+    };
+    let id = FileId::of(&file.metadata().map_err(|e| fstat_error(path, &e))?);
+    set_lock(file.as_raw_fd(), shared).map_err(|e| lock_error(name, path, e))?;
+    if FileId::of_path(path) == Some(id) {
+        return Ok(Some((file.into(), id)));
+    }
+    // Unlinked or replaced between create and lock; `file` is ours alone, closing it
+    // drops nothing anyone holds.
+    Ok(None)
 }
 
 /// §2.3 with AUTOCREATE: open/create, lock, then make sure the path still names the file we
