@@ -36,6 +36,8 @@ pub const READ_MAX: u64 = 4_194_304;
 const LOG_MODE: u32 = 0o600;
 /// One pipe read: two default pipe buffers.
 const READ_BUF: usize = 128 * 1024;
+/// Reads one drain may make: twice the largest pipe we make (1 MiB) in 128 KiB reads.
+pub(crate) const DRAIN_READS: usize = 16;
 /// Most one splice(2) moves: a whole enlarged pipe.
 const SPLICE_MAX: usize = 1 << 20;
 
@@ -175,10 +177,12 @@ impl LogFile {
         (outcome, moved)
     }
 
-    /// Moves everything the pipe holds into the file (before an RPC looks at the file).
-    /// EOF or a read error is left for the pump thread to act on.
+    /// Moves what the pipe holds into the file (before an RPC looks at the file). EOF or
+    /// a read error is left for the pump thread to act on. Bounded: a pipe holds at most
+    /// 1 MiB, so this takes everything written before the call, yet a guest that keeps
+    /// writing cannot hold the RPC (and the file lock) forever.
     fn drain_locked(&self, w: &mut RotatingFileWriter) {
-        while let (Pumped::More, _) = self.pump_locked(w, usize::MAX) {}
+        self.pump_locked(w, DRAIN_READS);
     }
 }
 

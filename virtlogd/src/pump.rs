@@ -20,7 +20,7 @@
 //! and bounded by [`MAX_COALESCE`]. An isolated line is handled at once: the sleep comes
 //! after a round, never before it.
 
-use crate::handler::{LogFile, LogHandler, Pumped};
+use crate::handler::{LogFile, LogHandler, Pumped, DRAIN_READS};
 use nix::errno::Errno;
 use nix::poll::{ppoll, PollFd, PollFlags};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -59,7 +59,8 @@ const STOP_WAIT: Duration = Duration::from_secs(5);
 
 enum Cmd {
     Add(Arc<LogFile>),
-    /// Logs restored across re-exec: their files are opened here, not before serving.
+    /// Logs restored across re-exec (one command for all); each opens its file on
+    /// first use.
     Restore(Vec<Arc<LogFile>>),
     /// Ends the thread; `drain` first moves whatever the pipes hold into the files.
     /// `done` is signalled once the thread holds no log any more.
@@ -77,8 +78,8 @@ struct Running {
     stopping: Option<Receiver<()>>,
 }
 
-/// Handle on the pump thread. The thread starts with the first log and can be stopped
-/// and started again (a failed re-exec restores the logs into the same process).
+/// Handle on the pump thread. The thread starts with the handler and can be stopped and
+/// started again (a failed re-exec restores the logs into the same process).
 pub(crate) struct Pump {
     running: Mutex<Option<Running>>,
     handler: Weak<LogHandler>,
@@ -458,10 +459,10 @@ impl Thread {
         }
     }
 
-    /// Quit: every byte already written by QEMU reaches its file before we exit.
+    /// Quit: what QEMU wrote before the stop reaches its file (bounded, as for RPCs).
     fn drain_all(&mut self) {
         for slot in self.slots.iter().flatten() {
-            while let (Pumped::More, _) = slot.file.pump(usize::MAX) {}
+            slot.file.pump(DRAIN_READS);
         }
     }
 }
