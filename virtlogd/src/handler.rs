@@ -684,8 +684,9 @@ mod tests {
             sent.extend_from_slice(format!("line {i:08} of the flood test\n").as_bytes());
         }
         let data = sent.clone();
-        let writer = std::thread::spawn(move || w.write_all(&data));
-        tokio::task::spawn_blocking(move || writer.join())
+        // The writer end comes back open: at EOF the log would close before we ask.
+        let writer = std::thread::spawn(move || w.write_all(&data).map(|()| w));
+        let _w = tokio::task::spawn_blocking(move || writer.join())
             .await
             .unwrap()
             .unwrap()
