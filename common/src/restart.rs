@@ -273,22 +273,13 @@ fn parse_text(text: &str) -> Result<Value> {
     serde_json::from_str(text).map_err(|e| RestartError::Parse(e.to_string()))
 }
 
-fn pretty(value: &Value) -> String {
-    // `{:#}` is serde_json's pretty printer (two-space indent); it cannot fail.
-    format!("{value:#}\n")
-}
-
 /// libvirt's layout (two-space pretty printing, final newline), written straight from
 /// the typed document.
-fn pretty_doc<T: Serialize>(doc: &T, fallback: impl FnOnce() -> Value) -> String {
-    match serde_json::to_string_pretty(doc) {
-        Ok(mut s) => {
-            s.push('\n');
-            s
-        }
-        // Cannot happen (every map key is a string); the slow path gives the same text.
-        Err(_) => pretty(&fallback()),
-    }
+fn pretty_doc<T: Serialize>(doc: &T) -> String {
+    // Cannot fail: every map key is a string and every value a plain JSON type.
+    let mut s = serde_json::to_string_pretty(doc).unwrap_or_default();
+    s.push('\n');
+    s
 }
 
 /// Serialize/Deserialize through `serde_json::Value`, using the hand-written rules.
@@ -921,17 +912,9 @@ impl LogFileState {
         })
     }
 
+    /// The document as a `Value` (same keys and order as the text; via `Serialize`).
     pub fn to_value(&self) -> Value {
-        let mut m = Map::new();
-        m.insert("pipefd".into(), self.pipefd.into());
-        m.insert("path".into(), self.path.clone().into());
-        m.insert("driver".into(), self.driver.clone().into());
-        m.insert("domname".into(), self.domname.clone().into());
-        m.insert(
-            "domuuid".into(),
-            self.domuuid.hyphenated().to_string().into(),
-        );
-        Value::Object(m)
+        serde_json::to_value(self).unwrap_or(Value::Null)
     }
 }
 
@@ -980,13 +963,9 @@ impl LogHandlerState {
         Ok(LogHandlerState { files })
     }
 
+    /// The document as a `Value` (same keys and order as the text; via `Serialize`).
     pub fn to_value(&self) -> Value {
-        let mut m = Map::new();
-        m.insert(
-            "files".into(),
-            Value::Array(self.files.iter().map(LogFileState::to_value).collect()),
-        );
-        Value::Object(m)
+        serde_json::to_value(self).unwrap_or(Value::Null)
     }
 }
 
@@ -1048,18 +1027,9 @@ impl ResourceState {
         })
     }
 
+    /// The document as a `Value` (same keys and order as the text; via `Serialize`).
     pub fn to_value(&self) -> Value {
-        let mut m = Map::new();
-        m.insert("name".into(), self.name.clone().into());
-        m.insert("path".into(), self.path.clone().into());
-        m.insert("fd".into(), self.fd.into());
-        m.insert("lockHeld".into(), self.lock_held.into());
-        m.insert("flags".into(), self.flags.into());
-        m.insert(
-            "owners".into(),
-            Value::Array(self.owners.iter().map(|&p| p.into()).collect()),
-        );
-        Value::Object(m)
+        serde_json::to_value(self).unwrap_or(Value::Null)
     }
 }
 
@@ -1115,16 +1085,9 @@ impl LockspaceState {
         })
     }
 
+    /// The document as a `Value` (same keys and order as the text; via `Serialize`).
     pub fn to_value(&self) -> Value {
-        let mut m = Map::new();
-        if let Some(dir) = &self.directory {
-            m.insert("directory".into(), dir.clone().into());
-        }
-        m.insert(
-            "resources".into(),
-            Value::Array(self.resources.iter().map(ResourceState::to_value).collect()),
-        );
-        Value::Object(m)
+        serde_json::to_value(self).unwrap_or(Value::Null)
     }
 }
 
@@ -1232,17 +1195,14 @@ impl LogdState {
         })
     }
 
+    /// The document as a `Value` (same keys and order as the text; via `Serialize`).
     pub fn to_value(&self) -> Value {
-        let mut m = Map::new();
-        m.insert("daemon".into(), self.daemon.to_value());
-        m.insert("magic".into(), self.magic.clone().into());
-        m.insert("handler".into(), self.handler.to_value());
-        Value::Object(m)
+        serde_json::to_value(self).unwrap_or(Value::Null)
     }
 
     /// The document as libvirt writes it: pretty-printed, keys in libvirt's order.
     pub fn to_json_string(&self) -> String {
-        pretty_doc(self, || self.to_value())
+        pretty_doc(self)
     }
 
     /// Every descriptor that must survive the exec: sockets and log pipe read ends.
@@ -1335,26 +1295,14 @@ impl LockdState {
         })
     }
 
+    /// The document as a `Value` (same keys and order as the text; via `Serialize`).
     pub fn to_value(&self) -> Value {
-        let mut m = Map::new();
-        m.insert("daemon".into(), self.daemon.to_value());
-        m.insert("defaultLockspace".into(), self.default_lockspace.to_value());
-        m.insert(
-            "lockspaces".into(),
-            Value::Array(
-                self.lockspaces
-                    .iter()
-                    .map(LockspaceState::to_value)
-                    .collect(),
-            ),
-        );
-        m.insert("magic".into(), self.magic.clone().into());
-        Value::Object(m)
+        serde_json::to_value(self).unwrap_or(Value::Null)
     }
 
     /// The document as libvirt writes it: pretty-printed, keys in libvirt's order.
     pub fn to_json_string(&self) -> String {
-        pretty_doc(self, || self.to_value())
+        pretty_doc(self)
     }
 
     /// Every descriptor that must survive the exec: sockets and locked resource files.
