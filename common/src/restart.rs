@@ -298,9 +298,25 @@ macro_rules! serde_via_value {
     };
 }
 
-/// Deserialize through `serde_json::Value`. The types whose lists grow with what the
-/// daemon holds (log files, resources) serialize directly instead: building a `Value`
-/// per entry would cost a millisecond per thousand entries of re-exec downtime.
+/// For the types whose lists grow with what the daemon holds (log files, resources):
+/// they implement `Serialize` directly (building a `Value` per entry would cost a
+/// millisecond per thousand entries of re-exec downtime); `to_value` goes through it and
+/// Deserialize through `Value`.
+macro_rules! serialized_directly {
+    ($ty:ty) => {
+        impl $ty {
+            /// The document as a `Value` (same keys and order as the text).
+            pub fn to_value(&self) -> Value {
+                // Cannot fail: every map key is a string.
+                serde_json::to_value(self).unwrap_or(Value::Null)
+            }
+        }
+
+        deserialize_via_value!($ty);
+    };
+}
+
+/// Deserialize through `serde_json::Value`, using the hand-written rules.
 macro_rules! deserialize_via_value {
     ($ty:ty) => {
         impl<'de> Deserialize<'de> for $ty {
@@ -911,11 +927,6 @@ impl LogFileState {
             domuuid,
         })
     }
-
-    /// The document as a `Value` (same keys and order as the text; via `Serialize`).
-    pub fn to_value(&self) -> Value {
-        serde_json::to_value(self).unwrap_or(Value::Null)
-    }
 }
 
 impl Serialize for LogFileState {
@@ -935,7 +946,7 @@ impl Serialize for LogFileState {
     }
 }
 
-deserialize_via_value!(LogFileState);
+serialized_directly!(LogFileState);
 
 /// virtlogd's `handler`: the open log files.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -962,11 +973,6 @@ impl LogHandlerState {
             .collect::<Result<Vec<_>>>()?;
         Ok(LogHandlerState { files })
     }
-
-    /// The document as a `Value` (same keys and order as the text; via `Serialize`).
-    pub fn to_value(&self) -> Value {
-        serde_json::to_value(self).unwrap_or(Value::Null)
-    }
 }
 
 impl Serialize for LogHandlerState {
@@ -978,7 +984,7 @@ impl Serialize for LogHandlerState {
     }
 }
 
-deserialize_via_value!(LogHandlerState);
+serialized_directly!(LogHandlerState);
 
 // ---------------------------------------------------------------------------------------
 // virtlockd: lockspaces
@@ -1026,11 +1032,6 @@ impl ResourceState {
             owners,
         })
     }
-
-    /// The document as a `Value` (same keys and order as the text; via `Serialize`).
-    pub fn to_value(&self) -> Value {
-        serde_json::to_value(self).unwrap_or(Value::Null)
-    }
 }
 
 impl Serialize for ResourceState {
@@ -1047,7 +1048,7 @@ impl Serialize for ResourceState {
     }
 }
 
-deserialize_via_value!(ResourceState);
+serialized_directly!(ResourceState);
 
 /// One lockspace: the default one (no directory) or a directory lockspace.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -1084,11 +1085,6 @@ impl LockspaceState {
             resources,
         })
     }
-
-    /// The document as a `Value` (same keys and order as the text; via `Serialize`).
-    pub fn to_value(&self) -> Value {
-        serde_json::to_value(self).unwrap_or(Value::Null)
-    }
 }
 
 impl Serialize for LockspaceState {
@@ -1103,7 +1099,7 @@ impl Serialize for LockspaceState {
     }
 }
 
-deserialize_via_value!(LockspaceState);
+serialized_directly!(LockspaceState);
 
 // ---------------------------------------------------------------------------------------
 // Top-level documents
@@ -1195,11 +1191,6 @@ impl LogdState {
         })
     }
 
-    /// The document as a `Value` (same keys and order as the text; via `Serialize`).
-    pub fn to_value(&self) -> Value {
-        serde_json::to_value(self).unwrap_or(Value::Null)
-    }
-
     /// The document as libvirt writes it: pretty-printed, keys in libvirt's order.
     pub fn to_json_string(&self) -> String {
         pretty_doc(self)
@@ -1224,7 +1215,7 @@ impl Serialize for LogdState {
     }
 }
 
-deserialize_via_value!(LogdState);
+serialized_directly!(LogdState);
 
 /// virtlockd's whole state document: `{ daemon, defaultLockspace, lockspaces, magic }`.
 #[derive(Debug, Clone, PartialEq)]
@@ -1295,11 +1286,6 @@ impl LockdState {
         })
     }
 
-    /// The document as a `Value` (same keys and order as the text; via `Serialize`).
-    pub fn to_value(&self) -> Value {
-        serde_json::to_value(self).unwrap_or(Value::Null)
-    }
-
     /// The document as libvirt writes it: pretty-printed, keys in libvirt's order.
     pub fn to_json_string(&self) -> String {
         pretty_doc(self)
@@ -1327,7 +1313,7 @@ impl Serialize for LockdState {
     }
 }
 
-deserialize_via_value!(LockdState);
+serialized_directly!(LockdState);
 
 // ---------------------------------------------------------------------------------------
 // Files and descriptors

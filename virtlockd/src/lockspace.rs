@@ -693,13 +693,7 @@ fn create_new_and_lock(
     {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(None),
-        Err(e) => {
-            return Err(RpcError::system(
-                domain::LOCKSPACE,
-                errno_of(&e),
-                format_args!("Unable to open/create resource {}", path.display()),
-            ))
-        }
+        Err(e) => return Err(create_error(path, errno_of(&e))),
     };
     let id = FileId::of(&file.metadata().map_err(|e| fstat_error(path, &e))?);
     set_lock(file.as_raw_fd(), shared).map_err(|e| lock_error(name, path, e))?;
@@ -727,13 +721,7 @@ fn open_create_and_lock(
             .truncate(false)
             .mode(0o600)
             .open(path)
-            .map_err(|e| {
-                RpcError::system(
-                    domain::LOCKSPACE,
-                    errno_of(&e),
-                    format_args!("Unable to open/create resource {}", path.display()),
-                )
-            })?;
+            .map_err(|e| create_error(path, errno_of(&e)))?;
         let id = FileId::of(&file.metadata().map_err(|e| fstat_error(path, &e))?);
         if is_held(id) {
             leak_fd(file, path);
@@ -747,11 +735,16 @@ fn open_create_and_lock(
         }
         // `file` is closed here; it is not a held resource (checked above).
     }
-    Err(RpcError::system(
+    Err(create_error(path, libc::EAGAIN))
+}
+
+/// 9.0's error for an AUTOCREATE open that failed.
+fn create_error(path: &Path, errno: i32) -> RpcError {
+    RpcError::system(
         domain::LOCKSPACE,
-        libc::EAGAIN,
+        errno,
         format_args!("Unable to open/create resource {}", path.display()),
-    ))
+    )
 }
 
 /// The daemon's lockspaces: the default one (key `""`) and directory lockspaces keyed by the
