@@ -108,16 +108,24 @@ pub trait App: Send + Sync + Sized + 'static {
     fn admin_programs(&self, daemon: &Arc<Daemon>) -> Vec<Arc<dyn Program>>;
     /// Whether something held should keep an idle daemon alive (`--timeout`).
     fn inhibits_shutdown(&self) -> bool;
-    /// After every server handed off: the full state document, as JSON text.
+    /// After every server handed off: the full state document, as JSON text, and the
+    /// fds it names that are still close-on-exec (fds the app keeps inheritable all
+    /// along need not be listed).
     fn handoff(
         &self,
         daemon: DaemonState,
         magic: String,
     ) -> impl Future<Output = (String, Vec<RawFd>)> + Send;
+    /// The whole state document, parsed.
+    type State: Send + 'static;
+    /// Parses a state document.
+    fn parse_state(text: &str) -> Result<Self::State, String>;
+    /// The document's `magic` (see [`restart::restart_magic`]).
+    fn state_magic(state: &Self::State) -> &str;
     /// Restores the daemon-specific part of a document; returns its generic part.
     /// `in_place` is true after a failed exec: whatever `handoff` did not move out of
     /// the app is still live and must not be adopted a second time.
-    fn restore(&self, text: &str, in_place: bool) -> Result<DaemonState, String>;
+    fn restore(&self, state: Self::State, in_place: bool) -> Result<DaemonState, String>;
     /// Clean stop: release what a stop releases.
     fn shutdown(&self) -> impl Future<Output = ()> + Send;
 }
@@ -184,16 +192,9 @@ pub fn main<A: App>() -> i32 {
         error!("Unable to create rundir {}: {e}", paths.run_dir.display());
         return exit::RUNDIR;
     }
-    let my_pid = std::process::id();
-    let state = match restart::take_state_file(&paths.state_file, my_pid) {
+    let state = match take_state::<A>(&paths.state_file) {
         Ok(s) => s,
-        Err(e) => {
-            error!(
-                "cannot read re-exec state {}: {e}",
-                paths.state_file.display()
-            );
-            return exit::INIT;
-        }
+        Err(code) => return code,
     };
     // Daemonize only on a fresh start: after re-exec we already are the daemon.
     let mut status_pipe = None;
@@ -234,6 +235,44 @@ pub fn main<A: App>() -> i32 {
     code
 }
 
+/// Consumes the re-exec state file: the parsed state if it is meant for this process;
+/// `None` without a file or for a stale one (a fresh start); the exit code, once logged,
+/// for a document that cannot be restored. The document is parsed once, and its magic
+/// checked on the result (with thousands of logs or leases every pass over the text is
+/// downtime).
+fn take_state<A: App>(path: &Path) -> Result<Option<A::State>, i32> {
+    let text = match restart::read_state_file(path) {
+        Ok(Some(t)) => t,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            error!("cannot read re-exec state {}: {e}", path.display());
+            return Err(exit::INIT);
+        }
+    };
+    let parsed = A::parse_state(&text);
+    let my_pid = std::process::id();
+    // A document the parse refused is still only a stale file if its magic is another
+    // process's (what libvirt checks first).
+    let meant = match &parsed {
+        Ok(state) => restart::magic_matches(Some(A::state_magic(state)), my_pid),
+        Err(_) => {
+            restart::scan_magic(&text).and_then(|m| restart::magic_matches(m.as_deref(), my_pid))
+        }
+    };
+    match (meant, parsed) {
+        (Err(e), _) => {
+            error!("cannot read re-exec state {}: {e}", path.display());
+            Err(exit::INIT)
+        }
+        (Ok(false), _) => Ok(None),
+        (Ok(true), Ok(state)) => Ok(Some(state)),
+        (Ok(true), Err(why)) => {
+            error!("cannot restore re-exec state: {why}");
+            Err(exit::INIT)
+        }
+    }
+}
+
 fn report_status(pipe: &mut Option<OwnedFd>, code: u8) {
     if let Some(fd) = pipe.take() {
         let _ = nix::unistd::write(&fd, &[code]);
@@ -246,7 +285,7 @@ async fn run<A: App>(
     paths: DaemonPaths,
     config: DaemonConfig,
     log: LogHandle,
-    state: Option<String>,
+    state: Option<A::State>,
     mut status_pipe: Option<OwnedFd>,
 ) -> i32 {
     let (run_tx, run_rx) = watch::channel(RunState::Running);
@@ -309,8 +348,9 @@ async fn run<A: App>(
     for p in app.admin_programs(&daemon) {
         daemon.admin.add_program(p);
     }
-    let setup = match &state {
-        Some(text) => restore::<A>(&daemon, &app, text, false),
+    let restarted = state.is_some();
+    let setup = match state {
+        Some(state) => restore::<A>(&daemon, &app, state, false),
         None => listen(&daemon),
     };
     if let Err((code, why)) = setup {
@@ -318,7 +358,7 @@ async fn run<A: App>(
         report_status(&mut status_pipe, code as u8);
         return code;
     }
-    if state.is_some() {
+    if restarted {
         info!("restarted in place from the re-exec state");
     }
     report_status(&mut status_pipe, 0);
@@ -464,11 +504,11 @@ pub fn bind_socket(path: &Path) -> io::Result<OwnedFd> {
 fn restore<A: App>(
     daemon: &Arc<Daemon>,
     app: &A,
-    text: &str,
+    state: A::State,
     in_place: bool,
 ) -> Result<(), (i32, String)> {
     let state = app
-        .restore(text, in_place)
+        .restore(state, in_place)
         .map_err(|e| (exit::INIT, format!("cannot restore re-exec state: {e}")))?;
     for (name, srv) in &state.servers {
         let Some(server) = daemon.server(name) else {
@@ -531,6 +571,49 @@ pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
     // the state document, which names each fd once; nothing else in this process owns
     // it, so it is ours to own and close.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Takes ownership of inherited fds that are to stay inheritable (an app that keeps
+/// them so all along, as virtlogd does its log pipes). One poll(2) tells which are
+/// open, rather than a syscall per fd; an fd named twice is refused the second time.
+pub fn adopt_inheritable_fds(fds: &[RawFd]) -> Vec<io::Result<OwnedFd>> {
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: 0,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `polled` is an exclusively borrowed array of exactly `polled.len()`
+    // pollfd structs, which poll(2) only writes the `revents` of; a zero timeout
+    // never blocks.
+    let n = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, 0) };
+    let open = |p: &libc::pollfd| {
+        if n >= 0 {
+            p.revents & libc::POLLNVAL == 0
+        } else {
+            // More fds than RLIMIT_NOFILE (EINVAL) or no memory: ask one by one.
+            nix::fcntl::fcntl(p.fd, nix::fcntl::FcntlArg::F_GETFD).is_ok()
+        }
+    };
+    let mut seen = std::collections::HashSet::with_capacity(fds.len());
+    polled
+        .iter()
+        .map(|p| {
+            // poll(2) skips negative fds without a word.
+            if p.fd < 0 || !open(p) {
+                return Err(io::Error::from_raw_os_error(libc::EBADF));
+            }
+            if !seen.insert(p.fd) {
+                return Err(io::Error::other(format!("fd {} named twice", p.fd)));
+            }
+            // SAFETY: the fd is open (poll did not flag it POLLNVAL), was handed to
+            // this image through the state document, and this call adopts each number
+            // once; nothing else in this process owns it.
+            Ok(unsafe { OwnedFd::from_raw_fd(p.fd) })
+        })
+        .collect()
 }
 
 fn server_state(
@@ -626,7 +709,10 @@ async fn reexec<A: App>(daemon: &Arc<Daemon>, app: &A) {
     error!("Unable to restart self: {err}; staying up with all state");
     let _ = std::fs::remove_file(&daemon.paths.state_file);
     let _ = daemon.run_tx.send(RunState::Running);
-    if let Err((_, why)) = restore::<A>(daemon, app, &text, true) {
+    let restored = A::parse_state(&text)
+        .map_err(|e| (exit::INIT, format!("cannot parse the state it wrote: {e}")))
+        .and_then(|state| restore::<A>(daemon, app, state, true));
+    if let Err((_, why)) = restored {
         error!("restoring after a failed exec: {why}");
     }
 }

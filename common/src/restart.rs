@@ -1377,17 +1377,10 @@ fn unlink_quietly(path: &Path) {
     }
 }
 
-/// Consumes the state file at start-up.
-///
-/// * no file: `Ok(None)` (normal start);
-/// * otherwise the file is read (at most [`STATE_FILE_MAX_LEN`] bytes) and unlinked at
-///   once, whatever the outcome;
-/// * a read error, an oversized file, invalid JSON or a missing `magic` is an error;
-/// * a `magic` other than `my_pid` is a stale file: a warning is logged and `Ok(None)`
-///   returned (normal start);
-/// * otherwise the document's text is returned for [`LogdState::parse`] /
-///   [`LockdState::parse`].
-pub fn take_state_file(path: &Path, my_pid: u32) -> Result<Option<String>> {
+/// Reads and removes the state file; `None` if there is none. Whether it is meant for
+/// this process (its magic) is for the caller to check on the parsed document (see
+/// [`magic_matches`]), so the document is read once.
+pub fn read_state_file(path: &Path) -> Result<Option<String>> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -1416,19 +1409,14 @@ pub fn take_state_file(path: &Path, my_pid: u32) -> Result<Option<String>> {
     }
     let text = String::from_utf8(bytes)
         .map_err(|e| RestartError::Parse(format!("state file is not UTF-8: {e}")))?;
-    // Only the magic is needed here: a typed scan that skips everything else, rather
-    // than a second full parse of a document that can hold thousands of entries.
-    #[derive(Deserialize)]
-    struct MagicOnly {
-        magic: Option<Value>,
-    }
-    let doc: MagicOnly =
-        serde_json::from_str(&text).map_err(|e| RestartError::Parse(e.to_string()))?;
-    let got = doc
-        .magic
-        .as_ref()
-        .and_then(Value::as_str)
-        .ok_or(RestartError::MissingMagic)?;
+    Ok(Some(text))
+}
+
+/// Whether a document's magic (`None`: it has none) is the one this process wants. A
+/// stale file, another pid's (a crash between writing it and exec, say), is ignored
+/// with libvirt's warning: the daemon then starts afresh.
+pub fn magic_matches(got: Option<&str>, my_pid: u32) -> Result<bool> {
+    let got = got.ok_or(RestartError::MissingMagic)?;
     let want = restart_magic(my_pid);
     if got != want {
         tracing::warn!(
@@ -1436,9 +1424,45 @@ pub fn take_state_file(path: &Path, my_pid: u32) -> Result<Option<String>> {
             got,
             want
         );
-        return Ok(None);
+        return Ok(false);
     }
-    Ok(Some(text))
+    Ok(true)
+}
+
+/// The magic of a document, by a typed scan that skips everything else. For documents
+/// the full parse refused: a stale file is ignored whatever else is wrong with it.
+pub fn scan_magic(text: &str) -> Result<Option<String>> {
+    #[derive(Deserialize)]
+    struct MagicOnly {
+        magic: Option<Value>,
+    }
+    let doc: MagicOnly =
+        serde_json::from_str(text).map_err(|e| RestartError::Parse(e.to_string()))?;
+    Ok(doc
+        .magic
+        .as_ref()
+        .and_then(Value::as_str)
+        .map(str::to_owned))
+}
+
+/// Consumes the state file in one step ([`read_state_file`], then [`scan_magic`]):
+///
+/// * no file: `Ok(None)` (normal start);
+/// * otherwise the file is read (at most [`STATE_FILE_MAX_LEN`] bytes) and unlinked at
+///   once, whatever the outcome;
+/// * a read error, an oversized file, invalid JSON or a missing `magic` is an error;
+/// * a `magic` other than `my_pid` is a stale file: a warning is logged and `Ok(None)`
+///   returned (normal start);
+/// * otherwise the document's text is returned.
+///
+/// The daemon itself reads the file and checks the magic of the parsed document
+/// instead, so that the document is parsed once (see `daemon::main`).
+pub fn take_state_file(path: &Path, my_pid: u32) -> Result<Option<String>> {
+    let Some(text) = read_state_file(path)? else {
+        return Ok(None);
+    };
+    let magic = scan_magic(&text)?;
+    Ok(magic_matches(magic.as_deref(), my_pid)?.then_some(text))
 }
 
 fn update_cloexec(fd: RawFd, on: bool) -> io::Result<()> {

@@ -136,8 +136,17 @@ impl App for LockDaemonApp {
         (doc.to_json_string(), fds)
     }
 
-    fn restore(&self, text: &str, in_place: bool) -> Result<DaemonState, String> {
-        let doc = LockdState::parse(text).map_err(|e| e.to_string())?;
+    type State = LockdState;
+
+    fn parse_state(text: &str) -> Result<LockdState, String> {
+        LockdState::parse(text).map_err(|e| e.to_string())
+    }
+
+    fn state_magic(state: &LockdState) -> &str {
+        &state.magic
+    }
+
+    fn restore(&self, doc: LockdState, in_place: bool) -> Result<DaemonState, String> {
         let mut spaces = self.daemon.spaces().map_err(|e| e.to_string())?;
         if in_place {
             // The exec failed: the lockspaces never left; just close their fds on exec

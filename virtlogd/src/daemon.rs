@@ -3,14 +3,14 @@
 
 use crate::handler::{HandedOffLog, Limits, LogHandler, LogOwner};
 use crate::program::LogProgram;
-use std::os::fd::{IntoRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::warn;
 use uuid::Uuid;
 use vh_common::config::DaemonConfig;
-use vh_common::daemon::{adopt_fd, App, Daemon};
+use vh_common::daemon::{adopt_inheritable_fds, App, Daemon};
 use vh_common::paths::{DaemonKind, Mode};
 use vh_common::restart::{DaemonState, LogFileState, LogHandlerState, LogdState};
 use vh_common::server::{ClientHooks, NoHooks, Program, RunState};
@@ -65,23 +65,15 @@ impl App for LogDaemon {
     }
 
     async fn handoff(&self, daemon: DaemonState, magic: String) -> (String, Vec<RawFd>) {
-        let handler = self.handler.clone();
-        let logs = tokio::task::spawn_blocking(move || handler.handoff())
-            .await
-            .unwrap_or_default();
-        let mut fds = Vec::with_capacity(logs.len());
-        let files = logs
-            .into_iter()
-            .map(|l| {
-                let fd = l.pipe.into_raw_fd();
-                fds.push(fd);
-                LogFileState {
-                    pipefd: fd,
-                    path: l.path.to_string_lossy().into_owned(),
-                    driver: l.owner.driver,
-                    domname: l.owner.domname,
-                    domuuid: Uuid::from_bytes(l.owner.domuuid),
-                }
+        let handoff = self.handler.begin_handoff().await;
+        let files = handoff
+            .logs()
+            .map(|l| LogFileState {
+                pipefd: l.pipe,
+                path: l.path.to_string_lossy().into_owned(),
+                driver: l.owner.driver.clone(),
+                domname: l.owner.domname.clone(),
+                domuuid: Uuid::from_bytes(l.owner.domuuid),
             })
             .collect();
         let doc = LogdState {
@@ -89,31 +81,46 @@ impl App for LogDaemon {
             magic,
             handler: LogHandlerState { files },
         };
-        (doc.to_json_string(), fds)
+        // Written while the pump thread takes the files out of the logs and closes them.
+        let text = doc.to_json_string();
+        handoff.finish().await;
+        // Log pipes are never close-on-exec (see `LogFile::pipe`): no fds to clear.
+        (text, Vec::new())
+    }
+
+    type State = LogdState;
+
+    fn parse_state(text: &str) -> Result<LogdState, String> {
+        LogdState::parse(text).map_err(|e| e.to_string())
+    }
+
+    fn state_magic(state: &LogdState) -> &str {
+        &state.magic
     }
 
     /// The handler gave every file away at hand-off, so `in_place` changes nothing here.
-    fn restore(&self, text: &str, _in_place: bool) -> Result<DaemonState, String> {
-        let doc = LogdState::parse(text).map_err(|e| e.to_string())?;
-        let mut logs = Vec::with_capacity(doc.handler.files.len());
-        for f in doc.handler.files {
-            let pipe = match adopt_fd(f.pipefd) {
+    fn restore(&self, doc: LogdState, _in_place: bool) -> Result<DaemonState, String> {
+        // Log pipes arrive inheritable and stay so (see `LogFile::pipe`).
+        let fds: Vec<RawFd> = doc.handler.files.iter().map(|f| f.pipefd).collect();
+        let polled = adopt_inheritable_fds(&fds);
+        let mut logs = Vec::with_capacity(fds.len());
+        for (f, pipe) in doc.handler.files.into_iter().zip(polled) {
+            let pipe = match pipe {
                 Ok(fd) => fd,
                 Err(e) => {
                     warn!(path = %f.path, "inherited log pipe {}: {e}", f.pipefd);
                     continue;
                 }
             };
-            let log = HandedOffLog {
+            logs.push(HandedOffLog {
                 pipe,
-                path: PathBuf::from(&f.path),
+                path: PathBuf::from(f.path),
                 owner: LogOwner {
                     driver: f.driver,
                     domname: f.domname,
                     domuuid: *f.domuuid.as_bytes(),
                 },
-            };
-            logs.push(log);
+            });
         }
         // One unopenable log loses only itself (the pump reports it); 9.0 would fail the
         // whole restart.

@@ -14,13 +14,13 @@
 //! can never reorder data, and a re-exec hand-off finds every byte either in the file or
 //! still in the pipe.
 
-use crate::pump::Pump;
+use crate::pump::{HandoffAcks, Pump};
 use crate::rotating_file::{RotatingFileReader, RotatingFileWriter, SpliceStop, PIPE_CHUNK};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -63,14 +63,20 @@ pub struct LogOwner {
 pub(crate) struct LogFile {
     pub(crate) path: PathBuf,
     owner: LogOwner,
-    /// Our read end (non-blocking once the writer is open).
+    /// Our read end, blocking (see [`Self::read_pipe`]). It is never close-on-exec
+    /// while the log is in the table: the only program virtlogd ever executes is its
+    /// own next image, which must inherit it, and a thousand logs would otherwise cost
+    /// two thousand syscalls of re-exec downtime (clearing the flag before exec,
+    /// setting it after).
     pub(crate) pipe: OwnedFd,
     /// `None` for a log restored across re-exec that nobody has touched yet: the file is
-    /// reopened (and the pipe made non-blocking) on first use, under this lock, so the
-    /// new image serves before it has opened a thousand files.
+    /// reopened on first use, under this lock, so the new image serves before it has
+    /// opened a thousand files.
     writer: Mutex<Option<RotatingFileWriter>>,
     limits: Limits,
     closed: AtomicBool,
+    /// The pipe had to be made O_NONBLOCK (a kernel without RWF_NOWAIT for pipes).
+    nonblocking: AtomicBool,
     /// Bytes read from the pipe that could not be written (disk full, I/O error).
     /// Changed only under the writer lock.
     dropped: AtomicU64,
@@ -88,15 +94,13 @@ pub(crate) enum Pumped {
 
 impl LogFile {
     /// Runs `f` on the writer under the file lock, reopening the file first if this log
-    /// came across a re-exec and has not been touched since. Every read of the pipe goes
-    /// through here, so none can meet a still-blocking pipe.
+    /// came across a re-exec and has not been touched since.
     fn with_writer<R>(&self, f: impl FnOnce(&mut RotatingFileWriter) -> R) -> io::Result<R> {
         let mut slot = self
             .writer
             .lock()
             .map_err(|_| io::Error::other("log file lock poisoned"))?;
         if slot.is_none() {
-            set_nonblocking(&self.pipe)?;
             let backups = usize::try_from(self.limits.max_backups).unwrap_or(usize::MAX);
             let w = RotatingFileWriter::open(
                 self.path.clone(),
@@ -116,6 +120,48 @@ impl LogFile {
         slot.as_mut()
             .map(f)
             .ok_or_else(|| io::Error::other("log writer missing"))
+    }
+
+    /// Re-exec (on the pump thread): takes the file out, for the caller to close. The
+    /// pipe is handed over blocking, as libvirt's pipes are (its event handler reads
+    /// once per wake-up, and the next image may be the C daemon); it already is,
+    /// unless this kernel made us fall back to O_NONBLOCK (see [`Self::read_pipe`]).
+    pub(crate) fn release_for_handoff(&self) -> Option<RotatingFileWriter> {
+        let mut slot = self.writer.lock().ok()?;
+        if self.nonblocking.swap(false, Ordering::Relaxed) {
+            if let Err(e) = set_blocking(&self.pipe) {
+                warn!(path = %self.path.display(), "cannot make log pipe blocking: {e}");
+            }
+        }
+        slot.take()
+    }
+
+    /// One read of the pipe that never waits. The pipe itself stays blocking (as
+    /// libvirt makes it, so a re-exec hands it over untouched): the read asks for
+    /// RWF_NOWAIT instead, which pipes honour since Linux 5.x. A kernel that refuses
+    /// it gets O_NONBLOCK on this pipe once (the hand-off then clears it again).
+    fn read_pipe(&self, buf: &mut [u8]) -> nix::Result<usize> {
+        use nix::errno::Errno;
+        let fd = self.pipe.as_raw_fd();
+        if !self.nonblocking.load(Ordering::Relaxed) {
+            let iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            // SAFETY: `iov` describes `buf`, which is exclusively borrowed and valid for
+            // writes of `buf.len()` bytes for the whole call; offset -1 means "no
+            // offset" (a pipe has none).
+            let n = unsafe { libc::preadv2(fd, &iov, 1, -1, libc::RWF_NOWAIT) };
+            match Errno::result(n) {
+                Ok(n) => return Ok(n as usize),
+                Err(Errno::EOPNOTSUPP | Errno::EINVAL | Errno::ENOSYS) => {
+                    set_nonblocking(&self.pipe).map_err(|_| Errno::last())?;
+                    self.nonblocking.store(true, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        nix::unistd::read(fd, buf)
     }
 
     /// Moves up to `max_reads` reads from the pipe into the file, under the file lock.
@@ -154,7 +200,7 @@ impl LogFile {
         let outcome = READ_BUFFER.with(|b| {
             let mut buf = b.borrow_mut();
             for _ in 0..max_reads {
-                match nix::unistd::read(self.pipe.as_raw_fd(), &mut buf[..]) {
+                match self.read_pipe(&mut buf[..]) {
                     Ok(0) => return Pumped::Done(None),
                     Ok(n) => {
                         moved += n;
@@ -233,7 +279,53 @@ pub struct LogFileInfo {
 pub struct LogHandler {
     limits: Limits,
     files: Mutex<HashMap<PathBuf, Arc<LogFile>>>,
+    /// Set (under the table lock) once a re-exec took the table: a straggling open
+    /// must not add a log the state document no longer names.
+    handed_off: AtomicBool,
     pump: Pump,
+}
+
+/// A re-exec's logs, taken out of the table (see [`LogHandler::begin_handoff`]).
+pub struct Handoff {
+    logs: Vec<Arc<LogFile>>,
+    acks: Option<HandoffAcks>,
+}
+
+/// What the state document records of one handed-off log.
+pub struct HandedOffView<'a> {
+    pub pipe: RawFd,
+    pub path: &'a Path,
+    pub owner: &'a LogOwner,
+}
+
+/// How long a re-exec waits for each step of the pump's hand-off.
+const HANDOFF_STEP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Handoff {
+    pub fn logs(&self) -> impl Iterator<Item = HandedOffView<'_>> {
+        self.logs.iter().map(|f| HandedOffView {
+            pipe: f.pipe.as_raw_fd(),
+            path: &f.path,
+            owner: &f.owner,
+        })
+    }
+
+    /// Waits until the pump has let go of the logs, then
+    /// gives up ownership of every pipe: they stay open for the next image (or for the
+    /// restore after a failed exec, which adopts them from the document again).
+    pub async fn finish(self) {
+        if let Some(acks) = self.acks {
+            let prepared = tokio::time::timeout(HANDOFF_STEP_WAIT, acks.prepared).await;
+            if !matches!(prepared, Ok(Ok(()))) {
+                error!("the log pump did not hand off in time");
+            }
+        }
+        // The pipes must stay open, for the next image or for the restore after a
+        // failed exec (which adopts them again from the document). Forgetting the logs
+        // does that without a pass over them: a successful exec discards the memory
+        // with the address space; a failed one (rare) leaks a few hundred bytes a log.
+        std::mem::forget(self.logs);
+    }
 }
 
 fn path_of(bytes: &[u8]) -> PathBuf {
@@ -250,6 +342,7 @@ impl LogHandler {
         let h = Arc::new_cyclic(|me| LogHandler {
             limits,
             files: Mutex::new(HashMap::new()),
+            handed_off: AtomicBool::new(false),
             pump: Pump::new(me.clone()),
         });
         // Now rather than at the first log, so the daemon's fds are steady from start-up;
@@ -343,10 +436,6 @@ impl LogHandler {
             )
         })?;
         let (inode, offset) = (writer.inode(), writer.position());
-        // Only our end is non-blocking; QEMU's end stays blocking, as with libvirt.
-        set_nonblocking(&rd).map_err(|e| {
-            RpcError::system(domain::LOGGING, errno_of(&e), "Cannot set O_NONBLOCK")
-        })?;
         self.install(rd, path, owner, Some(writer)).map_err(|e| {
             RpcError::system(domain::LOGGING, errno_of(&e), "Cannot watch log pipe")
         })?;
@@ -368,6 +457,7 @@ impl LogHandler {
             writer: Mutex::new(writer),
             limits: self.limits,
             closed: AtomicBool::new(false),
+            nonblocking: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
         });
         {
@@ -378,6 +468,12 @@ impl LogHandler {
             if files.contains_key(&path) {
                 return Err(io::Error::from_raw_os_error(libc::EBUSY));
             }
+            if self.handed_off.load(Ordering::Acquire) {
+                return Err(io::Error::other("the daemon is re-executing"));
+            }
+            // Inheritable only once in the table (see `LogFile::pipe`), so the state
+            // document names every pipe that can reach the next image.
+            vh_common::restart::clear_cloexec(file.pipe.as_raw_fd())?;
             files.insert(path, file.clone());
         }
         if let Err(e) = self.pump.add(file.clone()) {
@@ -499,52 +595,37 @@ impl LogHandler {
         w.append(msg).map_err(write_err)
     }
 
-    /// Re-exec: stops the pump, then gives back each file's pipe without closing
-    /// anything. Whatever is still in a pipe stays there for the next image.
-    pub fn handoff(&self) -> Vec<HandedOffLog> {
-        self.pump.stop(false);
-        let files: Vec<Arc<LogFile>> = self
-            .files
-            .lock()
-            .map(|mut f| f.drain().map(|(_, v)| v).collect())
-            .unwrap_or_default();
-        let mut out = Vec::with_capacity(files.len());
-        let mut writers = Vec::with_capacity(files.len());
-        for f in files {
-            match Arc::try_unwrap(f) {
-                Ok(f) => {
-                    // libvirt's pipes are blocking and its event handler reads once per
-                    // wake-up: hand them over the way the C daemon makes them, in case
-                    // the next image is one. Ours sets O_NONBLOCK again on first use.
-                    if let Err(e) = set_blocking(&f.pipe) {
-                        warn!(path = %f.path.display(), "cannot make log pipe blocking: {e}");
-                    }
-                    writers.push(f.writer);
-                    out.push(HandedOffLog {
-                        pipe: f.pipe,
-                        path: f.path,
-                        owner: f.owner,
-                    })
-                }
-                Err(f) => error!(path = %f.path.display(), "log still in use at hand-off"),
-            }
-        }
-        // Closing a thousand log files takes a millisecond or two; do it beside the rest
-        // of the hand-off. Whatever is still open at exec is closed by the kernel (the
-        // files are close-on-exec), and the next image reopens them by path.
-        if std::thread::Builder::new()
-            .name("log-close".into())
-            .spawn(move || drop(writers))
-            .is_err()
-        {
-            debug!("closing log files inline");
-        }
-        out
+    /// A re-exec has begun: the pump stops and prepares the hand-off while the
+    /// servers park their clients.
+    pub fn handoff_begins(&self) {
+        self.pump.request_handoff();
     }
 
-    /// A re-exec has begun: the pump stops while the servers park their clients.
-    pub fn handoff_begins(&self) {
-        self.pump.request_stop();
+    /// Re-exec, once the clients are parked: waits until the pump has stopped (so no
+    /// log closes any more), then takes every log out of the table. Nothing is closed;
+    /// whatever is still in a pipe stays there for the next image. The pump takes the
+    /// files out of the logs and closes them meanwhile; [`Handoff::finish`] waits for
+    /// the first half of that.
+    pub async fn begin_handoff(&self) -> Handoff {
+        let acks = self.pump.take_handoff();
+        let acks = match acks {
+            Some(mut a) => {
+                let stopped = tokio::time::timeout(HANDOFF_STEP_WAIT, &mut a.stopped).await;
+                if !matches!(stopped, Ok(Ok(()))) {
+                    error!("the log pump did not stop in time");
+                }
+                Some(a)
+            }
+            None => None,
+        };
+        let logs = match self.files.lock() {
+            Ok(mut f) => {
+                self.handed_off.store(true, Ordering::Release);
+                f.drain().map(|(_, v)| v).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        Handoff { logs, acks }
     }
 
     /// Clean stop: what QEMU already wrote reaches the files, then the pump ends.
@@ -552,7 +633,8 @@ impl LogHandler {
         self.pump.stop(true);
     }
 
-    /// Adopts the pipes inherited across re-exec and resumes pumping. Each file is
+    /// Adopts the pipes inherited across re-exec (they are inheritable, and stay so)
+    /// and resumes pumping. Each file is
     /// reopened by path (no truncate) on first use: its first data, an RPC on it, or an
     /// operator listing. A log whose file cannot be reopened then loses only itself.
     pub fn restore(self: &Arc<Self>, logs: Vec<HandedOffLog>) -> Result<(), String> {
@@ -563,6 +645,7 @@ impl LogHandler {
                 .files
                 .lock()
                 .map_err(|_| "log table poisoned".to_string())?;
+            self.handed_off.store(false, Ordering::Release);
             table.reserve(logs.len());
             for log in logs {
                 if table.contains_key(&log.path) {
@@ -576,6 +659,7 @@ impl LogHandler {
                     writer: Mutex::new(None),
                     limits: self.limits,
                     closed: AtomicBool::new(false),
+                    nonblocking: AtomicBool::new(false),
                     dropped: AtomicU64::new(0),
                 });
                 table.insert(log.path, file.clone());
@@ -664,6 +748,61 @@ mod tests {
             std::fs::read(&path).unwrap(),
             b"qemu says\nthen this\nlibvirt note\n"
         );
+    }
+
+    /// Our end of a log pipe is as libvirt makes it, blocking, and is inheritable (the
+    /// next image must get it); QEMU's end stays close-on-exec until it is sent. Reads
+    /// never wait all the same: a drain of an empty pipe returns at once.
+    #[tokio::test]
+    async fn pipes_are_blocking_and_inheritable_yet_reads_never_wait() {
+        use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.log");
+        let p = path.as_os_str().as_encoded_bytes();
+        let h = LogHandler::new(Limits {
+            max_size: 0,
+            max_backups: 0,
+        });
+        let (_, _, wr) = h.open(owner(), p, false).unwrap();
+        let rd = h.lookup(&path).unwrap().pipe.as_raw_fd();
+        let fl = OFlag::from_bits_truncate(fcntl(rd, FcntlArg::F_GETFL).unwrap());
+        assert!(!fl.contains(OFlag::O_NONBLOCK));
+        let fd = FdFlag::from_bits_truncate(fcntl(rd, FcntlArg::F_GETFD).unwrap());
+        assert!(!fd.contains(FdFlag::FD_CLOEXEC));
+        let fd = FdFlag::from_bits_truncate(fcntl(wr.as_raw_fd(), FcntlArg::F_GETFD).unwrap());
+        assert!(fd.contains(FdFlag::FD_CLOEXEC));
+        // Empty pipe, writer still open: a blocking read would hang here.
+        assert_eq!(h.position(p).unwrap().1, 0);
+        let mut w = std::fs::File::from(wr);
+        w.write_all(b"one line\n").unwrap();
+        assert_eq!(h.position(p).unwrap().1, 9);
+        assert_eq!(h.position(p).unwrap().1, 9);
+    }
+
+    /// Once a re-exec has taken the table, a straggling open is refused (its pipe
+    /// would reach the next image without the state document naming it); the logs
+    /// handed off are the ones open before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn open_after_handoff_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.log");
+        let b = dir.path().join("b.log");
+        let h = LogHandler::new(Limits {
+            max_size: 0,
+            max_backups: 0,
+        });
+        let (_, _, _wa) = h
+            .open(owner(), a.as_os_str().as_encoded_bytes(), false)
+            .unwrap();
+        h.handoff_begins();
+        let handoff = h.begin_handoff().await;
+        let paths: Vec<&Path> = handoff.logs().map(|l| l.path).collect();
+        assert_eq!(paths, [a.as_path()]);
+        assert!(h
+            .open(owner(), b.as_os_str().as_encoded_bytes(), false)
+            .is_err());
+        assert_eq!(h.nfiles(), 0);
+        handoff.finish().await;
     }
 
     /// A flood through one pipe (spliced once busy) arrives complete and in order, with

@@ -32,6 +32,7 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use tokio::sync::oneshot;
 use tracing::{debug, error, warn};
 
 /// Longest pause between rounds (the most a `tail -f` reader waits for a line).
@@ -68,14 +69,42 @@ enum Cmd {
         drain: bool,
         done: Sender<()>,
     },
+    /// Ends the thread for a re-exec (see [`HandoffAcks`]).
+    Handoff {
+        stopped: oneshot::Sender<()>,
+        prepared: oneshot::Sender<()>,
+    },
+}
+
+/// A re-exec's stop, done by the pump thread itself so that its per-log syscalls run
+/// beside the writing of the state document rather than before it.
+pub(crate) struct HandoffAcks {
+    /// The thread no longer pumps, so no log closes any more: the table is final.
+    pub(crate) stopped: oneshot::Receiver<()>,
+    /// No file is open in any log (each pipe is blocking again, see
+    /// [`LogFile::release_for_handoff`]) and the thread has let go of the logs. The
+    /// files themselves are closed after this.
+    pub(crate) prepared: oneshot::Receiver<()>,
+}
+
+/// Why the thread's loop ends.
+enum Ending {
+    Stop {
+        drain: bool,
+        done: Option<Sender<()>>,
+    },
+    Handoff {
+        stopped: oneshot::Sender<()>,
+        prepared: oneshot::Sender<()>,
+    },
 }
 
 struct Running {
     tx: Sender<Cmd>,
     wake: Arc<EventFd>,
     thread: JoinHandle<()>,
-    /// Set once a stop was sent ahead of [`Pump::stop`]: its acknowledgement.
-    stopping: Option<Receiver<()>>,
+    /// Set once a re-exec's stop was sent (see [`Pump::request_handoff`]).
+    handoff: Option<HandoffAcks>,
 }
 
 /// Handle on the pump thread. The thread starts with the handler and can be stopped and
@@ -136,32 +165,51 @@ impl Pump {
         }
     }
 
-    /// Tells the thread to stop pumping (for a re-exec) without waiting: the hand-off
-    /// of everything else goes on meanwhile, and [`Self::stop`] collects the answer.
-    pub(crate) fn request_stop(&self) {
+    /// A re-exec has begun: the thread stops and prepares the hand-off while the
+    /// servers park their clients; [`Self::take_handoff`] collects the answers.
+    pub(crate) fn request_handoff(&self) {
         let Ok(mut running) = self.running.lock() else {
             return;
         };
-        if let Some(r) = running.as_mut().filter(|r| r.stopping.is_none()) {
-            r.stopping = Some(send_stop(r, false));
+        if let Some(r) = running.as_mut().filter(|r| r.handoff.is_none()) {
+            r.handoff = Some(send_handoff(r));
         }
     }
 
+    /// The re-exec's hand-off: detaches the thread (a later `add` starts a new one, as
+    /// after a failed exec) and returns its acknowledgements; `None` if no thread ran.
+    pub(crate) fn take_handoff(&self) -> Option<HandoffAcks> {
+        let mut r = self.running.lock().ok().and_then(|mut r| r.take())?;
+        Some(match r.handoff.take() {
+            Some(acks) => acks,
+            None => send_handoff(&r),
+        })
+    }
+
     /// Stops the thread and waits for it; with `drain`, everything already in the pipes
-    /// reaches the files first (unless a stop without drain was already requested). The
-    /// thread drops its references to the files, so after this the handler holds the
-    /// only ones.
+    /// reaches the files first. The thread drops its references to the files, so after
+    /// this the handler holds the only ones.
     pub(crate) fn stop(&self, drain: bool) {
         let Some(mut r) = self.running.lock().ok().and_then(|mut r| r.take()) else {
             return;
         };
-        let stopped = match r.stopping.take() {
-            Some(rx) => rx,
-            None => send_stop(&r, drain),
-        };
-        // Not a join: the thread's own exit (stack unmapping and so on) need not delay a
-        // re-exec. A pump stuck in a write (a hung filesystem) is left behind; the logs
-        // it holds are then not handed over.
+        // Not a join: the thread's own exit (stack unmapping and so on) need not wait.
+        // A pump stuck in a write (a hung filesystem) is left behind; the logs it holds
+        // are then not drained.
+        let deadline = std::time::Instant::now() + STOP_WAIT;
+        if let Some(mut acks) = r.handoff.take() {
+            // A re-exec began and never handed off (cannot happen today): the thread
+            // ends by itself once the pipes are prepared.
+            while acks.prepared.try_recv() == Err(oneshot::error::TryRecvError::Empty) {
+                if std::time::Instant::now() > deadline {
+                    error!("log pump did not stop within {STOP_WAIT:?}");
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            return;
+        }
+        let stopped = send_stop(&r, drain);
         match stopped.recv_timeout(STOP_WAIT) {
             Ok(()) => {}
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -194,7 +242,7 @@ impl Pump {
             tx,
             wake,
             thread,
-            stopping: None,
+            handoff: None,
         })
     }
 }
@@ -206,6 +254,20 @@ fn send_stop(r: &Running, drain: bool) -> Receiver<()> {
         let _ = r.wake.write(1);
     }
     stopped
+}
+
+/// Queues a re-exec's stop.
+fn send_handoff(r: &Running) -> HandoffAcks {
+    let (stopped_tx, stopped) = oneshot::channel();
+    let (prepared_tx, prepared) = oneshot::channel();
+    let cmd = Cmd::Handoff {
+        stopped: stopped_tx,
+        prepared: prepared_tx,
+    };
+    if r.tx.send(cmd).is_ok() {
+        let _ = r.wake.write(1);
+    }
+    HandoffAcks { stopped, prepared }
 }
 
 /// One pipe in the thread's table.
@@ -250,15 +312,22 @@ impl Thread {
         let mut events = vec![EpollEvent::empty(); EVENTS_PER_WAIT];
         let mut more_waiting = false;
         loop {
-            if let Some((drain, done)) = self.commands() {
-                if drain {
-                    self.drain_all();
+            match self.commands() {
+                None => {}
+                Some(Ending::Stop { drain, done }) => {
+                    if drain {
+                        self.drain_all();
+                    }
+                    self.slots.clear();
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
+                    return;
                 }
-                self.slots.clear();
-                if let Some(done) = done {
-                    let _ = done.send(());
+                Some(Ending::Handoff { stopped, prepared }) => {
+                    let _ = stopped.send(());
+                    return self.hand_off(prepared);
                 }
-                return;
             }
             let timeout = if more_waiting {
                 EpollTimeout::ZERO
@@ -342,8 +411,8 @@ impl Thread {
         }
     }
 
-    /// Applies queued commands. Returns `Some((drain, ack))` when told to stop.
-    fn commands(&mut self) -> Option<(bool, Option<Sender<()>>)> {
+    /// Applies queued commands. Returns how the thread ends when told to.
+    fn commands(&mut self) -> Option<Ending> {
         loop {
             match self.rx.try_recv() {
                 Ok(Cmd::Add(file)) => self.insert(file),
@@ -351,10 +420,23 @@ impl Thread {
                 // the operator listing): right after a re-exec the daemon serves
                 // rather than opening a thousand files, and idle logs cost nothing.
                 Ok(Cmd::Restore(files)) => files.into_iter().for_each(|f| self.insert(f)),
-                Ok(Cmd::Stop { drain, done }) => return Some((drain, Some(done))),
+                Ok(Cmd::Stop { drain, done }) => {
+                    return Some(Ending::Stop {
+                        drain,
+                        done: Some(done),
+                    })
+                }
+                Ok(Cmd::Handoff { stopped, prepared }) => {
+                    return Some(Ending::Handoff { stopped, prepared })
+                }
                 Err(TryRecvError::Empty) => return None,
                 // The handle is gone (handler dropped): nothing left to serve.
-                Err(TryRecvError::Disconnected) => return Some((false, None)),
+                Err(TryRecvError::Disconnected) => {
+                    return Some(Ending::Stop {
+                        drain: false,
+                        done: None,
+                    })
+                }
             }
         }
     }
@@ -457,6 +539,18 @@ impl Thread {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => warn!("log pump: ppoll: {e}"),
         }
+    }
+
+    /// Re-exec: every file leaves its log (see [`LogFile::release_for_handoff`]); then
+    /// the logs are let go of, and the files are closed last, while the daemon writes
+    /// its state and execs.
+    fn hand_off(mut self, prepared: oneshot::Sender<()>) {
+        let mut files = Vec::with_capacity(self.slots.len());
+        for slot in self.slots.drain(..).flatten() {
+            files.extend(slot.file.release_for_handoff());
+        }
+        let _ = prepared.send(());
+        drop(files);
     }
 
     /// Quit: what QEMU wrote before the stop reaches its file (bounded, as for RPCs).
