@@ -1330,8 +1330,9 @@ fn tmp_path(path: &Path) -> PathBuf {
 /// libvirt opens the file itself with O_WRONLY|O_CREAT|O_TRUNC, mode 0700. We create
 /// `<path>.tmp` the same way (after removing a stale one, and exclusively, so a leftover
 /// file's mode or a planted symlink is never reused), write, fsync, and rename it over
-/// `path`, so a crash never leaves a half-written state file. The directory is synced
-/// afterwards (best effort).
+/// `path`, so a failed write never leaves a half-written state file. Nothing is
+/// fsynced: the only reader is this same process right after exec, through the page
+/// cache, and a machine crash ends the process whose fds the document describes.
 pub fn write_state_file(path: &Path, json: &str) -> io::Result<()> {
     let tmp = tmp_path(path);
     match fs::remove_file(&tmp) {
@@ -1347,20 +1348,12 @@ pub fn write_state_file(path: &Path, json: &str) -> io::Result<()> {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
         f.write_all(json.as_bytes())?;
-        f.sync_all()?;
         drop(f);
         fs::rename(&tmp, path)
     })();
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
         return Err(e);
-    }
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
     }
     Ok(())
 }
@@ -1392,7 +1385,12 @@ pub fn read_state_file(path: &Path) -> Result<Option<String>> {
             });
         }
     };
-    let mut bytes = Vec::new();
+    // Sized once from the file (`take` hides the size from read_to_end, which would
+    // otherwise grow the buffer by doubling through a document of a thousand entries).
+    let hint = file
+        .metadata()
+        .map_or(0, |m| m.len().min(STATE_FILE_MAX_LEN + 1));
+    let mut bytes = Vec::with_capacity(hint as usize + 1);
     let read = file.take(STATE_FILE_MAX_LEN + 1).read_to_end(&mut bytes);
     unlink_quietly(path);
     if let Err(e) = read {
