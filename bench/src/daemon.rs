@@ -196,7 +196,7 @@ impl Daemon {
     }
 }
 
-fn tag(imp: Impl) -> &'static str {
+pub fn tag(imp: Impl) -> &'static str {
     match imp {
         Impl::C => "c",
         Impl::Ours => "ours",

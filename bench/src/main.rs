@@ -27,6 +27,9 @@ pub struct Sizes {
     pub small_lines: usize,
     pub owners: Vec<usize>,
     pub rtt_secs: f64,
+    /// Repetitions of the figures that swing most on a small machine: virtlockd's round
+    /// trips (tail latency above all) and the re-exec downtimes.
+    pub noisy_reps: usize,
     pub held_pipes: usize,
     pub leases: usize,
     pub lease_conns: usize,
@@ -46,6 +49,7 @@ impl Sizes {
             small_lines: 300_000,
             owners: vec![1, 16, 256],
             rtt_secs: 3.0,
+            noisy_reps: 5,
             held_pipes: 1000,
             leases: 10_000,
             lease_conns: 10,
@@ -64,6 +68,7 @@ impl Sizes {
             small_lines: 5_000,
             owners: vec![1, 16],
             rtt_secs: 0.5,
+            noisy_reps: 1,
             held_pipes: 100,
             leases: 500,
             lease_conns: 2,
@@ -94,7 +99,9 @@ impl Ctx {
     }
 }
 
-/// Runs `f` `reps` times on one daemon per implementation, collecting one value.
+/// Runs `f` `reps` times on one daemon per implementation, collecting one value. The
+/// repetitions alternate between the two (C, ours, C, ours, ...), so that a slow phase
+/// of the machine (writeback, the ext4 journal) does not land on one of them only.
 fn per_impl<T>(
     cx: &Ctx,
     kind: Kind,
@@ -102,11 +109,11 @@ fn per_impl<T>(
     mut f: impl FnMut(&Daemon, usize) -> Res<T>,
 ) -> Res<[Vec<T>; 2]> {
     let mut out = [Vec::new(), Vec::new()];
-    for (k, imp) in IMPLS.iter().enumerate() {
-        let d = cx.spawn(kind, *imp)?;
-        for r in 0..reps {
+    let daemons = [cx.spawn(kind, IMPLS[0])?, cx.spawn(kind, IMPLS[1])?];
+    for r in 0..reps {
+        for (k, d) in daemons.iter().enumerate() {
             settle();
-            out[k].push(f(&d, r)?);
+            out[k].push(f(d, r)?);
         }
     }
     Ok(out)
@@ -372,10 +379,10 @@ fn run_all(cx: &Ctx, rows: &mut Vec<Row>, series: &mut Vec<Series>) -> Res<()> {
     // ---- virtlockd round trips
     for &n in &sz.owners {
         progress(&format!("virtlockd {n} owners x {} s", sz.rtt_secs));
-        let r = per_impl(cx, Kind::Lockd, reps, |d, rep| {
+        let r = per_impl(cx, Kind::Lockd, sz.noisy_reps, |d, rep| {
             lockd::round_trips(
                 d,
-                &cx.dir(&format!("ls{n}-{rep}")),
+                &cx.dir(&format!("ls{n}-{rep}-{}", daemon::tag(d.imp))),
                 n,
                 Duration::from_secs_f64(sz.rtt_secs),
             )
@@ -442,7 +449,7 @@ fn run_all(cx: &Ctx, rows: &mut Vec<Row>, series: &mut Vec<Series>) -> Res<()> {
     for n in [1, sz.held_pipes] {
         let mut rss = [Vec::new(), Vec::new()];
         let mut down = [Vec::new(), Vec::new()];
-        for _ in 0..reps {
+        for _ in 0..sz.noisy_reps {
             for (k, imp) in IMPLS.iter().enumerate() {
                 let mut d = cx.spawn(Kind::Logd, *imp)?;
                 let pipes = logd::hold_pipes(&d, &cx.dir("held"), n)?;
@@ -495,7 +502,7 @@ fn run_all(cx: &Ctx, rows: &mut Vec<Row>, series: &mut Vec<Series>) -> Res<()> {
         let mut rss = [Vec::new(), Vec::new()];
         let mut down = [Vec::new(), Vec::new()];
         let mut idle_down = [Vec::new(), Vec::new()];
-        for rep in 0..reps {
+        for rep in 0..sz.noisy_reps {
             for (k, imp) in IMPLS.iter().enumerate() {
                 let d = cx.spawn(Kind::Lockd, *imp)?;
                 idle_down[k].push(reexec_downtime(&d, lockd::ping)?);
@@ -553,7 +560,7 @@ fn run_all(cx: &Ctx, rows: &mut Vec<Row>, series: &mut Vec<Series>) -> Res<()> {
         let o = per_impl(cx, Kind::Lockd, reps, |d, rep| {
             lockd::round_trips(
                 d,
-                &cx.dir(&format!("gls{n}-{rep}")),
+                &cx.dir(&format!("gls{n}-{rep}-{}", daemon::tag(d.imp))),
                 n,
                 Duration::from_secs_f64(sz.growth_rtt_secs),
             )
