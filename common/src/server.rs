@@ -562,9 +562,7 @@ impl Server {
                 }
             }
         };
-        if let Ok(mut c) = self.clients.lock() {
-            c.remove(&info.id);
-        }
+        let id = info.id;
         if outcome == RunState::Handoff {
             let saved = match self.hooks.save_private(&private) {
                 Ok(v) => v,
@@ -589,6 +587,11 @@ impl Server {
             drop(stream);
             debug!(server = %self.name, client = info.id, "client closed");
             self.hooks.client_closed(&info, private);
+        }
+        // Only now, once a handed-off client is in `handed_off_clients`: a re-exec
+        // takes that list as soon as no client is left here, and must not miss it.
+        if let Ok(mut c) = self.clients.lock() {
+            c.remove(&id);
         }
         self.changed.notify_waiters();
     }
