@@ -67,7 +67,7 @@ enum Cmd {
     /// `done` is signalled once the thread holds no log any more.
     Stop {
         drain: bool,
-        done: Sender<()>,
+        done: Option<Sender<()>>,
     },
     /// Ends the thread for a re-exec (see [`HandoffAcks`]).
     Handoff {
@@ -85,18 +85,6 @@ pub(crate) struct HandoffAcks {
     /// [`LogFile::release_for_handoff`]) and the thread has let go of the logs. The
     /// files themselves are closed after this.
     pub(crate) prepared: oneshot::Receiver<()>,
-}
-
-/// Why the thread's loop ends.
-enum Ending {
-    Stop {
-        drain: bool,
-        done: Option<Sender<()>>,
-    },
-    Handoff {
-        stopped: oneshot::Sender<()>,
-        prepared: oneshot::Sender<()>,
-    },
 }
 
 struct Running {
@@ -190,25 +178,17 @@ impl Pump {
     /// reaches the files first. The thread drops its references to the files, so after
     /// this the handler holds the only ones.
     pub(crate) fn stop(&self, drain: bool) {
-        let Some(mut r) = self.running.lock().ok().and_then(|mut r| r.take()) else {
+        let Some(r) = self.running.lock().ok().and_then(|mut r| r.take()) else {
             return;
         };
+        // A re-exec's stop was sent already: the thread is ending by itself, and the
+        // hand-off, not a drain, is what it does on the way.
+        if r.handoff.is_some() {
+            return;
+        }
         // Not a join: the thread's own exit (stack unmapping and so on) need not wait.
         // A pump stuck in a write (a hung filesystem) is left behind; the logs it holds
         // are then not drained.
-        let deadline = std::time::Instant::now() + STOP_WAIT;
-        if let Some(mut acks) = r.handoff.take() {
-            // A re-exec began and never handed off (cannot happen today): the thread
-            // ends by itself once the pipes are prepared.
-            while acks.prepared.try_recv() == Err(oneshot::error::TryRecvError::Empty) {
-                if std::time::Instant::now() > deadline {
-                    error!("log pump did not stop within {STOP_WAIT:?}");
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            return;
-        }
         let stopped = send_stop(&r, drain);
         match stopped.recv_timeout(STOP_WAIT) {
             Ok(()) => {}
@@ -250,7 +230,13 @@ impl Pump {
 /// Queues a stop; the receiver gets the thread's acknowledgement.
 fn send_stop(r: &Running, drain: bool) -> Receiver<()> {
     let (done, stopped) = mpsc::channel();
-    if r.tx.send(Cmd::Stop { drain, done }).is_ok() {
+    if r.tx
+        .send(Cmd::Stop {
+            drain,
+            done: Some(done),
+        })
+        .is_ok()
+    {
         let _ = r.wake.write(1);
     }
     stopped
@@ -313,8 +299,9 @@ impl Thread {
         let mut more_waiting = false;
         loop {
             match self.commands() {
-                None => {}
-                Some(Ending::Stop { drain, done }) => {
+                // `commands` applies Add and Restore itself; only an ending comes back.
+                None | Some(Cmd::Add(_) | Cmd::Restore(_)) => {}
+                Some(Cmd::Stop { drain, done }) => {
                     if drain {
                         self.drain_all();
                     }
@@ -324,7 +311,7 @@ impl Thread {
                     }
                     return;
                 }
-                Some(Ending::Handoff { stopped, prepared }) => {
+                Some(Cmd::Handoff { stopped, prepared }) => {
                     let _ = stopped.send(());
                     return self.hand_off(prepared);
                 }
@@ -411,8 +398,9 @@ impl Thread {
         }
     }
 
-    /// Applies queued commands. Returns how the thread ends when told to.
-    fn commands(&mut self) -> Option<Ending> {
+    /// Applies queued commands. Returns the one that ends the thread (a stop or a
+    /// hand-off), if any.
+    fn commands(&mut self) -> Option<Cmd> {
         loop {
             match self.rx.try_recv() {
                 Ok(Cmd::Add(file)) => self.insert(file),
@@ -420,19 +408,11 @@ impl Thread {
                 // the operator listing): right after a re-exec the daemon serves
                 // rather than opening a thousand files, and idle logs cost nothing.
                 Ok(Cmd::Restore(files)) => files.into_iter().for_each(|f| self.insert(f)),
-                Ok(Cmd::Stop { drain, done }) => {
-                    return Some(Ending::Stop {
-                        drain,
-                        done: Some(done),
-                    })
-                }
-                Ok(Cmd::Handoff { stopped, prepared }) => {
-                    return Some(Ending::Handoff { stopped, prepared })
-                }
+                Ok(end @ (Cmd::Stop { .. } | Cmd::Handoff { .. })) => return Some(end),
                 Err(TryRecvError::Empty) => return None,
                 // The handle is gone (handler dropped): nothing left to serve.
                 Err(TryRecvError::Disconnected) => {
-                    return Some(Ending::Stop {
+                    return Some(Cmd::Stop {
                         drain: false,
                         done: None,
                     })
