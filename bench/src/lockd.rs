@@ -75,6 +75,15 @@ pub struct Rtt {
     pub per_sec: f64,
     pub p50_us: f64,
     pub p99_us: f64,
+    /// Not in the report; `vh-bench one` prints them to show the shape of the tail.
+    #[allow(dead_code)]
+    pub p999_us: f64,
+    #[allow(dead_code)]
+    pub max_us: f64,
+    /// Fewest and most round trips one owner completed: how evenly the daemon shares
+    /// itself out (a fair server gives every owner the same count).
+    pub owner_min: usize,
+    pub owner_max: usize,
     pub rss_kib: u64,
 }
 
@@ -125,8 +134,12 @@ pub fn round_trips(d: &Daemon, dir: &Path, owners: usize, dur: Duration) -> Res<
     let secs = t0.elapsed().as_secs_f64();
     let rss = d.rss_kib()?;
     let mut all: Vec<u32> = Vec::new();
+    let (mut owner_min, mut owner_max) = (usize::MAX, 0);
     for h in hs {
-        all.extend(h.join().map_err(|_| "owner thread panicked")??);
+        let v = h.join().map_err(|_| "owner thread panicked")??;
+        owner_min = owner_min.min(v.len());
+        owner_max = owner_max.max(v.len());
+        all.extend(v);
     }
     if all.is_empty() {
         return Err("no round trips completed".into());
@@ -137,6 +150,10 @@ pub fn round_trips(d: &Daemon, dir: &Path, owners: usize, dur: Duration) -> Res<
         per_sec: all.len() as f64 / secs,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
+        p999_us: pct(0.999),
+        max_us: pct(1.0),
+        owner_min,
+        owner_max,
         rss_kib: rss,
     })
 }

@@ -411,6 +411,16 @@ fn run_all(cx: &Ctx, rows: &mut Vec<Row>, series: &mut Vec<Series>) -> Res<()> {
             1.0,
             false,
         ));
+        if n > 1 {
+            rows.push(Row::ratio(
+                "virtlockd",
+                &format!("{n} owner(s): busiest/idlest owner's round trips"),
+                r.each(|x| x.owner_max as f64 / x.owner_min.max(1) as f64),
+                "—",
+                0.0,
+                false,
+            ));
+        }
     }
 
     // ---- start-up time and idle RSS

@@ -217,7 +217,15 @@ pub fn main<A: App>() -> i32 {
         }
     };
     let mut builder = if A::SINGLE_THREADED {
-        tokio::runtime::Builder::new_current_thread()
+        let mut b = tokio::runtime::Builder::new_current_thread();
+        // Look for newly readable clients every 8 task polls instead of tokio's 61.
+        // A client whose request arrives while the queue is long otherwise waits for
+        // up to 61 other polls before it even joins the queue, behind clients served
+        // again meanwhile: with 256 busy owners some got 20 % fewer turns, and p99 rose
+        // to 1.7x p50. At 8 every owner gets the same share (as with 9.0's FIFO); an
+        // epoll_wait(0) per 8 calls is noise next to a call's open/fcntl.
+        b.event_interval(8);
+        b
     } else {
         let mut b = tokio::runtime::Builder::new_multi_thread();
         b.worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().min(4)));

@@ -554,7 +554,12 @@ impl Server {
                 }
             };
             match self.handle(&stream, &info, &mut private, msg).await {
-                Ok(true) => {}
+                // Go to the back of the queue before reading this client's next
+                // request. Without it, a client that answers quickly (it often runs on
+                // our CPU, woken by our reply) has its next request read at once, and
+                // the loop ping-pongs with it for a whole coop budget while every other
+                // client waits: that was the 4-8 ms p99 with 16 busy owners.
+                Ok(true) => tokio::task::yield_now().await,
                 Ok(false) => break RunState::Quit,
                 Err(e) => {
                     debug!(server = %self.name, client = info.id, "write failed: {e}");
