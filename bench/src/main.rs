@@ -6,6 +6,7 @@
 
 mod daemon;
 mod lockd;
+mod lockfs;
 mod logd;
 mod report;
 
@@ -88,6 +89,7 @@ struct Ctx {
     bins: Bins,
     work: PathBuf,
     sz: Sizes,
+    lockfs: lockfs::LockFs,
 }
 
 impl Ctx {
@@ -96,6 +98,10 @@ impl Ctx {
     }
     fn dir(&self, name: &str) -> PathBuf {
         self.work.join("data").join(name)
+    }
+    /// Where a virtlockd benchmark's lockspace goes (see lockfs.rs for why not `dir`).
+    fn lockspace(&self, name: &str) -> PathBuf {
+        self.lockfs.dir(name)
     }
 }
 
@@ -157,7 +163,10 @@ fn one(cx: &Ctx, args: &[String]) -> Res<()> {
     println!("pid {}", d.pid);
     std::thread::sleep(Duration::from_secs(2));
     settle();
-    let dir = cx.dir("one");
+    let dir = match kind {
+        Kind::Logd => cx.dir("one"),
+        Kind::Lockd => cx.lockspace("one"),
+    };
     match (kind, mode) {
         (Kind::Logd, "") => println!("{:?}", logd::bulk(&d, &dir, 1, (n as u64) << 20, 1)?),
         (Kind::Logd, "eight") => println!("{:?}", logd::bulk(&d, &dir, 8, (n as u64) << 20, 8)?),
@@ -382,7 +391,7 @@ fn run_all(cx: &Ctx, rows: &mut Vec<Row>, series: &mut Vec<Series>) -> Res<()> {
         let r = per_impl(cx, Kind::Lockd, sz.noisy_reps, |d, rep| {
             lockd::round_trips(
                 d,
-                &cx.dir(&format!("ls{n}-{rep}-{}", daemon::tag(d.imp))),
+                &cx.lockspace(&format!("ls{n}-{rep}-{}", daemon::tag(d.imp))),
                 n,
                 Duration::from_secs_f64(sz.rtt_secs),
             )
@@ -518,7 +527,7 @@ fn run_all(cx: &Ctx, rows: &mut Vec<Row>, series: &mut Vec<Series>) -> Res<()> {
                 idle_down[k].push(reexec_downtime(&d, lockd::ping)?);
                 let held = lockd::hold_leases(
                     &d,
-                    &cx.dir(&format!("leases{rep}")),
+                    &cx.lockspace(&format!("leases{rep}")),
                     sz.leases,
                     sz.lease_conns,
                 )?;
@@ -570,7 +579,7 @@ fn run_all(cx: &Ctx, rows: &mut Vec<Row>, series: &mut Vec<Series>) -> Res<()> {
         let o = per_impl(cx, Kind::Lockd, reps, |d, rep| {
             lockd::round_trips(
                 d,
-                &cx.dir(&format!("gls{n}-{rep}-{}", daemon::tag(d.imp))),
+                &cx.lockspace(&format!("gls{n}-{rep}-{}", daemon::tag(d.imp))),
                 n,
                 Duration::from_secs_f64(sz.growth_rtt_secs),
             )
@@ -660,6 +669,7 @@ fn real_main() -> Res<()> {
     });
     let nofile = daemon::raise_nofile();
     if work.exists() {
+        lockfs::unmount_stale(&work);
         std::fs::remove_dir_all(&work)?;
     }
     std::fs::create_dir_all(work.join("data"))?;
@@ -667,9 +677,11 @@ fn real_main() -> Res<()> {
         bins: Bins { ours_dir },
         work: work.clone(),
         sz: if quick { Sizes::quick() } else { Sizes::full() },
+        lockfs: lockfs::LockFs::setup(&work, work.join("data")),
     };
     if cmd == Some("one") {
         let r = one(&cx, &rest);
+        drop(cx); // unmounts the lockspaces' filesystem
         if !keep {
             let _ = std::fs::remove_dir_all(&work);
         }
@@ -692,6 +704,7 @@ fn real_main() -> Res<()> {
         quick,
         rows: &rows,
         series: &series,
+        lockspaces: cx.lockfs.describe(),
         analysis: std::fs::read_to_string(out.join("ANALYSIS.md")).ok(),
         error: res.as_ref().err().map(|e| e.to_string()),
     });
@@ -715,6 +728,7 @@ fn real_main() -> Res<()> {
         elapsed.as_secs_f64(),
         out.join(name).display()
     ));
+    drop(cx); // unmounts the lockspaces' filesystem
     if !keep {
         let _ = std::fs::remove_dir_all(&work);
     }

@@ -143,6 +143,7 @@ pub struct Env<'a> {
     pub command: String,
     pub sizes: &'a Sizes,
     pub work: &'a Path,
+    pub lockspaces: &'a str,
     pub elapsed: Duration,
     pub nofile: u64,
     pub quick: bool,
@@ -213,7 +214,8 @@ pub fn markdown(e: &Env<'_>) -> String {
     );
     let _ = writeln!(s, "| Cores | {cores} ({}) |", cpu_model());
     let _ = writeln!(s, "| Kernel | {} |", sh("uname", &["-sr"]));
-    let _ = writeln!(s, "| Data directory | `{}` on {fs} (real disk; logs, reference file and lockspaces all here) |", e.work.display());
+    let _ = writeln!(s, "| Data directory | `{}` on {fs} (real disk, no journal in this VM; logs and the reference file) |", e.work.display());
+    let _ = writeln!(s, "| virtlockd lockspaces | {} |", e.lockspaces);
     let _ = writeln!(
         s,
         "| C daemons | `/usr/sbin/virtlogd`, `/usr/sbin/virtlockd` ({}) |",
