@@ -3,7 +3,8 @@
 //!
 //! Each client is one tokio task that reads a message, dispatches it inline, writes the
 //! reply (fds included) and only then reads the next one: libvirt's
-//! `nrequests_client_max = 1`, without a worker pool. Nothing is shared between clients
+//! `nrequests_client_max = 1`, without a worker pool. After each call the task goes to
+//! the back of the run queue, so clients take turns as in 9.0's FIFO of calls. Nothing is shared between clients
 //! but the client registry, which is touched only on connect, disconnect and by admin.
 //!
 //! A task ends in one of three ways:
