@@ -2,10 +2,12 @@
 //! `sendmsg` carrying one data byte (0x00) and one SCM_RIGHTS control message with one
 //! int. libvirt's receiver rejects several fds in one cmsg, so we never batch them.
 
-use nix::cmsg_space;
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use rustix::io::Errno;
+use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
 use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
 /// Sends one fd on a (non-blocking) unix stream socket. `WouldBlock` means: wait for
 /// writability and call again; nothing was sent.
@@ -23,50 +25,57 @@ pub fn send_fd(sock: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
+/// Linux's `SCM_MAX_FD`: the most fds one `sendmsg` can carry, and so the most that one
+/// `recvmsg` can install in our table.
+const SCM_MAX_FD: usize = 253;
+
 /// Receives one fd (1 data byte + SCM_RIGHTS), close-on-exec. EOF gives ENOTCONN and a
 /// byte without an fd gives EACCES, the errors libvirt reports in those cases.
+///
+/// A hostile peer may pack up to 253 fds into the carrier (in one or several control
+/// messages). The control buffer has room for all of them, so the kernel never has to
+/// truncate, and every fd it installs is owned (and closed on drop) before anything is
+/// checked: a peer cannot make us leak descriptors until we hit EMFILE for good. More
+/// than one fd, or truncated control data (`MSG_CTRUNC`, which cannot happen with this
+/// buffer unless the kernel grows a new kind of control message), is a protocol error;
+/// the caller closes the connection, and the extra fds are already closed.
 pub fn recv_fd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     let mut byte = [0u8; 1];
-    let mut cbuf = cmsg_space!(RawFd);
-    loop {
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(SCM_MAX_FD))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = loop {
         let mut iov = [IoSliceMut::new(&mut byte)];
-        let res = recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cbuf),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        );
-        let msg = match res {
-            Ok(m) => m,
-            Err(nix::errno::Errno::EINTR) => continue,
+        match recvmsg(sock, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
+            Ok(m) => break m,
+            Err(Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
-        };
-        if msg.bytes == 0 {
-            return Err(io::Error::from_raw_os_error(libc::ENOTCONN));
         }
-        let mut got: Option<OwnedFd> = None;
-        let mut extra = false;
-        for c in msg.cmsgs()? {
-            if let ControlMessageOwned::ScmRights(fds) = c {
-                for fd in fds {
-                    // SAFETY: the kernel just installed this fd in our table for us;
-                    // nothing else owns it, so wrapping it makes sure it is closed.
-                    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-                    if got.is_none() {
-                        got = Some(owned);
-                    } else {
-                        extra = true; // dropped (closed) here
-                    }
-                }
-            }
+    };
+    // Own every installed fd first; whatever is not returned is closed on the way out.
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(it) = m {
+            fds.extend(it);
         }
-        if extra {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "more than one fd in one message",
-            ));
-        }
-        return got.ok_or_else(|| io::Error::from_raw_os_error(libc::EACCES));
+    }
+    if msg.flags.contains(ReturnFlags::CTRUNC) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("control data truncated after {} fds", fds.len()),
+        ));
+    }
+    if msg.bytes == 0 && fds.is_empty() {
+        return Err(io::Error::from_raw_os_error(libc::ENOTCONN));
+    }
+    match fds.len() {
+        0 => Err(io::Error::from_raw_os_error(libc::EACCES)),
+        1 => fds
+            .pop()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EACCES)),
+        n => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{n} fds in one message (libvirt sends one per message)"),
+        )),
     }
 }
 
@@ -89,6 +98,72 @@ mod tests {
         r.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"hi");
         w.write_all(b"x").unwrap();
+    }
+
+    /// Sends `n` pipe write ends in one `sendmsg` (split over `cmsgs` control messages)
+    /// and returns the read ends: each sees EOF only once every copy of its write end,
+    /// ours included, is closed.
+    fn send_pipes(sock: &UnixStream, n: usize, cmsgs: usize) -> Vec<std::fs::File> {
+        let mut reads = Vec::new();
+        let mut writes = Vec::new();
+        for _ in 0..n {
+            let (r, w) = nix::unistd::pipe().unwrap();
+            reads.push(std::fs::File::from(r));
+            writes.push(w);
+        }
+        let raw: Vec<i32> = writes.iter().map(|w| w.as_raw_fd()).collect();
+        let chunk = n.div_ceil(cmsgs);
+        let msgs: Vec<ControlMessage> = raw.chunks(chunk).map(ControlMessage::ScmRights).collect();
+        let iov = [IoSlice::new(&[0u8])];
+        sendmsg::<()>(sock.as_raw_fd(), &iov, &msgs, MsgFlags::empty(), None).unwrap();
+        reads
+    }
+
+    fn all_closed(reads: Vec<std::fs::File>) {
+        for mut r in reads {
+            let mut b = [0u8; 1];
+            // A leaked write end would block this read for ever rather than give EOF.
+            r.set_nonblocking_for_test();
+            assert_eq!(r.read(&mut b).unwrap(), 0, "a received fd was not closed");
+        }
+    }
+
+    trait NonBlocking {
+        fn set_nonblocking_for_test(&self);
+    }
+    impl NonBlocking for std::fs::File {
+        fn set_nonblocking_for_test(&self) {
+            let fl = nix::fcntl::fcntl(self.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap();
+            let fl = nix::fcntl::OFlag::from_bits_truncate(fl) | nix::fcntl::OFlag::O_NONBLOCK;
+            nix::fcntl::fcntl(self.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(fl)).unwrap();
+        }
+    }
+
+    /// Three fds in one message overflowed the old one-fd control buffer: the kernel
+    /// installed two, flagged MSG_CTRUNC, and both leaked. Now all are owned and closed,
+    /// and the message is refused.
+    #[test]
+    fn several_fds_in_one_message_are_refused_and_closed() {
+        for (n, cmsgs) in [(2, 1), (3, 1), (3, 3), (32, 2), (SCM_MAX_FD, 1)] {
+            let (a, b) = UnixStream::pair().unwrap();
+            let reads = send_pipes(&a, n, cmsgs);
+            let e = recv_fd(b.as_fd()).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{n} fds: {e}");
+            all_closed(reads);
+        }
+    }
+
+    /// A good fd after a refused message is still received normally.
+    #[test]
+    fn one_fd_after_a_refused_message() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let reads = send_pipes(&a, 5, 1);
+        assert!(recv_fd(b.as_fd()).is_err());
+        all_closed(reads);
+        let reads = send_pipes(&a, 1, 1);
+        let got = recv_fd(b.as_fd()).unwrap();
+        drop(got);
+        all_closed(reads);
     }
 
     #[test]
