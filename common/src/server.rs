@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Notify};
-use tracing::{debug, warn};
+use tracing::{debug, error, info, warn};
 
 /// What the daemon as a whole is doing; every task watches it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,7 +169,18 @@ pub struct HandedOffService {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientLimits {
     pub max_clients: usize,
+    /// Limit on clients still waiting for authentication; 0 means none.
     pub max_unauth: usize,
+}
+
+impl ClientLimits {
+    /// Whether one more client may be accepted, given how many are connected and how
+    /// many of those still wait for authentication (9.0's `virNetServerCheckLimits`).
+    /// Our services all use auth NONE, so every client is authenticated at accept and
+    /// `unauth` is always 0: `nclients_unauth_max` never locks anyone out.
+    pub fn admits(&self, nclients: usize, unauth: usize) -> bool {
+        nclients < self.max_clients && (self.max_unauth == 0 || unauth < self.max_unauth)
+    }
 }
 
 pub struct Server {
@@ -353,14 +364,20 @@ impl Server {
 
     async fn accept_loop(self: Arc<Self>, listener: UnixListener, info: ServiceInfo) {
         let mut run = self.run.clone();
+        let mut suspended = false;
         let end = loop {
             // At the client limit libvirt stops polling the listener: new peers wait in
-            // the backlog rather than being refused.
-            let full = {
-                let l = self.limits();
-                let n = self.nclients();
-                n >= l.max_clients || n >= l.max_unauth
-            };
+            // the backlog rather than being refused. Nobody ever waits for
+            // authentication here (auth NONE), hence 0 unauthenticated clients.
+            let full = !self.limits().admits(self.nclients(), 0);
+            if full != suspended {
+                suspended = full;
+                if full {
+                    info!(server = %self.name, "Temporarily suspending services");
+                } else {
+                    info!(server = %self.name, "Re-enabling services");
+                }
+            }
             let state = *run.borrow();
             if state != RunState::Running {
                 break state;
@@ -424,7 +441,7 @@ impl Server {
         let pid = cred.pid().unwrap_or(0);
         if cred.uid() != self.allowed_uid {
             // libvirt closes such peers without a word; the log line is its wording.
-            warn!(
+            error!(
                 server = %self.name,
                 "operation forbidden: Disallowing client {pid} with uid {}",
                 cred.uid()
@@ -441,7 +458,7 @@ impl Server {
             fd: stream.as_raw_fd(),
         };
         let private = self.hooks.new_private(&info);
-        debug!(server = %self.name, client = id, pid, "new client");
+        info!("{}: new client", who(&self.name, &info));
         self.spawn_client(stream, info, private);
     }
 
@@ -533,7 +550,7 @@ impl Server {
                 Ok(l) => l,
                 Err(ReadEnd::Eof) => break RunState::Quit,
                 Err(ReadEnd::Broken(why)) => {
-                    debug!(server = %self.name, client = info.id, "closing: {why}");
+                    self.violation(&info, &why);
                     break RunState::Quit;
                 }
             };
@@ -550,7 +567,7 @@ impl Server {
                 Ok(m) => m,
                 Err(ReadEnd::Eof) => break RunState::Quit,
                 Err(ReadEnd::Broken(why)) => {
-                    debug!(server = %self.name, client = info.id, "closing: {why}");
+                    self.violation(&info, &why);
                     break RunState::Quit;
                 }
             };
@@ -591,7 +608,7 @@ impl Server {
             }
         } else {
             drop(stream);
-            debug!(server = %self.name, client = info.id, "client closed");
+            info!("{}: client closed", who(&self.name, &info));
             self.hooks.client_closed(&info, private);
         }
         // Only now, once a handed-off client is in `handed_off_clients`: a re-exec
@@ -634,18 +651,33 @@ impl Server {
                     "Cannot find program {} version {}",
                     h.prog as i32, h.vers as i32
                 ));
+                self.call_refused(info, &e);
                 connection::write_all(stream, &protocol::encode_error_frame(&h, &e)).await?;
+            } else {
+                info!(
+                    "{}: dropping message, unknown program {} version {} type {} proc {}",
+                    who(&self.name, info),
+                    h.prog as i32,
+                    h.vers as i32,
+                    h.type_,
+                    h.proc_
+                );
             }
             return Ok(true);
         };
-        // 3. Only calls are answered; anything else is dropped without a word.
+        // 3. Only calls are answered; anything else is dropped without a word (but
+        // logged, as 9.0 does; it ignores stream data quietly).
         if !is_call {
+            if h.type_ != msg_type::STREAM {
+                self.violation_kept(info, &format!("Unexpected message type {}", h.type_));
+            }
             return Ok(true);
         }
         // 4. Status must be OK.
         if h.status != status::OK {
             // libvirt prints the status with %u.
             let e = RpcError::rpc(format!("Unexpected message status {}", h.status as u32));
+            self.call_refused(info, &e);
             connection::write_all(stream, &protocol::encode_error_frame(&h, &e)).await?;
             return Ok(true);
         }
@@ -680,11 +712,39 @@ impl Server {
                     }
                     DispatchError::Failed(e) => e,
                 };
+                self.call_refused(info, &e);
                 connection::write_all(stream, &protocol::encode_error_frame(&h, &e)).await?;
             }
         }
         Ok(!close_after)
     }
+}
+
+impl Server {
+    /// A protocol violation that closes the connection: logged at error level with the
+    /// client's identity (9.0 logs each one at error level, without the identity).
+    fn violation(&self, info: &ClientInfo, why: &str) {
+        error!("{}: protocol error, closing: {why}", who(&self.name, info));
+    }
+
+    /// A protocol violation that is ignored (the connection stays).
+    fn violation_kept(&self, info: &ClientInfo, why: &str) {
+        error!("{}: protocol error, ignored: {why}", who(&self.name, info));
+    }
+
+    /// A call answered with an error: 9.0 logs every reported error at error level.
+    fn call_refused(&self, info: &ClientInfo, e: &RpcError) {
+        let msg = e.message.as_deref().unwrap_or("(no message)");
+        error!("{}: {msg}", who(&self.name, info));
+    }
+}
+
+/// "virtlogd client 3 (pid 1234, uid 0)": who a log line is about.
+fn who(server: &str, info: &ClientInfo) -> String {
+    format!(
+        "{server} client {} (pid {}, uid {})",
+        info.id, info.pid, info.uid
+    )
 }
 
 /// Resolves two seconds after a hand-off starts: how long a half-received request may
@@ -740,6 +800,24 @@ mod tests {
             status: status::OK,
         };
         protocol::encode_frame(&h, None, &[])
+    }
+
+    /// 9.0 counts only clients waiting for authentication against
+    /// `nclients_unauth_max`, and 0 means no limit: with auth NONE neither that limit
+    /// nor `--max-unauth-clients 0` keeps anyone out (it used to count every client).
+    #[test]
+    fn unauth_limit_counts_only_unauthenticated_clients() {
+        let l = |max_clients, max_unauth| ClientLimits {
+            max_clients,
+            max_unauth,
+        };
+        assert!(l(10, 0).admits(5, 0));
+        assert!(l(10, 1).admits(5, 0));
+        assert!(l(10, 10).admits(9, 0));
+        assert!(!l(10, 10).admits(10, 0));
+        assert!(!l(0, 0).admits(0, 0));
+        assert!(!l(10, 2).admits(5, 2));
+        assert!(l(10, 0).admits(5, 7));
     }
 
     /// A client with many calls queued must not keep the loop to itself: one that sent a
