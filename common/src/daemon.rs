@@ -369,6 +369,23 @@ async fn run<A: App>(
     if restarted {
         info!("restarted in place from the re-exec state");
     }
+    for server in daemon.servers() {
+        for svc in server.services() {
+            let path = svc.path.as_deref().unwrap_or(Path::new("(unnamed)"));
+            info!("server {} listening on {}", server.name(), path.display());
+        }
+    }
+    info!(
+        "{} (libvirt {}) ready, pid {}, {} mode",
+        A::KIND.name(),
+        cli::LIBVIRT_VERSION,
+        std::process::id(),
+        if daemon.mode.is_privileged() {
+            "system"
+        } else {
+            "session"
+        }
+    );
     report_status(&mut status_pipe, 0);
     let _ = activation::notify_ready();
 
@@ -376,9 +393,9 @@ async fn run<A: App>(
     loop {
         let timeout = daemon.timeout();
         tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-            _ = sigquit.recv() => break,
+            _ = sigterm.recv() => { info!("SIGTERM received"); break }
+            _ = sigint.recv() => { info!("SIGINT received"); break }
+            _ = sigquit.recv() => { info!("SIGQUIT received"); break }
             _ = daemon.timeout_changed.notified() => idle_since = None,
             _ = sigusr1.recv() => {
                 info!("SIGUSR1: re-executing in place");
@@ -407,6 +424,7 @@ async fn run<A: App>(
 }
 
 async fn quit<A: App>(daemon: &Arc<Daemon>, app: &A) -> i32 {
+    info!("shutting down");
     let _ = daemon.run_tx.send(RunState::Quit);
     if !servers_drained(daemon, QUIT_WAIT).await {
         error!("Make forcefull daemon shutdown");
