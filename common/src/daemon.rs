@@ -10,7 +10,7 @@
 use crate::activation::{self, Activation};
 use crate::cli::{self, CliAction, Options};
 use crate::config::{self, DaemonConfig, KeySet};
-use crate::logging::{self, LogHandle, LogInputs, LogSettings};
+use crate::logging::{self, LogHandle, LogInputs};
 use crate::paths::{DaemonKind, DaemonPaths, Mode};
 use crate::pidfile::PidFile;
 use crate::restart::{
@@ -180,7 +180,7 @@ pub fn main<A: App>() -> i32 {
         opts.verbose,
         opts.daemon,
     );
-    let log = match LogSettings::resolve(&inputs).and_then(logging::install) {
+    let log = match logging::setup(&inputs) {
         Ok(h) => h,
         Err(e) => {
             eprintln!("{}: {e}", A::KIND.name());

@@ -22,7 +22,7 @@
 use std::fmt::{self, Write as _};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -635,6 +635,41 @@ pub fn layer(settings: LogSettings) -> Result<(LibvirtLayer, LogHandle), LogErro
     ))
 }
 
+/// Resolves the settings, prepares the default log file's directory and installs the
+/// logging: what a daemon does once at start-up.
+pub fn setup(inputs: &LogInputs) -> Result<LogHandle, LogError> {
+    let settings = LogSettings::resolve(inputs)?;
+    create_default_log_dir(inputs, &settings)?;
+    install(settings)
+}
+
+/// A session daemon's default log file lives in `~/.cache/libvirt`, which a fresh
+/// account does not have: 9.0 creates that directory (and its parents) with mode 0700
+/// whenever its default output is that file, so `-d` works on a fresh account. The
+/// system daemon's `/var/log/libvirt` belongs to the package and is never created.
+pub fn create_default_log_dir(inputs: &LogInputs, settings: &LogSettings) -> Result<(), LogError> {
+    if inputs.mode != Mode::Session {
+        return Ok(());
+    }
+    let Destination::File(path) = &settings.default_output.dest else {
+        return Ok(());
+    };
+    let Some(dir) = path.parent() else {
+        return Ok(());
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| {
+            LogError(format!(
+                "Could not create log directory {}: {}",
+                dir.display(),
+                crate::config::strerror(&e)
+            ))
+        })
+}
+
 /// Installs the logging as the global default subscriber.
 pub fn install(settings: LogSettings) -> Result<LogHandle, LogError> {
     use tracing_subscriber::layer::SubscriberExt;
@@ -891,6 +926,42 @@ mod tests {
             stdin_is_tty: true,
             journald_available: false,
         }
+    }
+
+    /// `virtlogd -d` on a fresh account: no `~/.cache` at all. The directory of the
+    /// default log file is created 0700; the system daemon's never is.
+    #[test]
+    fn session_default_log_dir_is_created_0700() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("home/.cache/libvirt");
+        let mut inp = inputs();
+        inp.mode = Mode::Session;
+        inp.daemonize = true;
+        inp.default_log_file = dir.join("virtlogd.log");
+        let s = LogSettings::resolve(&inp).unwrap();
+        assert_eq!(
+            s.default_output.dest,
+            Destination::File(inp.default_log_file.clone())
+        );
+        create_default_log_dir(&inp, &s).unwrap();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        // 0700 less the umask (never applied to owner bits in practice): nobody else
+        // may look in.
+        assert_eq!(mode & 0o077, 0, "mode {mode:o}");
+        assert_eq!(mode & 0o700, 0o700, "mode {mode:o}");
+        // An existing directory is fine.
+        create_default_log_dir(&inp, &s).unwrap();
+
+        // Not daemonized (stderr), or system mode: nothing is created.
+        let other = tmp.path().join("other/libvirt");
+        inp.default_log_file = other.join("virtlogd.log");
+        inp.daemonize = false;
+        create_default_log_dir(&inp, &LogSettings::resolve(&inp).unwrap()).unwrap();
+        inp.daemonize = true;
+        inp.mode = Mode::System;
+        create_default_log_dir(&inp, &LogSettings::resolve(&inp).unwrap()).unwrap();
+        assert!(!other.exists());
     }
 
     #[test]
