@@ -533,6 +533,7 @@ fn restore<A: App>(
     state: A::State,
     in_place: bool,
 ) -> Result<(), (i32, String)> {
+    let _claims = FdClaims::begin();
     let state = app
         .restore(state, in_place)
         .map_err(|e| (exit::INIT, format!("cannot restore re-exec state: {e}")))?;
@@ -568,7 +569,12 @@ fn restore<A: App>(
             let fd = match adopt_fd(c.sock.fd) {
                 Ok(fd) => fd,
                 Err(e) => {
-                    warn!("inherited client socket {}: {e}", c.sock.fd);
+                    error!(
+                        server = name.as_str(),
+                        client = c.id,
+                        "inherited client socket {}: {e}; client not restored",
+                        c.sock.fd
+                    );
                     continue;
                 }
             };
@@ -585,17 +591,61 @@ fn restore<A: App>(
     Ok(())
 }
 
-/// Takes ownership of an inherited fd number, checking it is open, and marks it
-/// close-on-exec again.
+thread_local! {
+    /// The fd numbers adopted so far by the restore running on this thread (a restore
+    /// is synchronous, on one thread); `None` outside a restore.
+    static CLAIMED: std::cell::RefCell<Option<std::collections::HashSet<RawFd>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// While alive, every fd adopted on this thread is recorded and a second claim of the
+/// same number is refused. A state document is input: one that names an fd twice (two
+/// clients, a client and a lock file, two log pipes...) must not give that fd two
+/// owners, which would close it twice, the second time perhaps as someone else's fd.
+pub struct FdClaims(());
+
+impl FdClaims {
+    pub fn begin() -> FdClaims {
+        CLAIMED.with(|c| *c.borrow_mut() = Some(std::collections::HashSet::new()));
+        FdClaims(())
+    }
+}
+
+impl Drop for FdClaims {
+    fn drop(&mut self) {
+        CLAIMED.with(|c| *c.borrow_mut() = None);
+    }
+}
+
+/// Records a claim of `fd` in the current [`FdClaims`], refusing a repeated one.
+fn claim(fd: RawFd) -> io::Result<()> {
+    CLAIMED.with(|c| {
+        let fresh = match c.borrow_mut().as_mut() {
+            Some(set) => set.insert(fd),
+            None => true,
+        };
+        if fresh {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "fd {fd} is claimed twice in the state document; refusing the second claim"
+            )))
+        }
+    })
+}
+
+/// Takes ownership of an inherited fd number, checking it is open and not already
+/// adopted in this restore ([`FdClaims`]), and marks it close-on-exec again.
 pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
     if fd < 0 {
         return Err(io::Error::from_raw_os_error(libc::EBADF));
     }
     // Fails with EBADF when the fd is not open.
     restart::set_cloexec(fd)?;
-    // SAFETY: the fd is open (F_SETFD succeeded) and was handed to this image through
-    // the state document, which names each fd once; nothing else in this process owns
-    // it, so it is ours to own and close.
+    claim(fd)?;
+    // SAFETY: the fd is open (F_SETFD succeeded), was handed to this image through the
+    // state document, and `claim` refuses a number adopted before in this restore;
+    // nothing else in this process owns it, so it is ours to own and close.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -634,9 +684,11 @@ pub fn adopt_inheritable_fds(fds: &[RawFd]) -> Vec<io::Result<OwnedFd>> {
             if !seen.insert(p.fd) {
                 return Err(io::Error::other(format!("fd {} named twice", p.fd)));
             }
+            claim(p.fd)?;
             // SAFETY: the fd is open (poll did not flag it POLLNVAL), was handed to
-            // this image through the state document, and this call adopts each number
-            // once; nothing else in this process owns it.
+            // this image through the state document, and neither this call nor the
+            // restore's other claims adopted it before; nothing else in this process
+            // owns it.
             Ok(unsafe { OwnedFd::from_raw_fd(p.fd) })
         })
         .collect()
@@ -815,4 +867,49 @@ fn daemonize(kind: DaemonKind) -> io::Result<Option<OwnedFd>> {
         }
     }
     Ok(Some(wr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::IntoRawFd;
+
+    /// An fd number named twice in a state document is adopted once: the second claim
+    /// fails, whether it comes through `adopt_fd` or `adopt_inheritable_fds`.
+    #[test]
+    fn a_duplicated_fd_is_adopted_once() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (fa, fb) = (a.into_raw_fd(), b.into_raw_fd());
+        let claims = FdClaims::begin();
+        let first = adopt_fd(fa).unwrap();
+        let again = adopt_fd(fa).unwrap_err();
+        assert!(again.to_string().contains("claimed twice"), "{again}");
+        // Across the two entry points too (a client socket named as a log pipe).
+        let polled = adopt_inheritable_fds(&[fa, fb, fb]);
+        assert!(
+            polled[0].is_err(),
+            "fd {fa} was adopted as a client already"
+        );
+        assert!(polled[1].is_ok());
+        assert!(polled[2].is_err());
+        drop(claims);
+        drop(first);
+        drop(polled);
+    }
+
+    /// A claim scope ends with the restore: later restores start afresh.
+    #[test]
+    fn claims_end_with_their_scope() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fa = a.into_raw_fd();
+        let c = FdClaims::begin();
+        let owned = adopt_fd(fa).unwrap();
+        drop(c);
+        let _c = FdClaims::begin();
+        // Re-adopting the same number in a new restore is allowed (the old owner gives
+        // it up first, as `into_raw_fd` does at hand-off).
+        let raw = owned.into_raw_fd();
+        let again = adopt_fd(raw).unwrap();
+        drop(again);
+    }
 }
