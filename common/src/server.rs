@@ -404,6 +404,9 @@ impl Server {
                     }
                 },
                 r = run.changed() => if r.is_err() { break RunState::Quit },
+                // Lowered limits take effect at once, not after one more accept
+                // (accept is cancel-safe).
+                _ = self.changed.notified() => {}
             }
         };
         match end {
@@ -704,15 +707,25 @@ impl Server {
             Err(err) => {
                 let e = match err {
                     DispatchError::UnknownProcedure => {
-                        RpcError::rpc(format!("unknown procedure: {}", h.proc_))
+                        let e = RpcError::rpc(format!("unknown procedure: {}", h.proc_));
+                        self.call_refused(info, &e);
+                        e
                     }
                     DispatchError::Decode(x) => {
                         debug!(server = %self.name, "undecodable payload: {x}");
-                        RpcError::rpc("Unable to decode message payload")
+                        let e = RpcError::rpc("Unable to decode message payload");
+                        self.call_refused(info, &e);
+                        e
                     }
-                    DispatchError::Failed(e) => e,
+                    DispatchError::Failed(e) => {
+                        // A procedure's own refusal (a lease held elsewhere, a log
+                        // already open) is the caller's business, not a fault of ours:
+                        // info, where 9.0 logs every reported error at error level.
+                        let msg = e.message.as_deref().unwrap_or("(no message)");
+                        info!("{}: call failed: {msg}", who(&self.name, info));
+                        e
+                    }
                 };
-                self.call_refused(info, &e);
                 connection::write_all(stream, &protocol::encode_error_frame(&h, &e)).await?;
             }
         }
@@ -732,7 +745,8 @@ impl Server {
         error!("{}: protocol error, ignored: {why}", who(&self.name, info));
     }
 
-    /// A call answered with an error: 9.0 logs every reported error at error level.
+    /// A call refused by the RPC layer (unknown program or procedure, bad status,
+    /// undecodable arguments): logged at error level, as 9.0 does.
     fn call_refused(&self, info: &ClientInfo, e: &RpcError) {
         let msg = e.message.as_deref().unwrap_or("(no message)");
         error!("{}: {msg}", who(&self.name, info));

@@ -381,6 +381,26 @@ fn max_unauth_does_not_lock_out(kind: DaemonKind, service: Service) {
         );
         held.push(fresh);
     }
+    // max_clients does apply, at once: at the limit a new peer waits in the backlog
+    // (its PING unanswered) until the limit is raised.
+    let n = held.len().to_string();
+    let (ok, out) = virt_admin(&d, &["srv-clients-set", srv, "--max-clients", &n]);
+    assert!(
+        ok,
+        "{}: srv-clients-set --max-clients {n}: {out}",
+        d.label()
+    );
+    let mut waiting = d.connect();
+    assert_eq!(
+        waiting.outcome_after(&[]),
+        Outcome::Silent(vec![]),
+        "{}: a client beyond --max-clients {n} is not served",
+        d.label()
+    );
+    let (ok, out) = virt_admin(&d, &["srv-clients-set", srv, "--max-clients", "1024"]);
+    assert!(ok, "{}: raising --max-clients: {out}", d.label());
+    let pong = waiting.recv_ok("the waiting client's PING once the limit is raised");
+    assert!(is_pong(&pong.bytes), "{}", describe(&pong.bytes));
 }
 
 #[test]
