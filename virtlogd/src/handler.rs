@@ -839,6 +839,54 @@ mod tests {
         assert!(got == sent, "log content differs from what was written");
     }
 
+    /// OpenLogFile refuses a path that is not UTF-8 (the re-exec state could not name
+    /// it) and creates nothing; AppendLogFile and ReadLogFile use the exact bytes.
+    #[tokio::test]
+    async fn non_utf8_paths_are_not_opened_but_appended_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = dir.path().as_os_str().as_encoded_bytes().to_vec();
+        p.extend_from_slice(b"/vm-\xff.log");
+        let h = LogHandler::new(Limits {
+            max_size: 0,
+            max_backups: 0,
+        });
+        let e = h.open(owner(), &p, false).unwrap_err();
+        assert_eq!((e.code, e.domain), (code::INVALID_ARG, domain::LOGGING));
+        assert!(!path_of(&p).exists());
+        h.append(&p, b"exact\n").unwrap();
+        assert_eq!(std::fs::read(path_of(&p)).unwrap(), b"exact\n");
+        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path_of(&p)).unwrap());
+        assert_eq!(h.read(&p, ino, 0, 100).unwrap(), b"exact\n");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    /// Output that a failing rollover would have dropped reaches the file: the log's
+    /// backup name is a directory, and several max_sizes go through the pipe.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipe_output_survives_a_failing_rollover() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.log");
+        std::fs::create_dir(dir.path().join("vm.log.0")).unwrap();
+        std::fs::write(dir.path().join("vm.log.0/x"), b"x").unwrap();
+        let p = path.as_os_str().as_encoded_bytes().to_vec();
+        let h = LogHandler::new(Limits {
+            max_size: 4096,
+            max_backups: 1,
+        });
+        let (_, _, wr) = h.open(owner(), &p, false).unwrap();
+        let mut w = std::fs::File::from(wr);
+        let data: Vec<u8> = (0..50_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let sent = data.clone();
+        let writer = std::thread::spawn(move || w.write_all(&sent).map(|()| w));
+        let _w = tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.position(&p).unwrap().1, data.len() as u64);
+        assert!(std::fs::read(&path).unwrap() == data);
+    }
+
     /// The rotation check on open happens after the EBUSY check, as in 9.0.
     #[tokio::test]
     async fn second_open_is_busy() {

@@ -125,3 +125,34 @@ impl Program for LogProgram {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Work that blocks on the runtime's only worker does not stop other tasks: here
+    /// it waits for a message that only another task sends, which would never run if
+    /// the blocked call kept the worker.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn blocking_work_leaves_the_worker_to_others() {
+        let (tx, rx) = std::sync::mpsc::channel::<u32>();
+        let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+        // On the worker (not the test's own thread, which is no worker).
+        let blocked = tokio::spawn(async move {
+            let _ = started_tx.send(());
+            off_worker(|| rx.recv())
+        });
+        let sender = tokio::spawn(async move {
+            let _ = started.await;
+            tx.send(7).is_ok()
+        });
+        assert_eq!(blocked.await.unwrap(), Ok(7));
+        assert!(sender.await.unwrap());
+    }
+
+    /// Outside a multi-threaded runtime the work runs in place.
+    #[test]
+    fn without_a_runtime_the_work_runs_here() {
+        assert_eq!(off_worker(|| 3), 3);
+    }
+}

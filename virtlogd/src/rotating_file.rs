@@ -805,6 +805,178 @@ mod tests {
         assert!(got.starts_with(b"after\n"));
     }
 
+    fn described(e: &io::Error) -> String {
+        FileError::of(e)
+            .unwrap_or_else(|| panic!("undescribed error {e:?}"))
+            .to_string()
+    }
+
+    /// A FIFO is refused by the writer and the reader, with no peer (where a blocking
+    /// open would wait for ever) and with one.
+    #[test]
+    fn fifos_are_refused_without_waiting() {
+        let (_d, f) = setup();
+        nix::unistd::mkfifo(&f, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let is_fifo = |e: io::Error| matches!(FileError::of(&e), Some(FileError::Fifo { .. }));
+        assert!(is_fifo(
+            RotatingFileWriter::open(&f, 0, 0, false, MODE).unwrap_err()
+        ));
+        assert!(is_fifo(RotatingFileReader::open(&f, 2).unwrap_err()));
+        let _peer = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&f)
+            .unwrap();
+        assert!(is_fifo(
+            RotatingFileWriter::open(&f, 0, 0, false, MODE).unwrap_err()
+        ));
+    }
+
+    /// A regular file is written through a blocking fd (O_NONBLOCK was only for the
+    /// open); a device keeps O_NONBLOCK.
+    #[test]
+    fn only_devices_stay_nonblocking() {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let (_d, f) = setup();
+        let flags = |w: &RotatingFileWriter| {
+            OFlag::from_bits_truncate(fcntl(w.file.as_raw_fd(), FcntlArg::F_GETFL).unwrap())
+        };
+        let w = RotatingFileWriter::open(&f, 0, 0, false, MODE).unwrap();
+        assert!(!flags(&w).contains(OFlag::O_NONBLOCK));
+        assert!(flags(&w).contains(OFlag::O_APPEND));
+        let w = RotatingFileWriter::open("/dev/null", 0, 0, false, MODE).unwrap();
+        assert!(flags(&w).contains(OFlag::O_NONBLOCK));
+    }
+
+    /// Failures carry libvirt 9.0's texts.
+    #[test]
+    fn errors_are_described_as_in_9_0() {
+        let (d, f) = setup();
+        let missing = d.path().join("no/such.log");
+        let e = RotatingFileWriter::open(&missing, 0, 0, false, MODE).unwrap_err();
+        assert_eq!(
+            described(&e),
+            format!(
+                "Unable to open file: {}: No such file or directory (os error 2)",
+                missing.display()
+            )
+        );
+        let mut w = RotatingFileWriter::open("/dev/full", 0, 0, false, MODE).unwrap();
+        let e = w.append(b"x").unwrap_err();
+        assert_eq!(e.written, 0);
+        assert!(described(&e.error).starts_with("Unable to write to file /dev/full: "));
+        std::fs::create_dir(backup_path(&f, 1)).unwrap();
+        std::fs::write(backup_path(&f, 1).join("x"), b"x").unwrap();
+        let e = RotatingFileWriter::open(&f, 10, 2, true, MODE).unwrap_err();
+        assert!(described(&e).starts_with(&format!(
+            "Unable to delete file {}: ",
+            backup_path(&f, 1).display()
+        )));
+        let e = RotatingFileWriter::open("/dev/ptmx", 10, 2, false, MODE).unwrap_err();
+        assert!(described(&e).starts_with("Unable to determine current file offset: /dev/ptmx: "));
+        let mut r = RotatingFileReader::open(d.path(), 0).unwrap();
+        let ino = std::fs::metadata(d.path()).unwrap().ino();
+        r.seek(ino, 0).unwrap();
+        let e = r.read(10).unwrap_err();
+        assert!(described(&e).starts_with(&format!(
+            "Unable to read from file {}: ",
+            d.path().display()
+        )));
+    }
+
+    /// A write that stops part way says how many bytes made it: here the "file" is a
+    /// non-blocking pipe with one page of room.
+    #[test]
+    fn a_short_write_counts_what_was_written() {
+        let (_d, f) = setup();
+        let mut w = RotatingFileWriter::open(&f, 0, 0, false, MODE).unwrap();
+        let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+        let room = nix::fcntl::fcntl(wr.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(4096))
+            .unwrap() as usize;
+        w.file = File::from(wr);
+        let before = w.position();
+        let e = w.append(&vec![b'p'; room * 3]).unwrap_err();
+        assert_eq!(e.written, room);
+        assert_eq!(e.error.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(w.position(), before + room as u64);
+        drop(rd);
+    }
+
+    /// The backup's name is taken by a directory: appends go on past max_size (nothing
+    /// is lost, no error), and the retry comes after another max_size of data; once the
+    /// directory is gone it succeeds.
+    #[test]
+    fn failed_rollover_keeps_appending_and_retries_after_max_size() {
+        let (_d, f) = setup();
+        let b0 = backup_path(&f, 0);
+        std::fs::create_dir(&b0).unwrap();
+        std::fs::write(b0.join("x"), b"x").unwrap();
+        let mut w = RotatingFileWriter::open(&f, 100, 1, false, MODE).unwrap();
+        w.retry_after = Duration::from_secs(3600);
+        let ino = w.inode();
+        let data: Vec<u8> = (0..350u32).map(|i| b'a' + (i % 26) as u8).collect();
+        w.append_in_chunks(&data, 7).unwrap();
+        assert!(w.rollover_stalled());
+        assert_eq!((w.inode(), w.position()), (ino, 350));
+        assert_eq!(std::fs::read(&f).unwrap(), data);
+        std::fs::remove_dir_all(&b0).unwrap();
+        // The last failure was at 300 or a little after (the check is per chunk): the
+        // next try is due once the file is another 100 bytes further.
+        w.append(&[b'y'; 10]).unwrap();
+        assert!(w.rollover_stalled(), "not due yet");
+        let mut extra = 10;
+        while w.rollover_stalled() {
+            w.append(&[b'z'; 10]).unwrap();
+            extra += 10;
+            assert!(extra <= 120, "retried within max_size and a chunk");
+        }
+        assert_ne!(w.inode(), ino);
+        let old = std::fs::read(&b0).unwrap();
+        let new = std::fs::read(&f).unwrap();
+        assert_eq!(old.len() + new.len(), 350 + extra);
+        assert!(new.len() <= 100);
+        assert!(old.starts_with(&data));
+    }
+
+    /// The retry also comes after `retry_after`, however little was written.
+    #[test]
+    fn failed_rollover_retries_after_a_while() {
+        let (_d, f) = setup();
+        let b0 = backup_path(&f, 0);
+        std::fs::create_dir(&b0).unwrap();
+        std::fs::write(b0.join("x"), b"x").unwrap();
+        let mut w = RotatingFileWriter::open(&f, 100, 1, false, MODE).unwrap();
+        w.retry_after = Duration::from_secs(3600);
+        w.append(&[b'a'; 150]).unwrap();
+        assert!(w.rollover_stalled());
+        std::fs::remove_dir_all(&b0).unwrap();
+        w.append(b"b").unwrap();
+        assert!(w.rollover_stalled(), "not due yet");
+        w.retry_after = Duration::ZERO;
+        w.append(b"c").unwrap();
+        assert!(!w.rollover_stalled());
+        assert_eq!(std::fs::read(&f).unwrap(), b"c");
+        assert_eq!(std::fs::read(&b0).unwrap().len(), 151);
+    }
+
+    /// Splicing while a failed rollover waits never computes room past max_size (it
+    /// used to subtract `max_size - pos` unchecked).
+    #[test]
+    fn splice_past_max_size_while_stalled() {
+        let (_d, f) = setup();
+        let b0 = backup_path(&f, 0);
+        std::fs::create_dir(&b0).unwrap();
+        std::fs::write(b0.join("x"), b"x").unwrap();
+        let mut w = RotatingFileWriter::open(&f, 100, 1, false, MODE).unwrap();
+        w.retry_after = Duration::from_secs(3600);
+        w.append(&[b'a'; 150]).unwrap();
+        let (rd, wr) = nix::unistd::pipe().unwrap();
+        nix::unistd::write(&wr, &[b'b'; 30]).unwrap();
+        let (stop, n) = w.splice_batch(rd.as_fd(), 4, 1 << 20).unwrap();
+        assert_eq!((stop, n), (SpliceStop::Empty, 30));
+        assert_eq!(std::fs::read(&f).unwrap().len(), 180);
+    }
+
     /// Rollover never renames over an existing file (ext4 would force writeback of
     /// the renamed file), yet leaves the same files as libvirt's renames.
     #[test]
