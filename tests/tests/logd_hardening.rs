@@ -401,9 +401,10 @@ fn a_failing_rollover_loses_nothing_and_resumes() {
         d.stderr()
     );
 
-    // The obstacle goes; another max_size of output brings the retry.
+    // The obstacle goes; another max_size of output brings the retry (a few KiB more:
+    // the retry point is checked per 1 KiB piece of pipe data).
     fs::remove_dir_all(&backup).unwrap();
-    let second = numbered(1_000_000, SMALL + 777);
+    let second = numbered(1_000_000, SMALL + 4096);
     write_fd(&pipe, &second);
     let pos = c.roundtrip(&position_call(log.as_bytes()), "position");
     expect_ok(&pos, "position after the obstacle went");

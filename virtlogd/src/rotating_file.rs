@@ -356,10 +356,19 @@ impl RotatingFileWriter {
         self.room().is_some_and(|r| r < SPLICE_MIN as u64)
     }
 
-    /// Bytes that may still go into the current file before a rollover; `None` when no
-    /// rollover is due at all (no `max_size`, or a failed one not yet to be retried).
+    /// Bytes that may still go into the current file before a rollover, or before the
+    /// retry of a failed one falls due (a splice must not carry the file past that
+    /// point unnoticed); `None` without `max_size`.
     fn room(&self) -> Option<u64> {
-        (self.limit(self.pos) != 0).then(|| self.max_size.saturating_sub(self.pos))
+        if self.max_size == 0 {
+            return None;
+        }
+        Some(match self.stall {
+            Some(st) if self.limit(self.pos) == 0 => {
+                st.at.saturating_add(self.max_size).saturating_sub(self.pos)
+            }
+            _ => self.max_size.saturating_sub(self.pos),
+        })
     }
 
     /// The `max_size` the append algorithm works with when the file is at `vpos`: 0
@@ -967,14 +976,42 @@ mod tests {
         let b0 = backup_path(&f, 0);
         std::fs::create_dir(&b0).unwrap();
         std::fs::write(b0.join("x"), b"x").unwrap();
-        let mut w = RotatingFileWriter::open(&f, 100, 1, false, MODE).unwrap();
+        let mut w = RotatingFileWriter::open(&f, 10_000, 1, false, MODE).unwrap();
         w.retry_after = Duration::from_secs(3600);
-        w.append(&[b'a'; 150]).unwrap();
+        w.append(&[b'a'; 15_000]).unwrap();
         let (rd, wr) = nix::unistd::pipe().unwrap();
         nix::unistd::write(&wr, &[b'b'; 30]).unwrap();
         let (stop, n) = w.splice_batch(rd.as_fd(), 4, 1 << 20).unwrap();
         assert_eq!((stop, n), (SpliceStop::Empty, 30));
-        assert_eq!(std::fs::read(&f).unwrap().len(), 180);
+        assert_eq!(std::fs::read(&f).unwrap().len(), 15_030);
+    }
+
+    /// A splice stops where the retry of a failed rollover falls due, so a busy pipe
+    /// cannot carry the file past it: the bytes there go by read, and the retry happens.
+    #[test]
+    fn splice_stops_where_the_retry_is_due() {
+        let (_d, f) = setup();
+        let b0 = backup_path(&f, 0);
+        std::fs::create_dir(&b0).unwrap();
+        std::fs::write(b0.join("x"), b"x").unwrap();
+        let max = 10_000u64;
+        let mut w = RotatingFileWriter::open(&f, max, 1, false, MODE).unwrap();
+        w.retry_after = Duration::from_secs(3600);
+        w.append(&vec![b'a'; max as usize + 1]).unwrap();
+        assert!(w.rollover_stalled());
+        std::fs::remove_dir_all(&b0).unwrap();
+        let (rd, wr) = nix::unistd::pipe().unwrap();
+        nix::fcntl::fcntl(wr.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 16)).unwrap();
+        nix::unistd::write(&wr, &vec![b'b'; 10_000]).unwrap();
+        let (stop, n) = w.splice_batch(rd.as_fd(), 16, 1 << 20).unwrap();
+        // The failure was at 10000 (then one more byte went in): due at 20000.
+        assert_eq!((stop, n), (SpliceStop::Rollover, 9_999));
+        let mut rest = vec![0u8; 10_000 - n];
+        std::io::Read::read_exact(&mut File::from(rd), &mut rest).unwrap();
+        w.append_in_chunks(&rest, PIPE_CHUNK).unwrap();
+        assert!(!w.rollover_stalled(), "retried at the due point");
+        let (old, new) = (std::fs::read(&b0).unwrap(), std::fs::read(&f).unwrap());
+        assert_eq!((old.len(), new.len()), (20_000, 1));
     }
 
     /// Rollover never renames over an existing file (ext4 would force writeback of
