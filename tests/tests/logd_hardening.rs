@@ -427,6 +427,49 @@ fn a_failing_rollover_loses_nothing_and_resumes() {
     assert!(read_data(&r) == all, "ReadLogFile returns everything");
 }
 
+/// The retry also comes with time alone: after the obstacle goes, a log that only
+/// gets a short line now and then rolls over within a few seconds (the retry interval
+/// is 5 s), long before another max_size of data (which these lines would take minutes
+/// to reach).
+#[test]
+fn a_failing_rollover_is_retried_with_time_alone() {
+    let d = Daemon::spawn(
+        DaemonKind::Ours,
+        Service::Virtlogd,
+        &format!("max_size = {SMALL}\nmax_backups = 1\n"),
+    );
+    let log = format!("{QEMU_DIR}/slow.log");
+    let backup = d.host_path(format!("{log}.0"));
+    fs::create_dir(&backup).unwrap();
+    fs::write(backup.join("in the way"), b"x").unwrap();
+    let mut c = d.connect();
+    let f = c.roundtrip(&open_call(log.as_bytes(), 0), "open");
+    expect_ok(&f, "open");
+    let (inode, _) = log_position(&f.bytes).unwrap();
+    let pipe = f.fds.into_iter().next().unwrap();
+    let mut all = numbered(0, SMALL + 100);
+    write_fd(&pipe, &all);
+    let pos = c.roundtrip(&position_call(log.as_bytes()), "position");
+    assert_eq!(log_position(&pos.bytes), Some((inode, all.len() as u64)));
+    fs::remove_dir_all(&backup).unwrap();
+    let mut tick = 0;
+    wait_until("the stalled rollover is retried", || {
+        let line = format!("tick {tick}\n");
+        tick += 1;
+        write_fd(&pipe, line.as_bytes());
+        all.extend_from_slice(line.as_bytes());
+        let pos = c.roundtrip(&position_call(log.as_bytes()), "position");
+        log_position(&pos.bytes).is_some_and(|(i, _)| i != inode)
+    });
+    assert!(
+        tick < SMALL / 8,
+        "far less than another max_size was written"
+    );
+    let mut got = fs::read(&backup).expect("the old file is the backup now");
+    got.extend_from_slice(&fs::read(d.host_path(&log)).unwrap());
+    assert!(got == all, "backup + log hold everything, in order");
+}
+
 // ------------------------------------------------------------------------------------
 // 3. Error texts and limits, against 9.0
 // ------------------------------------------------------------------------------------
@@ -567,6 +610,22 @@ fn over_long_paths_close_the_connection_as_in_9_0() {
 // ------------------------------------------------------------------------------------
 // 4. Paths that are not UTF-8
 // ------------------------------------------------------------------------------------
+
+/// What 9.0 does with such a log: it opens it, then cannot write its re-exec state
+/// ("failed to convert virJSONValue to yajl data") and exits at the next SIGUSR1,
+/// taking every log with it. The reason ours refuses the open instead.
+#[test]
+fn c_9_0_dies_at_reexec_with_a_non_utf8_log() {
+    let mut d = Daemon::spawn(DaemonKind::C, Service::Virtlogd, "");
+    let mut raw = format!("{QEMU_DIR}/vm-").into_bytes();
+    raw.extend_from_slice(&[0xff, b'.', b'l', b'o', b'g']);
+    let mut c = d.connect();
+    let f = c.roundtrip(&open_call(&raw, 0), "open");
+    expect_ok(&f, "9.0 opens a non-UTF-8 path");
+    let pid = nix::unistd::Pid::from_raw(d.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).unwrap();
+    wait_until("9.0 exits at re-exec", || !d.is_running());
+}
 
 /// OpenLogFile refuses a path that is not UTF-8: the log would be named in the JSON
 /// re-exec state, which cannot carry such bytes, and the next image would reopen a
