@@ -14,9 +14,13 @@
 //! [`RotatingFileWriter::append_in_chunks`] replays that chunking for parity while
 //! issuing one `write(2)` per contiguous run of bytes that land in the same file.
 //!
-//! Errors are returned as plain [`io::Error`]s carrying the OS errno (when there is
-//! one) so the caller can build libvirt's message text ("Unable to open file: %s",
-//! "Unable to seek to inode %llu offset %llu", ...) around them.
+//! Errors are [`io::Error`]s that carry libvirt's description of the failed step
+//! ([`FileError`]: "Unable to open file: %s", "Unable to write to file %s", ...) and the
+//! errno, so the daemon replies with 9.0's text; a seek error is plain and described by
+//! the caller. Two departures from 9.0, both about never losing the daemon or the data:
+//! a FIFO is refused instead of blocking in open(2), and a rollover that fails leaves
+//! the writer appending past `max_size` until a later retry succeeds (see
+//! [`ROLLOVER_RETRY`]).
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
@@ -68,7 +72,7 @@ fn ignore_enoent(res: io::Result<()>) -> io::Result<()> {
 /// the OS error); [`FileError::of`] finds it again.
 #[derive(Debug)]
 pub enum FileError {
-    /// libvirt's text (before ": <strerror>") and the errno.
+    /// libvirt's text (before `: <strerror>`) and the errno.
     System { what: String, errno: i32 },
     /// The path names a FIFO: opening or reading it would wait for a peer that may never
     /// come (9.0 hangs there, with every other client).
@@ -113,7 +117,7 @@ impl std::fmt::Display for FileError {
 
 impl std::error::Error for FileError {}
 
-/// `with` adds libvirt's description to an error from this module's own syscalls.
+/// `described` gives an error from this module's own syscalls libvirt's description.
 trait Describe<T> {
     fn described(self, what: impl FnOnce() -> String) -> io::Result<T>;
 }
@@ -255,7 +259,9 @@ struct Stall {
     since: Instant,
 }
 
-/// At the latest, how long after a failed rollover it is tried again.
+/// At the latest, how long after a failed rollover it is tried again; it is also
+/// tried once another `max_size` bytes were written since the failure. Meanwhile the
+/// writer appends past `max_size` rather than dropping output.
 pub const ROLLOVER_RETRY: Duration = Duration::from_secs(5);
 
 /// An append that stopped at a failed write: how many of the bytes reached the file
@@ -351,7 +357,7 @@ impl RotatingFileWriter {
         self.pos
     }
 
-    /// True when [`Self::splice_from`] would decline: the next bytes may roll over.
+    /// True when [`Self::splice_batch`] would decline: the next bytes may roll over.
     pub fn at_rollover(&self) -> bool {
         self.room().is_some_and(|r| r < SPLICE_MIN as u64)
     }
@@ -411,7 +417,7 @@ impl RotatingFileWriter {
     /// Split points are those libvirt would produce for that chunking, but bytes that
     /// land in the same file are written with one `write(2)` (looping only on short
     /// writes / EINTR). `chunk == 0` means "one chunk". A rollover that fails does not
-    /// fail the append (see [`Stall`]); a write that fails does, and the error says how
+    /// fail the append (it is retried later, see [`ROLLOVER_RETRY`]); a write that fails does, and the error says how
     /// many bytes reached the file first ([`Self::position`] counts them too).
     pub fn append_in_chunks(&mut self, data: &[u8], chunk: usize) -> Result<(), PartialAppend> {
         let chunk = if chunk == 0 { data.len() } else { chunk };
