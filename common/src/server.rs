@@ -15,7 +15,7 @@
 //!   back *without* running the close hook, so that nothing held is released.
 
 use crate::connection::{self, Incoming, LengthWord, ReadEnd};
-use crate::error::RpcError;
+use crate::error::{RpcError, MESSAGE_STRING_MAX};
 use crate::protocol::{self, msg_type, status};
 use crate::xdr::XdrError;
 use std::any::Any;
@@ -726,6 +726,15 @@ impl Server {
                         e
                     }
                 };
+                // A text over the XDR string limit (an over-long path echoed back) cannot
+                // be encoded: libvirt then closes the connection without a reply.
+                let too_long = [&e.message, &e.str1, &e.str2, &e.str3]
+                    .iter()
+                    .any(|s| s.as_ref().is_some_and(|s| s.len() > MESSAGE_STRING_MAX));
+                if too_long {
+                    debug!(server = %self.name, client = info.id, "error reply too long; closing");
+                    return Ok(false);
+                }
                 connection::write_all(stream, &protocol::encode_error_frame(&h, &e)).await?;
             }
         }

@@ -7,7 +7,7 @@ use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{error, warn};
 use uuid::Uuid;
 use vh_common::config::DaemonConfig;
 use vh_common::daemon::{adopt_inheritable_fds, App, Daemon};
@@ -66,14 +66,23 @@ impl App for LogDaemon {
 
     async fn handoff(&self, daemon: DaemonState, magic: String) -> (String, Vec<RawFd>) {
         let handoff = self.handler.begin_handoff().await;
+        // Open refuses paths that are not UTF-8 (a JSON string cannot carry them); one
+        // that got here all the same is left out rather than named lossily, which
+        // would make the next image write to a different file.
         let files = handoff
             .logs()
-            .map(|l| LogFileState {
-                pipefd: l.pipe,
-                path: l.path.to_string_lossy().into_owned(),
-                driver: l.owner.driver.clone(),
-                domname: l.owner.domname.clone(),
-                domuuid: Uuid::from_bytes(l.owner.domuuid),
+            .filter_map(|l| {
+                let Some(path) = l.path.to_str() else {
+                    error!(path = ?l.path, "log path is not UTF-8; not handed over");
+                    return None;
+                };
+                Some(LogFileState {
+                    pipefd: l.pipe,
+                    path: path.to_owned(),
+                    driver: l.owner.driver.clone(),
+                    domname: l.owner.domname.clone(),
+                    domuuid: Uuid::from_bytes(l.owner.domuuid),
+                })
             })
             .collect();
         let doc = LogdState {

@@ -15,7 +15,9 @@
 //! still in the pipe.
 
 use crate::pump::{HandoffAcks, Pump};
-use crate::rotating_file::{RotatingFileReader, RotatingFileWriter, SpliceStop, PIPE_CHUNK};
+use crate::rotating_file::{
+    FileError, RotatingFileReader, RotatingFileWriter, SpliceStop, PIPE_CHUNK,
+};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -108,13 +110,7 @@ impl LogFile {
                 backups,
                 false,
                 LOG_MODE,
-            )
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("Unable to open file: {}: {e}", shown(&self.path)),
-                )
-            })?;
+            )?;
             *slot = Some(w);
         }
         slot.as_mut()
@@ -254,7 +250,9 @@ impl LogFile {
             if dropped == 0 {
                 error!(path = %self.path.display(), "cannot write log: {e}; dropping output until it can be written");
             }
-            self.dropped.fetch_add(data.len() as u64, Ordering::Relaxed);
+            // Exactly what did not reach the file.
+            let lost = data.len().saturating_sub(e.written);
+            self.dropped.fetch_add(lost as u64, Ordering::Relaxed);
         }
     }
 }
@@ -335,6 +333,18 @@ fn path_of(bytes: &[u8]) -> PathBuf {
 /// The text libvirt prints for a path (its bytes as a C string).
 fn shown(p: &Path) -> String {
     p.to_string_lossy().into_owned()
+}
+
+/// The error reply for a failed file operation: libvirt's text where the rotating file
+/// described the failure, else `fallback` (the text before ": <strerror>").
+fn file_error(e: &io::Error, fallback: impl FnOnce() -> String) -> RpcError {
+    match FileError::of(e) {
+        Some(FileError::System { what, errno }) => RpcError::system(domain::NONE, *errno, what),
+        Some(f @ FileError::Fifo { .. }) => {
+            RpcError::new(code::INVALID_ARG, domain::LOGGING, f.to_string())
+        }
+        None => RpcError::system(domain::NONE, errno_of(e), fallback()),
+    }
 }
 
 impl LogHandler {
@@ -418,6 +428,19 @@ impl LogHandler {
                 format!("Cannot open log file: '{}'", shown(&path)),
             ));
         }
+        // An open log is named in the re-exec state, a JSON string, which cannot hold
+        // other bytes than UTF-8: the next image would open a different file.
+        if path.to_str().is_none() {
+            return Err(RpcError::new(
+                code::INVALID_ARG,
+                domain::LOGGING,
+                format!(
+                    "log file path {:?} is not valid UTF-8, which the daemon's re-exec state \
+                     cannot carry",
+                    path.as_os_str()
+                ),
+            ));
+        }
         let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| RpcError::system(domain::LOGGING, e as i32, "Cannot create pipe"))?;
         let backups = self.check_backups()?;
@@ -428,13 +451,7 @@ impl LogHandler {
             truncate,
             LOG_MODE,
         )
-        .map_err(|e| {
-            RpcError::system(
-                domain::NONE,
-                errno_of(&e),
-                format!("Unable to open file: {}", shown(&path)),
-            )
-        })?;
+        .map_err(|e| file_error(&e, || format!("Unable to open file: {}", shown(&path))))?;
         let (inode, offset) = (writer.inode(), writer.position());
         self.install(rd, path, owner, Some(writer)).map_err(|e| {
             RpcError::system(domain::LOGGING, errno_of(&e), "Cannot watch log pipe")
@@ -510,7 +527,7 @@ impl LogHandler {
             file.drain_locked(w);
             (w.inode(), w.position())
         })
-        .map_err(|e| RpcError::system(domain::LOGGING, errno_of(&e), e.to_string()))
+        .map_err(|e| file_error(&e, || format!("Unable to open file: {}", shown(&path))))
     }
 
     /// DOMAIN_READ_LOG_FILE (flags and maxlen already checked by the caller).
@@ -528,13 +545,8 @@ impl LogHandler {
             // A failure here is the pump's to report; the read goes on regardless.
             let _ = file.with_writer(|w| file.drain_locked(w));
         }
-        let mut r = RotatingFileReader::open(path.clone(), backups).map_err(|e| {
-            RpcError::system(
-                domain::NONE,
-                errno_of(&e),
-                format!("Unable to open file: {}", shown(&path)),
-            )
-        })?;
+        let mut r = RotatingFileReader::open(path.clone(), backups)
+            .map_err(|e| file_error(&e, || format!("Unable to open file: {}", shown(&path))))?;
         r.seek(inode, offset).map_err(|e| {
             RpcError::system(
                 domain::NONE,
@@ -542,13 +554,9 @@ impl LogHandler {
                 format!("Unable to seek to inode {inode} offset {offset}"),
             )
         })?;
-        let mut data = r.read(maxlen.min(READ_MAX) as usize).map_err(|e| {
-            RpcError::system(
-                domain::NONE,
-                errno_of(&e),
-                format!("Unable to read from {}", shown(&path)),
-            )
-        })?;
+        let mut data = r
+            .read(maxlen.min(READ_MAX) as usize)
+            .map_err(|e| file_error(&e, || format!("Unable to read from file {}", shown(&path))))?;
         // libvirt builds the reply from a C string: it ends at the first NUL.
         if let Some(nul) = data.iter().position(|&b| b == 0) {
             data.truncate(nul);
@@ -565,19 +573,14 @@ impl LogHandler {
             Some(n) => &message[..n],
             None => message,
         };
-        let write_err = |e: io::Error| {
-            RpcError::system(
-                domain::NONE,
-                errno_of(&e),
-                format!("Unable to write to {}", shown(&path)),
-            )
-        };
+        let write_err =
+            |e: io::Error| file_error(&e, || format!("Unable to write to file {}", shown(&path)));
         if let Some(file) = self.lookup(&path) {
             // Output QEMU wrote before this call goes first.
             return file
                 .with_writer(|w| {
                     file.drain_locked(w);
-                    w.append(msg)
+                    w.append(msg).map_err(io::Error::from)
                 })
                 .and_then(|r| r)
                 .map_err(write_err);
@@ -585,14 +588,8 @@ impl LogHandler {
         let backups = self.check_backups()?;
         let mut w =
             RotatingFileWriter::open(path.clone(), self.limits.max_size, backups, false, LOG_MODE)
-                .map_err(|e| {
-                    RpcError::system(
-                        domain::NONE,
-                        errno_of(&e),
-                        format!("Unable to open file: {}", shown(&path)),
-                    )
-                })?;
-        w.append(msg).map_err(write_err)
+                .map_err(|e| file_error(&e, || format!("Unable to open file: {}", shown(&path))))?;
+        w.append(msg).map_err(|e| write_err(e.into()))
     }
 
     /// A re-exec has begun: the pump stops and prepares the hand-off while the
@@ -840,6 +837,54 @@ mod tests {
         got.extend(std::fs::read(&path).unwrap());
         assert_eq!(got.len(), sent.len());
         assert!(got == sent, "log content differs from what was written");
+    }
+
+    /// OpenLogFile refuses a path that is not UTF-8 (the re-exec state could not name
+    /// it) and creates nothing; AppendLogFile and ReadLogFile use the exact bytes.
+    #[tokio::test]
+    async fn non_utf8_paths_are_not_opened_but_appended_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = dir.path().as_os_str().as_encoded_bytes().to_vec();
+        p.extend_from_slice(b"/vm-\xff.log");
+        let h = LogHandler::new(Limits {
+            max_size: 0,
+            max_backups: 0,
+        });
+        let e = h.open(owner(), &p, false).unwrap_err();
+        assert_eq!((e.code, e.domain), (code::INVALID_ARG, domain::LOGGING));
+        assert!(!path_of(&p).exists());
+        h.append(&p, b"exact\n").unwrap();
+        assert_eq!(std::fs::read(path_of(&p)).unwrap(), b"exact\n");
+        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path_of(&p)).unwrap());
+        assert_eq!(h.read(&p, ino, 0, 100).unwrap(), b"exact\n");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    /// Output that a failing rollover would have dropped reaches the file: the log's
+    /// backup name is a directory, and several max_sizes go through the pipe.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipe_output_survives_a_failing_rollover() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.log");
+        std::fs::create_dir(dir.path().join("vm.log.0")).unwrap();
+        std::fs::write(dir.path().join("vm.log.0/x"), b"x").unwrap();
+        let p = path.as_os_str().as_encoded_bytes().to_vec();
+        let h = LogHandler::new(Limits {
+            max_size: 4096,
+            max_backups: 1,
+        });
+        let (_, _, wr) = h.open(owner(), &p, false).unwrap();
+        let mut w = std::fs::File::from(wr);
+        let data: Vec<u8> = (0..50_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let sent = data.clone();
+        let writer = std::thread::spawn(move || w.write_all(&sent).map(|()| w));
+        let _w = tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.position(&p).unwrap().1, data.len() as u64);
+        assert!(std::fs::read(&path).unwrap() == data);
     }
 
     /// The rotation check on open happens after the EBUSY check, as in 9.0.

@@ -120,9 +120,10 @@ impl Program for InspectProgram {
         _args: &[u8],
     ) -> Result<Reply, DispatchError> {
         match proc_ {
-            proc_::LIST_LOGS => Ok(Reply::payload(LogEntry::encode_list(&list_logs(
-                &self.handler,
-            )))),
+            // Off the workers: a log's lock may be held by a write that hangs.
+            proc_::LIST_LOGS => Ok(Reply::payload(LogEntry::encode_list(
+                &crate::program::off_worker(|| list_logs(&self.handler)),
+            ))),
             _ => Err(DispatchError::UnknownProcedure),
         }
     }

@@ -29,6 +29,24 @@ fn check_flags(flags: u32, function: &str) -> Result<(), RpcError> {
     Ok(())
 }
 
+/// Runs an RPC's file work so that it holds up only its own client. Every procedure
+/// opens, reads, writes or renames files (or waits for a file lock the pump holds while
+/// writing), and any of that can block for long: a file under a lease until the lease
+/// holder lets go, a hung NFS server for ever. On the daemon's multi-threaded runtime
+/// the calling worker hands its other tasks (every other client, the admin socket) to a
+/// fresh worker first, and this client's task waits on its own thread; the client
+/// does nothing else meanwhile anyway (one call at a time, as in libvirt). Outside such
+/// a runtime (unit tests) the work simply runs here.
+pub(crate) fn off_worker<R>(work: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
 fn position_reply(inode: u64, offset: u64) -> Vec<u8> {
     let mut e = Encoder::new();
     p::LogFilePosition { inode, offset }.encode(&mut e);
@@ -60,9 +78,9 @@ impl Program for LogProgram {
                     domname: a.dom.name,
                     domuuid: a.dom.uuid,
                 };
+                let truncate = a.flags & p::OPEN_TRUNCATE != 0;
                 let (inode, offset, wr) =
-                    self.handler
-                        .open(owner, &a.path, a.flags & p::OPEN_TRUNCATE != 0)?;
+                    off_worker(|| self.handler.open(owner, &a.path, truncate))?;
                 Ok(Reply {
                     payload: position_reply(inode, offset),
                     fds: vec![wr],
@@ -71,7 +89,7 @@ impl Program for LogProgram {
             proc_::DOMAIN_GET_LOG_FILE_POSITION => {
                 let a = p::GetLogFilePositionArgs::decode(&mut d)?;
                 check_flags(a.flags, "virLogHandlerDomainGetLogFilePosition")?;
-                let (inode, offset) = self.handler.position(&a.path)?;
+                let (inode, offset) = off_worker(|| self.handler.position(&a.path))?;
                 Ok(Reply::payload(position_reply(inode, offset)))
             }
             proc_::DOMAIN_READ_LOG_FILE => {
@@ -87,9 +105,10 @@ impl Program for LogProgram {
                     .into());
                 }
                 check_flags(a.flags, "virLogHandlerDomainReadLogFile")?;
-                let data = self
-                    .handler
-                    .read(&a.path, a.pos.inode, a.pos.offset, a.maxlen)?;
+                let data = off_worker(|| {
+                    self.handler
+                        .read(&a.path, a.pos.inode, a.pos.offset, a.maxlen)
+                })?;
                 let mut e = Encoder::new();
                 e.opaque(&data);
                 Ok(Reply::payload(e.into_inner()))
@@ -97,12 +116,43 @@ impl Program for LogProgram {
             proc_::DOMAIN_APPEND_LOG_FILE => {
                 let a = p::AppendLogFileArgs::decode(&mut d)?;
                 check_flags(a.flags, "virLogHandlerDomainAppendLogFile")?;
-                self.handler.append(&a.path, &a.message)?;
+                off_worker(|| self.handler.append(&a.path, &a.message))?;
                 let mut e = Encoder::new();
                 e.i32(0);
                 Ok(Reply::payload(e.into_inner()))
             }
             _ => Err(DispatchError::UnknownProcedure),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Work that blocks on the runtime's only worker does not stop other tasks: here
+    /// it waits for a message that only another task sends, which would never run if
+    /// the blocked call kept the worker.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn blocking_work_leaves_the_worker_to_others() {
+        let (tx, rx) = std::sync::mpsc::channel::<u32>();
+        let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+        // On the worker (not the test's own thread, which is no worker).
+        let blocked = tokio::spawn(async move {
+            let _ = started_tx.send(());
+            off_worker(|| rx.recv())
+        });
+        let sender = tokio::spawn(async move {
+            let _ = started.await;
+            tx.send(7).is_ok()
+        });
+        assert_eq!(blocked.await.unwrap(), Ok(7));
+        assert!(sender.await.unwrap());
+    }
+
+    /// Outside a multi-threaded runtime the work runs in place.
+    #[test]
+    fn without_a_runtime_the_work_runs_here() {
+        assert_eq!(off_worker(|| 3), 3);
     }
 }

@@ -14,9 +14,13 @@
 //! [`RotatingFileWriter::append_in_chunks`] replays that chunking for parity while
 //! issuing one `write(2)` per contiguous run of bytes that land in the same file.
 //!
-//! Errors are returned as plain [`io::Error`]s carrying the OS errno (when there is
-//! one) so the caller can build libvirt's message text ("Unable to open file: %s",
-//! "Unable to seek to inode %llu offset %llu", ...) around them.
+//! Errors are [`io::Error`]s that carry libvirt's description of the failed step
+//! ([`FileError`]: "Unable to open file: %s", "Unable to write to file %s", ...) and the
+//! errno, so the daemon replies with 9.0's text; a seek error is plain and described by
+//! the caller. Two departures from 9.0, both about never losing the daemon or the data:
+//! a FIFO is refused instead of blocking in open(2), and a rollover that fails leaves
+//! the writer appending past `max_size` until a later retry succeeds (see
+//! [`ROLLOVER_RETRY`]).
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
@@ -25,6 +29,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
 
 /// Size of one pipe read in the C daemon; split points are computed per chunk of this.
 pub const PIPE_CHUNK: usize = 1024;
@@ -59,6 +65,115 @@ fn ignore_enoent(res: io::Result<()>) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         other => other,
     }
+}
+
+/// A failed file operation, described as libvirt 9.0 describes it, so the daemon can
+/// send the same error text. It travels inside an [`io::Error`] (of the same kind as
+/// the OS error); [`FileError::of`] finds it again.
+#[derive(Debug)]
+pub enum FileError {
+    /// libvirt's text (before `: <strerror>`) and the errno.
+    System { what: String, errno: i32 },
+    /// The path names a FIFO: opening or reading it would wait for a peer that may never
+    /// come (9.0 hangs there, with every other client).
+    Fifo { path: PathBuf },
+}
+
+impl FileError {
+    /// The description carried by `e`, if it came from this module.
+    pub fn of(e: &io::Error) -> Option<&FileError> {
+        e.get_ref().and_then(|r| r.downcast_ref::<FileError>())
+    }
+
+    fn system(e: io::Error, what: String) -> io::Error {
+        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+        io::Error::new(e.kind(), FileError::System { what, errno })
+    }
+
+    fn fifo(path: &Path) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            FileError::Fifo {
+                path: path.to_path_buf(),
+            },
+        )
+    }
+}
+
+impl std::fmt::Display for FileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FileError::System { what, errno } => {
+                write!(f, "{what}: {}", io::Error::from_raw_os_error(*errno))
+            }
+            FileError::Fifo { path } => write!(
+                f,
+                "{} is a FIFO, not a log file: a FIFO blocks until its other end is opened",
+                path.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for FileError {}
+
+/// `described` gives an error from this module's own syscalls libvirt's description.
+trait Describe<T> {
+    fn described(self, what: impl FnOnce() -> String) -> io::Result<T>;
+}
+
+impl<T> Describe<T> for io::Result<T> {
+    fn described(self, what: impl FnOnce() -> String) -> io::Result<T> {
+        self.map_err(|e| {
+            if FileError::of(&e).is_some() {
+                e
+            } else {
+                FileError::system(e, what())
+            }
+        })
+    }
+}
+
+/// Opens `path` (O_CLOEXEC added) without ever waiting for a FIFO's other end: the
+/// open is O_NONBLOCK, a FIFO is refused (with or without a peer), and O_NONBLOCK is
+/// then cleared on a regular file. A device keeps it, so that one with nothing to say
+/// (a tty) answers EAGAIN instead of holding the call. A regular file under a lease
+/// (F_SETLEASE) says EWOULDBLOCK to a non-blocking open: that open started the lease
+/// break, and the file is opened again, blocking, to wait for its end as 9.0 does (the
+/// kernel bounds the wait by `fs.lease-break-time`). Also returns the file's metadata.
+fn open_no_wait(path: &Path, opts: &OpenOptions) -> io::Result<(File, std::fs::Metadata)> {
+    use std::os::unix::fs::FileTypeExt;
+    let first = opts
+        .clone()
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path);
+    let file = match first {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+            opts.clone().custom_flags(libc::O_CLOEXEC).open(path)?
+        }
+        // A writer's non-blocking open of a FIFO nobody reads.
+        Err(e)
+            if e.raw_os_error() == Some(libc::ENXIO)
+                && std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo()) =>
+        {
+            return Err(FileError::fifo(path))
+        }
+        Err(e) => return Err(e),
+    };
+    let meta = file
+        .metadata()
+        .described(|| format!("Unable to determine current file inode: {}", path.display()))?;
+    if meta.file_type().is_fifo() {
+        return Err(FileError::fifo(path));
+    }
+    if meta.file_type().is_file() {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let fd = file.as_raw_fd();
+        let fl = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+        fcntl(fd, FcntlArg::F_SETFL(fl & !OFlag::O_NONBLOCK))?;
+    }
+    Ok((file, meta))
 }
 
 /// Below this much room before a rollover, splicing is not worth it.
@@ -118,24 +233,73 @@ pub struct RotatingFileWriter {
     /// Bytes written to the current file according to our own count (not re-read from
     /// disk: an external truncate makes it drift, exactly as in libvirt).
     pos: u64,
+    /// Set while rollover keeps failing (see [`Stall`]).
+    stall: Option<Stall>,
+    /// A rollover moved (or, without backups, removed) the current file away from
+    /// `path` but could not open the new one: the retry only opens it.
+    displaced: bool,
+    /// How long a stalled rollover waits before it is tried again (at the latest).
+    retry_after: Duration,
     /// Number of `write(2)` calls issued, so tests can check the batching.
     #[cfg(test)]
     write_calls: usize,
 }
 
-/// Open `path` the way libvirt does and return the file, its end offset and inode.
+/// A rollover that failed (a backup name taken by a directory, an immutable or
+/// read-only backup, no inodes left): the writer keeps appending to the current file
+/// past `max_size` rather than dropping output, and tries again once another
+/// `max_size` bytes were written since the failure or [`ROLLOVER_RETRY`] has passed,
+/// whichever comes first. The first bound means a retry never costs more syscalls than
+/// a healthy log's rollovers would; the second that a slow log gets back under its
+/// size cap soon after the obstacle is gone.
+#[derive(Debug, Clone, Copy)]
+struct Stall {
+    /// `pos` when it failed.
+    at: u64,
+    since: Instant,
+}
+
+/// At the latest, how long after a failed rollover it is tried again; it is also
+/// tried once another `max_size` bytes were written since the failure. Meanwhile the
+/// writer appends past `max_size` rather than dropping output.
+pub const ROLLOVER_RETRY: Duration = Duration::from_secs(5);
+
+/// An append that stopped at a failed write: how many of the bytes reached the file
+/// (the rest are lost), and why.
+#[derive(Debug)]
+pub struct PartialAppend {
+    pub written: usize,
+    pub error: io::Error,
+}
+
+impl From<PartialAppend> for io::Error {
+    fn from(p: PartialAppend) -> io::Error {
+        p.error
+    }
+}
+
+impl std::fmt::Display for PartialAppend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (after {} bytes)", self.error, self.written)
+    }
+}
+
+/// Open `path` the way libvirt does and return the file, its end offset and inode,
+/// with libvirt's description of a failure.
 fn open_entry(path: &Path, mode: u32) -> io::Result<(File, u64, u64)> {
-    // std adds O_CLOEXEC itself; append(true) gives O_WRONLY|O_APPEND.
-    let mut file = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(mode)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)?;
-    // The position comes from lseek(END), the inode from fstat, like the C code.
-    let pos = file.seek(SeekFrom::End(0))?;
-    let inode = file.metadata()?.ino();
-    Ok((file, pos, inode))
+    // append(true) gives O_WRONLY|O_APPEND.
+    let mut opts = OpenOptions::new();
+    opts.append(true).create(true).mode(mode);
+    let (mut file, meta) = open_no_wait(path, &opts)
+        .described(|| format!("Unable to open file: {}", path.display()))?;
+    // The position comes from lseek(END), like the C code (a tty fails here, as in 9.0).
+    let pos = file.seek(SeekFrom::End(0)).described(|| {
+        format!(
+            "Unable to determine current file offset: {}",
+            path.display()
+        )
+    })?;
+    Ok((file, pos, meta.ino()))
 }
 
 impl RotatingFileWriter {
@@ -156,9 +320,9 @@ impl RotatingFileWriter {
         check_max_backups(max_backups)?;
         let backups: Vec<PathBuf> = (0..max_backups).map(|i| backup_path(&path, i)).collect();
         if truncate {
-            ignore_enoent(std::fs::remove_file(&path))?;
-            for b in &backups {
-                ignore_enoent(std::fs::remove_file(b))?;
+            for p in std::iter::once(&path).chain(&backups) {
+                ignore_enoent(std::fs::remove_file(p))
+                    .described(|| format!("Unable to delete file {}", p.display()))?;
             }
         }
         let (file, pos, inode) = open_entry(&path, mode)?;
@@ -170,6 +334,9 @@ impl RotatingFileWriter {
             file,
             inode,
             pos,
+            stall: None,
+            displaced: false,
+            retry_after: ROLLOVER_RETRY,
             #[cfg(test)]
             write_calls: 0,
         })
@@ -190,9 +357,43 @@ impl RotatingFileWriter {
         self.pos
     }
 
-    /// True when [`Self::splice_from`] would decline: the next bytes may roll over.
+    /// True when [`Self::splice_batch`] would decline: the next bytes may roll over.
     pub fn at_rollover(&self) -> bool {
-        self.max_size != 0 && self.pos.saturating_add(SPLICE_MIN as u64) > self.max_size
+        self.room().is_some_and(|r| r < SPLICE_MIN as u64)
+    }
+
+    /// Bytes that may still go into the current file before a rollover, or before the
+    /// retry of a failed one falls due (a splice must not carry the file past that
+    /// point unnoticed); `None` without `max_size`.
+    fn room(&self) -> Option<u64> {
+        if self.max_size == 0 {
+            return None;
+        }
+        Some(match self.stall {
+            Some(st) if self.limit(self.pos) == 0 => {
+                st.at.saturating_add(self.max_size).saturating_sub(self.pos)
+            }
+            _ => self.max_size.saturating_sub(self.pos),
+        })
+    }
+
+    /// The `max_size` the append algorithm works with when the file is at `vpos`: 0
+    /// (never roll over) while a failed rollover waits for its retry (see [`Stall`]).
+    fn limit(&self, vpos: u64) -> u64 {
+        match self.stall {
+            Some(st)
+                if vpos < st.at.saturating_add(self.max_size)
+                    && st.since.elapsed() < self.retry_after =>
+            {
+                0
+            }
+            _ => self.max_size,
+        }
+    }
+
+    /// Whether a rollover failed and has not succeeded since.
+    pub fn rollover_stalled(&self) -> bool {
+        self.stall.is_some()
     }
 
     /// Configured maximum size (0 = never roll over).
@@ -206,7 +407,7 @@ impl RotatingFileWriter {
     }
 
     /// Append `data` as a single call of libvirt's append algorithm.
-    pub fn append(&mut self, data: &[u8]) -> io::Result<()> {
+    pub fn append(&mut self, data: &[u8]) -> Result<(), PartialAppend> {
         self.append_in_chunks(data, data.len())
     }
 
@@ -215,12 +416,16 @@ impl RotatingFileWriter {
     ///
     /// Split points are those libvirt would produce for that chunking, but bytes that
     /// land in the same file are written with one `write(2)` (looping only on short
-    /// writes / EINTR). `chunk == 0` means "one chunk". On error the caller should
-    /// close the log, as virtlogd does; [`Self::position`] then counts only the bytes
-    /// that really reached the file.
-    pub fn append_in_chunks(&mut self, data: &[u8], chunk: usize) -> io::Result<()> {
+    /// writes / EINTR). `chunk == 0` means "one chunk". A rollover that fails does not
+    /// fail the append (it is retried later, see [`ROLLOVER_RETRY`]); a write that fails does, and the error says how
+    /// many bytes reached the file first ([`Self::position`] counts them too).
+    pub fn append_in_chunks(&mut self, data: &[u8], chunk: usize) -> Result<(), PartialAppend> {
         let chunk = if chunk == 0 { data.len() } else { chunk };
-        let max = self.max_size;
+        if self.displaced && self.backups.is_empty() {
+            // The current file is unlinked: nothing may go there.
+            self.try_rollover()
+                .map_err(|error| PartialAppend { written: 0, error })?;
+        }
         // data[flushed..off] has been accepted by the algorithm but not yet written.
         let mut flushed = 0usize;
         let mut off = 0usize;
@@ -229,6 +434,7 @@ impl RotatingFileWriter {
             while off < chunk_end {
                 // Where the file would be if the pending bytes were already written.
                 let vpos = self.pos + (off - flushed) as u64;
+                let max = self.limit(vpos);
                 let remaining = chunk_end - off;
                 let mut towrite = remaining;
                 let mut force = false;
@@ -252,13 +458,24 @@ impl RotatingFileWriter {
                 off += towrite;
                 let vpos = vpos + towrite as u64;
                 if max != 0 && (force || (vpos == max && off < chunk_end)) {
-                    self.write_all(&data[flushed..off])?;
+                    self.write_all(&data[flushed..off])
+                        .map_err(|(n, error)| PartialAppend {
+                            written: flushed + n,
+                            error,
+                        })?;
                     flushed = off;
-                    self.rollover()?;
+                    self.try_rollover().map_err(|error| PartialAppend {
+                        written: flushed,
+                        error,
+                    })?;
                 }
             }
         }
         self.write_all(&data[flushed..])
+            .map_err(|(n, error)| PartialAppend {
+                written: flushed + n,
+                error,
+            })
     }
 
     /// Moves bytes straight from `pipe` into the current file with splice(2): one copy
@@ -306,11 +523,9 @@ impl RotatingFileWriter {
             if self.at_rollover() {
                 return Ok((SpliceStop::Rollover, moved));
             }
-            let room = if self.max_size == 0 {
-                max
-            } else {
-                usize::try_from(self.max_size - self.pos).map_or(max, |r| r.min(max))
-            };
+            let room = self
+                .room()
+                .map_or(max, |r| usize::try_from(r).map_or(max, |r| r.min(max)));
             match splice(
                 pipe,
                 None,
@@ -337,45 +552,98 @@ impl RotatingFileWriter {
         Ok((SpliceStop::Budget, moved))
     }
 
-    /// One `write(2)` per call unless the kernel writes short; retries EINTR.
-    fn write_all(&mut self, mut buf: &[u8]) -> io::Result<()> {
-        while !buf.is_empty() {
+    /// One `write(2)` per call unless the kernel writes short; retries EINTR. On
+    /// failure, also says how many bytes were written first.
+    fn write_all(&mut self, buf: &[u8]) -> Result<(), (usize, io::Error)> {
+        let mut done = 0;
+        while done < buf.len() {
             #[cfg(test)]
             {
                 self.write_calls += 1;
             }
-            match self.file.write(buf) {
+            match self.file.write(&buf[done..]) {
                 Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "write returned 0 bytes",
-                    ))
+                    let e = io::Error::new(io::ErrorKind::WriteZero, "write returned 0 bytes");
+                    return Err((done, self.write_error(e)));
                 }
                 Ok(n) => {
                     self.pos += n as u64;
-                    buf = &buf[n..];
+                    done += n;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err((done, self.write_error(e))),
             }
         }
         Ok(())
     }
 
-    /// Shift the backups, then start a fresh primary file.
-    fn rollover(&mut self) -> io::Result<()> {
-        if self.backups.is_empty() {
-            ignore_enoent(std::fs::remove_file(&self.path))?;
-        } else {
-            // path.(N-2) -> path.(N-1), ..., path.0 -> path.1, then path -> path.0.
-            // A missing source is skipped, leaving its target as it was.
-            for i in (1..self.backups.len()).rev() {
-                ignore_enoent(shift(&self.backups[i - 1], &self.backups[i]))?;
+    fn write_error(&self, e: io::Error) -> io::Error {
+        FileError::system(
+            e,
+            format!("Unable to write to file {}", self.path.display()),
+        )
+    }
+
+    /// A rollover whose failure only stalls it (see [`Stall`]), except where the
+    /// current file is already gone from the directory (no backups, removed, and no new
+    /// file could be made): then the data has nowhere to go, and the error says so.
+    fn try_rollover(&mut self) -> io::Result<()> {
+        match self.rollover() {
+            Ok(()) => {
+                if self.stall.take().is_some() {
+                    info!(path = %self.path.display(), "log rolls over again");
+                }
+                Ok(())
             }
-            ignore_enoent(shift(&self.path, &self.backups[0]))?;
+            Err(e) if self.displaced && self.backups.is_empty() => Err(e),
+            Err(e) => {
+                if self.stall.is_none() {
+                    warn!(
+                        path = %self.path.display(),
+                        "cannot roll the log over: {e}; appending past max_size and trying \
+                         again after another {} bytes or {:?}",
+                        self.max_size,
+                        self.retry_after
+                    );
+                } else {
+                    debug!(path = %self.path.display(), "rollover still fails: {e}");
+                }
+                self.stall = Some(Stall {
+                    at: self.pos,
+                    since: Instant::now(),
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Shift the backups, then start a fresh primary file. On failure the current file
+    /// stays the one written to; `displaced` records whether it was already moved.
+    fn rollover(&mut self) -> io::Result<()> {
+        if !self.displaced {
+            if self.backups.is_empty() {
+                ignore_enoent(std::fs::remove_file(&self.path))
+                    .described(|| format!("Unable to remove {}", self.path.display()))?;
+            } else {
+                // path.(N-2) -> path.(N-1), ..., path.0 -> path.1, then path -> path.0.
+                // A missing source is skipped, leaving its target as it was.
+                for i in (0..self.backups.len()).rev() {
+                    let from = if i == 0 {
+                        &self.path
+                    } else {
+                        &self.backups[i - 1]
+                    };
+                    let to = &self.backups[i];
+                    ignore_enoent(shift(from, to)).described(|| {
+                        format!("Unable to rename {} to {}", from.display(), to.display())
+                    })?;
+                }
+            }
+            self.displaced = true;
         }
         // Only replace the old fd once the new one is open, like libvirt.
         let (file, pos, inode) = open_entry(&self.path, self.mode)?;
+        self.displaced = false;
         self.file = file;
         self.pos = pos;
         self.inode = inode;
@@ -415,13 +683,12 @@ impl RotatingFileReader {
             .map(|i| backup_path(&path, i))
             .chain(std::iter::once(path.clone()));
         for p in names {
-            let (file, inode) = match File::open(&p) {
-                Ok(f) => {
-                    let ino = f.metadata()?.ino();
-                    (Some(f), ino)
-                }
+            let (file, inode) = match open_no_wait(&p, OpenOptions::new().read(true)) {
+                Ok((f, meta)) => (Some(f), meta.ino()),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => (None, 0),
-                Err(e) => return Err(e),
+                Err(e) => {
+                    return Err(e).described(|| format!("Unable to open file: {}", p.display()))
+                }
             };
             entries.push(ReaderEntry {
                 path: p,
@@ -468,7 +735,9 @@ impl RotatingFileReader {
             };
             let want = (maxlen - out.len()) as u64;
             // read_to_end retries EINTR and stops at EOF or at `want` bytes.
-            let got = Read::take(file, want).read_to_end(&mut out)?;
+            let got = Read::take(file, want)
+                .read_to_end(&mut out)
+                .described(|| format!("Unable to read from file {}", entry.path.display()))?;
             if (got as u64) < want {
                 // Hit end of this file.
                 self.current += 1;
@@ -549,6 +818,206 @@ mod tests {
         let got = std::fs::read(&f).unwrap();
         assert_eq!(got.len(), 6 + 5000);
         assert!(got.starts_with(b"after\n"));
+    }
+
+    fn described(e: &io::Error) -> String {
+        FileError::of(e)
+            .unwrap_or_else(|| panic!("undescribed error {e:?}"))
+            .to_string()
+    }
+
+    /// A FIFO is refused by the writer and the reader, with no peer (where a blocking
+    /// open would wait for ever) and with one.
+    #[test]
+    fn fifos_are_refused_without_waiting() {
+        let (_d, f) = setup();
+        nix::unistd::mkfifo(&f, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let is_fifo = |e: io::Error| matches!(FileError::of(&e), Some(FileError::Fifo { .. }));
+        assert!(is_fifo(
+            RotatingFileWriter::open(&f, 0, 0, false, MODE).unwrap_err()
+        ));
+        assert!(is_fifo(RotatingFileReader::open(&f, 2).unwrap_err()));
+        let _peer = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&f)
+            .unwrap();
+        assert!(is_fifo(
+            RotatingFileWriter::open(&f, 0, 0, false, MODE).unwrap_err()
+        ));
+    }
+
+    /// A regular file is written through a blocking fd (O_NONBLOCK was only for the
+    /// open); a device keeps O_NONBLOCK.
+    #[test]
+    fn only_devices_stay_nonblocking() {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let (_d, f) = setup();
+        let flags = |w: &RotatingFileWriter| {
+            OFlag::from_bits_truncate(fcntl(w.file.as_raw_fd(), FcntlArg::F_GETFL).unwrap())
+        };
+        let w = RotatingFileWriter::open(&f, 0, 0, false, MODE).unwrap();
+        assert!(!flags(&w).contains(OFlag::O_NONBLOCK));
+        assert!(flags(&w).contains(OFlag::O_APPEND));
+        let w = RotatingFileWriter::open("/dev/null", 0, 0, false, MODE).unwrap();
+        assert!(flags(&w).contains(OFlag::O_NONBLOCK));
+    }
+
+    /// Failures carry libvirt 9.0's texts.
+    #[test]
+    fn errors_are_described_as_in_9_0() {
+        let (d, f) = setup();
+        let missing = d.path().join("no/such.log");
+        let e = RotatingFileWriter::open(&missing, 0, 0, false, MODE).unwrap_err();
+        assert_eq!(
+            described(&e),
+            format!(
+                "Unable to open file: {}: No such file or directory (os error 2)",
+                missing.display()
+            )
+        );
+        let mut w = RotatingFileWriter::open("/dev/full", 0, 0, false, MODE).unwrap();
+        let e = w.append(b"x").unwrap_err();
+        assert_eq!(e.written, 0);
+        assert!(described(&e.error).starts_with("Unable to write to file /dev/full: "));
+        std::fs::create_dir(backup_path(&f, 1)).unwrap();
+        std::fs::write(backup_path(&f, 1).join("x"), b"x").unwrap();
+        let e = RotatingFileWriter::open(&f, 10, 2, true, MODE).unwrap_err();
+        assert!(described(&e).starts_with(&format!(
+            "Unable to delete file {}: ",
+            backup_path(&f, 1).display()
+        )));
+        let e = RotatingFileWriter::open("/dev/ptmx", 10, 2, false, MODE).unwrap_err();
+        assert!(described(&e).starts_with("Unable to determine current file offset: /dev/ptmx: "));
+        let mut r = RotatingFileReader::open(d.path(), 0).unwrap();
+        let ino = std::fs::metadata(d.path()).unwrap().ino();
+        r.seek(ino, 0).unwrap();
+        let e = r.read(10).unwrap_err();
+        assert!(described(&e).starts_with(&format!(
+            "Unable to read from file {}: ",
+            d.path().display()
+        )));
+    }
+
+    /// A write that stops part way says how many bytes made it: here the "file" is a
+    /// non-blocking pipe with one page of room.
+    #[test]
+    fn a_short_write_counts_what_was_written() {
+        let (_d, f) = setup();
+        let mut w = RotatingFileWriter::open(&f, 0, 0, false, MODE).unwrap();
+        let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+        let room = nix::fcntl::fcntl(wr.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(4096))
+            .unwrap() as usize;
+        w.file = File::from(wr);
+        let before = w.position();
+        let e = w.append(&vec![b'p'; room * 3]).unwrap_err();
+        assert_eq!(e.written, room);
+        assert_eq!(e.error.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(w.position(), before + room as u64);
+        drop(rd);
+    }
+
+    /// The backup's name is taken by a directory: appends go on past max_size (nothing
+    /// is lost, no error), and the retry comes after another max_size of data; once the
+    /// directory is gone it succeeds.
+    #[test]
+    fn failed_rollover_keeps_appending_and_retries_after_max_size() {
+        let (_d, f) = setup();
+        let b0 = backup_path(&f, 0);
+        std::fs::create_dir(&b0).unwrap();
+        std::fs::write(b0.join("x"), b"x").unwrap();
+        let mut w = RotatingFileWriter::open(&f, 100, 1, false, MODE).unwrap();
+        w.retry_after = Duration::from_secs(3600);
+        let ino = w.inode();
+        let data: Vec<u8> = (0..350u32).map(|i| b'a' + (i % 26) as u8).collect();
+        w.append_in_chunks(&data, 7).unwrap();
+        assert!(w.rollover_stalled());
+        assert_eq!((w.inode(), w.position()), (ino, 350));
+        assert_eq!(std::fs::read(&f).unwrap(), data);
+        std::fs::remove_dir_all(&b0).unwrap();
+        // The last failure was at 300 or a little after (the check is per chunk): the
+        // next try is due once the file is another 100 bytes further.
+        w.append(&[b'y'; 10]).unwrap();
+        assert!(w.rollover_stalled(), "not due yet");
+        let mut extra = 10;
+        while w.rollover_stalled() {
+            w.append(&[b'z'; 10]).unwrap();
+            extra += 10;
+            assert!(extra <= 120, "retried within max_size and a chunk");
+        }
+        assert_ne!(w.inode(), ino);
+        let old = std::fs::read(&b0).unwrap();
+        let new = std::fs::read(&f).unwrap();
+        assert_eq!(old.len() + new.len(), 350 + extra);
+        assert!(new.len() <= 100);
+        assert!(old.starts_with(&data));
+    }
+
+    /// The retry also comes after `retry_after`, however little was written.
+    #[test]
+    fn failed_rollover_retries_after_a_while() {
+        let (_d, f) = setup();
+        let b0 = backup_path(&f, 0);
+        std::fs::create_dir(&b0).unwrap();
+        std::fs::write(b0.join("x"), b"x").unwrap();
+        let mut w = RotatingFileWriter::open(&f, 100, 1, false, MODE).unwrap();
+        w.retry_after = Duration::from_secs(3600);
+        w.append(&[b'a'; 150]).unwrap();
+        assert!(w.rollover_stalled());
+        std::fs::remove_dir_all(&b0).unwrap();
+        w.append(b"b").unwrap();
+        assert!(w.rollover_stalled(), "not due yet");
+        w.retry_after = Duration::ZERO;
+        w.append(b"c").unwrap();
+        assert!(!w.rollover_stalled());
+        assert_eq!(std::fs::read(&f).unwrap(), b"c");
+        assert_eq!(std::fs::read(&b0).unwrap().len(), 151);
+    }
+
+    /// Splicing while a failed rollover waits never computes room past max_size (it
+    /// used to subtract `max_size - pos` unchecked).
+    #[test]
+    fn splice_past_max_size_while_stalled() {
+        let (_d, f) = setup();
+        let b0 = backup_path(&f, 0);
+        std::fs::create_dir(&b0).unwrap();
+        std::fs::write(b0.join("x"), b"x").unwrap();
+        let mut w = RotatingFileWriter::open(&f, 10_000, 1, false, MODE).unwrap();
+        w.retry_after = Duration::from_secs(3600);
+        w.append(&[b'a'; 15_000]).unwrap();
+        let (rd, wr) = nix::unistd::pipe().unwrap();
+        nix::unistd::write(&wr, &[b'b'; 30]).unwrap();
+        let (stop, n) = w.splice_batch(rd.as_fd(), 4, 1 << 20).unwrap();
+        assert_eq!((stop, n), (SpliceStop::Empty, 30));
+        assert_eq!(std::fs::read(&f).unwrap().len(), 15_030);
+    }
+
+    /// A splice stops where the retry of a failed rollover falls due, so a busy pipe
+    /// cannot carry the file past it: the bytes there go by read, and the retry happens.
+    #[test]
+    fn splice_stops_where_the_retry_is_due() {
+        let (_d, f) = setup();
+        let b0 = backup_path(&f, 0);
+        std::fs::create_dir(&b0).unwrap();
+        std::fs::write(b0.join("x"), b"x").unwrap();
+        let max = 10_000u64;
+        let mut w = RotatingFileWriter::open(&f, max, 1, false, MODE).unwrap();
+        w.retry_after = Duration::from_secs(3600);
+        w.append(&vec![b'a'; max as usize + 1]).unwrap();
+        assert!(w.rollover_stalled());
+        std::fs::remove_dir_all(&b0).unwrap();
+        let (rd, wr) = nix::unistd::pipe().unwrap();
+        nix::fcntl::fcntl(wr.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 16)).unwrap();
+        nix::unistd::write(&wr, &vec![b'b'; 10_000]).unwrap();
+        let (stop, n) = w.splice_batch(rd.as_fd(), 16, 1 << 20).unwrap();
+        // The failure was at 10000 (then one more byte went in): due at 20000.
+        assert_eq!((stop, n), (SpliceStop::Rollover, 9_999));
+        let mut rest = vec![0u8; 10_000 - n];
+        std::io::Read::read_exact(&mut File::from(rd), &mut rest).unwrap();
+        w.append_in_chunks(&rest, PIPE_CHUNK).unwrap();
+        assert!(!w.rollover_stalled(), "retried at the due point");
+        let (old, new) = (std::fs::read(&b0).unwrap(), std::fs::read(&f).unwrap());
+        assert_eq!((old.len(), new.len()), (20_000, 1));
     }
 
     /// Rollover never renames over an existing file (ext4 would force writeback of
