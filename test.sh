@@ -4,18 +4,80 @@
 # comparisons, and the interop test with real libvirtd 9.0 + QEMU (TCG).
 #
 # Needs root (the integration tests run each daemon, ours and C, in system mode
-# inside a private mount namespace). On a fresh Debian 12 machine it installs
-# the peers it needs (libvirt 9.0, QEMU) first; a missing peer fails the run.
+# inside a private mount namespace) and the Rust toolchain. On a fresh Debian 12
+# machine it installs the peers it needs (libvirt 9.0, QEMU, a C linker) first;
+# a missing peer fails the run, nothing is skipped.
+#
+# Every stage runs even if an earlier test stage failed; the output ends with a
+# summary of what ran (one line per test binary, the interop checks) and the
+# script exits non-zero if anything failed. Full logs: target/test-logs/.
 set -euo pipefail
 cd "$(dirname "$0")"
-if [[ $(id -u) != 0 ]]; then
-    echo "test.sh: the integration tests need root (mount namespaces, system-mode daemons)" >&2
-    exit 1
-fi
-.ci/install-deps
-cargo build --workspace --all-targets
+
+fatal() { printf 'test.sh: FAILED: %s\n' "$*" >&2; exit 1; }
+on_err() { printf 'test.sh: FAILED: line %s: "%s" exited %s\n' "$1" "$2" "$3" >&2; }
+trap 'on_err "$LINENO" "$BASH_COMMAND" "$?"' ERR
+
+[[ $(id -u) == 0 ]] || fatal "the integration tests need root (mount namespaces, system-mode daemons)"
+command -v cargo >/dev/null 2>&1 ||
+    fatal "cargo not found on PATH (the Rust toolchain, ~/.cargo/bin, is a prerequisite)"
+
+.ci/install-deps || fatal ".ci/install-deps failed (see its ERROR line above)"
+cargo build --workspace --all-targets || fatal "cargo build failed"
+
+LOGS=$PWD/target/test-logs
+mkdir -p "$LOGS"
+t0=$SECONDS
+
 # Integration tests spawn the daemons from target/debug; they were built above.
-cargo test --workspace --no-fail-fast -- --test-threads=2
+set +e; trap - ERR
+cargo test --workspace --no-fail-fast -- --test-threads=2 2>&1 | tee "$LOGS/cargo-test.log"
+cargo_rc=${PIPESTATUS[0]}
 # INTEROP_REEXEC=1 adds the zero-downtime upgrade under a live guest: C -> ours -> C.
 INTEROP_REEXEC=1 VIRTLOGD_BIN="$PWD/target/debug/virtlogd" VIRTLOCKD_BIN="$PWD/target/debug/virtlockd" \
-    tests/interop/run.sh
+    tests/interop/run.sh 2>&1 | tee "$LOGS/interop.log"
+interop_rc=${PIPESTATUS[0]}
+set -e; trap 'on_err "$LINENO" "$BASH_COMMAND" "$?"' ERR
+
+# ------------------------------------------------------------------ summary
+echo
+echo "==================================== summary ===================================="
+# One line per test binary: cargo prints "Running SRC (target/.../deps/NAME-HASH)" or
+# "Doc-tests NAME" before each binary's "test result:" line.
+awk '
+    /^ +Running / {
+        bin = $NF; gsub(/[()]/, "", bin); sub(/.*\//, "", bin); sub(/-[0-9a-f]+$/, "", bin)
+        src = ($2 == "unittests") ? $3 : $2
+        name = bin " " src; next
+    }
+    /^ +Doc-tests / { name = $2 " doc-tests"; next }
+    # cargo lists the failed tests under a second "failures:" heading.
+    /^failures:$/ { inf = 1; next }
+    inf && /^(---- |test result)/ { inf = 0 }
+    inf && /^    [^ ]/ { sub(/^ +/, ""); failed[++nf] = name ": " $0; next }
+    /^test result: / {
+        r = $0; sub(/^test result: /, "", r); sub(/; [0-9]+ measured.*/, "", r)
+        printf "  %-48s %s\n", name, r
+        for (i = 1; i <= NF; i++) {
+            if ($i ~ /^passed/) p += $(i - 1)
+            if ($i ~ /^failed/) f += $(i - 1)
+            if ($i ~ /^ignored/) ig += $(i - 1)
+        }
+        n++
+    }
+    END {
+        for (i = 1; i <= nf; i++) printf "  FAILED %s\n", failed[i]
+        printf "cargo test: %d binaries, %d passed, %d failed, %d ignored\n", n, p, f, ig
+    }' "$LOGS/cargo-test.log"
+[[ $cargo_rc == 0 ]] || echo "cargo test exited $cargo_rc"
+grep -E '^FAIL ' "$LOGS/interop.log" | sed 's/^/  interop /' || true
+ip=$(grep -c '^PASS ' "$LOGS/interop.log" || true)
+if_=$(grep -c '^FAIL ' "$LOGS/interop.log" || true)
+echo "interop (libvirtd 9.0 + QEMU TCG, tests/interop/run.sh): $ip checks passed, $if_ failed, exit $interop_rc"
+echo "logs: $LOGS/cargo-test.log, $LOGS/interop.log; test time $((SECONDS - t0)) s"
+if [[ $cargo_rc == 0 && $interop_rc == 0 && $if_ == 0 ]]; then
+    echo "test.sh: ALL PASSED"
+else
+    echo "test.sh: FAILED"
+    exit 1
+fi
