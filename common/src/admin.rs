@@ -983,10 +983,7 @@ mod tests {
     }
 
     fn replay(file: &str, main_name: &str, main_first: bool) -> usize {
-        let path = format!(
-            "{}/../../shared/fixtures/{file}",
-            env!("CARGO_MANIFEST_DIR")
-        );
+        let path = format!("{}/../fixtures/{file}", env!("CARGO_MANIFEST_DIR"));
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         let conns: serde_json::Value = serde_json::from_str(&text).unwrap();
         let conns = conns.as_array().unwrap();

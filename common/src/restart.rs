@@ -1493,10 +1493,14 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::io::AsRawFd;
 
-    const LOGD_FIXTURE: &str =
-        include_str!("../../../shared/fixtures/virtlogd-9.0-restart-exec.json");
-    const LOCKD_FIXTURE: &str =
-        include_str!("../../../shared/fixtures/virtlockd-9.0-restart-exec.json");
+    const LOGD_FIXTURE: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fixtures/virtlogd-9.0-restart-exec.json"
+    ));
+    const LOCKD_FIXTURE: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fixtures/virtlockd-9.0-restart-exec.json"
+    ));
 
     fn value(text: &str) -> Value {
         serde_json::from_str(text).expect("fixture is JSON")

@@ -1,5 +1,5 @@
 //! Conformance: replay the client side of libvirt 9.0's captured wire transcripts
-//! (`/work/shared/fixtures/*-transcripts.json`) and compare every reply byte for byte.
+//! (`fixtures/*-transcripts.json`) and compare every reply byte for byte.
 //!
 //! Each replay runs against **our** daemon (the subject) and against the **C** 9.0 daemon
 //! (the control): if the control fails, the replay itself is wrong, not our daemon.
