@@ -1,13 +1,15 @@
 //! virtlogd's part of the daemon front-end: the log handler behind the main server,
-//! and the `handler` section of the re-exec state.
+//! the `handler` section of the re-exec state, and the daily log cleaner's timer.
 
+use crate::cleaner;
 use crate::handler::{HandedOffLog, Limits, LogHandler, LogOwner};
 use crate::program::LogProgram;
 use std::os::fd::RawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 use uuid::Uuid;
 use vh_common::config::DaemonConfig;
 use vh_common::daemon::{adopt_inheritable_fds, App, Daemon};
@@ -18,6 +20,66 @@ use vh_common::server::{ClientHooks, NoHooks, Program, RunState};
 pub struct LogDaemon {
     pub handler: Arc<LogHandler>,
     mode: Mode,
+}
+
+/// 11.3's cleaner timer: when `max_age_days` > 0, a pass 24 h after start and every
+/// 24 h after that, each on a blocking thread (it walks and unlinks files).
+fn schedule_cleaner(handler: &Arc<LogHandler>, config: &DaemonConfig) {
+    let settings = cleaner::Settings {
+        max_age_days: config.max_age_days,
+        max_backups: config.max_backups,
+        log_root: config.log_root.clone(),
+    };
+    if !settings.enabled() {
+        return;
+    }
+    let handler = Arc::downgrade(handler);
+    tokio::spawn(async move {
+        let first = tokio::time::Instant::now() + cleaner::PERIOD;
+        let mut tick = tokio::time::interval_at(first, cleaner::PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(handler) = handler.upgrade() else {
+                return;
+            };
+            let s = settings.clone();
+            let pass = tokio::task::spawn_blocking(move || clean_once(&handler, &s));
+            if let Err(e) = pass.await {
+                warn!("log cleaner pass failed: {e}");
+            }
+        }
+    });
+}
+
+/// One cleaner pass against the live table of open logs.
+fn clean_once(handler: &LogHandler, settings: &cleaner::Settings) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let open = handler.open_paths();
+    // Per expired chain, with opens held off: only the open logs whose file name starts
+    // with the chain's can be in it.
+    let gate = |chain: &std::path::Path, delete: &mut dyn FnMut()| {
+        handler.without_opens(|| {
+            let name = chain.file_name().map(|n| n.as_bytes()).unwrap_or_default();
+            let candidates: Vec<PathBuf> = handler
+                .open_paths()
+                .into_iter()
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.as_bytes().starts_with(name))
+                })
+                .collect();
+            if !cleaner::open_chains(&candidates).contains(chain) {
+                delete();
+            }
+        })
+    };
+    let report = cleaner::pass(settings, now, &open, &gate);
+    for p in &report.deleted {
+        info!(path = %p.display(), "log cleaner deleted");
+    }
 }
 
 impl App for LogDaemon {
@@ -38,6 +100,7 @@ impl App for LogDaemon {
                 }
             }
         });
+        schedule_cleaner(&handler, config);
         LogDaemon { handler, mode }
     }
 
@@ -142,5 +205,77 @@ impl App for LogDaemon {
     async fn shutdown(&self) {
         let handler = self.handler.clone();
         let _ = tokio::task::spawn_blocking(move || handler.shutdown()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use filetime::{set_file_mtime, FileTime};
+    use std::path::Path;
+    use std::time::{Duration, Instant, SystemTime};
+
+    fn aged(p: &Path, days: u64) {
+        std::fs::write(p, b"x").unwrap();
+        let t = SystemTime::now() - Duration::from_secs(days * 86_400);
+        set_file_mtime(p, FileTime::from_system_time(t)).unwrap();
+    }
+
+    /// Waits (in real time, bounded) for a blocking pass to have removed `p`.
+    async fn gone(p: &Path) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while p.exists() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// 11.3's timer: nothing before 24 h, a pass at 24 h, another 24 h later; logs the
+    /// daemon holds open are kept.
+    #[tokio::test(start_paused = true)]
+    async fn cleaner_runs_24h_after_start_then_daily() {
+        let t = tempfile::tempdir().unwrap();
+        let config = DaemonConfig {
+            max_age_days: 2,
+            log_root: t.path().to_str().unwrap().to_string(),
+            ..DaemonConfig::default()
+        };
+        let handler = LogHandler::new(Limits {
+            max_size: config.max_size,
+            max_backups: config.max_backups,
+        });
+        let open = t.path().join("held.log");
+        aged(&open, 30);
+        let owner = LogOwner {
+            driver: "qemu".into(),
+            domname: "held".into(),
+            domuuid: [1; 16],
+        };
+        let (_, _, _wr) = handler
+            .open(owner, open.as_os_str().as_bytes(), false)
+            .unwrap();
+        aged(&open, 30);
+        let first = t.path().join("a.log");
+        aged(&first, 3);
+        schedule_cleaner(&handler, &config);
+
+        tokio::time::sleep(cleaner::PERIOD - Duration::from_secs(60)).await;
+        assert!(first.exists(), "no pass before 24 h");
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(gone(&first).await, "the first pass runs at 24 h");
+
+        let second = t.path().join("qemu").join("b.log");
+        std::fs::create_dir_all(second.parent().unwrap()).unwrap();
+        aged(&second, 3);
+        tokio::time::sleep(cleaner::PERIOD - Duration::from_secs(600)).await;
+        assert!(second.exists(), "no second pass before another 24 h");
+        tokio::time::sleep(Duration::from_secs(1200)).await;
+        assert!(gone(&second).await, "the second pass runs 24 h later");
+        assert!(open.exists(), "an open log's chain is never deleted");
+        handler.shutdown();
     }
 }
