@@ -59,7 +59,9 @@ pub struct FrameReader {
     len_got: usize,
     /// Body length announced by the length word (valid once `len_got == 4`).
     total: usize,
+    /// Room for the body, grown step by step; `filled` bytes of it have arrived.
     body: Vec<u8>,
+    filled: usize,
     /// Parsed once the body is complete.
     raw: Option<protocol::RawMessage>,
     fds: Vec<OwnedFd>,
@@ -73,7 +75,7 @@ impl FrameReader {
 
     /// Bytes consumed of the current frame (length word included).
     pub fn consumed(&self) -> usize {
-        self.len_got + self.body.len()
+        self.len_got + self.filled
     }
 
     /// Reads until a whole frame (and its fds) is in; cancel-safe.
@@ -112,34 +114,34 @@ impl FrameReader {
             }
             return Ok(None);
         }
-        let filled = self.body.len();
-        if filled < self.total {
-            let remaining = self.total - filled;
-            let step = if filled == 0 && self.total <= BODY_STEP {
-                self.total
-            } else {
-                remaining.min(BODY_STEP.max(filled / 4))
-            };
-            // Exactly what this step may take: `resize` alone would double the
-            // capacity, and a half-received frame would hold twice its size.
-            self.body.reserve_exact(step);
-            self.body.resize(filled + step, 0);
-            let r = stream.try_read(&mut self.body[filled..]);
-            let n = match &r {
-                Ok(n) => *n,
-                Err(_) => 0,
-            };
-            self.body.truncate(filled + n);
-            return match r {
+        if self.filled < self.total {
+            if self.filled == self.body.len() {
+                // Room for the next step, zeroed once; exactly this much (`resize`
+                // alone would double the capacity, and a half-received frame would
+                // hold twice its size).
+                let remaining = self.total - self.filled;
+                let step = if self.filled == 0 && self.total <= BODY_STEP {
+                    self.total
+                } else {
+                    remaining.min(BODY_STEP.max(self.filled / 4))
+                };
+                self.body.reserve_exact(step);
+                self.body.resize(self.filled + step, 0);
+            }
+            return match stream.try_read(&mut self.body[self.filled..]) {
                 Ok(0) => Err(broken("reading message: unexpected end of file")),
-                Ok(_) => Ok(None),
+                Ok(n) => {
+                    self.filled += n;
+                    Ok(None)
+                }
                 Err(e) => Err(Step::from_io(e)),
             };
         }
         let raw = match &self.raw {
             Some(r) => r.clone(),
             None => {
-                let r = protocol::parse_body(&self.body).map_err(|e| Step::End(ReadEnd::Broken(e)))?;
+                let r =
+                    protocol::parse_body(&self.body).map_err(|e| Step::End(ReadEnd::Broken(e)))?;
                 self.raw = Some(r.clone());
                 r
             }
@@ -167,9 +169,9 @@ impl FrameReader {
     /// received), for the next image; leaves the reader idle.
     pub fn take_partial(&mut self) -> (Vec<u8>, Vec<OwnedFd>) {
         let done = std::mem::take(self);
-        let mut bytes = Vec::with_capacity(done.len_got + done.body.len());
+        let mut bytes = Vec::with_capacity(done.len_got + done.filled);
         bytes.extend_from_slice(&done.len_buf[..done.len_got]);
-        bytes.extend_from_slice(&done.body);
+        bytes.extend_from_slice(&done.body[..done.filled]);
         (bytes, done.fds)
     }
 
@@ -180,8 +182,7 @@ impl FrameReader {
         r.len_buf[..word.len()].copy_from_slice(word);
         r.len_got = word.len();
         if r.len_got == 4 {
-            r.total = protocol::check_length(u32::from_be_bytes(r.len_buf))?
-                - protocol::LEN_WORD;
+            r.total = protocol::check_length(u32::from_be_bytes(r.len_buf))? - protocol::LEN_WORD;
         }
         if body.len() > r.total {
             return Err(format!(
@@ -191,12 +192,16 @@ impl FrameReader {
             ));
         }
         r.body = body.to_vec();
+        r.filled = body.len();
         if !fds.is_empty() {
-            let raw = (r.body.len() == r.total)
+            let raw = (r.filled == r.total)
                 .then(|| protocol::parse_body(&r.body))
                 .transpose()?;
             if raw.as_ref().map_or(0, |m| m.nfds) < fds.len() {
-                return Err(format!("{} carried fds the frame does not announce", fds.len()));
+                return Err(format!(
+                    "{} carried fds the frame does not announce",
+                    fds.len()
+                ));
             }
             r.raw = raw;
         }
@@ -412,5 +417,125 @@ pub mod blocking {
             payload: body[raw.payload_offset..].to_vec(),
             fds,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{encode_frame, msg_type, status};
+    use std::io::Write;
+    use std::os::unix::net::UnixStream as StdStream;
+
+    fn pair() -> (StdStream, UnixStream) {
+        let (a, b) = StdStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        (a, UnixStream::from_std(b).unwrap())
+    }
+
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let h = Header {
+            prog: 1,
+            vers: 1,
+            proc_: 3,
+            type_: msg_type::CALL,
+            serial: 9,
+            status: status::OK,
+        };
+        encode_frame(&h, None, payload)
+    }
+
+    /// Steps until the socket has nothing more to give.
+    fn drain(r: &mut FrameReader, s: &UnixStream) -> Option<Incoming> {
+        loop {
+            match r.step(s) {
+                Ok(Some(m)) => return Some(m),
+                Ok(None) => {}
+                Err(Step::Wait) => return None,
+                Err(Step::End(e)) => panic!("{e:?}"),
+            }
+        }
+    }
+
+    /// A peer announcing a 4 MiB frame and sending a little of it costs one step, and
+    /// a half-received large frame holds about what arrived, not twice its size.
+    #[tokio::test]
+    async fn memory_follows_what_arrived() {
+        let (mut peer, ours) = pair();
+        let big = frame(&vec![7u8; 4 << 20]);
+        peer.write_all(&big[..8]).unwrap();
+        let mut r = FrameReader::default();
+        ours.readable().await.unwrap();
+        assert!(drain(&mut r, &ours).is_none());
+        assert!(r.body.capacity() <= BODY_STEP, "{}", r.body.capacity());
+        assert_eq!(r.consumed(), 8);
+        // Half of it, through a writer thread (the socket buffer is smaller).
+        let half = big.len() / 2;
+        let mut w = peer.try_clone().unwrap();
+        let part = big[8..half].to_vec();
+        let t = std::thread::spawn(move || w.write_all(&part).unwrap());
+        while r.consumed() < half {
+            ours.readable().await.unwrap();
+            assert!(drain(&mut r, &ours).is_none());
+        }
+        t.join().unwrap();
+        let cap = r.body.capacity();
+        assert!(
+            cap <= half + half / 4 + BODY_STEP,
+            "{cap} held for {half} received"
+        );
+    }
+
+    /// What a re-exec carries resumes into the same message.
+    #[tokio::test]
+    async fn a_partial_frame_resumes() {
+        let msg = frame(b"hello, next image");
+        for cut in [1, 4, 10, msg.len() - 1] {
+            let (mut peer, ours) = pair();
+            peer.write_all(&msg[..cut]).unwrap();
+            let mut r = FrameReader::default();
+            ours.readable().await.unwrap();
+            assert!(drain(&mut r, &ours).is_none());
+            let (bytes, fds) = r.take_partial();
+            assert_eq!(bytes, &msg[..cut]);
+            assert!(r.is_idle());
+            let mut r = FrameReader::resume(&bytes, fds).unwrap();
+            peer.write_all(&msg[cut..]).unwrap();
+            let m = r.read(&ours).await.unwrap();
+            assert_eq!(m.header.serial, 9);
+            assert_eq!(m.payload(), b"hello, next image");
+        }
+        assert!(FrameReader::resume(&frame(b"x")[..], vec![]).is_ok());
+        let mut too_long = frame(b"x");
+        too_long.push(0);
+        assert!(FrameReader::resume(&too_long, vec![]).is_err());
+    }
+
+    /// An unsent reply is carried and finished by the next outbox.
+    #[tokio::test]
+    async fn an_unsent_reply_resumes() {
+        let (peer, ours) = pair();
+        let reply = vec![5u8; 1 << 20];
+        let mut out = Outbox::default();
+        out.push(reply.clone(), Vec::new());
+        ours.writable().await.unwrap();
+        assert!(
+            out.try_flush(&ours).is_err(),
+            "the socket cannot take 1 MiB"
+        );
+        let (rest, fds) = out.take_unsent();
+        assert!(out.is_empty());
+        assert!(!rest.is_empty() && rest.len() < reply.len());
+        let sent = reply.len() - rest.len();
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; 1 << 20];
+            std::io::Read::read_exact(&mut &peer, &mut got).unwrap();
+            got
+        });
+        let mut out = Outbox::resume(rest, fds);
+        out.flush(&ours).await.unwrap();
+        assert!(out.is_empty());
+        assert_eq!(reader.join().unwrap(), reply);
+        assert!(sent > 0);
     }
 }

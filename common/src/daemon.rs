@@ -589,8 +589,7 @@ fn restore<A: App>(
                 None => PendingIo::default(),
             };
             // One bad client loses only itself (libvirt fails the whole restore).
-            if let Err(e) = server.adopt_client(fd, c.id, c.conn_time, &c.private_data, pending)
-            {
+            if let Err(e) = server.adopt_client(fd, c.id, c.conn_time, &c.private_data, pending) {
                 warn!(
                     server = name.as_str(),
                     client = c.id,
@@ -765,7 +764,10 @@ fn client_state(c: HandedOffClient, keep: &mut Vec<RawFd>) -> ClientState {
             Err(e) => {
                 // Without it the next image would read the rest of a frame as a new
                 // one; it closes the client then, as libvirt 9.0 would.
-                error!(client = id, "cannot carry half-done I/O across re-exec: {e}");
+                error!(
+                    client = id,
+                    "cannot carry half-done I/O across re-exec: {e}"
+                );
                 None
             }
         }

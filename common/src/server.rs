@@ -468,7 +468,13 @@ impl Server {
         };
         let private = self.hooks.new_private(&info);
         debug!(server = %self.name, client = id, pid, "new client");
-        self.spawn_client(stream, info, private, FrameReader::default(), Outbox::default());
+        self.spawn_client(
+            stream,
+            info,
+            private,
+            FrameReader::default(),
+            Outbox::default(),
+        );
     }
 
     /// Re-creates a client from an inherited socket (re-exec, or a failed exec).
@@ -820,8 +826,12 @@ mod tests {
         busy.write_all(&burst).unwrap();
         one.write_all(&call(0)).unwrap();
         let none = serde_json::json!({});
-        server.adopt_client(busy_srv.into(), 1, 0, &none, PendingIo::default()).unwrap();
-        server.adopt_client(one_srv.into(), 2, 0, &none, PendingIo::default()).unwrap();
+        server
+            .adopt_client(busy_srv.into(), 1, 0, &none, PendingIo::default())
+            .unwrap();
+        server
+            .adopt_client(one_srv.into(), 2, 0, &none, PendingIo::default())
+            .unwrap();
 
         for _ in 0..10_000 {
             if order.lock().unwrap().len() == 51 {

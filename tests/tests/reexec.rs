@@ -1277,7 +1277,12 @@ fn virtlockd_reexec_resumes_half_sent_requests() {
             }
             .encode(&mut e);
             // Serial 0 was REGISTER, 1 was CREATE_LOCKSPACE on conns[0].
-            call_frame(lockp::PROGRAM, lockp::proc_::ACQUIRE_RESOURCE, 7, e.as_bytes())
+            call_frame(
+                lockp::PROGRAM,
+                lockp::proc_::ACQUIRE_RESOURCE,
+                7,
+                e.as_bytes(),
+            )
         })
         .collect();
     // Half a length word, and the length word plus part of the body.
@@ -1355,7 +1360,9 @@ fn virtlogd_reexec_delivers_an_unread_reply() {
         }
     });
     let payload = expect_ok_reply(&mut c, 3);
-    let got = Decoder::new(&payload).string_lossless(8 << 20).expect("string");
+    let got = Decoder::new(&payload)
+        .string_lossless(8 << 20)
+        .expect("string");
     assert_eq!(got.len(), content.len(), "reply length");
     assert!(got == content, "reply content differs");
     log_position(&mut c, &path).expect_err("no open log at that path");
@@ -1444,6 +1451,8 @@ fn virtlogd_reload_storm_ours_to_c_to_ours() {
     let after = s.writers.snapshot();
     s.writers.wait_progress(&after, 10);
     let lines = finish_logs(&mut d, s);
-    eprintln!("virtlogd ours→C with {sent} signals through the exec, C→ours + 50: {lines} lines verified");
+    eprintln!(
+        "virtlogd ours→C with {sent} signals through the exec, C→ours + 50: {lines} lines verified"
+    );
     assert_quiet(&d, &["No open log file"]);
 }
