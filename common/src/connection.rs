@@ -83,7 +83,9 @@ impl FrameReader {
         loop {
             match self.step(stream) {
                 Ok(Some(msg)) => return Ok(msg),
-                Ok(None) => {}
+                // Progress counts against the task's budget, as an await on readiness
+                // would: a peer streaming a 32 MiB frame does not hold the thread.
+                Ok(None) => tokio::task::consume_budget().await,
                 Err(Step::Wait) => stream
                     .readable()
                     .await

@@ -2046,6 +2046,38 @@ mod tests {
         assert!(ServerState::from_value(&srv).is_ok());
     }
 
+    #[test]
+    fn carried_io_round_trips_and_names_its_fds() {
+        let mut srv = server_json();
+        set(
+            &mut srv,
+            "/clients/0",
+            CARRY_KEY,
+            json!({ "fd": 20, "input": 6, "inputFds": [21], "output": 900, "outputFds": [] }),
+        );
+        let parsed = ServerState::from_value(&srv).unwrap();
+        let carry = parsed.clients[0].carry.clone().unwrap();
+        assert_eq!(
+            carry,
+            ClientCarry {
+                fd: 20,
+                input: 6,
+                input_fds: vec![21],
+                output: 900,
+                output_fds: vec![],
+            }
+        );
+        assert_eq!(parsed.inherited_fds(), vec![3, 11, 20, 21]);
+        assert_eq!(ServerState::from_value(&parsed.to_value()).unwrap(), parsed);
+        // Absent unless there is something to carry.
+        let plain = ServerState::from_value(&server_json()).unwrap();
+        assert!(plain.clients[0].carry.is_none());
+        assert!(plain.to_value()["clients"][0].get(CARRY_KEY).is_none());
+        // Our own key: a malformed one is reported.
+        set(&mut srv, "/clients/0", CARRY_KEY, json!({ "fd": 20 }));
+        assert!(ServerState::from_value(&srv).is_err());
+    }
+
     // ---- required keys ---------------------------------------------------------------
 
     fn assert_missing_logd(pointer: &str, key: &str) {
