@@ -61,7 +61,9 @@ pub mod exit {
 
 /// Listen backlog libvirt uses for its services.
 const BACKLOG: i32 = 30;
-/// How long a re-exec waits for tasks to park before giving up on stragglers.
+/// How long a re-exec waits for tasks to park before giving up on stragglers. Client
+/// tasks park as soon as they see the hand-off (they carry their half-done I/O), so
+/// this is only a guard against a handler that never returns.
 const HANDOFF_WAIT: Duration = Duration::from_secs(5);
 /// Graceful-quit guard, as libvirt's.
 const QUIT_WAIT: Duration = Duration::from_secs(30);

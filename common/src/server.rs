@@ -618,11 +618,16 @@ impl Server {
             if !self.handle(&info, &mut private, msg, &mut outbox) {
                 close_when_sent = true;
             }
-            if outbox.is_empty() {
-                if close_when_sent {
+            // The reply usually goes out at once; only a full socket takes the select
+            // above (and its waiter registrations) on the next turn.
+            match outbox.try_flush(&stream) {
+                Ok(()) if close_when_sent => break RunState::Quit,
+                Ok(()) => tokio::task::yield_now().await,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    debug!(server = %self.name, client = info.id, "write failed: {e}");
                     break RunState::Quit;
                 }
-                tokio::task::yield_now().await;
             }
         };
         let id = info.id;
