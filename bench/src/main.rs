@@ -2,13 +2,15 @@
 //! writes bench/RESULTS.md and bench/growth.svg.
 //!
 //! Usage: `vh-bench all [--quick] [--dir WORKDIR] [--out DIR]` (run as root: each daemon
-//! runs in system mode in its own private mount namespace via `unshare -m`).
+//! runs in system mode in its own private mount namespace via `unshare -m`), and
+//! `vh-bench soak [--reexecs N] [logd|lockd]` (see soak.rs).
 
 mod daemon;
 mod lockd;
 mod lockfs;
 mod logd;
 mod report;
+mod soak;
 
 use daemon::{Bins, Daemon, Impl, Kind, Res};
 use report::{Row, Series, Stat};
@@ -631,6 +633,8 @@ fn real_main() -> Res<()> {
     let mut keep = false;
     let mut cmd = None;
     let mut rest: Vec<String> = Vec::new();
+    let mut reexecs: usize = 1000;
+    let mut soak_kinds: Vec<Kind> = Vec::new();
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -639,12 +643,19 @@ fn real_main() -> Res<()> {
             "--dir" => work = PathBuf::from(it.next().ok_or("--dir needs a value")?),
             "--out" => out = Some(PathBuf::from(it.next().ok_or("--out needs a value")?)),
             "all" => cmd = Some("all"),
+            "soak" => cmd = Some("soak"),
+            "--reexecs" => {
+                reexecs = it.next().ok_or("--reexecs needs a value")?.parse()?;
+            }
+            "logd" if cmd == Some("soak") => soak_kinds.push(Kind::Logd),
+            "lockd" if cmd == Some("soak") => soak_kinds.push(Kind::Lockd),
             "one" => {
                 cmd = Some("one");
                 rest = it.by_ref().cloned().collect();
             }
             "-h" | "--help" => {
                 println!("usage: vh-bench all [--quick] [--dir WORKDIR] [--out DIR] [--keep]");
+                println!("       vh-bench soak [--reexecs N] [logd|lockd]");
                 return Ok(());
             }
             other => return Err(format!("unknown argument {other:?} (try --help)").into()),
@@ -679,6 +690,17 @@ fn real_main() -> Res<()> {
         sz: if quick { Sizes::quick() } else { Sizes::full() },
         lockfs: lockfs::LockFs::setup(&work, work.join("data")),
     };
+    if cmd == Some("soak") {
+        if soak_kinds.is_empty() {
+            soak_kinds = vec![Kind::Logd, Kind::Lockd];
+        }
+        let r = soak::run(&cx, reexecs, &soak_kinds);
+        drop(cx); // unmounts the lockspaces' filesystem
+        if !keep {
+            let _ = std::fs::remove_dir_all(&work);
+        }
+        return r;
+    }
     if cmd == Some("one") {
         let r = one(&cx, &rest);
         drop(cx); // unmounts the lockspaces' filesystem

@@ -5,11 +5,15 @@
 //! byte closes the fd. So every read here is bounded by what the current frame still
 //! owes, and fds are taken with `recvmsg` one at a time.
 //!
-//! The length-word reader keeps its progress outside the future, so it can be raced
-//! against shutdown or hand-off in `select!` without losing bytes.
+//! Both directions keep their progress in a value outside the future ([`FrameReader`],
+//! [`Outbox`]), so a read or write can be raced against shutdown or hand-off in
+//! `select!` without losing a byte, and whatever was half done can be carried across a
+//! re-exec ([`FrameReader::take_partial`], [`Outbox::take_unsent`]) and resumed by the
+//! next image.
 
 use crate::fdpass;
 use crate::protocol::{self, Header};
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use tokio::io::Interest;
@@ -31,20 +35,6 @@ impl Incoming {
     }
 }
 
-/// Progress of the 4-byte length word; lives across cancelled reads.
-#[derive(Debug, Default)]
-pub struct LengthWord {
-    buf: [u8; 4],
-    got: usize,
-}
-
-impl LengthWord {
-    /// Whether part of a length word has been consumed (so a hand-off now loses it).
-    pub fn partial(&self) -> bool {
-        self.got != 0
-    }
-}
-
 /// Why a connection ended while reading.
 #[derive(Debug)]
 pub enum ReadEnd {
@@ -54,119 +44,275 @@ pub enum ReadEnd {
     Broken(String),
 }
 
-/// Reads the next length word. Cancel-safe: progress is kept in `state`.
-/// Returns `Ok(None)` on EOF before any byte of it.
-pub async fn read_length(stream: &UnixStream, state: &mut LengthWord) -> Result<u32, ReadEnd> {
-    while state.got < 4 {
-        stream
-            .readable()
-            .await
-            .map_err(|e| ReadEnd::Broken(e.to_string()))?;
-        match stream.try_read(&mut state.buf[state.got..]) {
-            Ok(0) if state.got == 0 => return Err(ReadEnd::Eof),
-            Ok(0) => return Err(ReadEnd::Broken("EOF inside a length word".into())),
-            Ok(n) => state.got += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if state.got == 0 && e.kind() == io::ErrorKind::ConnectionReset => {
-                return Err(ReadEnd::Eof)
+/// The first read of a body takes it whole up to this size (every call these daemons
+/// get in practice); a larger body grows in steps of at least this.
+const BODY_STEP: usize = 64 * 1024;
+
+/// The frame being received: its length word, its body and its fds, as far as they
+/// have come. Cancel-safe (every byte read is recorded before the next await), and
+/// the memory held follows what arrived, not what the length word announced: a peer
+/// that announces 32 MiB and sends 4 bytes costs 64 KiB, and a half-received frame
+/// holds at most 1.25x what it received (plus one step), never twice its size.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    len_buf: [u8; 4],
+    len_got: usize,
+    /// Body length announced by the length word (valid once `len_got == 4`).
+    total: usize,
+    /// Room for the body, grown step by step; `filled` bytes of it have arrived.
+    body: Vec<u8>,
+    filled: usize,
+    /// Parsed once the body is complete.
+    raw: Option<protocol::RawMessage>,
+    fds: Vec<OwnedFd>,
+}
+
+impl FrameReader {
+    /// Whether no byte of a frame has been consumed (a message boundary).
+    pub fn is_idle(&self) -> bool {
+        self.len_got == 0
+    }
+
+    /// Bytes consumed of the current frame (length word included).
+    pub fn consumed(&self) -> usize {
+        self.len_got + self.filled
+    }
+
+    /// Reads until a whole frame (and its fds) is in; cancel-safe.
+    pub async fn read(&mut self, stream: &UnixStream) -> Result<Incoming, ReadEnd> {
+        loop {
+            match self.step(stream) {
+                Ok(Some(msg)) => return Ok(msg),
+                // Progress counts against the task's budget, as an await on readiness
+                // would: a peer streaming a 32 MiB frame does not hold the thread.
+                Ok(None) => tokio::task::consume_budget().await,
+                Err(Step::Wait) => stream
+                    .readable()
+                    .await
+                    .map_err(|e| ReadEnd::Broken(e.to_string()))
+                    .map(|_| ())?,
+                Err(Step::End(e)) => return Err(e),
             }
-            Err(e) => return Err(ReadEnd::Broken(e.to_string())),
         }
     }
-    let len = u32::from_be_bytes(state.buf);
-    state.got = 0;
-    Ok(len)
-}
 
-/// Reads exactly `buf.len()` bytes.
-pub async fn read_exact(stream: &UnixStream, buf: &mut [u8]) -> io::Result<()> {
-    let mut got = 0;
-    while got < buf.len() {
-        stream.readable().await?;
-        match stream.try_read(&mut buf[got..]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+    /// One non-blocking step: `Ok(Some)` a whole message, `Ok(None)` progress made.
+    fn step(&mut self, stream: &UnixStream) -> Result<Option<Incoming>, Step> {
+        if self.len_got < 4 {
+            let n = match stream.try_read(&mut self.len_buf[self.len_got..]) {
+                Ok(0) if self.len_got == 0 => return Err(Step::End(ReadEnd::Eof)),
+                Ok(0) => return Err(broken("EOF inside a length word")),
+                Ok(n) => n,
+                Err(e) if self.len_got == 0 && e.kind() == io::ErrorKind::ConnectionReset => {
+                    return Err(Step::End(ReadEnd::Eof))
+                }
+                Err(e) => return Err(Step::from_io(e)),
+            };
+            self.len_got += n;
+            if self.len_got == 4 {
+                let len = protocol::check_length(u32::from_be_bytes(self.len_buf))
+                    .map_err(|e| Step::End(ReadEnd::Broken(e)))?;
+                self.total = len - protocol::LEN_WORD;
+            }
+            return Ok(None);
         }
-    }
-    Ok(())
-}
-
-/// Reads the rest of a frame whose length word was `len`, then its fds.
-///
-/// The buffer grows with the data actually received (64 KiB steps, doubling), so a
-/// peer that announces 32 MiB and sends nothing costs us nothing.
-pub async fn read_message(stream: &UnixStream, len: u32) -> Result<Incoming, ReadEnd> {
-    let total = protocol::check_length(len).map_err(ReadEnd::Broken)? - protocol::LEN_WORD;
-    let mut body: Vec<u8> = Vec::new();
-    let mut filled = 0usize;
-    while filled < total {
-        let target = total.min((filled * 2).max(64 * 1024));
-        body.resize(target, 0);
-        read_exact(stream, &mut body[filled..target])
-            .await
-            .map_err(|e| ReadEnd::Broken(format!("reading message: {e}")))?;
-        filled = target;
-    }
-    let raw = protocol::parse_body(&body).map_err(ReadEnd::Broken)?;
-    let mut fds = Vec::with_capacity(raw.nfds);
-    for _ in 0..raw.nfds {
-        let fd = loop {
-            stream
-                .readable()
-                .await
-                .map_err(|e| ReadEnd::Broken(e.to_string()))?;
-            match stream.try_io(Interest::READABLE, || fdpass::recv_fd(stream.as_fd())) {
-                Ok(fd) => break fd,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(ReadEnd::Broken(format!("receiving fd: {e}"))),
+        if self.filled < self.total {
+            if self.filled == self.body.len() {
+                // Room for the next step, zeroed once; exactly this much (`resize`
+                // alone would double the capacity, and a half-received frame would
+                // hold twice its size).
+                let remaining = self.total - self.filled;
+                let step = if self.filled == 0 && self.total <= BODY_STEP {
+                    self.total
+                } else {
+                    remaining.min(BODY_STEP.max(self.filled / 4))
+                };
+                self.body.reserve_exact(step);
+                self.body.resize(self.filled + step, 0);
+            }
+            return match stream.try_read(&mut self.body[self.filled..]) {
+                Ok(0) => Err(broken("reading message: unexpected end of file")),
+                Ok(n) => {
+                    self.filled += n;
+                    Ok(None)
+                }
+                Err(e) => Err(Step::from_io(e)),
+            };
+        }
+        let raw = match &self.raw {
+            Some(r) => r.clone(),
+            None => {
+                let r =
+                    protocol::parse_body(&self.body).map_err(|e| Step::End(ReadEnd::Broken(e)))?;
+                self.raw = Some(r.clone());
+                r
             }
         };
-        fds.push(fd);
+        if self.fds.len() < raw.nfds {
+            let fd = stream
+                .try_io(Interest::READABLE, || fdpass::recv_fd(stream.as_fd()))
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Step::Wait,
+                    _ => broken(&format!("receiving fd: {e}")),
+                })?;
+            self.fds.push(fd);
+            return Ok(None);
+        }
+        let done = std::mem::take(self);
+        Ok(Some(Incoming {
+            header: raw.header,
+            body: done.body,
+            payload_offset: raw.payload_offset,
+            fds: done.fds,
+        }))
     }
-    Ok(Incoming {
-        header: raw.header,
-        body,
-        payload_offset: raw.payload_offset,
-        fds,
-    })
+
+    /// What has been consumed of the current frame (length word and body bytes, fds
+    /// received), for the next image; leaves the reader idle.
+    pub fn take_partial(&mut self) -> (Vec<u8>, Vec<OwnedFd>) {
+        let done = std::mem::take(self);
+        let mut bytes = Vec::with_capacity(done.len_got + done.filled);
+        bytes.extend_from_slice(&done.len_buf[..done.len_got]);
+        bytes.extend_from_slice(&done.body[..done.filled]);
+        (bytes, done.fds)
+    }
+
+    /// A reader that carries on with a frame a previous image had started.
+    pub fn resume(bytes: &[u8], fds: Vec<OwnedFd>) -> Result<FrameReader, String> {
+        let mut r = FrameReader::default();
+        let (word, body) = bytes.split_at(bytes.len().min(4));
+        r.len_buf[..word.len()].copy_from_slice(word);
+        r.len_got = word.len();
+        if r.len_got == 4 {
+            r.total = protocol::check_length(u32::from_be_bytes(r.len_buf))? - protocol::LEN_WORD;
+        }
+        if body.len() > r.total {
+            return Err(format!(
+                "carried {} body bytes of a {}-byte body",
+                body.len(),
+                r.total
+            ));
+        }
+        r.body = body.to_vec();
+        r.filled = body.len();
+        if !fds.is_empty() {
+            let raw = (r.filled == r.total)
+                .then(|| protocol::parse_body(&r.body))
+                .transpose()?;
+            if raw.as_ref().map_or(0, |m| m.nfds) < fds.len() {
+                return Err(format!(
+                    "{} carried fds the frame does not announce",
+                    fds.len()
+                ));
+            }
+            r.raw = raw;
+        }
+        r.fds = fds;
+        Ok(r)
+    }
 }
 
-/// Writes all of `buf`.
-pub async fn write_all(stream: &UnixStream, buf: &[u8]) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        stream.writable().await?;
-        match stream.try_write(&buf[done..]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+/// Why a non-blocking step stopped.
+enum Step {
+    /// Nothing to read now.
+    Wait,
+    End(ReadEnd),
+}
+
+impl Step {
+    fn from_io(e: io::Error) -> Step {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Step::Wait,
+            _ => Step::End(ReadEnd::Broken(e.to_string())),
         }
     }
-    Ok(())
 }
 
-/// Writes one frame, then each of its fds in its own 1-byte message.
-pub async fn write_message(stream: &UnixStream, frame: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
-    write_all(stream, frame).await?;
-    for fd in fds {
+fn broken(why: &str) -> Step {
+    Step::End(ReadEnd::Broken(why.to_string()))
+}
+
+/// Replies on their way out: the bytes not yet written and the fds not yet sent (each
+/// fd goes after the frame that announces it, in its own 1-byte message).
+#[derive(Debug, Default)]
+pub struct Outbox {
+    buf: Vec<u8>,
+    done: usize,
+    fds: VecDeque<OwnedFd>,
+}
+
+impl Outbox {
+    /// An outbox holding what a previous image had not sent yet.
+    pub fn resume(bytes: Vec<u8>, fds: Vec<OwnedFd>) -> Outbox {
+        Outbox {
+            buf: bytes,
+            done: 0,
+            fds: fds.into(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.done == self.buf.len() && self.fds.is_empty()
+    }
+
+    /// Queues one frame and its fds.
+    pub fn push(&mut self, frame: Vec<u8>, fds: Vec<OwnedFd>) {
+        if self.done == self.buf.len() {
+            self.buf = frame;
+            self.done = 0;
+        } else {
+            self.buf.extend_from_slice(&frame);
+        }
+        self.fds.extend(fds);
+    }
+
+    /// Writes everything queued; cancel-safe.
+    pub async fn flush(&mut self, stream: &UnixStream) -> io::Result<()> {
         loop {
-            stream.writable().await?;
-            match stream.try_io(Interest::WRITABLE, || {
-                fdpass::send_fd(stream.as_fd(), fd.as_fd())
-            }) {
-                Ok(()) => break,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            match self.try_flush(stream) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    stream.writable().await?;
+                }
                 Err(e) => return Err(e),
             }
         }
     }
-    Ok(())
+
+    /// Writes what the socket takes now; `WouldBlock` when something is left.
+    pub fn try_flush(&mut self, stream: &UnixStream) -> io::Result<()> {
+        loop {
+            if self.done < self.buf.len() {
+                match stream.try_write(&self.buf[self.done..]) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => self.done += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            } else if let Some(fd) = self.fds.front() {
+                match stream.try_io(Interest::WRITABLE, || {
+                    fdpass::send_fd(stream.as_fd(), fd.as_fd())
+                }) {
+                    Ok(()) => {
+                        self.fds.pop_front();
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            } else {
+                self.buf.clear();
+                self.done = 0;
+                return Ok(());
+            }
+        }
+    }
+
+    /// What is still to be sent, for the next image; leaves the outbox empty.
+    pub fn take_unsent(&mut self) -> (Vec<u8>, Vec<OwnedFd>) {
+        let mut done = std::mem::take(self);
+        let bytes = done.buf.split_off(done.done);
+        (bytes, done.fds.into())
+    }
 }
 
 /// A minimal blocking client for one call at a time: what the client library, the CLI
@@ -273,5 +419,125 @@ pub mod blocking {
             payload: body[raw.payload_offset..].to_vec(),
             fds,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{encode_frame, msg_type, status};
+    use std::io::Write;
+    use std::os::unix::net::UnixStream as StdStream;
+
+    fn pair() -> (StdStream, UnixStream) {
+        let (a, b) = StdStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        (a, UnixStream::from_std(b).unwrap())
+    }
+
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let h = Header {
+            prog: 1,
+            vers: 1,
+            proc_: 3,
+            type_: msg_type::CALL,
+            serial: 9,
+            status: status::OK,
+        };
+        encode_frame(&h, None, payload)
+    }
+
+    /// Steps until the socket has nothing more to give.
+    fn drain(r: &mut FrameReader, s: &UnixStream) -> Option<Incoming> {
+        loop {
+            match r.step(s) {
+                Ok(Some(m)) => return Some(m),
+                Ok(None) => {}
+                Err(Step::Wait) => return None,
+                Err(Step::End(e)) => panic!("{e:?}"),
+            }
+        }
+    }
+
+    /// A peer announcing a 4 MiB frame and sending a little of it costs one step, and
+    /// a half-received large frame holds about what arrived, not twice its size.
+    #[tokio::test]
+    async fn memory_follows_what_arrived() {
+        let (mut peer, ours) = pair();
+        let big = frame(&vec![7u8; 4 << 20]);
+        peer.write_all(&big[..8]).unwrap();
+        let mut r = FrameReader::default();
+        ours.readable().await.unwrap();
+        assert!(drain(&mut r, &ours).is_none());
+        assert!(r.body.capacity() <= BODY_STEP, "{}", r.body.capacity());
+        assert_eq!(r.consumed(), 8);
+        // Half of it, through a writer thread (the socket buffer is smaller).
+        let half = big.len() / 2;
+        let mut w = peer.try_clone().unwrap();
+        let part = big[8..half].to_vec();
+        let t = std::thread::spawn(move || w.write_all(&part).unwrap());
+        while r.consumed() < half {
+            ours.readable().await.unwrap();
+            assert!(drain(&mut r, &ours).is_none());
+        }
+        t.join().unwrap();
+        let cap = r.body.capacity();
+        assert!(
+            cap <= half + half / 4 + BODY_STEP,
+            "{cap} held for {half} received"
+        );
+    }
+
+    /// What a re-exec carries resumes into the same message.
+    #[tokio::test]
+    async fn a_partial_frame_resumes() {
+        let msg = frame(b"hello, next image");
+        for cut in [1, 4, 10, msg.len() - 1] {
+            let (mut peer, ours) = pair();
+            peer.write_all(&msg[..cut]).unwrap();
+            let mut r = FrameReader::default();
+            ours.readable().await.unwrap();
+            assert!(drain(&mut r, &ours).is_none());
+            let (bytes, fds) = r.take_partial();
+            assert_eq!(bytes, &msg[..cut]);
+            assert!(r.is_idle());
+            let mut r = FrameReader::resume(&bytes, fds).unwrap();
+            peer.write_all(&msg[cut..]).unwrap();
+            let m = r.read(&ours).await.unwrap();
+            assert_eq!(m.header.serial, 9);
+            assert_eq!(m.payload(), b"hello, next image");
+        }
+        assert!(FrameReader::resume(&frame(b"x")[..], vec![]).is_ok());
+        let mut too_long = frame(b"x");
+        too_long.push(0);
+        assert!(FrameReader::resume(&too_long, vec![]).is_err());
+    }
+
+    /// An unsent reply is carried and finished by the next outbox.
+    #[tokio::test]
+    async fn an_unsent_reply_resumes() {
+        let (peer, ours) = pair();
+        let reply = vec![5u8; 1 << 20];
+        let mut out = Outbox::default();
+        out.push(reply.clone(), Vec::new());
+        ours.writable().await.unwrap();
+        assert!(
+            out.try_flush(&ours).is_err(),
+            "the socket cannot take 1 MiB"
+        );
+        let (rest, fds) = out.take_unsent();
+        assert!(out.is_empty());
+        assert!(!rest.is_empty() && rest.len() < reply.len());
+        let sent = reply.len() - rest.len();
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; 1 << 20];
+            std::io::Read::read_exact(&mut &peer, &mut got).unwrap();
+            got
+        });
+        let mut out = Outbox::resume(rest, fds);
+        out.flush(&ours).await.unwrap();
+        assert!(out.is_empty());
+        assert_eq!(reader.join().unwrap(), reply);
+        assert!(sent > 0);
     }
 }

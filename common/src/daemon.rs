@@ -6,6 +6,20 @@
 //! directions: the state document we would hand to a new image is also what we restore
 //! from when the exec fails, so a failed upgrade leaves the daemon serving with
 //! everything it held (libvirt 9.0 exits and loses all locks there).
+//!
+//! A reload must be harmless at any moment, also while an image is starting, when a
+//! caught signal's handler is gone (execve resets it to the default action: terminate):
+//! * the old image sets SIGUSR1 to *ignored* (which survives execve) and unblocks it
+//!   in the thread that execs, just before `execve`. Ignored rather than blocked,
+//!   because libvirt 9.0 never unblocks SIGUSR1 (its `sigaction` replaces SIG_IGN,
+//!   but a blocked mask would leave a C next image deaf to every later reload);
+//! * our image blocks SIGUSR1 as the first thing in `main`, before any thread exists
+//!   (so every thread inherits it), and unblocks it in the main thread only once it
+//!   serves and can re-exec again. A reload sent while it starts stays pending and
+//!   becomes exactly one more re-exec once it is up: several coalesce into one, and
+//!   each `systemctl reload` is followed by an exec that began after it was sent,
+//!   which is what an operator racing a package upgrade expects. Only one arriving
+//!   in the dynamic loader, before `main`, meets SIG_IGN and is dropped.
 
 use crate::activation::{self, Activation};
 use crate::cli::{self, CliAction, Options};
@@ -14,9 +28,13 @@ use crate::logging::{self, LogHandle, LogInputs};
 use crate::paths::{DaemonKind, DaemonPaths, Mode};
 use crate::pidfile::PidFile;
 use crate::restart::{
-    self, ClientState, DaemonState, ServerState, ServiceState, SocketState, ADMIN_SERVER,
+    self, ClientCarry, ClientState, DaemonState, ServerState, ServiceState, SocketState,
+    ADMIN_SERVER,
 };
-use crate::server::{ClientHooks, ClientLimits, NoHooks, Program, RunState, Server, ServiceInfo};
+use crate::server::{
+    ClientHooks, ClientLimits, HandedOffClient, NoHooks, PendingIo, Program, RunState, Server,
+    ServiceInfo,
+};
 use std::ffi::{CString, OsString};
 use std::future::Future;
 use std::io;
@@ -43,7 +61,9 @@ pub mod exit {
 
 /// Listen backlog libvirt uses for its services.
 const BACKLOG: i32 = 30;
-/// How long a re-exec waits for tasks to park before giving up on stragglers.
+/// How long a re-exec waits for tasks to park before giving up on stragglers. Client
+/// tasks park as soon as they see the hand-off (they carry their half-done I/O), so
+/// this is only a guard against a handler that never returns.
 const HANDOFF_WAIT: Duration = Duration::from_secs(5);
 /// Graceful-quit guard, as libvirt's (11.3 also asks systemd for this much stop time).
 const QUIT_WAIT: Duration = Duration::from_secs(30);
@@ -155,6 +175,9 @@ pub trait App: Send + Sync + Sized + 'static {
 
 /// Entry point of both binaries: returns the process exit code.
 pub fn main<A: App>() -> i32 {
+    // Before anything else (see the module doc): a reload arriving while we start
+    // waits until we can act on it.
+    hold_reloads();
     let args: Vec<OsString> = std::env::args_os().collect();
     let opts = match cli::parse(A::KIND, &args) {
         Ok(CliAction::Run(o)) => o,
@@ -394,6 +417,9 @@ async fn run<A: App>(
     if restarted {
         info!("restarted in place from the re-exec state");
     }
+    // Everything is served and the SIGUSR1 stream is registered: a reload that came
+    // while we started is delivered now and re-execs once more.
+    accept_reloads();
     for server in daemon.servers() {
         for svc in server.services() {
             let path = svc.path.as_deref().unwrap_or(Path::new("(unnamed)"));
@@ -609,8 +635,18 @@ fn restore<A: App>(
                     continue;
                 }
             };
+            let pending = match &c.carry {
+                Some(carry) => match take_carry(carry) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        warn!(client = c.id, "cannot resume half-done I/O: {e}");
+                        PendingIo::default()
+                    }
+                },
+                None => PendingIo::default(),
+            };
             // One bad client loses only itself (libvirt fails the whole restore).
-            if let Err(e) = server.adopt_client(fd, c.id, c.conn_time, &c.private_data) {
+            if let Err(e) = server.adopt_client(fd, c.id, c.conn_time, &c.private_data, pending) {
                 warn!(
                     server = name.as_str(),
                     client = c.id,
@@ -778,20 +814,7 @@ async fn reexec<A: App>(daemon: &Arc<Daemon>, app: &A) {
         }
         let mut cs: Vec<ClientState> = clients
             .into_iter()
-            .map(|c| {
-                let fd = c.fd.into_raw_fd();
-                keep.push(fd);
-                ClientState {
-                    id: c.info.id,
-                    auth: 0,
-                    auth_pending: false,
-                    readonly: false,
-                    nrequests_max: 1,
-                    conn_time: c.info.conn_time,
-                    sock: SocketState::connection(fd),
-                    private_data: c.private,
-                }
-            })
+            .map(|c| client_state(c, &mut keep))
             .collect();
         cs.sort_by_key(|c| c.id);
         servers.push((
@@ -826,6 +849,103 @@ async fn reexec<A: App>(daemon: &Arc<Daemon>, app: &A) {
     }
 }
 
+/// One handed-off client's CLIENT object; every fd it names goes into `keep`.
+fn client_state(c: HandedOffClient, keep: &mut Vec<RawFd>) -> ClientState {
+    let id = c.info.id;
+    let fd = c.fd.into_raw_fd();
+    keep.push(fd);
+    let carry = if c.pending.is_empty() {
+        None
+    } else {
+        match put_carry(c.pending) {
+            Ok(carry) => {
+                keep.push(carry.fd);
+                keep.extend(&carry.input_fds);
+                keep.extend(&carry.output_fds);
+                Some(carry)
+            }
+            Err(e) => {
+                // Without it the next image would read the rest of a frame as a new
+                // one; it closes the client then, as libvirt 9.0 would.
+                error!(
+                    client = id,
+                    "cannot carry half-done I/O across re-exec: {e}"
+                );
+                None
+            }
+        }
+    };
+    ClientState {
+        id,
+        auth: 0,
+        auth_pending: false,
+        readonly: false,
+        nrequests_max: 1,
+        conn_time: c.info.conn_time,
+        sock: SocketState::connection(fd),
+        private_data: c.private,
+        carry,
+    }
+}
+
+/// Writes a client's half-done I/O into a memory file for the next image.
+fn put_carry(p: PendingIo) -> io::Result<ClientCarry> {
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    use std::io::Write;
+    let mem = memfd_create(c"virt-helpers-carry", MemFdCreateFlag::MFD_CLOEXEC)?;
+    let mut file = std::fs::File::from(mem);
+    file.write_all(&p.input)?;
+    file.write_all(&p.output)?;
+    let own = |fds: Vec<OwnedFd>| fds.into_iter().map(IntoRawFd::into_raw_fd).collect();
+    Ok(ClientCarry {
+        fd: file.into_raw_fd(),
+        input: p.input.len() as u64,
+        input_fds: own(p.input_fds),
+        output: p.output.len() as u64,
+        output_fds: own(p.output_fds),
+    })
+}
+
+/// Reads back what [`put_carry`] wrote (the previous image's, or ours after a failed
+/// exec), taking ownership of every fd it names.
+fn take_carry(c: &ClientCarry) -> io::Result<PendingIo> {
+    use std::os::unix::fs::FileExt;
+    let adopt_all = |fds: &[RawFd]| fds.iter().map(|&fd| adopt_fd(fd)).collect();
+    let input_fds: io::Result<Vec<OwnedFd>> = adopt_all(&c.input_fds);
+    let output_fds: io::Result<Vec<OwnedFd>> = adopt_all(&c.output_fds);
+    let file = std::fs::File::from(adopt_fd(c.fd)?);
+    let len = |n: u64| usize::try_from(n).map_err(|_| io::Error::from(io::ErrorKind::InvalidData));
+    let mut input = vec![0u8; len(c.input)?];
+    file.read_exact_at(&mut input, 0)?;
+    let mut output = vec![0u8; len(c.output)?];
+    file.read_exact_at(&mut output, c.input)?;
+    Ok(PendingIo {
+        input,
+        input_fds: input_fds?,
+        output,
+        output_fds: output_fds?,
+    })
+}
+
+/// Blocks SIGUSR1 in the calling thread, and so in every thread it starts later.
+fn hold_reloads() {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGUSR1);
+    if let Err(e) = set.thread_block() {
+        eprintln!("cannot block SIGUSR1 during start-up: {e}");
+    }
+}
+
+/// Unblocks SIGUSR1 in the calling (main) thread; the runtime's threads keep it
+/// blocked, so every reload is taken by the thread that also execs.
+fn accept_reloads() {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGUSR1);
+    if let Err(e) = set.thread_unblock() {
+        error!("cannot unblock SIGUSR1: {e}");
+    }
+}
+
 /// `execvp(argv[0], argv)` with the original arguments: a PATH search when argv[0] has
 /// no slash, exactly what libvirt does. Returns only on failure.
 fn exec_self(opts: &Options) -> io::Error {
@@ -843,10 +963,30 @@ fn exec_self(opts: &Options) -> io::Error {
     let Ok(argv) = argv else {
         return io::Error::from_raw_os_error(libc::EINVAL);
     };
-    match nix::unistd::execvp(&file, &argv) {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
+    // Across execve a caught signal reverts to its default action (terminate) until
+    // the next image installs a handler; an ignored one stays ignored. Unblocked in
+    // this thread, whose mask the next image inherits: libvirt 9.0 never unblocks it.
+    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // SAFETY: SIG_IGN is not a handler function; the previous action is restored
+    // as it was if the exec fails.
+    let previous = unsafe { sigaction(Signal::SIGUSR1, &ignore) };
+    let mut usr1 = SigSet::empty();
+    usr1.add(Signal::SIGUSR1);
+    let old_mask = usr1.thread_swap_mask(SigmaskHow::SIG_UNBLOCK);
+    let err = match nix::unistd::execvp(&file, &argv) {
         Ok(never) => match never {},
         Err(e) => e.into(),
+    };
+    if let Ok(mask) = old_mask {
+        let _ = mask.thread_set_mask();
     }
+    if let Ok(previous) = previous {
+        // SAFETY: puts back exactly the action that was installed before (the
+        // runtime's signal handler).
+        let _ = unsafe { sigaction(Signal::SIGUSR1, &previous) };
+    }
+    err
 }
 
 /// Soft RLIMIT_NOFILE up to the hard limit, as libvirt does at start.

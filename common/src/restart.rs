@@ -495,6 +495,68 @@ pub struct ClientState {
     /// Daemon-specific data: `{}` for virtlogd and the admin servers, a
     /// [`LockClientPrivate`] for virtlockd's main server.
     pub private_data: Value,
+    /// Our own key: I/O the client had half done at hand-off. libvirt looks up the
+    /// keys it knows by name and never sees this one.
+    pub carry: Option<ClientCarry>,
+}
+
+/// Key of [`ClientCarry`] in a CLIENT object.
+pub const CARRY_KEY: &str = "virtHelpersCarry";
+
+/// A client's half-done I/O at hand-off (`"virtHelpersCarry"`): the bytes live in a
+/// memory file handed over like the sockets, so the state document stays small
+/// whatever a slow peer left half sent or half read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCarry {
+    /// The memory file: `input` bytes, then `output` bytes.
+    pub fd: RawFd,
+    /// Bytes of a request read so far (length word included).
+    pub input: u64,
+    /// Fds received with that request.
+    pub input_fds: Vec<RawFd>,
+    /// Bytes of a reply not yet written.
+    pub output: u64,
+    /// Fds of that reply not yet sent.
+    pub output_fds: Vec<RawFd>,
+}
+
+impl ClientCarry {
+    fn parse(o: &Obj<'_>) -> Result<Self> {
+        let fds = |key: &str| -> Result<Vec<RawFd>> {
+            o.array(key)?
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.as_i64()
+                        .and_then(|n| RawFd::try_from(n).ok())
+                        .ok_or_else(|| malformed(&format!("{key}[{i}]"), &o.at, "an fd number"))
+                })
+                .collect()
+        };
+        Ok(ClientCarry {
+            fd: o.i32("fd")?,
+            input: o.u64("input")?,
+            input_fds: fds("inputFds")?,
+            output: o.u64("output")?,
+            output_fds: fds("outputFds")?,
+        })
+    }
+
+    pub fn to_value(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("fd".into(), self.fd.into());
+        m.insert("input".into(), self.input.into());
+        m.insert("inputFds".into(), self.input_fds.clone().into());
+        m.insert("output".into(), self.output.into());
+        m.insert("outputFds".into(), self.output_fds.clone().into());
+        Value::Object(m)
+    }
+
+    fn push_fds(&self, out: &mut Vec<RawFd>) {
+        out.push(self.fd);
+        out.extend(&self.input_fds);
+        out.extend(&self.output_fds);
+    }
 }
 
 impl ClientState {
@@ -532,6 +594,11 @@ impl ClientState {
         };
         let sock = SocketState::parse(&sock)?;
         let private_data = o.req("privateData")?.clone();
+        let carry = if o.has(CARRY_KEY) {
+            Some(ClientCarry::parse(&o.object(CARRY_KEY)?)?)
+        } else {
+            None
+        };
         Ok(ClientState {
             id,
             auth,
@@ -541,6 +608,7 @@ impl ClientState {
             conn_time,
             sock,
             private_data,
+            carry,
         })
     }
 
@@ -565,6 +633,9 @@ impl ClientState {
         }
         m.insert("sock".into(), self.sock.to_value());
         m.insert("privateData".into(), self.private_data.clone());
+        if let Some(c) = &self.carry {
+            m.insert(CARRY_KEY.into(), c.to_value());
+        }
         Value::Object(m)
     }
 
@@ -713,6 +784,9 @@ impl ServerState {
         }
         for c in &self.clients {
             c.sock.push_fds(&mut out);
+            if let Some(carry) = &c.carry {
+                carry.push_fds(&mut out);
+            }
         }
         out
     }
@@ -2040,6 +2114,38 @@ mod tests {
         set(&mut srv, "", "keepaliveRequired", json!(false));
         set(&mut srv, "", "mdnsGroupName", json!("x"));
         assert!(ServerState::from_value(&srv).is_ok());
+    }
+
+    #[test]
+    fn carried_io_round_trips_and_names_its_fds() {
+        let mut srv = server_json();
+        set(
+            &mut srv,
+            "/clients/0",
+            CARRY_KEY,
+            json!({ "fd": 20, "input": 6, "inputFds": [21], "output": 900, "outputFds": [] }),
+        );
+        let parsed = ServerState::from_value(&srv).unwrap();
+        let carry = parsed.clients[0].carry.clone().unwrap();
+        assert_eq!(
+            carry,
+            ClientCarry {
+                fd: 20,
+                input: 6,
+                input_fds: vec![21],
+                output: 900,
+                output_fds: vec![],
+            }
+        );
+        assert_eq!(parsed.inherited_fds(), vec![3, 11, 20, 21]);
+        assert_eq!(ServerState::from_value(&parsed.to_value()).unwrap(), parsed);
+        // Absent unless there is something to carry.
+        let plain = ServerState::from_value(&server_json()).unwrap();
+        assert!(plain.clients[0].carry.is_none());
+        assert!(plain.to_value()["clients"][0].get(CARRY_KEY).is_none());
+        // Our own key: a malformed one is reported.
+        set(&mut srv, "/clients/0", CARRY_KEY, json!({ "fd": 20 }));
+        assert!(ServerState::from_value(&srv).is_err());
     }
 
     // ---- required keys ---------------------------------------------------------------

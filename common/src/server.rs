@@ -11,10 +11,13 @@
 //! * the peer hangs up or breaks the protocol: the client is closed and its program's
 //!   `client_closed` hook runs (virtlockd releases the owner's leases there);
 //! * the daemon quits: the same, for every client;
-//! * the daemon hands off for re-exec: at a message boundary the task gives its socket
-//!   back *without* running the close hook, so that nothing held is released.
+//! * the daemon hands off for re-exec: the task gives its socket back at once *without*
+//!   running the close hook, so that nothing held is released, together with whatever
+//!   it had half done: the part of a request already read and the part of a reply not
+//!   yet written ([`PendingIo`]). The next image carries on from there, so a re-exec
+//!   never waits for a slow peer and never desynchronises one.
 
-use crate::connection::{self, Incoming, LengthWord, ReadEnd};
+use crate::connection::{FrameReader, Incoming, Outbox, ReadEnd};
 use crate::error::{RpcError, MESSAGE_STRING_MAX};
 use crate::protocol::{self, msg_type, status};
 use crate::xdr::XdrError;
@@ -157,6 +160,29 @@ pub struct HandedOffClient {
     pub info: ClientInfo,
     pub fd: OwnedFd,
     pub private: serde_json::Value,
+    pub pending: PendingIo,
+}
+
+/// A client's half-done I/O at hand-off, resumed by the next image.
+#[derive(Debug, Default)]
+pub struct PendingIo {
+    /// The bytes consumed of a request not yet complete (length word included).
+    pub input: Vec<u8>,
+    /// Fds already received with that request.
+    pub input_fds: Vec<OwnedFd>,
+    /// The bytes of a reply not yet written.
+    pub output: Vec<u8>,
+    /// Fds of that reply not yet sent.
+    pub output_fds: Vec<OwnedFd>,
+}
+
+impl PendingIo {
+    pub fn is_empty(&self) -> bool {
+        self.input.is_empty()
+            && self.input_fds.is_empty()
+            && self.output.is_empty()
+            && self.output_fds.is_empty()
+    }
 }
 
 /// A listening socket given back at hand-off.
@@ -462,7 +488,13 @@ impl Server {
         };
         let private = self.hooks.new_private(&info);
         info!("{}: new client", who(&self.name, &info));
-        self.spawn_client(stream, info, private);
+        self.spawn_client(
+            stream,
+            info,
+            private,
+            FrameReader::default(),
+            Outbox::default(),
+        );
     }
 
     /// Re-creates a client from an inherited socket (re-exec, or a failed exec).
@@ -472,7 +504,11 @@ impl Server {
         id: u64,
         conn_time: i64,
         private: &serde_json::Value,
+        pending: PendingIo,
     ) -> io::Result<()> {
+        let reader = FrameReader::resume(&pending.input, pending.input_fds)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let outbox = Outbox::resume(pending.output, pending.output_fds);
         let std_stream = std::os::unix::net::UnixStream::from(fd);
         std_stream.set_nonblocking(true)?;
         let stream = UnixStream::from_std(std_stream)?;
@@ -501,7 +537,7 @@ impl Server {
         };
         // Keep ids unique after restoring.
         self.next_client_id.fetch_max(id + 1, Ordering::Relaxed);
-        self.spawn_client(stream, info, private);
+        self.spawn_client(stream, info, private, reader, outbox);
         Ok(())
     }
 
@@ -514,7 +550,14 @@ impl Server {
         Ok(())
     }
 
-    fn spawn_client(self: &Arc<Self>, stream: UnixStream, info: ClientInfo, private: Private) {
+    fn spawn_client(
+        self: &Arc<Self>,
+        stream: UnixStream,
+        info: ClientInfo,
+        private: Private,
+        reader: FrameReader,
+        outbox: Outbox,
+    ) {
         let close = Arc::new(Notify::new());
         if let Ok(mut c) = self.clients.lock() {
             c.insert(
@@ -527,7 +570,10 @@ impl Server {
         }
         self.changed.notify_waiters();
         let me = self.clone();
-        tokio::spawn(async move { me.client_loop(stream, info, private, close).await });
+        tokio::spawn(async move {
+            me.client_loop(stream, info, private, close, reader, outbox)
+                .await
+        });
     }
 
     async fn client_loop(
@@ -536,35 +582,50 @@ impl Server {
         info: ClientInfo,
         mut private: Private,
         close: Arc<Notify>,
+        mut reader: FrameReader,
+        mut outbox: Outbox,
     ) {
         let mut run = self.run.clone();
-        let mut lw = LengthWord::default();
+        let mut close_when_sent = false;
         let outcome: RunState = loop {
-            let state = *run.borrow();
+            // Seen here, so that `changed()` below waits for the next change only.
+            let state = *run.borrow_and_update();
+            if state == RunState::Handoff {
+                // Whatever the peer takes right now need not be carried (and a C next
+                // image, which cannot resume it, gets a whole reply out).
+                let _ = outbox.try_flush(&stream);
+                break state;
+            }
             if state != RunState::Running {
                 break state;
             }
-            let len = tokio::select! {
-                r = connection::read_length(&stream, &mut lw) => r,
+            // A reply goes out whole before the next request is read (one request at
+            // a time, as libvirt's nrequests_client_max = 1).
+            if !outbox.is_empty() {
+                tokio::select! {
+                    r = outbox.flush(&stream) => match r {
+                        Ok(()) if close_when_sent => break RunState::Quit,
+                        // Go to the back of the queue before reading this client's next
+                        // request. Without it, a client that answers quickly (it often
+                        // runs on our CPU, woken by our reply) has its next request read
+                        // at once, and the loop ping-pongs with it for a whole coop
+                        // budget while every other client waits: that was the 4-8 ms p99
+                        // with 16 busy owners.
+                        Ok(()) => tokio::task::yield_now().await,
+                        Err(e) => {
+                            debug!(server = %self.name, client = info.id, "write failed: {e}");
+                            break RunState::Quit;
+                        }
+                    },
+                    r = run.changed() => if r.is_err() { break RunState::Quit },
+                    _ = close.notified() => break RunState::Quit,
+                }
+                continue;
+            }
+            let msg = tokio::select! {
+                r = reader.read(&stream) => r,
                 r = run.changed() => { if r.is_err() { break RunState::Quit } continue }
                 _ = close.notified() => break RunState::Quit,
-            };
-            let len = match len {
-                Ok(l) => l,
-                Err(ReadEnd::Eof) => break RunState::Quit,
-                Err(ReadEnd::Broken(why)) => {
-                    self.violation(&info, &why);
-                    break RunState::Quit;
-                }
-            };
-            // Once a frame has started, finish it; a re-exec waits briefly for it and
-            // then gives up on it (libvirt drops a half-read request too).
-            let msg = tokio::select! {
-                r = connection::read_message(&stream, len) => r,
-                _ = handoff_grace(run.clone()) => {
-                    warn!(server = %self.name, client = info.id, "dropping a half-read request for re-exec");
-                    break RunState::Handoff;
-                }
             };
             let msg = match msg {
                 Ok(m) => m,
@@ -574,14 +635,15 @@ impl Server {
                     break RunState::Quit;
                 }
             };
-            match self.handle(&stream, &info, &mut private, msg).await {
-                // Go to the back of the queue before reading this client's next
-                // request. Without it, a client that answers quickly (it often runs on
-                // our CPU, woken by our reply) has its next request read at once, and
-                // the loop ping-pongs with it for a whole coop budget while every other
-                // client waits: that was the 4-8 ms p99 with 16 busy owners.
-                Ok(true) => tokio::task::yield_now().await,
-                Ok(false) => break RunState::Quit,
+            if !self.handle(&info, &mut private, msg, &mut outbox) {
+                close_when_sent = true;
+            }
+            // The reply usually goes out at once; only a full socket takes the select
+            // above (and its waiter registrations) on the next turn.
+            match outbox.try_flush(&stream) {
+                Ok(()) if close_when_sent => break RunState::Quit,
+                Ok(()) => tokio::task::yield_now().await,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => {
                     debug!(server = %self.name, client = info.id, "write failed: {e}");
                     break RunState::Quit;
@@ -599,11 +661,29 @@ impl Server {
             };
             match stream.into_std() {
                 Ok(s) => {
+                    let (input, input_fds) = reader.take_partial();
+                    let (output, output_fds) = outbox.take_unsent();
+                    let pending = PendingIo {
+                        input,
+                        input_fds,
+                        output,
+                        output_fds,
+                    };
+                    if !pending.is_empty() {
+                        debug!(
+                            server = %self.name,
+                            client = info.id,
+                            "carrying {} request and {} reply bytes across re-exec",
+                            pending.input.len(),
+                            pending.output.len()
+                        );
+                    }
                     if let Ok(mut v) = self.handed_off_clients.lock() {
                         v.push(HandedOffClient {
                             info,
                             fd: OwnedFd::from(s),
                             private: saved,
+                            pending,
                         });
                     }
                 }
@@ -622,14 +702,15 @@ impl Server {
         self.changed.notify_waiters();
     }
 
-    /// Dispatches one message and writes what it produces. `Ok(false)`: close now.
-    async fn handle(
+    /// Dispatches one message and queues what it produces. `false`: close once that is
+    /// sent.
+    fn handle(
         self: &Arc<Self>,
-        stream: &UnixStream,
         info: &ClientInfo,
         private: &mut Private,
         msg: Incoming,
-    ) -> io::Result<bool> {
+        out: &mut Outbox,
+    ) -> bool {
         let h = msg.header;
         // 1. Keepalive is consumed before dispatch, and only as type MESSAGE.
         if h.prog == protocol::KEEPALIVE_PROGRAM
@@ -637,9 +718,9 @@ impl Server {
             && h.type_ == msg_type::MESSAGE
         {
             if h.proc_ == protocol::KEEPALIVE_PING {
-                connection::write_all(stream, &protocol::pong_frame()).await?;
+                out.push(protocol::pong_frame(), Vec::new());
             }
-            return Ok(true);
+            return true;
         }
         let is_call = h.type_ == msg_type::CALL || h.type_ == msg_type::CALL_WITH_FDS;
         // 2. Find the program.
@@ -655,7 +736,7 @@ impl Server {
                     h.prog as i32, h.vers as i32
                 ));
                 self.call_refused(info, &e);
-                connection::write_all(stream, &protocol::encode_error_frame(&h, &e)).await?;
+                out.push(protocol::encode_error_frame(&h, &e), Vec::new());
             } else {
                 info!(
                     "{}: dropping message, unknown program {} version {} type {} proc {}",
@@ -666,7 +747,7 @@ impl Server {
                     h.proc_
                 );
             }
-            return Ok(true);
+            return true;
         };
         // 3. Only calls are answered; anything else is dropped without a word (but
         // logged, as 9.0 does; it ignores stream data quietly).
@@ -674,15 +755,15 @@ impl Server {
             if h.type_ != msg_type::STREAM {
                 self.violation_kept(info, &format!("Unexpected message type {}", h.type_));
             }
-            return Ok(true);
+            return true;
         }
         // 4. Status must be OK.
         if h.status != status::OK {
             // libvirt prints the status with %u.
             let e = RpcError::rpc(format!("Unexpected message status {}", h.status as u32));
             self.call_refused(info, &e);
-            connection::write_all(stream, &protocol::encode_error_frame(&h, &e)).await?;
-            return Ok(true);
+            out.push(protocol::encode_error_frame(&h, &e), Vec::new());
+            return true;
         }
         let mut ctx = CallContext {
             server: self,
@@ -698,7 +779,7 @@ impl Server {
                    // CONNECT_DAEMON_SHUTDOWN) closes the client without the reply, as 11.3 drops
                    // every queued reply when it closes its clients.
         if *self.run.borrow() == RunState::Quit {
-            return Ok(false);
+            return false;
         }
         match res {
             Ok(reply) => {
@@ -708,7 +789,7 @@ impl Server {
                     with_fds.then_some(reply.fds.len() as u32),
                     &reply.payload,
                 );
-                connection::write_message(stream, &frame, &reply.fds).await?;
+                out.push(frame, reply.fds);
             }
             Err(err) => {
                 let e = match err {
@@ -739,12 +820,12 @@ impl Server {
                     .any(|s| s.as_ref().is_some_and(|s| s.len() > MESSAGE_STRING_MAX));
                 if too_long {
                     debug!(server = %self.name, client = info.id, "error reply too long; closing");
-                    return Ok(false);
+                    return false;
                 }
-                connection::write_all(stream, &protocol::encode_error_frame(&h, &e)).await?;
+                out.push(protocol::encode_error_frame(&h, &e), Vec::new());
             }
         }
-        Ok(!close_after)
+        !close_after
     }
 }
 
@@ -774,20 +855,6 @@ fn who(server: &str, info: &ClientInfo) -> String {
         "{server} client {} (pid {}, uid {})",
         info.id, info.pid, info.uid
     )
-}
-
-/// Resolves two seconds after a hand-off starts: how long a half-received request may
-/// hold up a re-exec.
-async fn handoff_grace(mut run: watch::Receiver<RunState>) {
-    loop {
-        if *run.borrow() == RunState::Handoff {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            return;
-        }
-        if run.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
 }
 
 #[cfg(test)]
@@ -871,8 +938,12 @@ mod tests {
         busy.write_all(&burst).unwrap();
         one.write_all(&call(0)).unwrap();
         let none = serde_json::json!({});
-        server.adopt_client(busy_srv.into(), 1, 0, &none).unwrap();
-        server.adopt_client(one_srv.into(), 2, 0, &none).unwrap();
+        server
+            .adopt_client(busy_srv.into(), 1, 0, &none, PendingIo::default())
+            .unwrap();
+        server
+            .adopt_client(one_srv.into(), 2, 0, &none, PendingIo::default())
+            .unwrap();
 
         for _ in 0..10_000 {
             if order.lock().unwrap().len() == 51 {

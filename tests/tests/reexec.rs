@@ -1040,3 +1040,421 @@ fn virtlockd_reexec_c_to_ours_to_c() {
     // The only errors: the conflicting acquires finish_leases makes on purpose.
     assert_quiet(&d, &["is locked"]);
 }
+
+// ---------------------------------------------------------------------------------
+// Re-exec under any timing: reload storms, and clients caught half way through a
+// request or a reply.
+
+/// Bit of SIGUSR1 in the masks of /proc/PID/status.
+const USR1_BIT: u64 = 1 << (libc::SIGUSR1 - 1);
+
+/// A signal mask line ("SigBlk", "SigCgt", "ShdPnd", ...) of the daemon's main thread.
+fn sig_mask(pid: i32, key: &str) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| {
+        let v = l.strip_prefix(key)?.strip_prefix(':')?;
+        u64::from_str_radix(v.trim(), 16).ok()
+    })
+}
+
+/// `n` SIGUSR1 1 ms apart; the daemon must be alive after each. (Before the fix, a
+/// release build died within a few dozen at this pace: one landed between `execve`
+/// and the new image's handler.)
+fn storm(d: &mut Daemon, n: usize) {
+    for _ in 0..n {
+        d.signal(nix::sys::signal::Signal::SIGUSR1);
+        thread::sleep(Duration::from_millis(1));
+        d.assert_alive();
+    }
+}
+
+/// Waits until no reload is left: the state file consumed, SIGUSR1 neither blocked
+/// (ours unblocks it once it serves) nor pending, and a new client served.
+fn settle_reloads(d: &mut Daemon, probe: &dyn Fn(&mut Client)) {
+    let (pid, state) = (d.pid, d.state_file());
+    for _ in 0..2 {
+        wait_for("the reloads to settle", || {
+            d.assert_alive();
+            let quiet = !state.exists()
+                && sig_mask(pid, "SigBlk")? & USR1_BIT == 0
+                && (sig_mask(pid, "ShdPnd")? | sig_mask(pid, "SigPnd")?) & USR1_BIT == 0;
+            quiet.then_some(())
+        });
+        let prog = if d.name == "virtlogd" {
+            logp::PROGRAM
+        } else {
+            lockp::PROGRAM
+        };
+        probe(&mut d.connect(prog));
+    }
+}
+
+/// Sends SIGUSR1 while the exec into `next` (already at argv[0]) is under way, until
+/// the new image has consumed the state file: the signals land in the old image's
+/// hand-off or in the new image's start-up, never after a C image installed its own
+/// handler (a C image re-executing a C image is libvirt's own window, not ours).
+fn storm_through_exec(d: &mut Daemon, max: usize) -> usize {
+    let state = d.state_file();
+    let before = d.exe_inode().expect("exe inode");
+    d.signal(nix::sys::signal::Signal::SIGUSR1);
+    let mut sent = 1;
+    // The state file appears before the exec and goes when the new image read it.
+    wait_for("the hand-off to begin", || {
+        d.assert_alive();
+        (state.exists() || d.exe_inode() != Some(before)).then_some(())
+    });
+    while sent < max && state.exists() {
+        d.signal(nix::sys::signal::Signal::SIGUSR1);
+        sent += 1;
+        thread::sleep(Duration::from_millis(1));
+    }
+    wait_for("the new image to take over", || {
+        d.assert_alive();
+        (d.exe_inode() != Some(before) && !state.exists()).then_some(())
+    });
+    sent
+}
+
+/// SIGUSR1 to a C daemon whose argv[0] is now ours; returns once our image runs and
+/// holds SIGUSR1 (blocked: the first thing our `main` does), from when on any number
+/// of reloads is safe.
+fn c_execs_ours(d: &mut Daemon) {
+    let before = d.exe_inode().expect("exe inode");
+    let pid = d.pid;
+    d.signal(nix::sys::signal::Signal::SIGUSR1);
+    wait_for("our image to start", || {
+        d.assert_alive();
+        (d.exe_inode() != Some(before)
+            && (sig_mask(pid, "SigBlk")? & USR1_BIT != 0 || !d.state_file().exists()))
+        .then_some(())
+    });
+}
+
+/// A C image that must keep answering reloads: SIGUSR1 caught, not blocked.
+fn assert_c_hears_reloads(d: &Daemon) {
+    let blk = sig_mask(d.pid, "SigBlk").expect("SigBlk");
+    let cgt = sig_mask(d.pid, "SigCgt").expect("SigCgt");
+    assert_eq!(blk & USR1_BIT, 0, "the C image inherited a blocked SIGUSR1");
+    assert_ne!(cgt & USR1_BIT, 0, "the C image does not catch SIGUSR1");
+}
+
+/// 5a. 100 SIGUSR1 1 ms apart against virtlockd holding 10,000 leases, with a live
+/// owner connection and a busy client: same pid, every lease held throughout.
+#[test]
+fn virtlockd_reload_storm_10000_leases() {
+    let _g = serial();
+    require_root();
+    let hard = raise_nofile();
+    assert!(hard >= 10_500, "RLIMIT_NOFILE hard limit {hard} is too low");
+    let ours = our_bin("virtlockd");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let argv0 = dir.path().join("virtlockd");
+    install_binary(&ours, &argv0);
+    let conf = write_lockd_conf(dir.path());
+    let mut d = Daemon::start("virtlockd", &argv0, &conf, dir.path());
+    let pid = d.pid;
+
+    let nowners = 4;
+    let s = setup_leases(&mut d, dir.path(), nowners, [7000, 1000, 1500, 500]);
+    let busy = busy_lockd(&mut d, &s, dir.path(), nowners);
+    busy.wait_more(10);
+    storm(&mut d, 100);
+    check_held(&s.leases, pid);
+    settle_reloads(&mut d, &probe_lockd(&s.sleepers, nowners));
+    assert_eq!(d.pid, pid);
+    busy.wait_more(10);
+    busy.stop();
+    finish_leases(&mut d, s, nowners);
+    assert_quiet(&d, &[]);
+}
+
+/// 5b. The same storm against virtlogd with writers on 200 pipes: every line lands,
+/// once, in order.
+#[test]
+fn virtlogd_reload_storm_with_writers() {
+    let _g = serial();
+    require_root();
+    raise_nofile();
+    let ours = our_bin("virtlogd");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let argv0 = dir.path().join("virtlogd");
+    install_binary(&ours, &argv0);
+    let conf = write_logd_conf(dir.path());
+    let mut d = Daemon::start("virtlogd", &argv0, &conf, dir.path());
+    let pid = d.pid;
+
+    let s = setup_logs(&mut d, dir.path(), 200, 4);
+    let busy = busy_logd(&mut d, s.paths[100].clone());
+    s.writers.wait_progress(&[0; 200], 10);
+    busy.wait_more(10);
+    storm(&mut d, 100);
+    settle_reloads(&mut d, &probe_logd(s.paths[0].clone()));
+    assert_eq!(d.pid, pid);
+    let after = s.writers.snapshot();
+    s.writers.wait_progress(&after, 10);
+    busy.wait_more(10);
+    busy.stop();
+    let lines = finish_logs(&mut d, s);
+    eprintln!("virtlogd reload storm: 200 pipes, {lines} lines verified");
+    assert_quiet(&d, &[]);
+}
+
+/// Bytes the peer has not read yet of what we sent (SIOCOUTQ).
+fn unread_by_peer(s: &UnixStream) -> i32 {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int through the pointer; the fd is open.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    assert_eq!(r, 0, "SIOCOUTQ");
+    n
+}
+
+/// Bytes waiting to be read on our side (SIOCINQ).
+fn readable_now(s: &UnixStream) -> i32 {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD (SIOCINQ) writes one int through the pointer; the fd is open.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(r, 0, "SIOCINQ");
+    n
+}
+
+fn call_frame(prog: u32, proc_: i32, serial: u32, args: &[u8]) -> Vec<u8> {
+    let h = vh_common::protocol::Header {
+        prog,
+        vers: 1,
+        proc_,
+        type_: vh_common::protocol::msg_type::CALL,
+        serial,
+        status: vh_common::protocol::status::OK,
+    };
+    vh_common::protocol::encode_frame(&h, None, args)
+}
+
+/// Reads one reply from `c` and checks it answers `serial` without an error.
+fn expect_ok_reply(c: &mut Client, serial: u32) -> Vec<u8> {
+    let mut s = c.stream().try_clone().expect("clone stream");
+    let r = vh_common::connection::blocking::read_reply(&mut s).expect("reply");
+    assert_eq!(r.header.serial, serial, "reply to another call");
+    assert_eq!(
+        r.header.status,
+        vh_common::protocol::status::OK,
+        "call failed: {:?}",
+        vh_common::RpcError::decode(&mut Decoder::new(&r.payload))
+    );
+    r.payload
+}
+
+/// 6a. Clients caught with half a length word and with half a frame when SIGUSR1
+/// arrives both complete their call after the re-exec, on the same connection.
+#[test]
+fn virtlockd_reexec_resumes_half_sent_requests() {
+    let _g = serial();
+    require_root();
+    raise_nofile();
+    let ours = our_bin("virtlockd");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let argv0 = dir.path().join("virtlockd");
+    install_binary(&ours, &argv0);
+    let conf = write_lockd_conf(dir.path());
+    let mut d = Daemon::start("virtlockd", &argv0, &conf, dir.path());
+    let sleepers = Sleepers::spawn(3);
+    let space = dir.path().join("lockspace");
+    fs::create_dir_all(&space).expect("mkdir");
+    let space_s = space.to_str().expect("utf-8").to_string();
+
+    let mut conns: Vec<Client> = (0..2)
+        .map(|k| {
+            let mut c = d.connect(lockp::PROGRAM);
+            register(&mut c, &sleepers, k);
+            c
+        })
+        .collect();
+    create_lockspace(&mut conns[0], &space);
+    let frames: Vec<Vec<u8>> = (0..2)
+        .map(|k| {
+            let mut e = Encoder::new();
+            lockp::ResourceArgs {
+                path: space_s.clone(),
+                name: format!("half{k}"),
+                flags: lockp::ACQUIRE_AUTOCREATE,
+            }
+            .encode(&mut e);
+            // Serial 0 was REGISTER, 1 was CREATE_LOCKSPACE on conns[0].
+            call_frame(
+                lockp::PROGRAM,
+                lockp::proc_::ACQUIRE_RESOURCE,
+                7,
+                e.as_bytes(),
+            )
+        })
+        .collect();
+    // Half a length word, and the length word plus part of the body.
+    let cut = [2, 4 + 13];
+    for k in 0..2 {
+        conns[k]
+            .stream()
+            .write_all(&frames[k][..cut[k]])
+            .expect("write first part");
+    }
+    for c in &conns {
+        wait_for("the daemon to read the first part", || {
+            (unread_by_peer(c.stream()) == 0).then_some(())
+        });
+    }
+    d.reexec(&argv0, &ours, probe_lockd(&sleepers, 2));
+    for k in 0..2 {
+        conns[k]
+            .stream()
+            .write_all(&frames[k][cut[k]..])
+            .expect("write the rest");
+        expect_ok_reply(&mut conns[k], 7);
+        let (_, holder) = lock_on(&space.join(format!("half{k}"))).expect("lease taken");
+        assert_eq!(holder, d.pid);
+    }
+    assert_quiet(&d, &[]);
+}
+
+/// 6b. A client that does not read its (2 MiB) reply when SIGUSR1 arrives gets all of
+/// it after the re-exec, and the connection goes on.
+#[test]
+fn virtlogd_reexec_delivers_an_unread_reply() {
+    let _g = serial();
+    require_root();
+    raise_nofile();
+    let ours = our_bin("virtlogd");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let argv0 = dir.path().join("virtlogd");
+    install_binary(&ours, &argv0);
+    let conf = write_logd_conf(dir.path());
+    let mut d = Daemon::start("virtlogd", &argv0, &conf, dir.path());
+
+    let path = dir.path().join("big.log");
+    let content: Vec<u8> = (0..2u32 << 20).map(|i| b'a' + (i % 26) as u8).collect();
+    fs::write(&path, &content).expect("write log");
+    let mut c = d.connect(logp::PROGRAM);
+    let mut e = Encoder::new();
+    logp::ReadLogFileArgs {
+        path: path.as_os_str().as_encoded_bytes().to_vec(),
+        pos: logp::LogFilePosition {
+            inode: fs::metadata(&path).expect("stat log").ino(),
+            offset: 0,
+        },
+        maxlen: content.len() as u64,
+        flags: 0,
+    }
+    .encode(&mut e);
+    c.stream()
+        .write_all(&call_frame(
+            logp::PROGRAM,
+            logp::proc_::DOMAIN_READ_LOG_FILE,
+            3,
+            e.as_bytes(),
+        ))
+        .expect("send call");
+    // The reply has begun and fills the socket: the daemon is stuck writing it.
+    wait_for("the reply to start", || {
+        (readable_now(c.stream()) > 0).then_some(())
+    });
+    d.reexec(&argv0, &ours, |c: &mut Client| {
+        // No log is open at that path: an error reply, but a reply.
+        match log_position(c, &path) {
+            Ok(_) | Err(CallError::Remote(_)) => {}
+            Err(e) => panic!("new client not served: {e}"),
+        }
+    });
+    let payload = expect_ok_reply(&mut c, 3);
+    let got = Decoder::new(&payload)
+        .string_lossless(8 << 20)
+        .expect("string");
+    assert_eq!(got.len(), content.len(), "reply length");
+    assert!(got == content, "reply content differs");
+    log_position(&mut c, &path).expect_err("no open log at that path");
+    assert_quiet(&d, &["No open log file"]);
+}
+
+/// 5c. virtlockd: a storm through the exec from ours into C (the C image must survive
+/// the signals of its start-up and still answer reloads), then C → ours with a storm
+/// from our start-up on. A client caught half way through a request rides along: C
+/// must ignore the key that carries it.
+#[test]
+fn virtlockd_reload_storm_ours_to_c_to_ours() {
+    let _g = serial();
+    require_root();
+    raise_nofile();
+    let c = c_bin("virtlockd");
+    let ours = our_bin("virtlockd");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let argv0 = dir.path().join("virtlockd");
+    install_binary(&ours, &argv0);
+    let conf = write_lockd_conf(dir.path());
+    let mut d = Daemon::start("virtlockd", &argv0, &conf, dir.path());
+    let pid = d.pid;
+
+    let nowners = 3;
+    let s = setup_leases(&mut d, dir.path(), nowners, [60, 20, 15, 5]);
+    // An admin client with half a length word: its state carries the extra key.
+    let admin = UnixStream::connect(format!("/proc/{pid}/root/run/libvirt/virtlockd-admin-sock"))
+        .expect("connect admin");
+    (&admin).write_all(&[0, 0]).expect("half a length word");
+    wait_for("the daemon to read it", || {
+        (unread_by_peer(&admin) == 0).then_some(())
+    });
+
+    install_binary(&c, &argv0);
+    let sent = storm_through_exec(&mut d, 50);
+    d.assert_alive();
+    assert_eq!(d.pid, pid);
+    check_held(&s.leases, pid);
+    // C restored everything, and can still be reloaded.
+    probe_lockd(&s.sleepers, nowners)(&mut d.connect(lockp::PROGRAM));
+    assert_c_hears_reloads(&d);
+
+    install_binary(&ours, &argv0);
+    c_execs_ours(&mut d);
+    storm(&mut d, 100);
+    check_held(&s.leases, pid);
+    settle_reloads(&mut d, &probe_lockd(&s.sleepers, nowners));
+    assert_eq!(d.pid, pid);
+    finish_leases(&mut d, s, nowners);
+    drop(admin);
+    eprintln!("virtlockd ours→C with {sent} signals through the exec, C→ours + 100: leases held");
+    assert_quiet(&d, &["is locked"]);
+}
+
+/// 5d. virtlogd: the same, with writers on 40 pipes; every line lands.
+#[test]
+fn virtlogd_reload_storm_ours_to_c_to_ours() {
+    let _g = serial();
+    require_root();
+    raise_nofile();
+    let c = c_bin("virtlogd");
+    let ours = our_bin("virtlogd");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let argv0 = dir.path().join("virtlogd");
+    install_binary(&ours, &argv0);
+    let conf = write_logd_conf(dir.path());
+    let mut d = Daemon::start("virtlogd", &argv0, &conf, dir.path());
+    let pid = d.pid;
+
+    let s = setup_logs(&mut d, dir.path(), 40, 2);
+    s.writers.wait_progress(&[0; 40], 10);
+    install_binary(&c, &argv0);
+    let sent = storm_through_exec(&mut d, 50);
+    assert_eq!(d.pid, pid);
+    probe_logd(s.paths[0].clone())(&mut d.connect(logp::PROGRAM));
+    assert_c_hears_reloads(&d);
+    let after = s.writers.snapshot();
+    s.writers.wait_progress(&after, 10);
+
+    install_binary(&ours, &argv0);
+    c_execs_ours(&mut d);
+    storm(&mut d, 100);
+    settle_reloads(&mut d, &probe_logd(s.paths[1].clone()));
+    assert_eq!(d.pid, pid);
+    let after = s.writers.snapshot();
+    s.writers.wait_progress(&after, 10);
+    let lines = finish_logs(&mut d, s);
+    eprintln!(
+        "virtlogd ours→C with {sent} signals through the exec, C→ours + 100: {lines} lines verified"
+    );
+    assert_quiet(&d, &["No open log file"]);
+}
