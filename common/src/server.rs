@@ -137,6 +137,22 @@ pub trait Program: Send + Sync + 'static {
         proc_: i32,
         args: &[u8],
     ) -> Result<Reply, DispatchError>;
+
+    /// Like [`dispatch`](Self::dispatch), for a program whose calls may block (on a
+    /// stuck file system, say): it may answer [`Dispatched::Later`] with a future that
+    /// the client's task awaits, so that other clients keep being served meanwhile.
+    /// This client's next call is read only once the reply is written, as always.
+    fn dispatch_deferred(&self, ctx: &mut CallContext<'_>, proc_: i32, args: &[u8]) -> Dispatched {
+        Dispatched::Now(self.dispatch(ctx, proc_, args))
+    }
+}
+
+/// A call's result, or the work still to do for it.
+pub enum Dispatched {
+    Now(Result<Reply, DispatchError>),
+    Later(
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Reply, DispatchError>> + Send>>,
+    ),
 }
 
 /// One listening socket of a server.
@@ -656,9 +672,13 @@ impl Server {
             fds: msg.fds,
             close_after_reply: false,
         };
-        let res = program.dispatch(&mut ctx, h.proc_, &msg.body[msg.payload_offset..]);
+        let res = program.dispatch_deferred(&mut ctx, h.proc_, &msg.body[msg.payload_offset..]);
         let close_after = ctx.close_after_reply;
         drop(ctx); // unused call fds are closed here, as libvirt does
+        let res = match res {
+            Dispatched::Now(r) => r,
+            Dispatched::Later(work) => work.await,
+        };
         match res {
             Ok(reply) => {
                 let with_fds = !reply.fds.is_empty();

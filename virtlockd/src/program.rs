@@ -8,16 +8,16 @@
 //! lock connection must not keep writing to the disks. Unlike 9.0, the kill loop runs on
 //! its own task and never stalls other clients.
 
-use crate::lockspace::LockSpaces;
 use crate::protocol::{self as p, proc_};
-use std::sync::{Arc, Mutex, MutexGuard};
+use crate::table::LockTable;
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
 use uuid::Uuid;
 use vh_common::error::{code, domain, RpcError};
 use vh_common::restart::LockClientPrivate;
 use vh_common::server::{
-    CallContext, ClientHooks, ClientInfo, DispatchError, Private, Program, Reply,
+    CallContext, ClientHooks, ClientInfo, DispatchError, Dispatched, Private, Program, Reply,
 };
 use vh_common::xdr::Decoder;
 
@@ -31,33 +31,13 @@ pub struct LockClient {
     pub owner_uuid: [u8; 16],
 }
 
-/// The lock daemon's state shared by all connections.
-pub struct LockDaemon {
-    spaces: Mutex<LockSpaces>,
-}
-
-impl LockDaemon {
-    pub fn new(spaces: LockSpaces) -> Arc<Self> {
-        Arc::new(LockDaemon {
-            spaces: Mutex::new(spaces),
-        })
-    }
-
-    /// The lockspaces, for calls, re-exec and operator views.
-    pub fn spaces(&self) -> Result<MutexGuard<'_, LockSpaces>, RpcError> {
-        self.spaces
-            .lock()
-            .map_err(|_| RpcError::internal(domain::LOCKSPACE, "lockspace table poisoned"))
-    }
-}
-
 pub struct LockProgram {
-    daemon: Arc<LockDaemon>,
+    table: Arc<LockTable>,
 }
 
 impl LockProgram {
-    pub fn new(daemon: Arc<LockDaemon>) -> Arc<Self> {
-        Arc::new(LockProgram { daemon })
+    pub fn new(table: Arc<LockTable>) -> Arc<Self> {
+        Arc::new(LockProgram { table })
     }
 }
 
@@ -81,6 +61,26 @@ fn no_lockspace(path: &str) -> RpcError {
     RpcError::internal(
         domain::RPC,
         format!("Lockspace for path {path} does not exist"),
+    )
+}
+
+/// A lockspace path or resource name from the wire. Names and paths are carried as they
+/// are or refused, never converted: a lossy conversion would lock a different file. Only
+/// UTF-8 can be carried: the re-exec state is JSON (9.0's writer refuses such strings
+/// too, and then cannot re-exec at all).
+fn utf8(bytes: Vec<u8>) -> Result<String, Vec<u8>> {
+    String::from_utf8(bytes).map_err(|e| e.into_bytes())
+}
+
+fn shown(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).replace('\0', "\\0")
+}
+
+fn not_utf8(what: &str, bytes: &[u8]) -> RpcError {
+    RpcError::new(
+        code::INVALID_ARG,
+        domain::LOCKSPACE,
+        format!("{what} '{}' is not valid: it is not UTF-8", shown(bytes)),
     )
 }
 
@@ -128,6 +128,42 @@ impl Program for LockProgram {
         proc_: i32,
         args: &[u8],
     ) -> Result<Reply, DispatchError> {
+        match self.dispatch_deferred(ctx, proc_, args) {
+            Dispatched::Now(r) => r,
+            Dispatched::Later(_) => {
+                Err(RpcError::internal(domain::RPC, "this call must run deferred").into())
+            }
+        }
+    }
+
+    fn dispatch_deferred(&self, ctx: &mut CallContext<'_>, proc_: i32, args: &[u8]) -> Dispatched {
+        match self.begin(ctx, proc_, args) {
+            Ok(Call::Now(reply)) => Dispatched::Now(Ok(reply)),
+            Ok(Call::Later(work)) => Dispatched::Later(Box::pin(async move {
+                work.await?;
+                Ok(Reply::void())
+            })),
+            Err(e) => Dispatched::Now(Err(e)),
+        }
+    }
+}
+
+type Work = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), RpcError>> + Send>>;
+
+/// A call checked and decoded: its answer, or the table work that gives it.
+enum Call {
+    Now(Reply),
+    Later(Work),
+}
+
+impl LockProgram {
+    /// The checks in 9.0's order; the lockspace calls' table work comes back as a future.
+    fn begin(
+        &self,
+        ctx: &mut CallContext<'_>,
+        proc_: i32,
+        args: &[u8],
+    ) -> Result<Call, DispatchError> {
         let mut d = Decoder::new(args);
         match proc_ {
             proc_::REGISTER => {
@@ -145,7 +181,7 @@ impl Program for LockProgram {
                 c.owner_uuid = a.owner.uuid;
                 c.owner_id = a.owner.id;
                 c.owner_pid = a.owner.pid;
-                Ok(Reply::void())
+                Ok(Call::Now(Reply::void()))
             }
             proc_::RESTRICT => {
                 let flags = d.u32()?;
@@ -153,14 +189,15 @@ impl Program for LockProgram {
                 check_flags(flags, 0, "virLockSpaceProtocolDispatchRestrict")?;
                 check_client(c)?;
                 c.restricted = true;
-                Ok(Reply::void())
+                Ok(Call::Now(Reply::void()))
             }
             proc_::NEW => {
-                let a = p::NewArgs::decode(&mut d)?;
+                let path = d.string_lossless(p::STRING_MAX)?;
+                let flags = d.u32()?;
                 let c = client_of(ctx)?;
-                check_flags(a.flags, 0, "virLockSpaceProtocolDispatchNew")?;
+                check_flags(flags, 0, "virLockSpaceProtocolDispatchNew")?;
                 check_client(c)?;
-                if a.path.is_empty() {
+                if path.is_empty() {
                     return Err(RpcError::new(
                         code::OPERATION_INVALID,
                         domain::RPC,
@@ -168,23 +205,20 @@ impl Program for LockProgram {
                     )
                     .into());
                 }
-                let mut spaces = self.daemon.spaces()?;
-                if spaces.contains(&a.path) {
-                    return Err(RpcError::internal(
-                        domain::RPC,
-                        format!("Lockspace for path {} already exists", a.path),
-                    )
-                    .into());
-                }
-                // 9.0 ignores a failure here; we report it.
-                spaces.create(&a.path)?;
-                Ok(Reply::void())
+                let path = utf8(path).map_err(|b| not_utf8("Lockspace path", &b))?;
+                // 9.0 ignores a failure to create the directory; we report it.
+                let table = self.table.clone();
+                Ok(Call::Later(Box::pin(async move {
+                    table.create_lockspace(&path, true).await
+                })))
             }
             proc_::CREATE_RESOURCE
             | proc_::DELETE_RESOURCE
             | proc_::ACQUIRE_RESOURCE
             | proc_::RELEASE_RESOURCE => {
-                let a = p::ResourceArgs::decode(&mut d)?;
+                let path = d.string_lossless(p::STRING_MAX)?;
+                let name = d.string_lossless(p::STRING_MAX)?;
+                let flags = d.u32()?;
                 let c = client_of(ctx)?.clone();
                 let (allowed, function) = match proc_ {
                     proc_::CREATE_RESOURCE => (0, "virLockSpaceProtocolDispatchCreateResource"),
@@ -195,29 +229,39 @@ impl Program for LockProgram {
                     ),
                     _ => (0, "virLockSpaceProtocolDispatchReleaseResource"),
                 };
-                check_flags(a.flags, allowed, function)?;
+                check_flags(flags, allowed, function)?;
                 check_client(&c)?;
-                let mut spaces = self.daemon.spaces()?;
-                let ls = spaces
-                    .get_mut(&a.path)
-                    .ok_or_else(|| no_lockspace(&a.path))?;
-                match proc_ {
-                    proc_::CREATE_RESOURCE => ls.create_resource(&a.name)?,
-                    proc_::DELETE_RESOURCE => ls.delete_resource(&a.name)?,
-                    proc_::ACQUIRE_RESOURCE => ls.acquire(&a.name, c.owner_pid, a.flags)?,
-                    _ => ls.release(&a.name, c.owner_pid)?,
+                // A lockspace is never created under a non-UTF-8 path, so none exists.
+                let key = utf8(path).map_err(|b| no_lockspace(&shown(&b)))?;
+                if !self.table.spaces()?.contains(&key) {
+                    return Err(no_lockspace(&key).into());
                 }
-                Ok(Reply::void())
+                let name = utf8(name).map_err(|b| not_utf8("Resource name", &b))?;
+                let table = self.table.clone();
+                let owner = c.owner_pid;
+                // Every call goes through the table's checked path: one file is never
+                // held under two names, whatever lockspace or spelling names it.
+                Ok(Call::Later(Box::pin(async move {
+                    match proc_ {
+                        proc_::CREATE_RESOURCE => table.create_resource(&key, &name).await,
+                        proc_::DELETE_RESOURCE => table.delete_resource(&key, &name).await,
+                        proc_::ACQUIRE_RESOURCE => table.acquire(&key, &name, owner, flags).await,
+                        _ => table.release(&key, &name, owner).await,
+                    }
+                })))
             }
             proc_::CREATE_LOCKSPACE => {
-                let path = p::lossy(d.string_lossless(p::STRING_MAX)?);
+                let path = d.string_lossless(p::STRING_MAX)?;
                 let c = client_of(ctx)?;
                 if c.restricted {
                     return Err(restricted_error().into());
                 }
+                let path = utf8(path).map_err(|b| not_utf8("Lockspace path", &b))?;
                 // An existing lockspace is success in 9.0 (and what older clients expect).
-                self.daemon.spaces()?.create(&path)?;
-                Ok(Reply::void())
+                let table = self.table.clone();
+                Ok(Call::Later(Box::pin(async move {
+                    table.create_lockspace(&path, false).await
+                })))
             }
             _ => Err(DispatchError::UnknownProcedure),
         }
@@ -226,12 +270,12 @@ impl Program for LockProgram {
 
 /// Client life cycle of the lock server.
 pub struct LockHooks {
-    daemon: Arc<LockDaemon>,
+    table: Arc<LockTable>,
 }
 
 impl LockHooks {
-    pub fn new(daemon: Arc<LockDaemon>) -> Arc<Self> {
-        Arc::new(LockHooks { daemon })
+    pub fn new(table: Arc<LockTable>) -> Arc<Self> {
+        Arc::new(LockHooks { table })
     }
 }
 
@@ -247,10 +291,7 @@ impl ClientHooks for LockHooks {
         if c.owner_pid == 0 || info.pid <= 0 || info.pid as u32 != c.owner_pid {
             return;
         }
-        let held = match self.daemon.spaces() {
-            Ok(mut s) => s.release_owner(c.owner_pid),
-            Err(_) => true,
-        };
+        let held = self.table.release_owner(c.owner_pid);
         if held {
             info!(
                 pid = c.owner_pid,

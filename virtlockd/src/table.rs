@@ -1,0 +1,187 @@
+//! The lock table shared by all connections, and how calls run against it: a call
+//! begins under the table lock, does its filesystem work on the blocking pool, and
+//! finishes under the lock again, so that a file stuck on a dead NFS server (or any slow
+//! open, fcntl, unlink or close) holds up only the call that touches it, never other
+//! clients or the admin socket. A second call on a resource with a call in flight waits
+//! for that call (see [`crate::lockspace`]).
+
+use crate::lockspace::{Begin, Claims, FileId, Job, LockSpace, LockSpaces};
+use std::fs::File;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::Notify;
+use vh_common::error::{domain, RpcError};
+
+pub struct LockTable {
+    spaces: Mutex<LockSpaces>,
+    /// Signalled whenever a job finishes (waiting calls look again).
+    finished: Notify,
+}
+
+impl LockTable {
+    pub fn new(spaces: LockSpaces) -> Arc<Self> {
+        Arc::new(LockTable {
+            spaces: Mutex::new(spaces),
+            finished: Notify::new(),
+        })
+    }
+
+    /// The lockspaces, for re-exec and operator views. Never hold it across blocking work.
+    pub fn spaces(&self) -> Result<MutexGuard<'_, LockSpaces>, RpcError> {
+        self.spaces
+            .lock()
+            .map_err(|_| RpcError::internal(domain::LOCKSPACE, "lockspace table poisoned"))
+    }
+
+    /// The lockspaces for a job that must record its outcome whatever happened before:
+    /// a panic elsewhere cannot leave the slots half-updated (each update is one step).
+    fn spaces_always(&self) -> MutexGuard<'_, LockSpaces> {
+        self.spaces.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs a call: `begin` under the table lock, then its job (if any) on the blocking
+    /// pool; waits while another call on the same resource is in flight.
+    async fn call(
+        self: &Arc<Self>,
+        begin: impl Fn(&mut LockSpaces) -> Result<Begin, RpcError>,
+    ) -> Result<(), RpcError> {
+        loop {
+            let finished = self.finished.notified();
+            let step = begin(&mut *self.spaces()?)?;
+            match step {
+                Begin::Done => return Ok(()),
+                Begin::Wait => finished.await,
+                Begin::Work(job) => {
+                    let me = self.clone();
+                    return tokio::task::spawn_blocking(move || me.run(job))
+                        .await
+                        .map_err(|e| {
+                            RpcError::internal(
+                                domain::LOCKSPACE,
+                                format!("lockspace job failed: {e}"),
+                            )
+                        })?;
+                }
+            }
+        }
+    }
+
+    /// Runs `job` here and now (blocking) and records its outcome.
+    fn run(&self, job: Job) -> Result<(), RpcError> {
+        let done = job.run(self);
+        let r = self.spaces_always().finish(done);
+        self.finished.notify_waiters();
+        r
+    }
+
+    pub async fn acquire(
+        self: &Arc<Self>,
+        key: &str,
+        name: &str,
+        owner: u32,
+        flags: u32,
+    ) -> Result<(), RpcError> {
+        self.call(|s| s.begin_acquire(key, name, owner, flags))
+            .await
+    }
+
+    pub async fn release(
+        self: &Arc<Self>,
+        key: &str,
+        name: &str,
+        owner: u32,
+    ) -> Result<(), RpcError> {
+        self.call(|s| s.begin_release(key, name, owner)).await
+    }
+
+    pub async fn create_resource(self: &Arc<Self>, key: &str, name: &str) -> Result<(), RpcError> {
+        self.call(|s| s.begin_create(key, name)).await
+    }
+
+    pub async fn delete_resource(self: &Arc<Self>, key: &str, name: &str) -> Result<(), RpcError> {
+        self.call(|s| s.begin_delete(key, name)).await
+    }
+
+    /// NEW (`must_be_new`) or CREATE_LOCKSPACE: the directory is created on the blocking
+    /// pool. An existing key is success for CREATE_LOCKSPACE and an error for NEW.
+    pub async fn create_lockspace(&self, key: &str, must_be_new: bool) -> Result<(), RpcError> {
+        let exists = || {
+            if must_be_new {
+                Err(RpcError::internal(
+                    domain::RPC,
+                    format!("Lockspace for path {key} already exists"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        if self.spaces()?.contains(key) {
+            return exists();
+        }
+        let dir = key.to_string();
+        let ls = tokio::task::spawn_blocking(move || LockSpace::create_directory(dir))
+            .await
+            .map_err(|e| {
+                RpcError::internal(domain::LOCKSPACE, format!("lockspace job failed: {e}"))
+            })??;
+        if self.spaces()?.add(key, ls) {
+            Ok(())
+        } else {
+            exists()
+        }
+    }
+
+    /// Drops one ownership by `owner` everywhere (its connection closed); resources left
+    /// without owners are closed on the blocking pool (inline outside a runtime). Returns
+    /// whether `owner` held anything.
+    pub fn release_owner(self: &Arc<Self>, owner: u32) -> bool {
+        let (any, jobs) = self.spaces_always().release_owner(owner);
+        if !jobs.is_empty() {
+            let me = self.clone();
+            let close = move || {
+                for job in jobs {
+                    let _ = me.run(job);
+                }
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) => drop(h.spawn_blocking(close)),
+                Err(_) => close(),
+            }
+        }
+        any
+    }
+
+    /// Synchronous calls for unit tests (the job runs inline).
+    #[cfg(test)]
+    pub fn call_now(
+        &self,
+        begin: impl FnOnce(&mut LockSpaces) -> Result<Begin, RpcError>,
+    ) -> Result<(), RpcError> {
+        let step = begin(&mut *self.spaces()?)?;
+        match step {
+            Begin::Done => Ok(()),
+            Begin::Wait => panic!("a call is in flight"),
+            Begin::Work(job) => self.run(job),
+        }
+    }
+}
+
+impl Claims for LockTable {
+    fn is_claimed(&self, id: FileId) -> bool {
+        self.spaces_always().is_claimed(id)
+    }
+
+    fn claim(&self, id: FileId, file: File) -> Option<File> {
+        self.spaces_always().claim(id, file)
+    }
+
+    fn unclaim(&self, id: FileId) {
+        loop {
+            let parked = self.spaces_always().unclaim_step(id);
+            if parked.is_empty() {
+                return;
+            }
+            // Closed outside the lock: a close may block (NFS flushes on close).
+            drop(parked);
+        }
+    }
+}
