@@ -1794,6 +1794,120 @@ mod tests {
         assert!(!d.join("foo").exists());
     }
 
+    /// What a job that lost a rename race is left with: an fd on a file held under
+    /// another name. It is parked, not closed (closing it would drop the lock), and
+    /// closed only with the resource.
+    #[test]
+    fn an_fd_opened_on_a_held_file_is_parked_not_closed() {
+        let (_t, d) = testdir();
+        let mut ls = Ls::dir(&d);
+        ls.acquire("foo", 1, ACQUIRE_AUTOCREATE).unwrap();
+        let f = d.join("foo");
+        let m = std::sync::Mutex::new(std::mem::take(&mut ls.t.0));
+        let e = claim_opened("bar", &f, File::open(&f).unwrap(), &m).unwrap_err();
+        ls.t.0 = m.into_inner().unwrap();
+        assert_eq!(
+            e.message(),
+            "resource busy: Lockspace resource 'bar' is locked"
+        );
+        assert_eq!(probe(&f), Probe::Write, "the parked fd was not closed");
+        assert_eq!(fds_into(&d), 2);
+        assert_eq!(ls.t.parked_fds().count(), 1);
+        ls.release("foo", 1).unwrap();
+        assert_eq!(fds_into(&d), 0, "parked fd closed after the resource's");
+        assert_eq!(ls.t.parked_fds().count(), 0);
+        assert!(!f.exists());
+    }
+
+    #[test]
+    fn fifos_sockets_and_char_devices_are_refused() {
+        let (_t, d) = testdir();
+        fs::create_dir(&d).unwrap();
+        let fifo = d.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let sock = d.join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let mut dl = Ls::default_lockspace();
+        for (path, what) in [
+            (fifo.to_str().unwrap(), "a FIFO"),
+            (sock.to_str().unwrap(), "a socket"),
+            ("/dev/null", "a character device"),
+        ] {
+            for r in [
+                dl.acquire(path, 1, 0),
+                dl.acquire(path, 1, ACQUIRE_SHARED | ACQUIRE_AUTOCREATE),
+                dl.create_resource(path),
+            ] {
+                let e = r.unwrap_err();
+                assert_eq!((e.code, e.domain), (code::INVALID_ARG, domain::LOCKSPACE));
+                assert_eq!(
+                    e.message(),
+                    format!(
+                        "invalid argument: Lockspace resource '{path}' ({path}) is {what}, not a regular file"
+                    )
+                );
+            }
+        }
+        let mut ls = Ls::dir(&d);
+        assert_eq!(
+            ls.acquire("fifo", 1, ACQUIRE_AUTOCREATE).unwrap_err().code,
+            code::INVALID_ARG
+        );
+        assert_eq!(dl.resource_count() + ls.resource_count(), 0);
+        assert_eq!(fds_into(&d), 0);
+        // Deleting one is only an unlink.
+        ls.delete_resource("fifo").unwrap();
+        assert!(!fifo.exists());
+    }
+
+    /// Two calls on one resource never run their jobs at once; other resources are
+    /// not held up.
+    #[test]
+    fn a_second_call_on_a_resource_waits_for_the_first() {
+        let (_t, d) = testdir();
+        let key = d.to_str().unwrap().to_string();
+        let mut s = LockSpaces::new();
+        assert!(s.add(&key, LockSpace::create_directory(&d).unwrap()));
+        let Begin::Work(job) = s.begin_acquire(&key, "foo", 1, ACQUIRE_AUTOCREATE).unwrap() else {
+            panic!("acquire needs a job");
+        };
+        assert!(matches!(
+            s.begin_acquire(&key, "foo", 2, ACQUIRE_SHARED),
+            Ok(Begin::Wait)
+        ));
+        assert!(matches!(s.begin_create(&key, "foo"), Ok(Begin::Wait)));
+        assert!(matches!(s.begin_delete(&key, "foo"), Ok(Begin::Wait)));
+        assert_eq!(s.begin_release(&key, "foo", 1).unwrap_err().code, 87);
+        assert!(matches!(
+            s.begin_acquire("", "/x", 2, 0),
+            Ok(Begin::Work(_))
+        ));
+        let m = std::sync::Mutex::new(s);
+        let done = job.run(&m);
+        let mut s = m.into_inner().unwrap();
+        s.finish(done).unwrap();
+        assert_eq!(probe(&d.join("foo")), Probe::Write);
+        assert_eq!(
+            s.begin_acquire(&key, "foo", 2, ACQUIRE_SHARED)
+                .unwrap_err()
+                .code,
+            87
+        );
+        let Begin::Work(close) = s.begin_release(&key, "foo", 1).unwrap() else {
+            panic!("the last release closes");
+        };
+        assert!(matches!(
+            s.begin_acquire(&key, "foo", 2, 0),
+            Ok(Begin::Wait)
+        ));
+        let m = std::sync::Mutex::new(s);
+        let done = close.run(&m);
+        let mut s = m.into_inner().unwrap();
+        s.finish(done).unwrap();
+        assert!(!d.join("foo").exists());
+        assert!(s.slots.is_empty());
+    }
+
     // ---- LockSpaces, owners, restore ----
 
     #[test]
