@@ -164,6 +164,12 @@ impl App for LockDaemonApp {
                     let _ = r.set_inheritable(false);
                 }
             }
+            for fd in spaces.parked_fds() {
+                let _ = nix::fcntl::fcntl(
+                    fd,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+                );
+            }
             return Ok(doc.daemon);
         }
         spaces.insert(String::new(), restore_lockspace(&doc.default_lockspace));

@@ -5,8 +5,7 @@
 //! clients or the admin socket. A second call on a resource with a call in flight waits
 //! for that call (see [`crate::lockspace`]).
 
-use crate::lockspace::{Begin, Claims, FileId, Job, LockSpace, LockSpaces};
-use std::fs::File;
+use crate::lockspace::{Begin, Job, LockSpace, LockSpaces};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 use vh_common::error::{domain, RpcError};
@@ -67,7 +66,7 @@ impl LockTable {
 
     /// Runs `job` here and now (blocking) and records its outcome.
     fn run(&self, job: Job) -> Result<(), RpcError> {
-        let done = job.run(self);
+        let done = job.run(&self.spaces);
         let r = self.spaces_always().finish(done);
         self.finished.notify_waiters();
         r
@@ -135,14 +134,14 @@ impl LockTable {
     /// whether `owner` held anything.
     pub fn release_owner(self: &Arc<Self>, owner: u32) -> bool {
         let (any, jobs) = self.spaces_always().release_owner(owner);
-        if !jobs.is_empty() {
+        // One task per resource: a close stuck on one file must not keep the others'.
+        let rt = tokio::runtime::Handle::try_current();
+        for job in jobs {
             let me = self.clone();
             let close = move || {
-                for job in jobs {
-                    let _ = me.run(job);
-                }
+                let _ = me.run(job);
             };
-            match tokio::runtime::Handle::try_current() {
+            match &rt {
                 Ok(h) => drop(h.spawn_blocking(close)),
                 Err(_) => close(),
             }
@@ -161,27 +160,6 @@ impl LockTable {
             Begin::Done => Ok(()),
             Begin::Wait => panic!("a call is in flight"),
             Begin::Work(job) => self.run(job),
-        }
-    }
-}
-
-impl Claims for LockTable {
-    fn is_claimed(&self, id: FileId) -> bool {
-        self.spaces_always().is_claimed(id)
-    }
-
-    fn claim(&self, id: FileId, file: File) -> Option<File> {
-        self.spaces_always().claim(id, file)
-    }
-
-    fn unclaim(&self, id: FileId) {
-        loop {
-            let parked = self.spaces_always().unclaim_step(id);
-            if parked.is_empty() {
-                return;
-            }
-            // Closed outside the lock: a close may block (NFS flushes on close).
-            drop(parked);
         }
     }
 }
