@@ -66,8 +66,9 @@ fn no_lockspace(path: &str) -> RpcError {
 
 /// A lockspace path or resource name from the wire. Names and paths are carried as they
 /// are or refused, never converted: a lossy conversion would lock a different file. Only
-/// UTF-8 can be carried: the re-exec state is JSON (9.0's writer refuses such strings
-/// too, and then cannot re-exec at all).
+/// UTF-8 can be carried: the re-exec state is JSON. (9.0 locks such a name, but its JSON
+/// writer refuses it, so its next SIGUSR1 re-exec fails and the daemon exits, dropping
+/// every lease.)
 fn utf8(bytes: Vec<u8>) -> Result<String, Vec<u8>> {
     String::from_utf8(bytes).map_err(|e| e.into_bytes())
 }
