@@ -35,7 +35,10 @@
 //!   `fstat` after, when a rename raced it) reports the resource as locked, and when it
 //!   already has an fd open on it, *parks* that fd in the slot instead of closing it; parked
 //!   fds are closed only after the claimant's own fd (they are kept across re-exec);
-//! * a failed job closes its fd while its claim still stands, then gives the claim up;
+//! * a job gives a claim up only after closing its fd (a close drops the lock), marking
+//!   the slot *closing* first: once the fd is closed, the file may be gone and its
+//!   (device, inode) given to a new file, whose claim then waits for the slot to go
+//!   instead of being taken for the held file;
 //! * the AUTOCREATE re-check after locking uses `stat(path)` by path, never a second `open`.
 //!
 //! libvirt 9.0 opens such a file twice, and the release of either name silently drops the
@@ -103,14 +106,25 @@ impl FileId {
 /// The slots of files this process holds or is locking (see the module docs). The table
 /// implements it over its lock, so that a job on the blocking pool can claim a file.
 pub trait Claims {
-    /// Whether `id` has a slot.
+    /// Whether `id` has a slot (other than one being closed).
     fn is_claimed(&self, id: FileId) -> bool;
     /// Gives `id` a slot for `file` and returns `file`; if `id` has one already, parks
-    /// `file` there (it must not be closed) and returns `None`.
+    /// `file` there (it must not be closed) and returns `None`. A slot whose claimant is
+    /// closing its fd is waited for: once that fd is closed, its (device, inode) may name
+    /// a new file.
     fn claim(&self, id: FileId, file: File) -> Option<File>;
+    /// The claimant of `id` is about to close its fd.
+    fn closing(&self, id: FileId);
     /// Removes the slot of `id`, closing the fds parked there. Only once the claimant's
     /// own fd is closed.
     fn unclaim(&self, id: FileId);
+}
+
+/// Closes a claimed file and gives up its claim, in that order (module docs).
+fn close_claimed(file: File, id: FileId, claims: &dyn Claims) {
+    claims.closing(id);
+    drop(file);
+    claims.unclaim(id);
 }
 
 /// One held resource: an open fd carrying the byte-0 lock, plus its owners.
@@ -341,8 +355,7 @@ fn claim_opened(
         return Err(busy(name));
     };
     if let Err(e) = check_kind(name, path, &md) {
-        drop(file);
-        claims.unclaim(id);
+        close_claimed(file, id, claims);
         return Err(e);
     }
     Ok((file, id))
@@ -574,16 +587,14 @@ fn lock_claimed(
     claims: &dyn Claims,
 ) -> Result<Option<(OwnedFd, FileId)>, RpcError> {
     if let Err(e) = set_lock(file.as_raw_fd(), shared) {
-        drop(file);
-        claims.unclaim(id);
+        close_claimed(file, id, claims);
         return Err(lock_error(name, path, e));
     }
     if !recheck || FileId::of_path(path) == Some(id) {
         return Ok(Some((file.into(), id)));
     }
     tracing::debug!(path = %path.display(), "resource was unlinked or replaced, retrying");
-    drop(file);
-    claims.unclaim(id);
+    close_claimed(file, id, claims);
     Ok(None)
 }
 
@@ -671,8 +682,7 @@ fn create_file(name: &str, path: &Path, claims: &dyn Claims) -> Result<(), RpcEr
             )
         })?;
     let (file, id) = claim_opened(name, path, file, claims)?;
-    drop(file);
-    claims.unclaim(id);
+    close_claimed(file, id, claims);
     Ok(())
 }
 
@@ -756,6 +766,9 @@ impl Job {
             JobKind::Delete(path) => delete_file(&self.name, &path, claims).map(|()| None),
             JobKind::Close(res) => {
                 let id = res.file_id;
+                if let Some(id) = id {
+                    claims.closing(id);
+                }
                 drop(res);
                 if let Some(id) = id {
                     claims.unclaim(id);
@@ -771,6 +784,25 @@ impl Job {
     }
 }
 
+/// A file this process holds or is locking (module docs).
+#[derive(Debug, Default)]
+struct Slot {
+    /// The claimant is closing its fd: the (device, inode) may soon name another file.
+    closing: bool,
+    /// Fds opened on the file by accident, closed after the claimant's.
+    parked: Vec<OwnedFd>,
+}
+
+/// What [`LockSpaces::claim`] did.
+#[derive(Debug)]
+pub enum Claim {
+    Claimed(File),
+    /// Claimed already: the file was parked.
+    Parked,
+    /// The slot's claimant is closing its fd: try again once it is gone.
+    Closing(File),
+}
+
 /// The daemon's lockspaces: the default one (key `""`) and directory lockspaces keyed by the
 /// exact path string given to NEW / CREATE_LOCKSPACE (no canonicalisation), plus the file
 /// slots and the resources with a call in flight.
@@ -779,7 +811,7 @@ pub struct LockSpaces {
     default: LockSpace,
     dirs: HashMap<String, LockSpace>,
     /// Files held or being locked, with the fds parked on them (module docs).
-    slots: HashMap<FileId, Vec<OwnedFd>>,
+    slots: HashMap<FileId, Slot>,
     /// (lockspace key, resource name) with a job in flight.
     pending: HashSet<(String, String)>,
 }
@@ -829,7 +861,7 @@ impl LockSpaces {
     pub fn insert(&mut self, key: String, ls: LockSpace) {
         for r in ls.resources() {
             if let Some(id) = r.file_id {
-                if self.slots.insert(id, Vec::new()).is_some() {
+                if self.slots.insert(id, Slot::default()).is_some() {
                     tracing::warn!(
                         resource = r.name(),
                         "the restored state holds this file under two names"
@@ -867,25 +899,38 @@ impl LockSpaces {
     /// The fds parked on held files: a re-exec must keep them open too (closing one at
     /// exec would drop the lock).
     pub fn parked_fds(&self) -> impl Iterator<Item = RawFd> + '_ {
-        self.slots.values().flatten().map(|fd| fd.as_raw_fd())
+        self.slots
+            .values()
+            .flat_map(|s| &s.parked)
+            .map(|fd| fd.as_raw_fd())
     }
 
     /// Whether file `id` has a slot.
     pub fn is_claimed(&self, id: FileId) -> bool {
-        self.slots.contains_key(&id)
+        self.slots.get(&id).is_some_and(|s| !s.closing)
     }
 
     /// [`Claims::claim`] under the table lock.
-    pub fn claim(&mut self, id: FileId, file: File) -> Option<File> {
+    pub fn claim(&mut self, id: FileId, file: File) -> Claim {
         match self.slots.entry(id) {
+            std::collections::hash_map::Entry::Occupied(e) if e.get().closing => {
+                Claim::Closing(file)
+            }
             std::collections::hash_map::Entry::Occupied(mut e) => {
-                e.get_mut().push(file.into());
-                None
+                e.get_mut().parked.push(file.into());
+                Claim::Parked
             }
             std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(Vec::new());
-                Some(file)
+                e.insert(Slot::default());
+                Claim::Claimed(file)
             }
+        }
+    }
+
+    /// [`Claims::closing`] under the table lock.
+    pub fn mark_closing(&mut self, id: FileId) {
+        if let Some(s) = self.slots.get_mut(&id) {
+            s.closing = true;
         }
     }
 
@@ -893,7 +938,7 @@ impl LockSpaces {
     /// else hands out the parked fds (to be closed outside the table lock; then call again).
     pub fn unclaim_step(&mut self, id: FileId) -> Vec<OwnedFd> {
         match self.slots.get_mut(&id) {
-            Some(parked) if !parked.is_empty() => std::mem::take(parked),
+            Some(s) if !s.parked.is_empty() => std::mem::take(&mut s.parked),
             Some(_) => {
                 self.slots.remove(&id);
                 Vec::new()
@@ -1060,10 +1105,27 @@ impl Claims for std::sync::Mutex<LockSpaces> {
             .is_claimed(id)
     }
 
-    fn claim(&self, id: FileId, file: File) -> Option<File> {
+    fn claim(&self, id: FileId, mut file: File) -> Option<File> {
+        loop {
+            match self
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .claim(id, file)
+            {
+                Claim::Claimed(f) => return Some(f),
+                Claim::Parked => return None,
+                Claim::Closing(f) => file = f,
+            }
+            // A close takes microseconds (or as long as a stuck NFS server likes: then
+            // this call is stuck with the file it collides with, and nothing else is).
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+    }
+
+    fn closing(&self, id: FileId) {
         self.lock()
             .unwrap_or_else(|p| p.into_inner())
-            .claim(id, file)
+            .mark_closing(id);
     }
 
     fn unclaim(&self, id: FileId) {
@@ -1858,6 +1920,37 @@ mod tests {
         // Deleting one is only an unlink.
         ls.delete_resource("fifo").unwrap();
         assert!(!fifo.exists());
+    }
+
+    /// Unlinking and closing a lease frees its inode number, which the next new file may
+    /// get at once: a claim on a slot being closed waits for it instead of reporting the
+    /// new file as held (that was a spurious "locked" with 16 busy owners).
+    #[test]
+    fn a_claim_on_a_slot_being_closed_waits_for_it() {
+        let (_t, d) = testdir();
+        fs::create_dir(&d).unwrap();
+        let f = d.join("f");
+        fs::write(&f, b"").unwrap();
+        let id = FileId::of_path(&f).unwrap();
+        let m = std::sync::Arc::new(std::sync::Mutex::new(LockSpaces::new()));
+        let first = m.claim(id, File::open(&f).unwrap()).unwrap();
+        assert!(m.is_claimed(id));
+        m.closing(id);
+        assert!(
+            !m.is_claimed(id),
+            "a closing slot does not make a file busy"
+        );
+        assert!(matches!(
+            m.lock().unwrap().claim(id, File::open(&f).unwrap()),
+            Claim::Closing(_)
+        ));
+        let m2 = m.clone();
+        let f2 = f.clone();
+        let waiter = std::thread::spawn(move || m2.claim(id, File::open(&f2).unwrap()).is_some());
+        drop(first);
+        m.unclaim(id);
+        assert!(waiter.join().unwrap(), "claimed once the slot was gone");
+        assert!(m.is_claimed(id));
     }
 
     /// Two calls on one resource never run their jobs at once; other resources are
