@@ -178,6 +178,8 @@ impl App for LockDaemonApp {
                 spaces.insert(dir.clone(), restore_lockspace(st));
             }
         }
+        drop(spaces);
+        self.daemon.classify_lockspaces();
         Ok(doc.daemon)
     }
 

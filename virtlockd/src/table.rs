@@ -49,6 +49,7 @@ impl LockTable {
             match step {
                 Begin::Done => return Ok(()),
                 Begin::Wait => finished.await,
+                Begin::Work(job) if job.runs_inline() => return self.run(job),
                 Begin::Work(job) => {
                     let me = self.clone();
                     return tokio::task::spawn_blocking(move || me.run(job))
@@ -137,6 +138,10 @@ impl LockTable {
         // One task per resource: a close stuck on one file must not keep the others'.
         let rt = tokio::runtime::Handle::try_current();
         for job in jobs {
+            if job.runs_inline() {
+                let _ = self.run(job);
+                continue;
+            }
             let me = self.clone();
             let close = move || {
                 let _ = me.run(job);
@@ -147,6 +152,29 @@ impl LockTable {
             }
         }
         any
+    }
+
+    /// After a re-exec: finds out, on the blocking pool, which directory lockspaces are on
+    /// local file systems (a `statfs` may hang on a dead server; until it answers, that
+    /// lockspace's jobs run on the pool).
+    pub fn classify_lockspaces(self: &Arc<Self>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let dirs: Vec<(String, std::path::PathBuf)> = match self.spaces() {
+            Ok(s) => s
+                .directories()
+                .filter_map(|(k, ls)| Some((k.to_string(), ls.directory()?.to_path_buf())))
+                .collect(),
+            Err(_) => return,
+        };
+        for (key, dir) in dirs {
+            let me = self.clone();
+            drop(rt.spawn_blocking(move || {
+                let local = crate::lockspace::is_local_fs(&dir);
+                me.spaces_always().set_local(&key, local);
+            }));
+        }
     }
 
     /// Synchronous calls for unit tests (the job runs inline).
