@@ -3,7 +3,8 @@
 //! finishes under the lock again, so that a file stuck on a dead NFS server (or any slow
 //! open, fcntl, unlink or close) holds up only the call that touches it, never other
 //! clients or the admin socket. A second call on a resource with a call in flight waits
-//! for that call (see [`crate::lockspace`]).
+//! for that call (see [`crate::lockspace`]). Jobs of a directory lockspace on a local
+//! disk file system run inline ([`crate::lockspace::is_local_fs`]).
 
 use crate::lockspace::{Begin, Job, LockSpace, LockSpaces};
 use std::sync::{Arc, Mutex, MutexGuard};
