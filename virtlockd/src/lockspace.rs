@@ -775,6 +775,11 @@ pub struct Finished {
 }
 
 impl Job {
+    /// The resource the job is on: (lockspace key, name).
+    pub fn resource(&self) -> (String, String) {
+        (self.key.clone(), self.name.clone())
+    }
+
     /// Whether the job may run on the thread serving clients (its lockspace is on a
     /// local file system, see [`is_local_fs`]).
     pub fn runs_inline(&self) -> bool {
@@ -1127,6 +1132,11 @@ impl LockSpaces {
         ls.check_name(name)?;
         let path = ls.resource_path(name);
         Ok(Begin::Work(self.job(key, name, JobKind::Delete(path))))
+    }
+
+    /// Ends the pending state of a job that never finished.
+    pub fn abandon(&mut self, resource: &(String, String)) {
+        self.pending.remove(resource);
     }
 
     /// Records what a job did, and ends its resource's pending state.

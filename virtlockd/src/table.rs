@@ -68,8 +68,21 @@ impl LockTable {
 
     /// Runs `job` here and now (blocking) and records its outcome.
     fn run(&self, job: Job) -> Result<(), RpcError> {
-        let done = job.run(&self.spaces);
-        let r = self.spaces_always().finish(done);
+        let resource = job.resource();
+        let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            job.run(&self.spaces)
+        })) {
+            Ok(done) => self.spaces_always().finish(done),
+            Err(_) => {
+                // A bug, not bad input: end the pending state, so that later calls on the
+                // resource are not kept waiting forever.
+                self.spaces_always().abandon(&resource);
+                Err(RpcError::internal(
+                    domain::LOCKSPACE,
+                    format!("lockspace job on '{}' failed", resource.1),
+                ))
+            }
+        };
         self.finished.notify_waiters();
         r
     }
