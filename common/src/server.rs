@@ -140,6 +140,22 @@ pub trait Program: Send + Sync + 'static {
         proc_: i32,
         args: &[u8],
     ) -> Result<Reply, DispatchError>;
+
+    /// Like [`dispatch`](Self::dispatch), for a program whose calls may block (on a
+    /// stuck file system, say): it may answer [`Dispatched::Later`] with a future that
+    /// the client's task awaits, so that other clients keep being served meanwhile.
+    /// This client's next call is read only once the reply is written, as always.
+    fn dispatch_deferred(&self, ctx: &mut CallContext<'_>, proc_: i32, args: &[u8]) -> Dispatched {
+        Dispatched::Now(self.dispatch(ctx, proc_, args))
+    }
+}
+
+/// A call's result, or the work still to do for it.
+pub enum Dispatched {
+    Now(Result<Reply, DispatchError>),
+    Later(
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Reply, DispatchError>> + Send>>,
+    ),
 }
 
 /// One listening socket of a server.
@@ -635,7 +651,7 @@ impl Server {
                     break RunState::Quit;
                 }
             };
-            if !self.handle(&info, &mut private, msg, &mut outbox) {
+            if !self.handle(&info, &mut private, msg, &mut outbox).await {
                 close_when_sent = true;
             }
             // The reply usually goes out at once; only a full socket takes the select
@@ -704,7 +720,7 @@ impl Server {
 
     /// Dispatches one message and queues what it produces. `false`: close once that is
     /// sent.
-    fn handle(
+    async fn handle(
         self: &Arc<Self>,
         info: &ClientInfo,
         private: &mut Private,
@@ -772,12 +788,16 @@ impl Server {
             fds: msg.fds,
             close_after_reply: false,
         };
-        let res = program.dispatch(&mut ctx, h.proc_, &msg.body[msg.payload_offset..]);
+        let res = program.dispatch_deferred(&mut ctx, h.proc_, &msg.body[msg.payload_offset..]);
         let close_after = ctx.close_after_reply;
         drop(ctx); // unused call fds are closed here, as libvirt does
-                   // A quit that began meanwhile (a signal, or this very call: admin
-                   // CONNECT_DAEMON_SHUTDOWN) closes the client without the reply, as 11.3 drops
-                   // every queued reply when it closes its clients.
+        let res = match res {
+            Dispatched::Now(r) => r,
+            Dispatched::Later(work) => work.await,
+        };
+        // A quit that began meanwhile (a signal, or this very call: admin
+        // CONNECT_DAEMON_SHUTDOWN) closes the client without the reply, as 11.3 drops
+        // every queued reply when it closes its clients.
         if *self.run.borrow() == RunState::Quit {
             return false;
         }

@@ -2,7 +2,8 @@
 //! the `defaultLockspace` / `lockspaces` sections of the re-exec state.
 
 use crate::lockspace::{LockSpace, LockSpaces};
-use crate::program::{LockDaemon, LockHooks, LockProgram};
+use crate::program::{LockHooks, LockProgram};
+use crate::table::LockTable;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use vh_common::restart::{DaemonState, LockdState, LockspaceState, ResourceState}
 use vh_common::server::{ClientHooks, Program, RunState};
 
 pub struct LockDaemonApp {
-    pub daemon: Arc<LockDaemon>,
+    pub daemon: Arc<LockTable>,
     run: watch::Receiver<RunState>,
 }
 
@@ -80,7 +81,7 @@ impl App for LockDaemonApp {
 
     fn new(_config: &DaemonConfig, _mode: Mode, run: watch::Receiver<RunState>) -> Self {
         LockDaemonApp {
-            daemon: LockDaemon::new(LockSpaces::new()),
+            daemon: LockTable::new(LockSpaces::new()),
             run,
         }
     }
@@ -115,6 +116,13 @@ impl App for LockDaemonApp {
                     .directories()
                     .map(|(_, ls)| lockspace_state(ls, &mut fds))
                     .collect();
+                // Fds parked on held files stay open across the exec (closing one would
+                // drop its file's lock); the new process never learns of them.
+                for fd in s.parked_fds() {
+                    if let Err(e) = vh_common::restart::clear_cloexec(fd) {
+                        error!("cannot keep parked fd {fd} across exec: {e}");
+                    }
+                }
                 dirs.sort_by(|a, b| a.directory.cmp(&b.directory));
                 (d, dirs)
             }
@@ -158,6 +166,12 @@ impl App for LockDaemonApp {
                     let _ = r.set_inheritable(false);
                 }
             }
+            for fd in spaces.parked_fds() {
+                let _ = nix::fcntl::fcntl(
+                    fd,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+                );
+            }
             return Ok(doc.daemon);
         }
         spaces.insert(String::new(), restore_lockspace(&doc.default_lockspace));
@@ -166,6 +180,8 @@ impl App for LockDaemonApp {
                 spaces.insert(dir.clone(), restore_lockspace(st));
             }
         }
+        drop(spaces);
+        self.daemon.classify_lockspaces();
         Ok(doc.daemon)
     }
 

@@ -3,8 +3,8 @@
 //! libvirt's clients never see it. virtlockd answers LIST_LOCKS; virtlogd answers
 //! LIST_LOGS with the same program number (see `virtlogd::inspect`).
 
-use crate::program::LockDaemon;
 use crate::protocol::STRING_MAX;
+use crate::table::LockTable;
 use std::sync::Arc;
 use vh_common::error::RpcError;
 use vh_common::server::{CallContext, DispatchError, Program, Reply};
@@ -87,7 +87,7 @@ impl LockEntry {
 }
 
 /// Every held resource, sorted by (lockspace, name).
-pub fn list_locks(daemon: &LockDaemon) -> Result<Vec<LockEntry>, RpcError> {
+pub fn list_locks(daemon: &LockTable) -> Result<Vec<LockEntry>, RpcError> {
     let spaces = daemon.spaces()?;
     let mut out: Vec<LockEntry> = spaces
         .iter()
@@ -106,11 +106,11 @@ pub fn list_locks(daemon: &LockDaemon) -> Result<Vec<LockEntry>, RpcError> {
 }
 
 pub struct InspectProgram {
-    daemon: Arc<LockDaemon>,
+    daemon: Arc<LockTable>,
 }
 
 impl InspectProgram {
-    pub fn new(daemon: Arc<LockDaemon>) -> Arc<Self> {
+    pub fn new(daemon: Arc<LockTable>) -> Arc<Self> {
         Arc::new(InspectProgram { daemon })
     }
 }
@@ -142,22 +142,24 @@ impl Program for InspectProgram {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lockspace::LockSpaces;
+    use crate::lockspace::{LockSpace, LockSpaces};
     use crate::protocol::{ACQUIRE_AUTOCREATE, ACQUIRE_SHARED};
 
     #[test]
     fn lists_held_resources() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("ls").to_string_lossy().into_owned();
-        let d = LockDaemon::new(LockSpaces::new());
-        {
-            let mut s = d.spaces().unwrap();
-            s.create(&key).unwrap();
-            s.acquire(&key, "b", 10, ACQUIRE_AUTOCREATE | ACQUIRE_SHARED)
+        let d = LockTable::new(LockSpaces::new());
+        d.spaces()
+            .unwrap()
+            .add(&key, LockSpace::create_directory(&key).unwrap());
+        for (name, owner, flags) in [
+            ("b", 10, ACQUIRE_AUTOCREATE | ACQUIRE_SHARED),
+            ("b", 11, ACQUIRE_AUTOCREATE | ACQUIRE_SHARED),
+            ("a", 12, ACQUIRE_AUTOCREATE),
+        ] {
+            d.call_now(|s| s.begin_acquire(&key, name, owner, flags))
                 .unwrap();
-            s.acquire(&key, "b", 11, ACQUIRE_AUTOCREATE | ACQUIRE_SHARED)
-                .unwrap();
-            s.acquire(&key, "a", 12, ACQUIRE_AUTOCREATE).unwrap();
         }
         let list = list_locks(&d).unwrap();
         assert_eq!(list.len(), 2);

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | [`protocol`] | program 0x0EA7BEEF: argument types of the eight procedures |
 //! | [`lockspace`] | lockspaces, resources and their owners; byte-0 fcntl locks |
+//! | [`table`] | the lock table; calls' filesystem work on the blocking pool |
 //! | [`daemon`] | virtlockd's part of the daemon front-end and of the re-exec state |
 //! | [`program`] | RPC dispatch: owner registration, restriction, checks in 9.0's order |
 
@@ -12,3 +13,4 @@ pub mod inspect;
 pub mod lockspace;
 pub mod program;
 pub mod protocol;
+pub mod table;

@@ -11,22 +11,40 @@
 //! inside one process); across processes and hosts it is decided by the kernel / NFS lock
 //! manager. Shared resources are reference-counted by an owner-PID list (duplicates allowed).
 //!
+//! # Calls in two halves
+//!
+//! A call's filesystem work (open, fstat, fcntl, unlink, close) may block for as long as a
+//! stuck NFS server likes, so it never runs under the table or on the thread serving
+//! clients. [`LockSpaces`] only *begins* a call (checks, and marks the resource pending:
+//! a second call on the same resource waits for the first, see [`Begin::Wait`]), hands
+//! out a [`Job`] that does the filesystem work on its own thread, and *finishes* it
+//! ([`LockSpaces::finish`]). The table (`crate::table`) drives the halves. Jobs of a
+//! directory lockspace on a local disk file system run inline ([`is_local_fs`]): a
+//! hand-off costs two thread wake-ups per call.
+//!
 //! # The POSIX close pitfall
 //!
 //! Closing **any** file descriptor that refers to a locked file drops **all** of this process's
-//! POSIX locks on that file, not only locks taken through that descriptor. Therefore this module
-//! never opens and closes a file that might be a held resource:
+//! POSIX locks on that file, not only locks taken through that descriptor. So one file must
+//! never be held under two names, and no fd of a held file other than the holder's may ever
+//! be closed, whatever spelling reaches the file (`/a//b` vs `/a/b`, a symlink, a hard link,
+//! a directory lockspace's `<dir>/<name>` vs the same path in the default lockspace, two
+//! keys naming one directory). Files are identified by (device, inode) of what is open:
 //!
-//! * `create_resource` on a held name is refused before the file is touched;
-//! * the AUTOCREATE re-check after locking uses `stat(path)` by path, never a second `open`;
-//! * before opening a file for acquire/create, its identity (device, inode) is checked by
-//!   `stat` against every held resource; a file that is already held under *another* name
-//!   (an alias: `/a//b` vs `/a/b`, a symlink, a hard link, or the same file reached through
-//!   two lockspaces when using the [`LockSpaces`] entry points) is reported as locked instead
-//!   of being opened a second time (libvirt 9.0 would open it twice, and the release of either
-//!   name would silently drop the lock of the other).
-//! * If that identity check is lost to a race (the file is renamed in between), the extra fd is
-//!   deliberately leaked (kept open, inheritable across re-exec) rather than closed.
+//! * every file this process holds, or is about to lock in a call in flight, has a *slot*
+//!   ([`Claims`]); a job claims the slot right after `open`+`fstat` and before locking;
+//! * a job that finds the file already claimed (by a `stat` before opening, or by the
+//!   `fstat` after, when a rename raced it) reports the resource as locked, and when it
+//!   already has an fd open on it, *parks* that fd in the slot instead of closing it; parked
+//!   fds are closed only after the claimant's own fd (they are kept across re-exec);
+//! * a job gives a claim up only after closing its fd (a close drops the lock), marking
+//!   the slot *closing* first: once the fd is closed, the file may be gone and its
+//!   (device, inode) given to a new file, whose claim then waits for the slot to go
+//!   instead of being taken for the held file;
+//! * the AUTOCREATE re-check after locking uses `stat(path)` by path, never a second `open`.
+//!
+//! libvirt 9.0 opens such a file twice, and the release of either name silently drops the
+//! lock of the other.
 //!
 //! # Deliberate deviations from libvirt 9.0
 //!
@@ -37,8 +55,11 @@
 //!   the default lockspace) are unaffected. Releasing never validates, so resources restored
 //!   from a 9.0 daemon's state can always be released.
 //! * Aliased files are refused as busy (see above).
+//! * FIFOs, sockets and character devices are refused (`VIR_ERR_INVALID_ARG`): opening a
+//!   FIFO for writing blocks 9.0 until a reader comes. Files are opened with `O_NONBLOCK`
+//!   so that a FIFO swapped in after the check cannot block either.
 //! * The AUTOCREATE open/lock/re-check loop gives up after [`AUTOCREATE_MAX_ATTEMPTS`] lost
-//!   races (9.0 loops forever, which would stall the single-threaded daemon).
+//!   races (9.0 loops forever).
 //! * When the last owner of an AUTOCREATE resource releases it, the lock file is unlinked only
 //!   if `path` still names the file we hold locked (9.0 unlinks whatever is there).
 
@@ -48,8 +69,8 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use vh_common::error::{code, domain, errno_of, RpcError};
 
@@ -66,7 +87,7 @@ pub const AUTOCREATE_MAX_ATTEMPTS: usize = 100;
 
 /// Identity of a file: (device, inode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct FileId {
+pub struct FileId {
     dev: u64,
     ino: u64,
 }
@@ -82,6 +103,30 @@ impl FileId {
     fn of_path(path: &Path) -> Option<FileId> {
         fs::metadata(path).ok().map(|md| FileId::of(&md))
     }
+}
+
+/// The slots of files this process holds or is locking (see the module docs). The table
+/// implements it over its lock, so that a job on the blocking pool can claim a file.
+pub trait Claims {
+    /// Whether `id` has a slot (other than one being closed).
+    fn is_claimed(&self, id: FileId) -> bool;
+    /// Gives `id` a slot for `file` and returns `file`; if `id` has one already, parks
+    /// `file` there (it must not be closed) and returns `None`. A slot whose claimant is
+    /// closing its fd is waited for: once that fd is closed, its (device, inode) may name
+    /// a new file.
+    fn claim(&self, id: FileId, file: File) -> Option<File>;
+    /// The claimant of `id` is about to close its fd.
+    fn closing(&self, id: FileId);
+    /// Removes the slot of `id`, closing the fds parked there. Only once the claimant's
+    /// own fd is closed.
+    fn unclaim(&self, id: FileId);
+}
+
+/// Closes a claimed file and gives up its claim, in that order (module docs).
+fn close_claimed(file: File, id: FileId, claims: &dyn Claims) {
+    claims.closing(id);
+    drop(file);
+    claims.unclaim(id);
 }
 
 /// One held resource: an open fd carrying the byte-0 lock, plus its owners.
@@ -142,21 +187,26 @@ impl Resource {
 
     /// Clear (`inherit = true`) or set close-on-exec on the lock fd, for SIGUSR1 re-exec.
     pub fn set_inheritable(&self, inherit: bool) -> Result<(), RpcError> {
-        set_cloexec(self.fd.as_raw_fd(), !inherit).map_err(|e| {
-            let what = if inherit {
-                "Cannot disable close-on-exec flag"
-            } else {
-                "Cannot enable close-on-exec flag"
-            };
-            RpcError::system(domain::LOCKSPACE, e as i32, what)
-        })
+        set_inheritable(self.fd.as_raw_fd(), inherit)
     }
+}
+
+fn set_inheritable(fd: RawFd, inherit: bool) -> Result<(), RpcError> {
+    set_cloexec(fd, !inherit).map_err(|e| {
+        let what = if inherit {
+            "Cannot disable close-on-exec flag"
+        } else {
+            "Cannot enable close-on-exec flag"
+        };
+        RpcError::system(domain::LOCKSPACE, e as i32, what)
+    })
 }
 
 impl Drop for Resource {
     /// Dropping a resource releases it: for a held AUTOCREATE resource the lock file is
     /// unlinked *before* the fd is closed (a shared one only if the lock can first be
     /// upgraded to exclusive, i.e. nobody else still shares it); closing the fd drops the lock.
+    /// Blocking work: the table drops resources on the blocking pool.
     fn drop(&mut self) {
         if !(self.lock_held && self.is_autocreate()) {
             return;
@@ -245,34 +295,121 @@ pub fn lockspace_not_found(key: &str) -> RpcError {
     )
 }
 
-/// Keep an fd open forever (never close it): used when an fd for an already-held file was
-/// opened by accident, because closing it would drop the held lock. It is made inheritable
-/// so that a re-exec does not close it either.
+/// Refuses what must never be opened: a FIFO (opening it for writing blocks until a reader
+/// comes), a socket, a character device (a disk image is never one). Regular files,
+/// block devices (disks locked directly in the default lockspace) and anything `open`
+/// itself rejects (directories) pass.
+fn check_kind(name: &str, path: &Path, md: &fs::Metadata) -> Result<(), RpcError> {
+    let ft = md.file_type();
+    let what = if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else {
+        return Ok(());
+    };
+    Err(RpcError::new(
+        code::INVALID_ARG,
+        domain::LOCKSPACE,
+        format!(
+            "Lockspace resource '{}' ({}) is {what}, not a regular file",
+            shown(name),
+            path.display()
+        ),
+    ))
+}
+
+/// Before opening `path`: a file held under any name is locked; a FIFO and the like are
+/// refused. A missing file is left for `open` to report.
+fn check_before_open(name: &str, path: &Path, claims: &dyn Claims) -> Result<(), RpcError> {
+    match fs::metadata(path) {
+        Ok(md) if claims.is_claimed(FileId::of(&md)) => Err(busy(name)),
+        Ok(md) => check_kind(name, path, &md),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Claims the file `file` was just opened on (see the module docs). A file claimed
+/// already is locked (and `file` parked); one of the wrong kind is refused.
+fn claim_opened(
+    name: &str,
+    path: &Path,
+    file: File,
+    claims: &dyn Claims,
+) -> Result<(File, FileId), RpcError> {
+    let md = match file.metadata() {
+        Ok(md) => md,
+        Err(e) => {
+            // Which file this is is unknown: it might be a held one, so it stays open.
+            let err = fstat_error(path, &e);
+            leak_fd(file, path);
+            return Err(err);
+        }
+    };
+    let id = FileId::of(&md);
+    let Some(file) = claims.claim(id, file) else {
+        tracing::warn!(
+            path = %path.display(),
+            "opened a file that is already held (a rename raced the check); its fd is kept open"
+        );
+        return Err(busy(name));
+    };
+    if let Err(e) = check_kind(name, path, &md) {
+        close_claimed(file, id, claims);
+        return Err(e);
+    }
+    Ok((file, id))
+}
+
+/// Keep an fd open forever (never close it), made inheritable so that a re-exec does not
+/// close it either: for an fd whose file cannot be identified.
 fn leak_fd(file: File, path: &Path) {
+    use std::os::fd::IntoRawFd;
     let raw = file.into_raw_fd();
     let _ = set_cloexec(raw, false);
-    tracing::warn!(
-        path = %path.display(),
-        fd = raw,
-        "opened an fd on an already-held file (lost a rename race); keeping it open so the lock survives"
-    );
+    tracing::warn!(path = %path.display(), fd = raw, "keeping an unidentified fd open");
 }
+
+/// `open` flags besides the access mode: never block on a FIFO, never acquire a
+/// controlling terminal (std adds `O_CLOEXEC`).
+const OPEN_FLAGS: i32 = libc::O_NONBLOCK | libc::O_NOCTTY;
 
 /// One lockspace: the default one (no directory) or a directory lockspace.
 #[derive(Debug, Default)]
 pub struct LockSpace {
     directory: Option<PathBuf>,
     resources: HashMap<String, Resource>,
+    /// The directory is on a local disk file system: its jobs run inline (see
+    /// [`is_local_fs`]).
+    local: bool,
+}
+
+/// Whether `dir` is on a local disk file system (ext2/3/4, XFS, Btrfs, tmpfs), whose
+/// calls take microseconds: jobs on it run inline, because handing them to the
+/// blocking pool costs two thread wake-ups per call (with one owner, a third of 9.0's
+/// rate). Anything else (NFS, CIFS, FUSE, cluster file systems, unknown) may hang on a
+/// server and runs on the pool; so does the default lockspace, whose paths are anywhere.
+/// Blocking (`statfs`).
+pub fn is_local_fs(dir: &Path) -> bool {
+    use nix::sys::statfs::{
+        statfs, BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, TMPFS_MAGIC, XFS_SUPER_MAGIC,
+    };
+    statfs(dir).is_ok_and(|st| {
+        [
+            EXT4_SUPER_MAGIC,
+            XFS_SUPER_MAGIC,
+            BTRFS_SUPER_MAGIC,
+            TMPFS_MAGIC,
+        ]
+        .contains(&st.filesystem_type())
+    })
 }
 
 impl LockSpace {
-    /// The default lockspace: resource names are file paths.
-    pub fn default_lockspace() -> LockSpace {
-        LockSpace::default()
-    }
-
     /// A directory lockspace: `mkdir -p` with mode 0700 (subject to umask) if `dir` does not
-    /// exist; an existing directory is used as is; anything else is an error.
+    /// exist; an existing directory is used as is; anything else is an error. Blocking.
     pub fn create_directory(dir: impl AsRef<Path>) -> Result<LockSpace, RpcError> {
         let dir = dir.as_ref();
         // Like access(F_OK): follows symlinks; a dangling symlink counts as missing.
@@ -304,14 +441,17 @@ impl LockSpace {
         Ok(LockSpace {
             directory: Some(dir.to_path_buf()),
             resources: HashMap::new(),
+            local: is_local_fs(dir),
         })
     }
 
-    /// An empty directory lockspace for re-exec restore: the directory is not touched.
+    /// An empty lockspace for re-exec restore: the directory is not touched (its jobs
+    /// run on the blocking pool until [`LockSpaces::set_local`] says otherwise).
     pub fn restored(directory: Option<PathBuf>) -> LockSpace {
         LockSpace {
             directory,
             resources: HashMap::new(),
+            local: false,
         }
     }
 
@@ -385,203 +525,10 @@ impl LockSpace {
         Err(RpcError::new(code::INVALID_ARG, domain::LOCKSPACE, detail))
     }
 
-    fn holds_file(&self, id: FileId) -> bool {
-        self.resources.values().any(|r| r.file_id == Some(id))
-    }
-
-    fn file_ids(&self) -> impl Iterator<Item = FileId> + '_ {
-        self.resources.values().filter_map(|r| r.file_id)
-    }
-
-    /// Acquire `name` for `owner` (§2.3, §2.4). Never waits: a conflict is RESOURCE_BUSY.
-    pub fn acquire(&mut self, name: &str, owner: u32, flags: u32) -> Result<(), RpcError> {
-        self.acquire_checked(name, owner, flags, &|_| false)
-    }
-
-    fn acquire_checked(
-        &mut self,
-        name: &str,
-        owner: u32,
-        flags: u32,
-        held_elsewhere: &dyn Fn(FileId) -> bool,
-    ) -> Result<(), RpcError> {
-        let unknown = flags & !ACQUIRE_FLAGS_MASK;
-        if unknown != 0 {
-            return Err(RpcError::unsupported_flags(
-                domain::LOCKSPACE,
-                "virLockSpaceAcquireResource",
-                u64::from(unknown),
-            ));
-        }
-        let shared = flags & ACQUIRE_SHARED != 0;
-
-        if let Some(res) = self.resources.get_mut(name) {
-            if res.is_shared() && shared {
-                res.owners.push(owner);
-                return Ok(());
-            }
-            return Err(busy(name));
-        }
-
-        self.check_name(name)?;
-        let path = self.resource_path(name);
-        let is_held = |id: FileId| self.holds_file(id) || held_elsewhere(id);
-
-        // The usual AUTOCREATE case, a lease file that does not exist yet: creating it
-        // exclusively proves it is no file we hold (those stay open, so their inodes
-        // live on), which saves the alias check's stat.
-        let created = if flags & ACQUIRE_AUTOCREATE != 0 {
-            create_new_and_lock(name, &path, shared)?
-        } else {
-            None
-        };
-        let (fd, file_id) = match created {
-            Some(locked) => locked,
-            None => {
-                // Never open a file we already hold under another name (module docs).
-                if FileId::of_path(&path).is_some_and(is_held) {
-                    return Err(busy(name));
-                }
-                if flags & ACQUIRE_AUTOCREATE != 0 {
-                    open_create_and_lock(name, &path, shared, &is_held)?
-                } else {
-                    open_and_lock(name, &path, shared, &is_held)?
-                }
-            }
-        };
-
-        tracing::debug!(name, path = %path.display(), owner, flags, "acquired resource");
-        self.resources.insert(
-            name.to_string(),
-            Resource {
-                name: name.to_string(),
-                path,
-                fd,
-                lock_held: true,
-                flags,
-                owners: vec![owner],
-                file_id: Some(file_id),
-            },
-        );
-        Ok(())
-    }
-
-    /// Release one ownership of `name` by `owner` (§2.6); the last release drops the resource
-    /// (unlinking an AUTOCREATE lock file, then closing the fd).
-    pub fn release(&mut self, name: &str, owner: u32) -> Result<(), RpcError> {
-        let res = self
-            .resources
-            .get_mut(name)
-            .ok_or_else(|| not_locked(name))?;
-        let idx = res
-            .owners
-            .iter()
-            .position(|&o| o == owner)
-            .ok_or_else(|| not_owner(owner))?;
-        res.owners.remove(idx);
-        if res.owners.is_empty() {
-            tracing::debug!(name, owner, "last owner released resource");
-            self.resources.remove(name);
-        }
-        Ok(())
-    }
-
-    /// Remove one occurrence of `owner` from every resource, dropping resources left without
-    /// owners (same rules as [`release`](Self::release)). Returns whether `owner` held anything.
-    pub fn release_owner(&mut self, owner: u32) -> bool {
-        let mut any = false;
-        self.resources
-            .retain(|_, res| match res.owners.iter().position(|&o| o == owner) {
-                Some(idx) => {
-                    any = true;
-                    res.owners.remove(idx);
-                    !res.owners.is_empty()
-                }
-                None => true,
-            });
-        any
-    }
-
-    /// The file of a resource that create/delete may touch: not held under this name,
-    /// a valid name, and not a file held under another name (touching that one and
-    /// closing it would drop its lock).
-    fn unheld_resource_path(
-        &self,
-        name: &str,
-        held_elsewhere: &dyn Fn(FileId) -> bool,
-    ) -> Result<PathBuf, RpcError> {
-        if self.resources.contains_key(name) {
-            return Err(busy(name));
-        }
-        self.check_name(name)?;
-        let path = self.resource_path(name);
-        if FileId::of_path(&path).is_some_and(|id| self.holds_file(id) || held_elsewhere(id)) {
-            return Err(busy(name));
-        }
-        Ok(path)
-    }
-
-    /// Create the resource file (touch: `O_WRONLY|O_CREAT`, 0600; an existing file is left
-    /// alone). Refused while the resource is held.
-    pub fn create_resource(&mut self, name: &str) -> Result<(), RpcError> {
-        self.create_resource_checked(name, &|_| false)
-    }
-
-    fn create_resource_checked(
-        &mut self,
-        name: &str,
-        held_elsewhere: &dyn Fn(FileId) -> bool,
-    ) -> Result<(), RpcError> {
-        let path = self.unheld_resource_path(name, held_elsewhere)?;
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| {
-                RpcError::system(
-                    domain::LOCKSPACE,
-                    errno_of(&e),
-                    format_args!("cannot create file '{}'", path.display()),
-                )
-            })?;
-        // Lost a rename race onto a held file: closing would drop that lock.
-        match file.metadata() {
-            Ok(md) if self.holds_file(FileId::of(&md)) || held_elsewhere(FileId::of(&md)) => {
-                leak_fd(file, &path);
-            }
-            _ => drop(file),
-        }
-        Ok(())
-    }
-
-    /// Delete the resource file (`unlink`, ENOENT ignored). Refused while the resource is held.
-    /// In the default lockspace this deletes the named path itself.
-    pub fn delete_resource(&mut self, name: &str) -> Result<(), RpcError> {
-        self.delete_resource_checked(name, &|_| false)
-    }
-
-    fn delete_resource_checked(
-        &mut self,
-        name: &str,
-        held_elsewhere: &dyn Fn(FileId) -> bool,
-    ) -> Result<(), RpcError> {
-        let path = self.unheld_resource_path(name, held_elsewhere)?;
-        match fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(RpcError::system(
-                domain::LOCKSPACE,
-                errno_of(&e),
-                format_args!("Unable to delete lockspace resource {}", path.display()),
-            )),
-        }
-    }
-
     /// Adopt a resource inherited across SIGUSR1 re-exec: `fd` still carries the lock (fcntl
     /// locks belong to the process and survive exec). Sets close-on-exec again. On error the
     /// fd is closed (restore errors are fatal to the daemon, which then exits anyway).
+    /// Its file gets a slot when the lockspace is [inserted](LockSpaces::insert).
     pub fn restore_resource(
         &mut self,
         name: String,
@@ -648,96 +595,6 @@ fn fstat_error(path: &Path, e: &io::Error) -> RpcError {
     )
 }
 
-/// §2.3 without AUTOCREATE: the file must exist.
-fn open_and_lock(
-    name: &str,
-    path: &Path,
-    shared: bool,
-    is_held: &dyn Fn(FileId) -> bool,
-) -> Result<(OwnedFd, FileId), RpcError> {
-    // std opens with O_CLOEXEC.
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| {
-            RpcError::system(
-                domain::LOCKSPACE,
-                errno_of(&e),
-                format_args!("Unable to open resource {}", path.display()),
-            )
-        })?;
-    let id = FileId::of(&file.metadata().map_err(|e| fstat_error(path, &e))?);
-    if is_held(id) {
-        leak_fd(file, path);
-        return Err(busy(name));
-    }
-    set_lock(file.as_raw_fd(), shared).map_err(|e| lock_error(name, path, e))?;
-    Ok((file.into(), id))
-}
-
-/// AUTOCREATE's fast path: create the file exclusively (O_EXCL), lock it, and check the
-/// path still names it. `None` when the file already exists, or vanished or was replaced
-/// before the check: the general path below then deals with it.
-fn create_new_and_lock(
-    name: &str,
-    path: &Path,
-    shared: bool,
-) -> Result<Option<(OwnedFd, FileId)>, RpcError> {
-    let file = match OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(None),
-        Err(e) => return Err(create_error(path, errno_of(&e))),
-    };
-    let id = FileId::of(&file.metadata().map_err(|e| fstat_error(path, &e))?);
-    set_lock(file.as_raw_fd(), shared).map_err(|e| lock_error(name, path, e))?;
-    if FileId::of_path(path) == Some(id) {
-        return Ok(Some((file.into(), id)));
-    }
-    // Unlinked or replaced between create and lock; `file` is ours alone, closing it
-    // drops nothing anyone holds.
-    Ok(None)
-}
-
-/// §2.3 with AUTOCREATE: open/create, lock, then make sure the path still names the file we
-/// locked (someone may have unlinked or replaced it meanwhile); retry otherwise.
-fn open_create_and_lock(
-    name: &str,
-    path: &Path,
-    shared: bool,
-    is_held: &dyn Fn(FileId) -> bool,
-) -> Result<(OwnedFd, FileId), RpcError> {
-    for _ in 0..AUTOCREATE_MAX_ATTEMPTS {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| create_error(path, errno_of(&e)))?;
-        let id = FileId::of(&file.metadata().map_err(|e| fstat_error(path, &e))?);
-        if is_held(id) {
-            leak_fd(file, path);
-            return Err(busy(name));
-        }
-        set_lock(file.as_raw_fd(), shared).map_err(|e| lock_error(name, path, e))?;
-        match FileId::of_path(path) {
-            Some(now) if now == id => return Ok((file.into(), id)),
-            Some(_) => tracing::debug!(path = %path.display(), "resource was recreated, retrying"),
-            None => tracing::debug!(path = %path.display(), "resource disappeared, retrying"),
-        }
-        // `file` is closed here; it is not a held resource (checked above).
-    }
-    Err(create_error(path, libc::EAGAIN))
-}
-
 /// 9.0's error for an AUTOCREATE open that failed.
 fn create_error(path: &Path, errno: i32) -> RpcError {
     RpcError::system(
@@ -747,12 +604,257 @@ fn create_error(path: &Path, errno: i32) -> RpcError {
     )
 }
 
+/// Locks the claimed `file`; with AUTOCREATE also checks that `path` still names it
+/// (someone may have unlinked or replaced it meanwhile). `Ok(None)`: it does not, and the
+/// claim is given up. On error the claim is given up too.
+fn lock_claimed(
+    name: &str,
+    path: &Path,
+    (file, id): (File, FileId),
+    shared: bool,
+    recheck: bool,
+    claims: &dyn Claims,
+) -> Result<Option<(OwnedFd, FileId)>, RpcError> {
+    if let Err(e) = set_lock(file.as_raw_fd(), shared) {
+        close_claimed(file, id, claims);
+        return Err(lock_error(name, path, e));
+    }
+    if !recheck || FileId::of_path(path) == Some(id) {
+        return Ok(Some((file.into(), id)));
+    }
+    tracing::debug!(path = %path.display(), "resource was unlinked or replaced, retrying");
+    close_claimed(file, id, claims);
+    Ok(None)
+}
+
+/// §2.3: open (AUTOCREATE: create) the file, claim and lock it. Blocking.
+fn acquire_file(
+    name: &str,
+    path: &Path,
+    flags: u32,
+    claims: &dyn Claims,
+) -> Result<(OwnedFd, FileId), RpcError> {
+    let shared = flags & ACQUIRE_SHARED != 0;
+    if flags & ACQUIRE_AUTOCREATE == 0 {
+        check_before_open(name, path, claims)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(OPEN_FLAGS)
+            .open(path)
+            .map_err(|e| {
+                RpcError::system(
+                    domain::LOCKSPACE,
+                    errno_of(&e),
+                    format_args!("Unable to open resource {}", path.display()),
+                )
+            })?;
+        let claimed = claim_opened(name, path, file, claims)?;
+        return lock_claimed(name, path, claimed, shared, false, claims)?
+            .ok_or_else(|| create_error(path, libc::EAGAIN));
+    }
+    // The usual AUTOCREATE case, a lease file that does not exist yet: creating it
+    // exclusively proves it is no file we hold (those stay open, so their inodes live
+    // on), which saves the stat before opening.
+    match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(OPEN_FLAGS)
+        .open(path)
+    {
+        Ok(file) => {
+            let claimed = claim_opened(name, path, file, claims)?;
+            if let Some(done) = lock_claimed(name, path, claimed, shared, true, claims)? {
+                return Ok(done);
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(create_error(path, errno_of(&e))),
+    }
+    for _ in 0..AUTOCREATE_MAX_ATTEMPTS {
+        check_before_open(name, path, claims)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(OPEN_FLAGS)
+            .open(path)
+            .map_err(|e| create_error(path, errno_of(&e)))?;
+        let claimed = claim_opened(name, path, file, claims)?;
+        if let Some(done) = lock_claimed(name, path, claimed, shared, true, claims)? {
+            return Ok(done);
+        }
+    }
+    Err(create_error(path, libc::EAGAIN))
+}
+
+/// CREATE_RESOURCE: touch the file (`O_WRONLY|O_CREAT`, 0600; an existing file is left
+/// alone). Blocking.
+fn create_file(name: &str, path: &Path, claims: &dyn Claims) -> Result<(), RpcError> {
+    check_before_open(name, path, claims)?;
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(OPEN_FLAGS)
+        .open(path)
+        .map_err(|e| {
+            RpcError::system(
+                domain::LOCKSPACE,
+                errno_of(&e),
+                format_args!("cannot create file '{}'", path.display()),
+            )
+        })?;
+    let (file, id) = claim_opened(name, path, file, claims)?;
+    close_claimed(file, id, claims);
+    Ok(())
+}
+
+/// DELETE_RESOURCE: `unlink`, ENOENT ignored; a held file (under any name) is locked.
+/// Blocking.
+fn delete_file(name: &str, path: &Path, claims: &dyn Claims) -> Result<(), RpcError> {
+    if FileId::of_path(path).is_some_and(|id| claims.is_claimed(id)) {
+        return Err(busy(name));
+    }
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(RpcError::system(
+            domain::LOCKSPACE,
+            errno_of(&e),
+            format_args!("Unable to delete lockspace resource {}", path.display()),
+        )),
+    }
+}
+
+/// How a call begins.
+#[derive(Debug)]
+pub enum Begin {
+    /// Answered from the table alone.
+    Done,
+    /// Another call on the same resource is in flight: try again once a call finishes.
+    Wait,
+    /// Filesystem work to run off the table (the resource is marked pending).
+    Work(Job),
+}
+
+/// The filesystem half of a call, for the blocking pool: [`run`](Job::run) it, then hand
+/// the result to [`LockSpaces::finish`].
+#[derive(Debug)]
+pub struct Job {
+    key: String,
+    name: String,
+    kind: JobKind,
+    inline: bool,
+}
+
+#[derive(Debug)]
+enum JobKind {
+    Acquire {
+        path: PathBuf,
+        owner: u32,
+        flags: u32,
+    },
+    Create(PathBuf),
+    Delete(PathBuf),
+    /// The last owner released it: unlink (AUTOCREATE) and close.
+    Close(Resource),
+}
+
+/// A job's result.
+#[derive(Debug)]
+pub struct Finished {
+    key: String,
+    name: String,
+    result: Result<Option<Resource>, RpcError>,
+}
+
+impl Job {
+    /// The resource the job is on: (lockspace key, name).
+    pub fn resource(&self) -> (String, String) {
+        (self.key.clone(), self.name.clone())
+    }
+
+    /// Whether the job may run on the thread serving clients (its lockspace is on a
+    /// local file system, see [`is_local_fs`]).
+    pub fn runs_inline(&self) -> bool {
+        self.inline
+    }
+
+    /// Does the filesystem work (blocking: run it where nothing else waits on it).
+    pub fn run(self, claims: &dyn Claims) -> Finished {
+        let result = match self.kind {
+            JobKind::Acquire { path, owner, flags } => {
+                acquire_file(&self.name, &path, flags, claims).map(|(fd, id)| {
+                    tracing::debug!(name = self.name, path = %path.display(), owner, flags, "acquired resource");
+                    Some(Resource {
+                        name: self.name.clone(),
+                        path,
+                        fd,
+                        lock_held: true,
+                        flags,
+                        owners: vec![owner],
+                        file_id: Some(id),
+                    })
+                })
+            }
+            JobKind::Create(path) => create_file(&self.name, &path, claims).map(|()| None),
+            JobKind::Delete(path) => delete_file(&self.name, &path, claims).map(|()| None),
+            JobKind::Close(res) => {
+                let id = res.file_id;
+                if let Some(id) = id {
+                    claims.closing(id);
+                }
+                drop(res);
+                if let Some(id) = id {
+                    claims.unclaim(id);
+                }
+                Ok(None)
+            }
+        };
+        Finished {
+            key: self.key,
+            name: self.name,
+            result,
+        }
+    }
+}
+
+/// A file this process holds or is locking (module docs).
+#[derive(Debug, Default)]
+struct Slot {
+    /// The claimant is closing its fd: the (device, inode) may soon name another file.
+    closing: bool,
+    /// Fds opened on the file by accident, closed after the claimant's.
+    parked: Vec<OwnedFd>,
+}
+
+/// What [`LockSpaces::claim`] did.
+#[derive(Debug)]
+pub enum Claim {
+    Claimed(File),
+    /// Claimed already: the file was parked.
+    Parked,
+    /// The slot's claimant is closing its fd: try again once it is gone.
+    Closing(File),
+}
+
 /// The daemon's lockspaces: the default one (key `""`) and directory lockspaces keyed by the
-/// exact path string given to NEW / CREATE_LOCKSPACE (no canonicalisation).
+/// exact path string given to NEW / CREATE_LOCKSPACE (no canonicalisation), plus the file
+/// slots and the resources with a call in flight.
 #[derive(Debug, Default)]
 pub struct LockSpaces {
     default: LockSpace,
     dirs: HashMap<String, LockSpace>,
+    /// Files held or being locked, with the fds parked on them (module docs).
+    slots: HashMap<FileId, Slot>,
+    /// (lockspace key, resource name) with a job in flight.
+    pending: HashSet<(String, String)>,
 }
 
 impl LockSpaces {
@@ -769,7 +871,7 @@ impl LockSpaces {
         }
     }
 
-    pub fn get_mut(&mut self, key: &str) -> Option<&mut LockSpace> {
+    fn get_mut(&mut self, key: &str) -> Option<&mut LockSpace> {
         if key.is_empty() {
             Some(&mut self.default)
         } else {
@@ -785,24 +887,29 @@ impl LockSpaces {
         &self.default
     }
 
-    pub fn default_lockspace_mut(&mut self) -> &mut LockSpace {
-        &mut self.default
-    }
-
-    /// CREATE_LOCKSPACE semantics: an existing key (including `""`) is success, as in 9.0;
-    /// otherwise create the directory lockspace and register it under `key`.
-    pub fn create(&mut self, key: &str) -> Result<(), RpcError> {
+    /// Installs a lockspace created (on the blocking pool) for `key`, unless `key` exists
+    /// by now; returns whether it did.
+    pub fn add(&mut self, key: &str, ls: LockSpace) -> bool {
         if self.contains(key) {
-            tracing::debug!(key, "lockspace already exists");
-            return Ok(());
+            return false;
         }
-        let ls = LockSpace::create_directory(key)?;
         self.dirs.insert(key.to_string(), ls);
-        Ok(())
+        true
     }
 
-    /// Install a lockspace rebuilt from re-exec state under `key` (`""` replaces the default).
+    /// Install a lockspace rebuilt from re-exec state under `key` (`""` replaces the default),
+    /// giving its files their slots.
     pub fn insert(&mut self, key: String, ls: LockSpace) {
+        for r in ls.resources() {
+            if let Some(id) = r.file_id {
+                if self.slots.insert(id, Slot::default()).is_some() {
+                    tracing::warn!(
+                        resource = r.name(),
+                        "the restored state holds this file under two names"
+                    );
+                }
+            }
+        }
         if key.is_empty() {
             self.default = ls;
         } else {
@@ -830,56 +937,264 @@ impl LockSpaces {
         self.dirs.iter().map(|(k, v)| (k.as_str(), v))
     }
 
-    /// §2.7 step 1: drop one ownership by `owner` from every resource of every lockspace.
-    /// Returns whether `owner` held anything.
-    pub fn release_owner(&mut self, owner: u32) -> bool {
-        let mut any = self.default.release_owner(owner);
-        for ls in self.dirs.values_mut() {
-            any |= ls.release_owner(owner);
+    /// The fds parked on held files: a re-exec must keep them open too (closing one at
+    /// exec would drop the lock).
+    pub fn parked_fds(&self) -> impl Iterator<Item = RawFd> + '_ {
+        self.slots
+            .values()
+            .flat_map(|s| &s.parked)
+            .map(|fd| fd.as_raw_fd())
+    }
+
+    /// Whether file `id` has a slot.
+    pub fn is_claimed(&self, id: FileId) -> bool {
+        self.slots.get(&id).is_some_and(|s| !s.closing)
+    }
+
+    /// [`Claims::claim`] under the table lock.
+    pub fn claim(&mut self, id: FileId, file: File) -> Claim {
+        match self.slots.entry(id) {
+            std::collections::hash_map::Entry::Occupied(e) if e.get().closing => {
+                Claim::Closing(file)
+            }
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                e.get_mut().parked.push(file.into());
+                Claim::Parked
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Slot::default());
+                Claim::Claimed(file)
+            }
         }
-        any
     }
 
-    /// Identities of the files held by every lockspace except `key`.
-    fn held_elsewhere(&self, key: &str) -> HashSet<FileId> {
-        self.iter()
-            .filter(|(k, _)| *k != key)
-            .flat_map(|(_, ls)| ls.file_ids())
-            .collect()
+    /// [`Claims::closing`] under the table lock.
+    pub fn mark_closing(&mut self, id: FileId) {
+        if let Some(s) = self.slots.get_mut(&id) {
+            s.closing = true;
+        }
     }
 
-    /// [`LockSpace::acquire`] in lockspace `key`, additionally refusing (as busy) a file that
-    /// another lockspace already holds. Missing key → "Lockspace for path %s does not exist".
-    pub fn acquire(
+    /// One step of [`Claims::unclaim`]: removes the slot when nothing is parked there,
+    /// else hands out the parked fds (to be closed outside the table lock; then call again).
+    pub fn unclaim_step(&mut self, id: FileId) -> Vec<OwnedFd> {
+        match self.slots.get_mut(&id) {
+            Some(s) if !s.parked.is_empty() => std::mem::take(&mut s.parked),
+            Some(_) => {
+                self.slots.remove(&id);
+                Vec::new()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// The lockspace `key` for a call on `name`, unless a call on it is in flight.
+    fn for_call(&mut self, key: &str, name: &str) -> Result<Option<&mut LockSpace>, RpcError> {
+        if !self.contains(key) {
+            return Err(lockspace_not_found(key));
+        }
+        if self.pending.contains(&(key.to_string(), name.to_string())) {
+            return Ok(None);
+        }
+        Ok(self.get_mut(key))
+    }
+
+    /// A job on `name`, which is pending until the job [finishes](Self::finish).
+    fn job(&mut self, key: &str, name: &str, kind: JobKind) -> Job {
+        self.pending.insert((key.to_string(), name.to_string()));
+        Job {
+            key: key.to_string(),
+            name: name.to_string(),
+            kind,
+            inline: self.get(key).is_some_and(|ls| ls.local),
+        }
+    }
+
+    /// Records whether lockspace `key`'s directory is on a local file system (after a
+    /// re-exec, found out on the blocking pool).
+    pub fn set_local(&mut self, key: &str, local: bool) {
+        if let Some(ls) = self.get_mut(key) {
+            ls.local = local;
+        }
+    }
+
+    /// ACQUIRE_RESOURCE (§2.3, §2.4). Never waits for another process: a conflict is
+    /// RESOURCE_BUSY.
+    pub fn begin_acquire(
         &mut self,
         key: &str,
         name: &str,
         owner: u32,
         flags: u32,
-    ) -> Result<(), RpcError> {
-        let others = self.held_elsewhere(key);
-        let ls = self.get_mut(key).ok_or_else(|| lockspace_not_found(key))?;
-        ls.acquire_checked(name, owner, flags, &|id| others.contains(&id))
+    ) -> Result<Begin, RpcError> {
+        let unknown = flags & !ACQUIRE_FLAGS_MASK;
+        if unknown != 0 {
+            return Err(RpcError::unsupported_flags(
+                domain::LOCKSPACE,
+                "virLockSpaceAcquireResource",
+                u64::from(unknown),
+            ));
+        }
+        let Some(ls) = self.for_call(key, name)? else {
+            return Ok(Begin::Wait);
+        };
+        if let Some(res) = ls.resources.get_mut(name) {
+            if res.is_shared() && flags & ACQUIRE_SHARED != 0 {
+                res.owners.push(owner);
+                return Ok(Begin::Done);
+            }
+            return Err(busy(name));
+        }
+        ls.check_name(name)?;
+        let path = ls.resource_path(name);
+        Ok(Begin::Work(self.job(
+            key,
+            name,
+            JobKind::Acquire { path, owner, flags },
+        )))
     }
 
-    /// [`LockSpace::release`] in lockspace `key`.
-    pub fn release(&mut self, key: &str, name: &str, owner: u32) -> Result<(), RpcError> {
+    /// RELEASE_RESOURCE (§2.6): one ownership of `name` by `owner`; the last one closes the
+    /// resource (unlinking an AUTOCREATE lock file first).
+    pub fn begin_release(&mut self, key: &str, name: &str, owner: u32) -> Result<Begin, RpcError> {
         let ls = self.get_mut(key).ok_or_else(|| lockspace_not_found(key))?;
-        ls.release(name, owner)
+        let res = ls.resources.get_mut(name).ok_or_else(|| not_locked(name))?;
+        let idx = res
+            .owners
+            .iter()
+            .position(|&o| o == owner)
+            .ok_or_else(|| not_owner(owner))?;
+        res.owners.remove(idx);
+        if !res.owners.is_empty() {
+            return Ok(Begin::Done);
+        }
+        tracing::debug!(name, owner, "last owner released resource");
+        match ls.resources.remove(name) {
+            Some(res) => Ok(Begin::Work(self.job(key, name, JobKind::Close(res)))),
+            None => Ok(Begin::Done),
+        }
     }
 
-    /// [`LockSpace::create_resource`] in lockspace `key`, with the cross-lockspace check.
-    pub fn create_resource(&mut self, key: &str, name: &str) -> Result<(), RpcError> {
-        let others = self.held_elsewhere(key);
-        let ls = self.get_mut(key).ok_or_else(|| lockspace_not_found(key))?;
-        ls.create_resource_checked(name, &|id| others.contains(&id))
+    /// §2.7 step 1: drop one ownership by `owner` from every resource of every lockspace.
+    /// Returns whether `owner` held anything, and the jobs closing the resources left
+    /// without owners.
+    pub fn release_owner(&mut self, owner: u32) -> (bool, Vec<Job>) {
+        let mut any = false;
+        let mut closed = Vec::new();
+        let lockspaces = std::iter::once((String::new(), &mut self.default))
+            .chain(self.dirs.iter_mut().map(|(k, v)| (k.clone(), v)));
+        for (key, ls) in lockspaces {
+            let mut gone = Vec::new();
+            for (name, res) in ls.resources.iter_mut() {
+                if let Some(idx) = res.owners.iter().position(|&o| o == owner) {
+                    any = true;
+                    res.owners.remove(idx);
+                    if res.owners.is_empty() {
+                        gone.push(name.clone());
+                    }
+                }
+            }
+            for name in gone {
+                if let Some(res) = ls.resources.remove(&name) {
+                    closed.push((key.clone(), name, res));
+                }
+            }
+        }
+        let jobs = closed
+            .into_iter()
+            .map(|(key, name, res)| self.job(&key, &name, JobKind::Close(res)))
+            .collect();
+        (any, jobs)
     }
 
-    /// [`LockSpace::delete_resource`] in lockspace `key`, with the cross-lockspace check.
-    pub fn delete_resource(&mut self, key: &str, name: &str) -> Result<(), RpcError> {
-        let others = self.held_elsewhere(key);
-        let ls = self.get_mut(key).ok_or_else(|| lockspace_not_found(key))?;
-        ls.delete_resource_checked(name, &|id| others.contains(&id))
+    /// CREATE_RESOURCE: refused while the resource (or its file, under any name) is held.
+    pub fn begin_create(&mut self, key: &str, name: &str) -> Result<Begin, RpcError> {
+        let Some(ls) = self.for_call(key, name)? else {
+            return Ok(Begin::Wait);
+        };
+        if ls.resources.contains_key(name) {
+            return Err(busy(name));
+        }
+        ls.check_name(name)?;
+        let path = ls.resource_path(name);
+        Ok(Begin::Work(self.job(key, name, JobKind::Create(path))))
+    }
+
+    /// DELETE_RESOURCE: refused while held, like create. In the default lockspace this
+    /// deletes the named path itself.
+    pub fn begin_delete(&mut self, key: &str, name: &str) -> Result<Begin, RpcError> {
+        let Some(ls) = self.for_call(key, name)? else {
+            return Ok(Begin::Wait);
+        };
+        if ls.resources.contains_key(name) {
+            return Err(busy(name));
+        }
+        ls.check_name(name)?;
+        let path = ls.resource_path(name);
+        Ok(Begin::Work(self.job(key, name, JobKind::Delete(path))))
+    }
+
+    /// Ends the pending state of a job that never finished.
+    pub fn abandon(&mut self, resource: &(String, String)) {
+        self.pending.remove(resource);
+    }
+
+    /// Records what a job did, and ends its resource's pending state.
+    pub fn finish(&mut self, done: Finished) -> Result<(), RpcError> {
+        self.pending.remove(&(done.key.clone(), done.name.clone()));
+        let res = done.result?;
+        if let (Some(res), Some(ls)) = (res, self.get_mut(&done.key)) {
+            ls.resources.insert(done.name, res);
+        }
+        Ok(())
+    }
+}
+
+/// The table's claims, for jobs on the blocking pool: each step takes the lock briefly.
+/// A poisoned lock is used anyway: every update of the slots is a single step, and a job
+/// must always be able to record that it closed its fd.
+impl Claims for std::sync::Mutex<LockSpaces> {
+    fn is_claimed(&self, id: FileId) -> bool {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_claimed(id)
+    }
+
+    fn claim(&self, id: FileId, mut file: File) -> Option<File> {
+        loop {
+            match self
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .claim(id, file)
+            {
+                Claim::Claimed(f) => return Some(f),
+                Claim::Parked => return None,
+                Claim::Closing(f) => file = f,
+            }
+            // A close takes microseconds (or as long as a stuck NFS server likes: then
+            // this call is stuck with the file it collides with, and nothing else is).
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+    }
+
+    fn closing(&self, id: FileId) {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .mark_closing(id);
+    }
+
+    fn unclaim(&self, id: FileId) {
+        loop {
+            let parked = self
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .unclaim_step(id);
+            if parked.is_empty() {
+                return;
+            }
+            // Closed outside the lock: a close may block (NFS flushes on close).
+            drop(parked);
+        }
     }
 }
 
@@ -892,6 +1207,117 @@ mod tests {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::PermissionsExt;
+
+    /// The table's calls with their jobs run inline, over a plain [`LockSpaces`] (the
+    /// checked path the daemon uses; the job borrows the spaces through a mutex).
+    #[derive(Default)]
+    struct Tbl(LockSpaces);
+
+    impl std::ops::Deref for Tbl {
+        type Target = LockSpaces;
+        fn deref(&self) -> &LockSpaces {
+            &self.0
+        }
+    }
+
+    impl Tbl {
+        fn run(&mut self, begin: Result<Begin, RpcError>) -> Result<(), RpcError> {
+            match begin? {
+                Begin::Done => Ok(()),
+                Begin::Wait => panic!("a call is in flight"),
+                Begin::Work(job) => {
+                    let m = std::sync::Mutex::new(std::mem::take(&mut self.0));
+                    let done = job.run(&m);
+                    self.0 = m.into_inner().unwrap();
+                    self.0.finish(done)
+                }
+            }
+        }
+        fn create(&mut self, key: &str) -> Result<(), RpcError> {
+            if !self.0.contains(key) {
+                self.0.add(key, LockSpace::create_directory(key)?);
+            }
+            Ok(())
+        }
+        fn acquire(
+            &mut self,
+            key: &str,
+            name: &str,
+            owner: u32,
+            flags: u32,
+        ) -> Result<(), RpcError> {
+            let b = self.0.begin_acquire(key, name, owner, flags);
+            self.run(b)
+        }
+        fn release(&mut self, key: &str, name: &str, owner: u32) -> Result<(), RpcError> {
+            let b = self.0.begin_release(key, name, owner);
+            self.run(b)
+        }
+        fn create_resource(&mut self, key: &str, name: &str) -> Result<(), RpcError> {
+            let b = self.0.begin_create(key, name);
+            self.run(b)
+        }
+        fn delete_resource(&mut self, key: &str, name: &str) -> Result<(), RpcError> {
+            let b = self.0.begin_delete(key, name);
+            self.run(b)
+        }
+        fn release_owner(&mut self, owner: u32) -> bool {
+            let (any, jobs) = self.0.release_owner(owner);
+            for job in jobs {
+                self.run(Ok(Begin::Work(job))).unwrap();
+            }
+            any
+        }
+    }
+
+    /// One lockspace of a [`Tbl`], with the calls of the old per-lockspace API.
+    struct Ls {
+        t: Tbl,
+        key: String,
+    }
+
+    impl std::ops::Deref for Ls {
+        type Target = LockSpace;
+        fn deref(&self) -> &LockSpace {
+            self.t.get(&self.key).unwrap()
+        }
+    }
+
+    impl std::ops::DerefMut for Ls {
+        fn deref_mut(&mut self) -> &mut LockSpace {
+            self.t.0.get_mut(&self.key).unwrap()
+        }
+    }
+
+    impl Ls {
+        fn dir(d: &Path) -> Ls {
+            let mut t = Tbl::default();
+            let key = d.to_str().unwrap().to_string();
+            t.create(&key).unwrap();
+            Ls { t, key }
+        }
+        fn default_lockspace() -> Ls {
+            Ls {
+                t: Tbl::default(),
+                key: String::new(),
+            }
+        }
+        fn acquire(&mut self, name: &str, owner: u32, flags: u32) -> Result<(), RpcError> {
+            self.t.acquire(&self.key, name, owner, flags)
+        }
+        fn release(&mut self, name: &str, owner: u32) -> Result<(), RpcError> {
+            self.t.release(&self.key, name, owner)
+        }
+        fn create_resource(&mut self, name: &str) -> Result<(), RpcError> {
+            self.t.create_resource(&self.key, name)
+        }
+        fn delete_resource(&mut self, name: &str) -> Result<(), RpcError> {
+            self.t.delete_resource(&self.key, name)
+        }
+        fn release_owner(&mut self, owner: u32) -> bool {
+            self.t.release_owner(owner)
+        }
+    }
 
     /// virlockspacetest uses the test's euid as "PID"; any constant will do.
     const OWNER: u32 = 1000;
@@ -1072,7 +1498,7 @@ mod tests {
     #[test]
     fn t2_res_lifecycle() {
         let (_t, d) = testdir();
-        let mut ls = LockSpace::create_directory(&d).unwrap();
+        let mut ls = Ls::dir(&d);
         ls.create_resource("foo").unwrap();
         assert!(d.join("foo").exists());
         assert_eq!(
@@ -1088,7 +1514,7 @@ mod tests {
     #[test]
     fn t3_res_lock_excl() {
         let (_t, d) = testdir();
-        let mut ls = LockSpace::create_directory(&d).unwrap();
+        let mut ls = Ls::dir(&d);
         let f = d.join("foo");
         ls.create_resource("foo").unwrap();
         ls.acquire("foo", OWNER, 0).unwrap();
@@ -1114,7 +1540,7 @@ mod tests {
     #[test]
     fn t4_res_lock_shr() {
         let (_t, d) = testdir();
-        let mut ls = LockSpace::create_directory(&d).unwrap();
+        let mut ls = Ls::dir(&d);
         let f = d.join("foo");
         ls.create_resource("foo").unwrap();
         ls.acquire("foo", OWNER, ACQUIRE_SHARED).unwrap();
@@ -1143,7 +1569,7 @@ mod tests {
     #[test]
     fn t5_res_lock_excl_auto() {
         let (_t, d) = testdir();
-        let mut ls = LockSpace::create_directory(&d).unwrap();
+        let mut ls = Ls::dir(&d);
         let f = d.join("foo");
         ls.create_resource("foo").unwrap();
         ls.acquire("foo", OWNER, ACQUIRE_AUTOCREATE).unwrap();
@@ -1157,7 +1583,7 @@ mod tests {
     #[test]
     fn t6_res_lock_shr_auto() {
         let (_t, d) = testdir();
-        let mut ls = LockSpace::create_directory(&d).unwrap();
+        let mut ls = Ls::dir(&d);
         let f = d.join("foo");
         ls.create_resource("foo").unwrap();
         ls.acquire("foo", OWNER, ACQUIRE_SHARED | ACQUIRE_AUTOCREATE)
@@ -1179,7 +1605,7 @@ mod tests {
     fn t7_res_full_path() {
         let (_t, d) = testdir();
         fs::create_dir(&d).unwrap();
-        let mut ls = LockSpace::default_lockspace();
+        let mut ls = Ls::default_lockspace();
         assert_eq!(ls.directory(), None);
         let f = d.join("foo");
         let name = f.to_str().unwrap();
@@ -1199,7 +1625,7 @@ mod tests {
     #[test]
     fn conflict_error_fields() {
         let (_t, d) = testdir();
-        let mut ls = LockSpace::create_directory(&d).unwrap();
+        let mut ls = Ls::dir(&d);
         ls.acquire("NAME", 1, ACQUIRE_AUTOCREATE).unwrap();
         let e = ls.acquire("NAME", 2, ACQUIRE_AUTOCREATE).unwrap_err();
         assert_eq!(e.code, 87);
@@ -1223,7 +1649,7 @@ mod tests {
     #[test]
     fn release_errors() {
         let (_t, d) = testdir();
-        let mut ls = LockSpace::create_directory(&d).unwrap();
+        let mut ls = Ls::dir(&d);
         let e = ls.release("foo", 7).unwrap_err();
         assert_eq!((e.code, e.domain), (87, 51));
         assert_eq!(
@@ -1246,7 +1672,7 @@ mod tests {
     #[test]
     fn open_errors() {
         let (_t, d) = testdir();
-        let mut ls = LockSpace::create_directory(&d).unwrap();
+        let mut ls = Ls::dir(&d);
         let e = ls.acquire("missing", 1, 0).unwrap_err();
         assert_eq!((e.code, e.domain, e.int1), (38, 51, libc::ENOENT));
         assert_eq!(
@@ -1258,7 +1684,7 @@ mod tests {
         );
         assert!(!d.join("missing").exists());
 
-        let mut dl = LockSpace::default_lockspace();
+        let mut dl = Ls::default_lockspace();
         let p = d.join("nodir/x");
         let e = dl
             .acquire(p.to_str().unwrap(), 1, ACQUIRE_AUTOCREATE)
@@ -1284,7 +1710,7 @@ mod tests {
 
     #[test]
     fn unsupported_acquire_flags() {
-        let mut ls = LockSpace::default_lockspace();
+        let mut ls = Ls::default_lockspace();
         let e = ls
             .acquire("/nonexistent", 1, 4 | ACQUIRE_SHARED)
             .unwrap_err();
@@ -1339,7 +1765,7 @@ mod tests {
     #[test]
     fn busy_when_another_process_holds_the_lock() {
         let (_t, d) = testdir();
-        let mut ls = LockSpace::create_directory(&d).unwrap();
+        let mut ls = Ls::dir(&d);
         ls.create_resource("foo").unwrap();
         let f = d.join("foo");
         {
@@ -1369,7 +1795,7 @@ mod tests {
     #[test]
     fn shared_autocreate_release_keeps_file_shared_by_another_process() {
         let (_t, d) = testdir();
-        let mut ls = LockSpace::create_directory(&d).unwrap();
+        let mut ls = Ls::dir(&d);
         let f = d.join("foo");
         ls.acquire("foo", 1, ACQUIRE_SHARED | ACQUIRE_AUTOCREATE)
             .unwrap();
@@ -1388,7 +1814,7 @@ mod tests {
     #[test]
     fn autocreate_release_does_not_unlink_a_replaced_file() {
         let (_t, d) = testdir();
-        let mut ls = LockSpace::create_directory(&d).unwrap();
+        let mut ls = Ls::dir(&d);
         let f = d.join("foo");
         ls.acquire("foo", 1, ACQUIRE_AUTOCREATE).unwrap();
         fs::remove_file(&f).unwrap();
@@ -1402,7 +1828,7 @@ mod tests {
     #[test]
     fn names_escaping_the_directory_are_refused() {
         let (t, d) = testdir();
-        let mut ls = LockSpace::create_directory(&d).unwrap();
+        let mut ls = Ls::dir(&d);
         for bad in ["", ".", "..", "../escape", "a/b", "/etc/passwd", "a\0b"] {
             for r in [
                 ls.acquire(bad, 1, ACQUIRE_AUTOCREATE),
@@ -1424,7 +1850,7 @@ mod tests {
             .unwrap();
         ls.acquire("..foo", 1, ACQUIRE_AUTOCREATE).unwrap();
 
-        let mut dl = LockSpace::default_lockspace();
+        let mut dl = Ls::default_lockspace();
         let e = dl.acquire("/tmp/a\0b", 1, 0).unwrap_err();
         assert_eq!(
             e.message(),
@@ -1439,7 +1865,7 @@ mod tests {
         let f = d.join("img");
         fs::write(&f, b"").unwrap();
         std::os::unix::fs::symlink(&f, d.join("link")).unwrap();
-        let mut dl = LockSpace::default_lockspace();
+        let mut dl = Ls::default_lockspace();
         let name = f.to_str().unwrap().to_string();
         dl.acquire(&name, 1, ACQUIRE_SHARED).unwrap();
         let aliases = [
@@ -1469,7 +1895,7 @@ mod tests {
     fn cross_lockspace_alias_is_refused() {
         let (_t, d) = testdir();
         let key = d.to_str().unwrap().to_string();
-        let mut all = LockSpaces::new();
+        let mut all = Tbl::default();
         all.create(&key).unwrap();
         all.acquire(&key, "foo", 1, ACQUIRE_AUTOCREATE).unwrap();
         let full = format!("{key}/foo");
@@ -1485,13 +1911,188 @@ mod tests {
         assert!(!d.join("foo").exists());
     }
 
+    /// What a job that lost a rename race is left with: an fd on a file held under
+    /// another name. It is parked, not closed (closing it would drop the lock), and
+    /// closed only with the resource.
+    #[test]
+    fn an_fd_opened_on_a_held_file_is_parked_not_closed() {
+        let (_t, d) = testdir();
+        let mut ls = Ls::dir(&d);
+        ls.acquire("foo", 1, ACQUIRE_AUTOCREATE).unwrap();
+        let f = d.join("foo");
+        let m = std::sync::Mutex::new(std::mem::take(&mut ls.t.0));
+        let e = claim_opened("bar", &f, File::open(&f).unwrap(), &m).unwrap_err();
+        ls.t.0 = m.into_inner().unwrap();
+        assert_eq!(
+            e.message(),
+            "resource busy: Lockspace resource 'bar' is locked"
+        );
+        assert_eq!(probe(&f), Probe::Write, "the parked fd was not closed");
+        assert_eq!(fds_into(&d), 2);
+        assert_eq!(ls.t.parked_fds().count(), 1);
+        ls.release("foo", 1).unwrap();
+        assert_eq!(fds_into(&d), 0, "parked fd closed after the resource's");
+        assert_eq!(ls.t.parked_fds().count(), 0);
+        assert!(!f.exists());
+    }
+
+    #[test]
+    fn fifos_sockets_and_char_devices_are_refused() {
+        let (_t, d) = testdir();
+        fs::create_dir(&d).unwrap();
+        let fifo = d.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let sock = d.join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let mut dl = Ls::default_lockspace();
+        for (path, what) in [
+            (fifo.to_str().unwrap(), "a FIFO"),
+            (sock.to_str().unwrap(), "a socket"),
+            ("/dev/null", "a character device"),
+        ] {
+            for r in [
+                dl.acquire(path, 1, 0),
+                dl.acquire(path, 1, ACQUIRE_SHARED | ACQUIRE_AUTOCREATE),
+                dl.create_resource(path),
+            ] {
+                let e = r.unwrap_err();
+                assert_eq!((e.code, e.domain), (code::INVALID_ARG, domain::LOCKSPACE));
+                assert_eq!(
+                    e.message(),
+                    format!(
+                        "invalid argument: Lockspace resource '{path}' ({path}) is {what}, not a regular file"
+                    )
+                );
+            }
+        }
+        let mut ls = Ls::dir(&d);
+        assert_eq!(
+            ls.acquire("fifo", 1, ACQUIRE_AUTOCREATE).unwrap_err().code,
+            code::INVALID_ARG
+        );
+        assert_eq!(dl.resource_count() + ls.resource_count(), 0);
+        assert_eq!(fds_into(&d), 0);
+        // Deleting one is only an unlink.
+        ls.delete_resource("fifo").unwrap();
+        assert!(!fifo.exists());
+    }
+
+    /// Unlinking and closing a lease frees its inode number, which the next new file may
+    /// get at once: a claim on a slot being closed waits for it instead of reporting the
+    /// new file as held (that was a spurious "locked" with 16 busy owners).
+    #[test]
+    fn a_claim_on_a_slot_being_closed_waits_for_it() {
+        let (_t, d) = testdir();
+        fs::create_dir(&d).unwrap();
+        let f = d.join("f");
+        fs::write(&f, b"").unwrap();
+        let id = FileId::of_path(&f).unwrap();
+        let m = std::sync::Arc::new(std::sync::Mutex::new(LockSpaces::new()));
+        let first = m.claim(id, File::open(&f).unwrap()).unwrap();
+        assert!(m.is_claimed(id));
+        m.closing(id);
+        assert!(
+            !m.is_claimed(id),
+            "a closing slot does not make a file busy"
+        );
+        assert!(matches!(
+            m.lock().unwrap().claim(id, File::open(&f).unwrap()),
+            Claim::Closing(_)
+        ));
+        let m2 = m.clone();
+        let f2 = f.clone();
+        let waiter = std::thread::spawn(move || m2.claim(id, File::open(&f2).unwrap()).is_some());
+        drop(first);
+        m.unclaim(id);
+        assert!(waiter.join().unwrap(), "claimed once the slot was gone");
+        assert!(m.is_claimed(id));
+    }
+
+    #[test]
+    fn only_local_disk_file_systems_run_jobs_inline() {
+        let (_t, d) = testdir();
+        fs::create_dir(&d).unwrap();
+        let st = nix::sys::statfs::statfs(&d).unwrap();
+        // This machine's /tmp is ext4 or tmpfs; either is local.
+        assert!(is_local_fs(&d), "{:?}", st.filesystem_type());
+        assert!(!is_local_fs(Path::new("/proc")));
+        assert!(!is_local_fs(&d.join("missing")));
+        let mut s = LockSpaces::new();
+        let key = d.to_str().unwrap();
+        s.add(key, LockSpace::create_directory(&d).unwrap());
+        let Ok(Begin::Work(job)) = s.begin_create(key, "a") else {
+            panic!("create needs a job")
+        };
+        assert!(job.runs_inline());
+        let Ok(Begin::Work(job)) = s.begin_create("", "/tmp/a") else {
+            panic!("create needs a job")
+        };
+        assert!(
+            !job.runs_inline(),
+            "the default lockspace's paths are anywhere"
+        );
+        s.set_local(key, false);
+        let Ok(Begin::Work(job)) = s.begin_create(key, "b") else {
+            panic!("create needs a job")
+        };
+        assert!(!job.runs_inline());
+    }
+
+    /// Two calls on one resource never run their jobs at once; other resources are
+    /// not held up.
+    #[test]
+    fn a_second_call_on_a_resource_waits_for_the_first() {
+        let (_t, d) = testdir();
+        let key = d.to_str().unwrap().to_string();
+        let mut s = LockSpaces::new();
+        assert!(s.add(&key, LockSpace::create_directory(&d).unwrap()));
+        let Begin::Work(job) = s.begin_acquire(&key, "foo", 1, ACQUIRE_AUTOCREATE).unwrap() else {
+            panic!("acquire needs a job");
+        };
+        assert!(matches!(
+            s.begin_acquire(&key, "foo", 2, ACQUIRE_SHARED),
+            Ok(Begin::Wait)
+        ));
+        assert!(matches!(s.begin_create(&key, "foo"), Ok(Begin::Wait)));
+        assert!(matches!(s.begin_delete(&key, "foo"), Ok(Begin::Wait)));
+        assert_eq!(s.begin_release(&key, "foo", 1).unwrap_err().code, 87);
+        assert!(matches!(
+            s.begin_acquire("", "/x", 2, 0),
+            Ok(Begin::Work(_))
+        ));
+        let m = std::sync::Mutex::new(s);
+        let done = job.run(&m);
+        let mut s = m.into_inner().unwrap();
+        s.finish(done).unwrap();
+        assert_eq!(probe(&d.join("foo")), Probe::Write);
+        assert_eq!(
+            s.begin_acquire(&key, "foo", 2, ACQUIRE_SHARED)
+                .unwrap_err()
+                .code,
+            87
+        );
+        let Begin::Work(close) = s.begin_release(&key, "foo", 1).unwrap() else {
+            panic!("the last release closes");
+        };
+        assert!(matches!(
+            s.begin_acquire(&key, "foo", 2, 0),
+            Ok(Begin::Wait)
+        ));
+        let m = std::sync::Mutex::new(s);
+        let done = close.run(&m);
+        let mut s = m.into_inner().unwrap();
+        s.finish(done).unwrap();
+        assert!(!d.join("foo").exists());
+        assert!(s.slots.is_empty());
+    }
+
     // ---- LockSpaces, owners, restore ----
 
     #[test]
     fn lockspaces_lookup_and_create() {
         let (_t, d) = testdir();
         let key = d.to_str().unwrap().to_string();
-        let mut all = LockSpaces::new();
+        let mut all = Tbl::default();
         assert!(all.contains(""));
         assert!(all.get("").unwrap().directory().is_none());
         assert!(!all.contains(&key));
@@ -1518,7 +2119,7 @@ mod tests {
     fn release_owner_across_lockspaces() {
         let (_t, d) = testdir();
         let key = d.to_str().unwrap().to_string();
-        let mut all = LockSpaces::new();
+        let mut all = Tbl::default();
         all.create(&key).unwrap();
         all.acquire(&key, "a", 10, ACQUIRE_AUTOCREATE).unwrap();
         all.acquire(&key, "b", 10, ACQUIRE_SHARED | ACQUIRE_AUTOCREATE)
@@ -1557,7 +2158,7 @@ mod tests {
     #[test]
     fn restore_adopts_an_inherited_locked_fd() {
         let (_t, d) = testdir();
-        let mut ls = LockSpace::create_directory(&d).unwrap();
+        let mut ls = Ls::dir(&d);
         let f = d.join("foo");
         let file = OpenOptions::new()
             .read(true)
@@ -1622,7 +2223,7 @@ mod tests {
     #[test]
     fn posix_close_pitfall_is_real() {
         let (_t, d) = testdir();
-        let mut ls = LockSpace::create_directory(&d).unwrap();
+        let mut ls = Ls::dir(&d);
         ls.acquire("foo", 1, ACQUIRE_AUTOCREATE).unwrap();
         assert_eq!(probe(&d.join("foo")), Probe::Write);
         drop(File::open(d.join("foo")).unwrap());
@@ -1769,7 +2370,7 @@ mod tests {
         }
     }
 
-    fn run(ls: &mut LockSpace, op: &Op) -> Result<bool, RpcError> {
+    fn run(ls: &mut Ls, op: &Op) -> Result<bool, RpcError> {
         match *op {
             Op::Acquire {
                 name,
@@ -1822,7 +2423,7 @@ mod tests {
         #[test]
         fn state_machine_matches_model(ops in prop::collection::vec(op(), 1..40)) {
             let (_t, d) = testdir();
-            let mut ls = LockSpace::create_directory(&d).unwrap();
+            let mut ls = Ls::dir(&d);
             let mut model = Model::default();
             for op in &ops {
                 let want = model.apply(op, &d);

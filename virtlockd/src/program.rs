@@ -15,9 +15,9 @@
 //! (up to 1.6 s before SIGKILL) in which a running QEMU writes to disks whose leases
 //! are free.
 
-use crate::lockspace::LockSpaces;
 use crate::protocol::{self as p, proc_};
-use std::sync::{Arc, Mutex, MutexGuard};
+use crate::table::LockTable;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -25,7 +25,8 @@ use uuid::Uuid;
 use vh_common::error::{code, domain, RpcError};
 use vh_common::restart::LockClientPrivate;
 use vh_common::server::{
-    CallContext, ClientHooks, ClientInfo, DispatchError, Private, Program, Reply, RunState,
+    CallContext, ClientHooks, ClientInfo, DispatchError, Dispatched, Private, Program, Reply,
+    RunState,
 };
 use vh_common::xdr::Decoder;
 
@@ -39,62 +40,13 @@ pub struct LockClient {
     pub owner_uuid: [u8; 16],
 }
 
-/// The lock daemon's state shared by all connections.
-pub struct LockDaemon {
-    spaces: Mutex<LockSpaces>,
-    /// Owner kills under way; a quitting daemon waits for them.
-    kills: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-}
-
-impl LockDaemon {
-    pub fn new(spaces: LockSpaces) -> Arc<Self> {
-        Arc::new(LockDaemon {
-            spaces: Mutex::new(spaces),
-            kills: Mutex::new(Vec::new()),
-        })
-    }
-
-    /// Waits until every owner kill started so far has finished (quit).
-    pub async fn kills_done(&self) {
-        let pending: Vec<_> = match self.kills.lock() {
-            Ok(mut k) => k.drain(..).collect(),
-            Err(_) => return,
-        };
-        for k in pending {
-            let _ = k.await;
-        }
-    }
-
-    fn track_kill(&self, h: tokio::task::JoinHandle<()>) {
-        if let Ok(mut k) = self.kills.lock() {
-            k.retain(|t| !t.is_finished());
-            k.push(h);
-        }
-    }
-
-    /// Whether `pid` owns anything in any lockspace.
-    fn owns_any(&self, pid: u32) -> bool {
-        match self.spaces() {
-            Ok(s) => s.iter().any(|(_, ls)| ls.resources_owned_by(pid) > 0),
-            Err(_) => true,
-        }
-    }
-
-    /// The lockspaces, for calls, re-exec and operator views.
-    pub fn spaces(&self) -> Result<MutexGuard<'_, LockSpaces>, RpcError> {
-        self.spaces
-            .lock()
-            .map_err(|_| RpcError::internal(domain::LOCKSPACE, "lockspace table poisoned"))
-    }
-}
-
 pub struct LockProgram {
-    daemon: Arc<LockDaemon>,
+    table: Arc<LockTable>,
 }
 
 impl LockProgram {
-    pub fn new(daemon: Arc<LockDaemon>) -> Arc<Self> {
-        Arc::new(LockProgram { daemon })
+    pub fn new(table: Arc<LockTable>) -> Arc<Self> {
+        Arc::new(LockProgram { table })
     }
 }
 
@@ -118,6 +70,27 @@ fn no_lockspace(path: &str) -> RpcError {
     RpcError::internal(
         domain::RPC,
         format!("Lockspace for path {path} does not exist"),
+    )
+}
+
+/// A lockspace path or resource name from the wire. Names and paths are carried as they
+/// are or refused, never converted: a lossy conversion would lock a different file. Only
+/// UTF-8 can be carried: the re-exec state is JSON. (9.0 locks such a name, but its JSON
+/// writer refuses it, so its next SIGUSR1 re-exec fails and the daemon exits, dropping
+/// every lease.)
+fn utf8(bytes: Vec<u8>) -> Result<String, Vec<u8>> {
+    String::from_utf8(bytes).map_err(|e| e.into_bytes())
+}
+
+fn shown(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).replace('\0', "\\0")
+}
+
+fn not_utf8(what: &str, bytes: &[u8]) -> RpcError {
+    RpcError::new(
+        code::INVALID_ARG,
+        domain::LOCKSPACE,
+        format!("{what} '{}' is not valid: it is not UTF-8", shown(bytes)),
     )
 }
 
@@ -165,6 +138,42 @@ impl Program for LockProgram {
         proc_: i32,
         args: &[u8],
     ) -> Result<Reply, DispatchError> {
+        match self.dispatch_deferred(ctx, proc_, args) {
+            Dispatched::Now(r) => r,
+            Dispatched::Later(_) => {
+                Err(RpcError::internal(domain::RPC, "this call must run deferred").into())
+            }
+        }
+    }
+
+    fn dispatch_deferred(&self, ctx: &mut CallContext<'_>, proc_: i32, args: &[u8]) -> Dispatched {
+        match self.begin(ctx, proc_, args) {
+            Ok(Call::Now(reply)) => Dispatched::Now(Ok(reply)),
+            Ok(Call::Later(work)) => Dispatched::Later(Box::pin(async move {
+                work.await?;
+                Ok(Reply::void())
+            })),
+            Err(e) => Dispatched::Now(Err(e)),
+        }
+    }
+}
+
+type Work = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), RpcError>> + Send>>;
+
+/// A call checked and decoded: its answer, or the table work that gives it.
+enum Call {
+    Now(Reply),
+    Later(Work),
+}
+
+impl LockProgram {
+    /// The checks in 9.0's order; the lockspace calls' table work comes back as a future.
+    fn begin(
+        &self,
+        ctx: &mut CallContext<'_>,
+        proc_: i32,
+        args: &[u8],
+    ) -> Result<Call, DispatchError> {
         let mut d = Decoder::new(args);
         match proc_ {
             proc_::REGISTER => {
@@ -182,7 +191,7 @@ impl Program for LockProgram {
                 c.owner_uuid = a.owner.uuid;
                 c.owner_id = a.owner.id;
                 c.owner_pid = a.owner.pid;
-                Ok(Reply::void())
+                Ok(Call::Now(Reply::void()))
             }
             proc_::RESTRICT => {
                 let flags = d.u32()?;
@@ -190,14 +199,15 @@ impl Program for LockProgram {
                 check_flags(flags, 0, "virLockSpaceProtocolDispatchRestrict")?;
                 check_client(c)?;
                 c.restricted = true;
-                Ok(Reply::void())
+                Ok(Call::Now(Reply::void()))
             }
             proc_::NEW => {
-                let a = p::NewArgs::decode(&mut d)?;
+                let path = d.string_lossless(p::STRING_MAX)?;
+                let flags = d.u32()?;
                 let c = client_of(ctx)?;
-                check_flags(a.flags, 0, "virLockSpaceProtocolDispatchNew")?;
+                check_flags(flags, 0, "virLockSpaceProtocolDispatchNew")?;
                 check_client(c)?;
-                if a.path.is_empty() {
+                if path.is_empty() {
                     return Err(RpcError::new(
                         code::OPERATION_INVALID,
                         domain::RPC,
@@ -205,23 +215,20 @@ impl Program for LockProgram {
                     )
                     .into());
                 }
-                let mut spaces = self.daemon.spaces()?;
-                if spaces.contains(&a.path) {
-                    return Err(RpcError::internal(
-                        domain::RPC,
-                        format!("Lockspace for path {} already exists", a.path),
-                    )
-                    .into());
-                }
-                // 9.0 ignores a failure here; we report it.
-                spaces.create(&a.path)?;
-                Ok(Reply::void())
+                let path = utf8(path).map_err(|b| not_utf8("Lockspace path", &b))?;
+                // 9.0 ignores a failure to create the directory; we report it.
+                let table = self.table.clone();
+                Ok(Call::Later(Box::pin(async move {
+                    table.create_lockspace(&path, true).await
+                })))
             }
             proc_::CREATE_RESOURCE
             | proc_::DELETE_RESOURCE
             | proc_::ACQUIRE_RESOURCE
             | proc_::RELEASE_RESOURCE => {
-                let a = p::ResourceArgs::decode(&mut d)?;
+                let path = d.string_lossless(p::STRING_MAX)?;
+                let name = d.string_lossless(p::STRING_MAX)?;
+                let flags = d.u32()?;
                 let c = client_of(ctx)?.clone();
                 let (allowed, function) = match proc_ {
                     proc_::CREATE_RESOURCE => (0, "virLockSpaceProtocolDispatchCreateResource"),
@@ -232,29 +239,39 @@ impl Program for LockProgram {
                     ),
                     _ => (0, "virLockSpaceProtocolDispatchReleaseResource"),
                 };
-                check_flags(a.flags, allowed, function)?;
+                check_flags(flags, allowed, function)?;
                 check_client(&c)?;
-                let mut spaces = self.daemon.spaces()?;
-                let ls = spaces
-                    .get_mut(&a.path)
-                    .ok_or_else(|| no_lockspace(&a.path))?;
-                match proc_ {
-                    proc_::CREATE_RESOURCE => ls.create_resource(&a.name)?,
-                    proc_::DELETE_RESOURCE => ls.delete_resource(&a.name)?,
-                    proc_::ACQUIRE_RESOURCE => ls.acquire(&a.name, c.owner_pid, a.flags)?,
-                    _ => ls.release(&a.name, c.owner_pid)?,
+                // A lockspace is never created under a non-UTF-8 path, so none exists.
+                let key = utf8(path).map_err(|b| no_lockspace(&shown(&b)))?;
+                if !self.table.spaces()?.contains(&key) {
+                    return Err(no_lockspace(&key).into());
                 }
-                Ok(Reply::void())
+                let name = utf8(name).map_err(|b| not_utf8("Resource name", &b))?;
+                let table = self.table.clone();
+                let owner = c.owner_pid;
+                // Every call goes through the table's checked path: one file is never
+                // held under two names, whatever lockspace or spelling names it.
+                Ok(Call::Later(Box::pin(async move {
+                    match proc_ {
+                        proc_::CREATE_RESOURCE => table.create_resource(&key, &name).await,
+                        proc_::DELETE_RESOURCE => table.delete_resource(&key, &name).await,
+                        proc_::ACQUIRE_RESOURCE => table.acquire(&key, &name, owner, flags).await,
+                        _ => table.release(&key, &name, owner).await,
+                    }
+                })))
             }
             proc_::CREATE_LOCKSPACE => {
-                let path = p::lossy(d.string_lossless(p::STRING_MAX)?);
+                let path = d.string_lossless(p::STRING_MAX)?;
                 let c = client_of(ctx)?;
                 if c.restricted {
                     return Err(restricted_error().into());
                 }
+                let path = utf8(path).map_err(|b| not_utf8("Lockspace path", &b))?;
                 // An existing lockspace is success in 9.0 (and what older clients expect).
-                self.daemon.spaces()?.create(&path)?;
-                Ok(Reply::void())
+                let table = self.table.clone();
+                Ok(Call::Later(Box::pin(async move {
+                    table.create_lockspace(&path, false).await
+                })))
             }
             _ => Err(DispatchError::UnknownProcedure),
         }
@@ -263,20 +280,20 @@ impl Program for LockProgram {
 
 /// Client life cycle of the lock server.
 pub struct LockHooks {
-    daemon: Arc<LockDaemon>,
+    table: Arc<LockTable>,
     /// The daemon's run state: a close during a quit kills before it releases.
     run: Option<watch::Receiver<RunState>>,
 }
 
 impl LockHooks {
-    pub fn new(daemon: Arc<LockDaemon>) -> Arc<Self> {
-        Arc::new(LockHooks { daemon, run: None })
+    pub fn new(table: Arc<LockTable>) -> Arc<Self> {
+        Arc::new(LockHooks { table, run: None })
     }
 
     /// Hooks that know when the daemon quits (see the module docs).
-    pub fn with_run_state(daemon: Arc<LockDaemon>, run: watch::Receiver<RunState>) -> Arc<Self> {
+    pub fn with_run_state(table: Arc<LockTable>, run: watch::Receiver<RunState>) -> Arc<Self> {
         Arc::new(LockHooks {
-            daemon,
+            table,
             run: Some(run),
         })
     }
@@ -301,7 +318,7 @@ impl ClientHooks for LockHooks {
             return;
         }
         if self.quitting() {
-            if !self.daemon.owns_any(c.owner_pid) {
+            if !self.table.owns_any(c.owner_pid) {
                 return;
             }
             info!(
@@ -310,20 +327,15 @@ impl ClientHooks for LockHooks {
             );
             if let Ok(h) = tokio::runtime::Handle::try_current() {
                 let pid = c.owner_pid;
-                let daemon = self.daemon.clone();
-                self.daemon.track_kill(h.spawn(async move {
+                let table = self.table.clone();
+                self.table.track_kill(h.spawn(async move {
                     kill_owner(pid as i32).await;
-                    if let Ok(mut s) = daemon.spaces() {
-                        s.release_owner(pid);
-                    }
+                    table.release_owner(pid);
                 }));
                 return;
             }
         }
-        let held = match self.daemon.spaces() {
-            Ok(mut s) => s.release_owner(c.owner_pid),
-            Err(_) => true,
-        };
+        let held = self.table.release_owner(c.owner_pid);
         if held {
             info!(
                 pid = c.owner_pid,
@@ -333,7 +345,7 @@ impl ClientHooks for LockHooks {
             // Outside a runtime (unit tests), fall back to a thread.
             match tokio::runtime::Handle::try_current() {
                 Ok(h) => {
-                    self.daemon.track_kill(h.spawn(kill_owner(pid)));
+                    self.table.track_kill(h.spawn(kill_owner(pid)));
                 }
                 Err(_) => {
                     std::thread::spawn(move || {

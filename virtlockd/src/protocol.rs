@@ -48,6 +48,7 @@ impl Owner {
     }
 }
 
+/// For the owner name only, which names no file (logs and the re-exec state).
 pub(crate) fn lossy(b: Vec<u8>) -> String {
     String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
@@ -73,6 +74,8 @@ impl RegisterArgs {
 }
 
 /// The `{path, name, flags}` shape shared by CREATE/DELETE/ACQUIRE/RELEASE_RESOURCE.
+/// Decoding refuses non-UTF-8 strings: a converted name would name a different file (the
+/// daemon decodes the bytes itself and answers `INVALID_ARG`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResourceArgs {
     pub path: String,
@@ -86,8 +89,8 @@ impl ResourceArgs {
     }
     pub fn decode(d: &mut Decoder<'_>) -> Result<Self, XdrError> {
         Ok(ResourceArgs {
-            path: lossy(d.string_lossless(STRING_MAX)?),
-            name: lossy(d.string_lossless(STRING_MAX)?),
+            path: d.string(STRING_MAX)?,
+            name: d.string(STRING_MAX)?,
             flags: d.u32()?,
         })
     }
@@ -106,7 +109,7 @@ impl NewArgs {
     }
     pub fn decode(d: &mut Decoder<'_>) -> Result<Self, XdrError> {
         Ok(NewArgs {
-            path: lossy(d.string_lossless(STRING_MAX)?),
+            path: d.string(STRING_MAX)?,
             flags: d.u32()?,
         })
     }
