@@ -599,7 +599,7 @@ fn verbose_start_up_and_protocol_violations_are_logged() {
     );
 
     let want = [
-        "info : libvirt version: 9.0.0".to_string(),
+        format!("info : libvirt version: {}", vh_common::cli::LIBVIRT_VERSION),
         "listening on /run/libvirt/virtlogd-sock".to_string(),
         "ready".to_string(),
         format!("(pid {me}, uid 0): new client"),
