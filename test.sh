@@ -19,3 +19,5 @@ cargo test --workspace --no-fail-fast -- --test-threads=2
 # INTEROP_REEXEC=1 adds the zero-downtime upgrade under a live guest: C -> ours -> C.
 INTEROP_REEXEC=1 VIRTLOGD_BIN="$PWD/target/debug/virtlogd" VIRTLOCKD_BIN="$PWD/target/debug/virtlockd" \
     tests/interop/run.sh
+tests/interop11/run.sh # libvirt 11.3 (Debian 13) in a cached debootstrap root: see its README
+tests/systemd/run.sh   # our units and daemons under systemd 252 and 257 (systemd-nspawn)

@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # Builds (once) and caches the Debian 13 "trixie" root with libvirt 11.3 + QEMU 10 that
-# run.sh runs its peers from.  Sourced by run.sh; runs on the host as root.
+# run.sh runs its peers from (tests/systemd/run.sh also boots its systemd 257).  Sourced
+# by both; runs on the host as root.
 #
 # The root is built into a temporary directory and renamed into place only when complete,
 # under a lock, so an interrupted or concurrent build never leaves a half-built cache.
@@ -8,7 +9,7 @@
 #
 # The cache key is CHROOT_STAMP: bump it when the package list or set-up changes.
 
-CHROOT_STAMP=trixie-libvirt11-v1
+CHROOT_STAMP=trixie-libvirt11-v2
 CACHE_DIR=${INTEROP11_CACHE:-/var/cache/virt-helpers}
 CHROOT=$CACHE_DIR/$CHROOT_STAMP
 # Only what the scenario needs.  --no-install-recommends leaves out virtlockd
@@ -17,7 +18,9 @@ CHROOT=$CACHE_DIR/$CHROOT_STAMP
 CHROOT_PACKAGES=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
     libvirt-daemon-log libvirt-daemon-lock libvirt-daemon-plugin-lockd
     qemu-system-x86 qemu-utils
-    libfaketime)   # the cleaner differential fakes the clock of both virtlogds
+    libfaketime      # the cleaner differential fakes the clock of both virtlogds
+    procps           # /bin/kill for the units' ExecReload (every real install has it)
+    python3-minimal) # tests/systemd's lock-owner client
 
 _mirror() {
     local m
@@ -77,5 +80,8 @@ SRC
     rm -rf "$CHROOT"
     mv "$tmp" "$CHROOT" || die "cannot move the finished root to $CHROOT"
     log "trixie root ready in $((SECONDS - t0))s"
+    # Roots of earlier stamps are dead weight (~450 MB each).
+    find "$CACHE_DIR" -maxdepth 1 -name 'trixie-libvirt11-*' ! -name "$CHROOT_STAMP*" \
+        -exec rm -rf {} + 2>/dev/null
     exec 9>&-
 }

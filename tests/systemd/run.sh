@@ -1,0 +1,272 @@
+#!/usr/bin/env bash
+# Our daemons under our units (systemd/) and a real systemd as PID 1 of a throw-away
+# container: systemd-nspawn --volatile=yes boots the host's own /usr (Debian 12, systemd
+# 252) and, when the trixie root of tests/interop11 is cached, Debian 13's /usr (systemd
+# 257). The host runs no systemd and no D-Bus: systemctl talks to the container's
+# manager through its private socket (nsenter), and the container is not registered.
+#
+# Checked in each container, through socket activation of the shipped units:
+#   - Type=notify: the services reach active/running (so READY=1 arrived), also after
+#     `systemctl reload` (SIGUSR1 re-exec in place, same MainPID);
+#   - the hardening is in force on virtlogd (bounding set without CAP_KILL,
+#     CAP_SYS_RESOURCE, CAP_SYS_ADMIN; seccomp filter on) and the soft NOFILE limit was
+#     raised to the unit's hard limit (524288);
+#   - busy pipes: a guest-like writer floods a log through vhctl; every byte arrives in
+#     order. Once with the pipe enlarged (F_SETPIPE_SZ up to pipe-max-size needs no
+#     capability), once with uid 0 over its pipe-buffer quota (a helper on the host holds
+#     ~70 MiB of pipe capacity for a few seconds): without CAP_SYS_RESOURCE the kernel
+#     then refuses F_SETPIPE_SZ with EPERM, and the pump must carry on at the pipe's size;
+#   - the owner kill (Debian 12 container only, it needs python3): a lock owner that
+#     switched to another uid and dropped its restricted connection while holding a lease
+#     is killed by virtlockd, which keeps CAP_KILL as 11.3's virtlockd.service does; with
+#     a drop-in taking CAP_KILL away (as 11.3 does for virtlogd, which never kills) the kill
+#     fails with EPERM, virtlockd says so and keeps serving;
+#   - `systemctl stop` ends both services cleanly (Result=success).
+#
+#   VIRTLOGD_BIN=... VIRTLOCKD_BIN=... VHCTL_BIN=... tests/systemd/run.sh   (as root)
+# Env: SYSTEMD_TEST_ROOTS (default: "/ <trixie root if cached>"), SYSTEMD_TEST_KEEP=1.
+set -u -o pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+# shellcheck source=../interop/lib.sh
+. "$HERE/../interop/lib.sh"
+# shellcheck source=../interop11/chroot.sh
+. "$HERE/../interop11/chroot.sh"
+
+VIRTLOGD_BIN=${VIRTLOGD_BIN:-$REPO/target/debug/virtlogd}
+VIRTLOCKD_BIN=${VIRTLOCKD_BIN:-$REPO/target/debug/virtlockd}
+VHCTL_BIN=${VHCTL_BIN:-$REPO/target/debug/vhctl}
+
+[[ $(id -u) == 0 ]] || die "must run as root"
+for b in "$VIRTLOGD_BIN" "$VIRTLOCKD_BIN" "$VHCTL_BIN"; do [[ -x $b ]] || die "missing $b (cargo build first)"; done
+if ! command -v systemd-nspawn >/dev/null 2>&1; then
+    log "installing systemd-container (systemd-nspawn) from Debian's packages"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd-container >&2 ||
+        die "cannot install systemd-container"
+fi
+command -v python3 >/dev/null 2>&1 || die "python3 is required (pipe-quota helper)"
+
+ROOTS=${SYSTEMD_TEST_ROOTS:-/}
+if [[ -z ${SYSTEMD_TEST_ROOTS:-} && -f $CHROOT/.complete ]]; then ROOTS="/ $CHROOT"; fi
+
+W=$(mktemp -d /tmp/vh-systemd.XXXXXX) || die "mktemp"
+chmod 755 "$W"
+OUTER= LEADER= HOG=
+cleanup() {
+    local rc=$?
+    [[ -n $HOG ]] && kill "$HOG" 2>/dev/null
+    stop_container
+    if [[ $rc == 0 && $IT_FAIL == 0 && -z ${SYSTEMD_TEST_KEEP:-} ]]; then rm -rf "$W"; else log "artifacts kept in $W"; fi
+}
+trap cleanup EXIT
+
+# ------------------------------------------------------------------ container
+mkdir -p "$W/units" "$W/bin" "$W/etc-libvirt"
+cp "$REPO"/systemd/*.service "$REPO"/systemd/*.socket "$W/units/"
+cat >"$W/units/vh-test.target" <<'EOF'
+[Unit]
+Description=virt-helpers: the shipped sockets, nothing else
+Wants=virtlogd.socket virtlogd-admin.socket virtlockd.socket virtlockd-admin.socket
+EOF
+# The empty volatile /etc would make systemd-firstboot wait for a keypress.
+ln -s /dev/null "$W/units/systemd-firstboot.service"
+install -m 755 "$VIRTLOGD_BIN" "$W/bin/virtlogd"
+install -m 755 "$VIRTLOCKD_BIN" "$W/bin/virtlockd"
+install -m 755 "$VHCTL_BIN" "$W/bin/vhctl"
+install -m 755 "$HERE/lockowner.py" "$W/bin/lockowner.py"
+# Debug level for the pump's "pipe raised" / "cannot raise pipe size" lines; the files
+# are on the shared directory, which the units' ProtectSystem=full leaves writable.
+cat >"$W/etc-libvirt/virtlogd.conf" <<'EOF'
+log_level = 1
+log_outputs = "1:file:/vh/virtlogd.log"
+EOF
+cat >"$W/etc-libvirt/virtlockd.conf" <<'EOF'
+log_level = 3
+log_outputs = "3:file:/vh/virtlockd.log"
+EOF
+
+start_container() { # start_container ROOT TAG
+    mkdir -p "$W/$2"
+    chmod 777 "$W/$2"
+    systemd-nspawn -D "$1" --volatile=yes --register=no --keep-unit -M "vhsd$$$2" \
+        --bind="$W/$2":/vh --bind-ro="$W/bin":/opt/vh \
+        --bind-ro="$W/bin/virtlogd":/usr/sbin/virtlogd --bind-ro="$W/bin/virtlockd":/usr/sbin/virtlockd \
+        --bind-ro="$W/units":/etc/systemd/system --bind-ro="$W/etc-libvirt":/etc/libvirt \
+        --console=read-only -b -- systemd.unit=vh-test.target systemd.firstboot=off >"$W/$2/boot.out" 2>&1 </dev/null &
+    OUTER=$!
+    wait_until 30 "container PID 1" bash -c "ps -o pid= --ppid $OUTER | grep -q ." || return 1
+    LEADER=$(ps -o pid= --ppid "$OUTER" | tr -d ' ' | head -n1)
+    wait_until 60 "vh-test.target" bash -c "nsenter -t $LEADER -m -p -- systemctl is-active -q vh-test.target 2>/dev/null"
+}
+stop_container() {
+    [[ -n $OUTER ]] || return 0
+    CX systemctl poweroff >/dev/null 2>&1
+    wait_until 20 "container exit" bash -c "! kill -0 $OUTER 2>/dev/null" || kill -KILL "$LEADER" 2>/dev/null
+    wait "$OUTER" 2>/dev/null
+    OUTER= LEADER=
+    rmdir /run/systemd/nspawn/propagate /run/systemd/nspawn 2>/dev/null
+}
+CX() { nsenter -t "$LEADER" -m -p -- "$@"; }
+prop() { CX systemctl show -P "$2" "$1" 2>/dev/null; }
+svc_running() { [[ $(prop "$1" ActiveState) == active && $(prop "$1" SubState) == running ]]; }
+# cap_bit PID N: bit N of the process's bounding set (1 = kept)
+cap_bit() {
+    local bnd
+    # awk runs on the host: the container's /usr/bin/awk is an alternatives link into
+    # its empty /etc.
+    bnd=$(CX cat "/proc/$1/status" | awk '/^CapBnd:/ { print $2 }')
+    [[ -n $bnd ]] || return 2
+    echo $(((16#$bnd >> $2) & 1))
+}
+CAP_KILL=5 CAP_SYS_ADMIN=21 CAP_SYS_RESOURCE=24
+nofile_raised() { # nofile_raised SOFT/HARD UNIT_SOFT
+    [[ $2 == 1024 && ${1%/*} == "${1#*/}" && ${1%/*} -gt 1024 ]]
+}
+
+# flood TAG NAME: vhctl writes 100000 numbered lines (1.4 MB) into a log through
+# virtlogd as fast as it can; the file must hold exactly those lines.
+flood() {
+    local tag=$1 name=$2
+    CX mkdir -p /var/log/vh
+    if CX /opt/vh/vhctl log-run --system --path "/var/log/vh/$name.log" -- seq -f 'line %08g' 1 100000 \
+        >"$W/$tag/$name.vhctl" 2>&1; then
+        pass "$tag: vhctl flooded /var/log/vh/$name.log through virtlogd"
+    else
+        fail "$tag: vhctl log-run failed: $(head -c 300 "$W/$tag/$name.vhctl")"; return 1
+    fi
+    seq -f 'line %08g' 1 100000 >"$W/$tag/$name.want"
+    CX cat "/var/log/vh/$name.log" >"$W/$tag/$name.got"
+    check "$tag: every byte of the flood arrived in order ($name, $(stat -c %s "$W/$tag/$name.got") bytes)" \
+        cmp -s "$W/$tag/$name.want" "$W/$tag/$name.got"
+}
+
+# The pipe-quota helper: holds pipes enlarged to 1 MiB (it has CAP_SYS_RESOURCE) until
+# killed, so uid 0 is over fs.pipe-user-pages-soft and a capability-less root process
+# can no longer enlarge a pipe. Only pipe slots are accounted, no memory is touched.
+start_hog() {
+    local soft
+    soft=$(cat /proc/sys/fs/pipe-user-pages-soft)
+    python3 - "$soft" "$W/hog.ready" <<'EOF' &
+import fcntl, os, sys, time
+soft, ready = int(sys.argv[1]), sys.argv[2]
+F_SETPIPE_SZ = 1031
+pipes = []
+for _ in range(soft // 256 + 8):
+    r, w = os.pipe()
+    fcntl.fcntl(w, F_SETPIPE_SZ, 1 << 20)
+    pipes.append((r, w))
+open(ready, "w").write(str(len(pipes)))
+time.sleep(600)
+EOF
+    HOG=$!
+    wait_until 10 "pipe hog" test -s "$W/hog.ready"
+}
+
+run_one() { # run_one ROOT TAG
+    local root=$1 tag=$2 pid pid2 lim out owner
+    if start_container "$root" "$tag"; then
+        pass "$tag: systemd $(CX systemctl --version | awk 'NR == 1 { print $2 }') booted with our units; sockets listening"
+    else
+        fail "$tag: the container did not reach vh-test.target"; sed 's/^/    /' "$W/$tag/boot.out" | tail -n 30; return 1
+    fi
+    # virtlogd: activation by the first connection, Type=notify.
+    out=$(CX timeout 30 virt-admin -c virtlogd:///system srv-list 2>&1) ||
+        fail "$tag: virt-admin through the activated admin socket: $out"
+    check "$tag: virtlogd.service active/running (Type=notify: READY=1 arrived)" \
+        wait_until 30 "virtlogd running" svc_running virtlogd.service
+    check "$tag: virtlogd.service is Type=notify" test "$(prop virtlogd.service Type)" == notify
+    pid=$(prop virtlogd.service MainPID)
+    check "$tag: virtlogd bounding set lacks CAP_KILL, CAP_SYS_RESOURCE, CAP_SYS_ADMIN" \
+        test "$(cap_bit "$pid" $CAP_KILL)$(cap_bit "$pid" $CAP_SYS_RESOURCE)$(cap_bit "$pid" $CAP_SYS_ADMIN)" == 000
+    check "$tag: virtlogd runs under a seccomp filter (SystemCallFilter)" \
+        bash -c "nsenter -t $LEADER -m -p -- grep -q '^Seccomp:[[:space:]]*2' /proc/$pid/status"
+    lim=$(CX cat "/proc/$pid/limits" | awk '/^Max open files/ { print $4 "/" $5 }')
+    # systemd starts it with soft 1024 (LimitNOFILESoft); the hard limit is 524288 unless
+    # the container's own hard limit is lower. The daemon must have raised soft to hard.
+    check "$tag: virtlogd raised its soft NOFILE (unit: $(prop virtlogd.service LimitNOFILESoft)) to its hard limit (now soft/hard $lim)" \
+        nofile_raised "$lim" "$(prop virtlogd.service LimitNOFILESoft)"
+    # Busy pipes.
+    flood "$tag" flood-enlarged
+    check "$tag: the pump enlarged the busy pipe (no capability needed up to pipe-max-size)" \
+        grep -q "pipe raised to" "$W/$tag/virtlogd.log"
+    if start_hog; then
+        flood "$tag" flood-over-quota
+        kill "$HOG" 2>/dev/null; wait "$HOG" 2>/dev/null; HOG=
+        check "$tag: over the pipe quota without CAP_SYS_RESOURCE, F_SETPIPE_SZ was refused (EPERM) and the pump carried on" \
+            grep -q "cannot raise pipe size: EPERM" "$W/$tag/virtlogd.log"
+    else
+        fail "$tag: the pipe-quota helper did not start"
+    fi
+    check "$tag: virtlogd still active after the floods" svc_running virtlogd.service
+    # Reload = SIGUSR1 re-exec in place; READY=1 again.
+    CX systemctl reload virtlogd.service || fail "$tag: systemctl reload virtlogd failed"
+    check "$tag: after reload (re-exec) virtlogd is active/running" wait_until 30 "virtlogd running" svc_running virtlogd.service
+    pid2=$(prop virtlogd.service MainPID)
+    check "$tag: reload kept the MainPID ($pid -> $pid2)" test "$pid" == "$pid2"
+    flood "$tag" flood-after-reload
+    # virtlockd.
+    out=$(CX timeout 30 virt-admin -c virtlockd:///system srv-list 2>&1) ||
+        fail "$tag: virt-admin through virtlockd's admin socket: $out"
+    check "$tag: virtlockd.service active/running (Type=notify)" wait_until 30 "virtlockd running" svc_running virtlockd.service
+    pid=$(prop virtlockd.service MainPID)
+    lim=$(CX cat "/proc/$pid/limits" | awk '/^Max open files/ { print $4 "/" $5 }')
+    # systemd starts it with soft 1024 (LimitNOFILESoft); the hard limit is 524288 unless
+    # the container's own hard limit is lower. The daemon must have raised soft to hard.
+    check "$tag: virtlockd raised its soft NOFILE (unit: $(prop virtlockd.service LimitNOFILESoft)) to its hard limit (now soft/hard $lim)" \
+        nofile_raised "$lim" "$(prop virtlockd.service LimitNOFILESoft)"
+    check "$tag: virtlockd keeps CAP_KILL (as 11.3's unit)" test "$(cap_bit "$pid" $CAP_KILL)" == 1
+    if CX test -x /usr/bin/python3; then
+        owner_kill "$tag"
+    else
+        log "$tag: no python3 in this root: owner-kill check runs in the Debian 12 container only"
+    fi
+    # Stop.
+    CX systemctl stop virtlogd.service virtlockd.service 2>/dev/null
+    check "$tag: systemctl stop: virtlogd inactive, Result=success" \
+        test "$(prop virtlogd.service ActiveState)/$(prop virtlogd.service Result)" == inactive/success
+    check "$tag: systemctl stop: virtlockd inactive, Result=success" \
+        test "$(prop virtlockd.service ActiveState)/$(prop virtlockd.service Result)" == inactive/success
+    stop_container
+}
+
+# owner_kill TAG: see the header.
+owner_kill() {
+    local tag=$1 owner
+    CX python3 /opt/vh/lockowner.py /run/libvirt/virtlockd-sock /var/lib/vh-lockspace res1 65534 \
+        >"$W/$tag/owner1.out" 2>&1 &
+    wait_until 10 "owner dropped its connection" grep -q '^closing' "$W/$tag/owner1.out" ||
+        { fail "$tag: lockowner.py: $(cat "$W/$tag/owner1.out")"; return 1; }
+    owner=$(awk '/^closing/ { print $2 }' "$W/$tag/owner1.out")
+    check "$tag: virtlockd killed the lease owner (uid 65534) that dropped its connection" \
+        wait_until 10 "owner killed" bash -c "! nsenter -t $LEADER -m -p -- kill -0 $owner 2>/dev/null"
+    # Without CAP_KILL (a drop-in, as 11.3 does for virtlogd only).
+    CX mkdir -p /run/systemd/system/virtlockd.service.d
+    printf '[Service]\nCapabilityBoundingSet=~CAP_KILL\n' | CX tee /run/systemd/system/virtlockd.service.d/no-kill.conf >/dev/null
+    CX systemctl daemon-reload && CX systemctl restart virtlockd.service
+    check "$tag: virtlockd restarted without CAP_KILL" bash -c \
+        "[[ \$(nsenter -t $LEADER -m -p -- systemctl show -P MainPID virtlockd.service) != 0 ]]"
+    CX python3 /opt/vh/lockowner.py /run/libvirt/virtlockd-sock /var/lib/vh-lockspace res2 65534 \
+        >"$W/$tag/owner2.out" 2>&1 &
+    wait_until 10 "owner dropped its connection" grep -q '^closing' "$W/$tag/owner2.out" ||
+        { fail "$tag: lockowner.py (no CAP_KILL): $(cat "$W/$tag/owner2.out")"; return 1; }
+    owner=$(awk '/^closing/ { print $2 }' "$W/$tag/owner2.out")
+    check "$tag: without CAP_KILL the kill fails and virtlockd says so ('Failed to kill off pid $owner')" \
+        wait_until 15 "kill failure logged" grep -q "Failed to kill off pid $owner" "$W/$tag/virtlockd.log"
+    check "$tag: ... the owner survived (EPERM)" CX kill -0 "$owner"
+    check "$tag: ... and virtlockd keeps serving" bash -c \
+        "nsenter -t $LEADER -m -p -- timeout 10 virt-admin -c virtlockd:///system srv-list >/dev/null && nsenter -t $LEADER -m -p -- systemctl is-active -q virtlockd.service"
+    CX kill -KILL "$owner" 2>/dev/null
+    CX rm -f /run/systemd/system/virtlockd.service.d/no-kill.conf
+    CX systemctl daemon-reload
+}
+
+t0=$SECONDS
+for root in $ROOTS; do
+    if [[ $root == / ]]; then run_one / debian12; else run_one "$root" debian13; fi
+done
+echo "systemd summary: $IT_PASS passed, $IT_FAIL failed ($((SECONDS - t0))s)"
+if ((IT_FAIL > 0)); then
+    printf '  failed: %s\n' "${IT_FAILED_NAMES[@]}"
+    exit 1
+fi
