@@ -1,6 +1,7 @@
 //! systemd socket activation (`LISTEN_PID` / `LISTEN_FDS` / `LISTEN_FDNAMES`)
-//! and the `READY=1` notification, as libvirt 9.0 handles them
-//! (`rpc-wire.md` §5.2).
+//! as libvirt 9.0 handles them (`rpc-wire.md` §5.2), and the notifications 11.3 sends
+//! (`Type=notify`): `READY=1` once serving, `STOPPING=1` and `EXTEND_TIMEOUT_USEC` when
+//! a quit begins.
 //!
 //! # Threads and the environment
 //!
@@ -234,8 +235,30 @@ impl Activation {
 /// Hand-written rather than using `sd-notify`: its 0.4 `notify` passes the
 /// variable to `connect()` as a path, so an abstract '@' socket fails.
 pub fn notify_ready() -> io::Result<()> {
+    notify(b"READY=1")
+}
+
+/// Sends `STOPPING=1`: 11.3 sends it as soon as a quit is processed, before the servers
+/// close. Like 11.3, `NOTIFY_SOCKET` stays in the environment for the later messages.
+pub fn notify_stopping() -> io::Result<()> {
+    notify(b"STOPPING=1")
+}
+
+/// Asks systemd for `secs` more seconds of stop time (`EXTEND_TIMEOUT_USEC`), as 11.3
+/// does for the wait on its servers (30 s) once the servers are closed.
+pub fn notify_extend_timeout(secs: u64) -> io::Result<()> {
+    notify(extend_timeout_message(secs).as_bytes())
+}
+
+/// 11.3's text: microseconds, in decimal.
+fn extend_timeout_message(secs: u64) -> String {
+    format!("EXTEND_TIMEOUT_USEC={}", secs.saturating_mul(1_000_000))
+}
+
+/// Sends `msg` to `$NOTIFY_SOCKET` if it is set and not empty.
+fn notify(msg: &[u8]) -> io::Result<()> {
     match std::env::var_os("NOTIFY_SOCKET") {
-        Some(addr) if !addr.is_empty() => notify_to(&addr, b"READY=1"),
+        Some(addr) if !addr.is_empty() => notify_to(&addr, msg),
         _ => Ok(()),
     }
 }
@@ -305,6 +328,12 @@ mod tests {
             parse_env(s("42"), s("2"), s("a:a"), 42),
             Parsed::Activated(vec!["a".into(), "a".into()])
         );
+    }
+
+    #[test]
+    fn extend_timeout_text() {
+        assert_eq!(extend_timeout_message(30), "EXTEND_TIMEOUT_USEC=30000000");
+        assert_eq!(extend_timeout_message(10), "EXTEND_TIMEOUT_USEC=10000000");
     }
 
     #[test]

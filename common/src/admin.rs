@@ -1,7 +1,7 @@
-//! libvirt's admin program (`0x06900690` v1, procedures 1–19) as virtlogd and virtlockd
+//! libvirt's admin program (`0x06900690` v1, procedures 1–20) as virtlogd and virtlockd
 //! 9.0 serve it on their "admin" server: server and client listing, client limits,
 //! thread-pool parameters, client info and disconnect, the daemon's log filters and
-//! outputs, and the idle timeout.
+//! outputs, and the idle timeout; plus 11.2's daemon shutdown (procedure 20).
 //!
 //! The program talks to the daemon through [`AdminTarget`], which [`Daemon`] implements;
 //! the unit tests use a fake. It holds the target weakly, since the daemon owns the
@@ -26,8 +26,11 @@ pub const ADMIN_CLIENT_LIST_MAX: usize = 16_384;
 pub const ADMIN_CLIENT_INFO_PARAMETERS_MAX: usize = 64;
 pub const ADMIN_SERVER_CLIENT_LIMITS_MAX: usize = 32;
 
-/// `LIBVIR_VERSION_NUMBER` of the release we stand in for (9.0.0).
-pub const LIB_VERSION: u64 = 9_000_000;
+/// `LIBVIR_VERSION_NUMBER` we report (11.3.0): where 9.0 and 11.3 differ these daemons
+/// behave as 11.3 (procedure 20, the config rules, the log cleaner), and nothing but
+/// virt-admin's `version` reads it (libvirtd, lockd.so and the log manager never ask).
+/// The same value goes to `--version` ([`crate::cli::LIBVIRT_VERSION`]).
+pub const LIB_VERSION: u64 = 11_003_000;
 
 /// libvirt's `VIR_TYPED_PARAM_FIELD_LENGTH`: names must be shorter than this.
 const FIELD_LENGTH: usize = 80;
@@ -56,7 +59,14 @@ pub mod proc_ {
     pub const CONNECT_SET_LOGGING_FILTERS: i32 = 17;
     pub const SERVER_UPDATE_TLS_FILES: i32 = 18;
     pub const CONNECT_SET_DAEMON_TIMEOUT: i32 = 19;
+    /// libvirt 11.2+ (`virt-admin daemon-shutdown [--preserve]`).
+    pub const CONNECT_DAEMON_SHUTDOWN: i32 = 20;
 }
+
+/// `VIR_DAEMON_SHUTDOWN_PRESERVE`: preserve state (running guests) before the quit. These
+/// daemons have no state to preserve by stopping (11.3 registers no stop callback in
+/// virtlogd or virtlockd), so it quits exactly as without the flag.
+pub const DAEMON_SHUTDOWN_PRESERVE: u32 = 1;
 
 /// Typed-parameter names (`libvirt-admin.h`).
 pub mod names {
@@ -92,6 +102,8 @@ pub trait AdminTarget: Send + Sync + 'static {
     fn set_log_filters(&self, filters: &str) -> Result<(), String>;
     /// The idle auto-shutdown timeout, 0 = never.
     fn set_timeout(&self, secs: u32);
+    /// Quits the daemon (admin CONNECT_DAEMON_SHUTDOWN); the quit has begun on return.
+    fn shutdown(&self, preserve: bool);
 }
 
 impl AdminTarget for Daemon {
@@ -122,6 +134,9 @@ impl AdminTarget for Daemon {
     }
     fn set_timeout(&self, secs: u32) {
         Daemon::set_timeout(self, secs)
+    }
+    fn shutdown(&self, _preserve: bool) {
+        self.request_quit()
     }
 }
 
@@ -790,6 +805,22 @@ impl AdminProgram {
                 check_flags(flags, "adminConnectSetDaemonTimeout")?;
                 self.target()?.set_timeout(timeout);
             }
+            proc_::CONNECT_DAEMON_SHUTDOWN => {
+                let flags = d.u32()?;
+                let unsupported = flags & !DAEMON_SHUTDOWN_PRESERVE;
+                if unsupported != 0 {
+                    // virCheckFlags names only the bits it does not know.
+                    return Err(RpcError::unsupported_flags(
+                        domain::ADMIN,
+                        "adminConnectDaemonShutdown",
+                        u64::from(unsupported),
+                    )
+                    .into());
+                }
+                // The servers close before this returns: no reply goes out (as 11.3).
+                self.target()?
+                    .shutdown(flags & DAEMON_SHUTDOWN_PRESERVE != 0);
+            }
             _ => return Err(DispatchError::UnknownProcedure),
         }
         Ok(e.into_inner())
@@ -811,7 +842,7 @@ impl Program for AdminProgram {
         proc_: i32,
         args: &[u8],
     ) -> Result<Reply, DispatchError> {
-        if !(1..=19).contains(&proc_) {
+        if !(1..=proc_::CONNECT_DAEMON_SHUTDOWN).contains(&proc_) {
             return Err(DispatchError::UnknownProcedure);
         }
         let mut d = Decoder::new(args);
@@ -864,7 +895,14 @@ mod tests {
         fn set_timeout(&self, secs: u32) {
             *self.timeout.lock().unwrap() = secs;
         }
+        fn shutdown(&self, preserve: bool) {
+            SHUTDOWNS.lock().unwrap().push(preserve);
+        }
     }
+
+    /// What the fakes were asked: one entry per shutdown, its PRESERVE flag. Only the
+    /// shutdown test reads it.
+    static SHUTDOWNS: Mutex<Vec<bool>> = Mutex::new(Vec::new());
 
     struct Rig {
         fake: Arc<Fake>,
@@ -983,10 +1021,7 @@ mod tests {
     }
 
     fn replay(file: &str, main_name: &str, main_first: bool) -> usize {
-        let path = format!(
-            "{}/../../shared/fixtures/{file}",
-            env!("CARGO_MANIFEST_DIR")
-        );
+        let path = format!("{}/../fixtures/{file}", env!("CARGO_MANIFEST_DIR"));
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         let conns: serde_json::Value = serde_json::from_str(&text).unwrap();
         let conns = conns.as_array().unwrap();
@@ -1016,6 +1051,7 @@ mod tests {
             assert_eq!(want.len(), got_calls.len());
             for (i, (call, reply)) in got_calls.iter().zip(&want).enumerate() {
                 let (frame, close) = r.call_body(call);
+                let reply = &with_our_version(reply);
                 assert_eq!(
                     tohex(&frame[4..]),
                     tohex(reply),
@@ -1026,6 +1062,19 @@ mod tests {
             }
         }
         calls
+    }
+
+    /// The recorded CONNECT_GET_LIB_VERSION reply carries 9.0.0; we report
+    /// [`LIB_VERSION`] (the version is the one deliberate difference in that reply).
+    fn with_our_version(reply: &[u8]) -> Vec<u8> {
+        let h = Header::decode(&mut Decoder::new(reply)).unwrap();
+        let mut v = reply.to_vec();
+        if h.proc_ == proc_::CONNECT_GET_LIB_VERSION && h.status == status::OK {
+            assert_eq!(v.len(), HEADER_LEN + 8);
+            assert_eq!(v[HEADER_LEN..], 9_000_000u64.to_be_bytes());
+            v[HEADER_LEN..].copy_from_slice(&LIB_VERSION.to_be_bytes());
+        }
+        v
     }
 
     #[test]
@@ -1059,13 +1108,49 @@ mod tests {
             r.call(0, &[]),
             Err(DispatchError::UnknownProcedure)
         ));
+        // 20 is 11.2's CONNECT_DAEMON_SHUTDOWN; 21 does not exist in 11.3.
         assert!(matches!(
-            r.call(20, &[]),
+            r.call(21, &[]),
             Err(DispatchError::UnknownProcedure)
         ));
         assert!(matches!(
             r.call(-1, &[]),
             Err(DispatchError::UnknownProcedure)
+        ));
+    }
+
+    /// 11.3's `virCheckFlags(VIR_DAEMON_SHUTDOWN_PRESERVE)`: unknown bits are refused
+    /// (naming only them) and the daemon stays up; 0 and PRESERVE both quit.
+    #[test]
+    fn daemon_shutdown_flags() {
+        let mut r = rig("virtlogd", true);
+        let e = r.err(proc_::CONNECT_DAEMON_SHUTDOWN, &[0, 0, 0, 3]);
+        assert_eq!((e.code, e.domain), (code::INVALID_ARG, domain::ADMIN));
+        assert_eq!(
+            e.message(),
+            "unsupported flags (0x2) in function adminConnectDaemonShutdown"
+        );
+        let e = r.err(proc_::CONNECT_DAEMON_SHUTDOWN, &[0x80, 0, 0, 0]);
+        assert_eq!(
+            e.message(),
+            "unsupported flags (0x80000000) in function adminConnectDaemonShutdown"
+        );
+        assert!(SHUTDOWNS.lock().unwrap().is_empty());
+        assert_eq!(
+            r.call(proc_::CONNECT_DAEMON_SHUTDOWN, &[0, 0, 0, 1])
+                .unwrap(),
+            Vec::<u8>::new()
+        );
+        assert_eq!(
+            r.call(proc_::CONNECT_DAEMON_SHUTDOWN, &[0, 0, 0, 0])
+                .unwrap(),
+            Vec::<u8>::new()
+        );
+        assert_eq!(*SHUTDOWNS.lock().unwrap(), vec![true, false]);
+        // A short body is a decode error, as for every generated dispatcher.
+        assert!(matches!(
+            r.call(proc_::CONNECT_DAEMON_SHUTDOWN, &[0, 0]),
+            Err(DispatchError::Decode(_))
         ));
     }
 

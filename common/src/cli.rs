@@ -11,8 +11,9 @@ use std::path::PathBuf;
 
 use crate::paths::{DaemonKind, Mode};
 
-/// The libvirt release we present ourselves as.
-pub const LIBVIRT_VERSION: &str = "9.0.0";
+/// The libvirt release we present ourselves as (see [`crate::admin::LIB_VERSION`] for
+/// why 11.3.0 on both Debian 12 and 13).
+pub const LIBVIRT_VERSION: &str = "11.3.0";
 
 /// Everything the command line can set for a daemon run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -455,10 +456,10 @@ mod tests {
         let (c, out, err) = exit(&["/usr/sbin/virtlogd", "-V"]);
         assert_eq!(
             (c, out.as_str(), err.as_str()),
-            (0, "/usr/sbin/virtlogd (libvirt) 9.0.0\n", "")
+            (0, "/usr/sbin/virtlogd (libvirt) 11.3.0\n", "")
         );
         let (c, out, _) = exit(&["virtlogd", "--version"]);
-        assert_eq!((c, out.as_str()), (0, "virtlogd (libvirt) 9.0.0\n"));
+        assert_eq!((c, out.as_str()), (0, "virtlogd (libvirt) 11.3.0\n"));
         // Options after -V are not looked at.
         assert_eq!(exit(&["v", "-V", "--bogus"]).0, 0);
 

@@ -1,10 +1,12 @@
 //! libvirt's `virConf` file syntax and the typed settings of the two daemons.
 //!
-//! The parser follows the behaviour of libvirt 9.0 (`virtlogd.md` §5.2):
-//! `name = value` statements ended by a newline or `;`, `#` comments,
-//! integers with an optional sign whose overflow silently wraps, `'...'`,
-//! `"..."` and `"""..."""` strings, `[ ... ]` lists with an optional trailing
-//! comma. Unknown keys are ignored and the *first* occurrence of a key wins.
+//! The parser follows the behaviour of libvirt 9.0 (`virtlogd.md` §5.2) with 11.3's
+//! one change: `name = value` statements ended by a newline or `;`, `#` comments,
+//! integers with an optional sign, `'...'`, `"..."` and `"""..."""` strings, `[ ... ]`
+//! lists with an optional trailing comma. Unknown keys are ignored and the *first*
+//! occurrence of a key wins. A number whose digits exceed `i64::MAX` fails the whole file
+//! with 11.3's "numeric overflow in conf value" (9.0 silently wrapped it), whatever key
+//! it belongs to.
 
 use std::fmt;
 use std::fs::File;
@@ -19,7 +21,7 @@ pub const MAX_CONFIG_FILE_SIZE: u64 = 10 * 1024 * 1024;
 pub enum Value {
     /// A number written with a leading `-` (libvirt's `VIR_CONF_LLONG`).
     Signed(i64),
-    /// A number written without `-` (libvirt's `VIR_CONF_ULLONG`); wrapped on overflow.
+    /// A number written without `-` (libvirt's `VIR_CONF_ULLONG`), at most `i64::MAX`.
     Unsigned(u64),
     /// A quoted string.
     String(String),
@@ -86,6 +88,14 @@ pub enum ConfigError {
     },
     /// `internal error: <text>` (type and range errors).
     Internal(String),
+    /// `numerical overflow: <file>:<line>: numeric overflow in conf value` (11.3's
+    /// `VIR_ERR_OVERFLOW` from the parser).
+    Overflow {
+        /// File name as given.
+        file: String,
+        /// 1-based line.
+        line: u32,
+    },
     /// `Failed to open file '<path>': <strerror>`.
     Open {
         /// Path as given.
@@ -109,6 +119,10 @@ impl fmt::Display for ConfigError {
                 write!(f, "configuration file syntax error: {file}:{line}: {what}")
             }
             ConfigError::Internal(s) => write!(f, "internal error: {s}"),
+            ConfigError::Overflow { file, line } => write!(
+                f,
+                "numerical overflow: {file}:{line}: numeric overflow in conf value"
+            ),
             ConfigError::Open { path, reason } => {
                 write!(f, "Failed to open file '{path}': {reason}")
             }
@@ -207,15 +221,24 @@ impl<'a> Parser<'a> {
         if self.at_end() || !self.cur().is_ascii_digit() {
             return Err(self.err("unterminated number"));
         }
+        // The digits accumulate as a positive i64 and the sign comes last, as in 11.3:
+        // so `-9223372036854775808` overflows too.
         let mut l: i64 = 0;
         while !self.at_end() && self.cur().is_ascii_digit() {
-            l = l
-                .wrapping_mul(10)
-                .wrapping_add(i64::from(self.cur() - b'0'));
+            let digit = i64::from(self.cur() - b'0');
+            l = match l.checked_mul(10).and_then(|v| v.checked_add(digit)) {
+                Some(v) => v,
+                None => {
+                    return Err(ConfigError::Overflow {
+                        file: self.filename.to_string(),
+                        line: self.line,
+                    })
+                }
+            };
             self.next();
         }
         if neg {
-            Ok(Value::Signed(l.wrapping_neg()))
+            Ok(Value::Signed(-l))
         } else {
             Ok(Value::Unsigned(l as u64))
         }
@@ -402,7 +425,8 @@ pub fn read_file(path: &Path) -> Result<Conf, ConfigError> {
 /// Which daemon's keys to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeySet {
-    /// virtlogd: the log keys, client limits, `max_size` and `max_backups`.
+    /// virtlogd: the log keys, client limits, `max_size`, `max_backups` and 11.3's
+    /// `max_age_days` and `log_root`.
     Log,
     /// virtlockd: the log keys and client limits (`max_size`/`max_backups` ignored).
     Lock,
@@ -425,7 +449,16 @@ pub struct DaemonConfig {
     pub max_size: u64,
     /// virtlogd number of backups kept.
     pub max_backups: u64,
+    /// virtlogd (11.3): days after their last change that log chains are deleted;
+    /// 0 = never (the cleaner does not run).
+    pub max_age_days: u64,
+    /// virtlogd (11.3): the directory the cleaner walks.
+    pub log_root: String,
 }
+
+/// 11.3's `log_root` default (`LOCALSTATEDIR "/log/libvirt/"`, trailing slash included:
+/// it shows in the paths the cleaner builds).
+pub const DEFAULT_LOG_ROOT: &str = "/var/log/libvirt/";
 
 impl Default for DaemonConfig {
     fn default() -> Self {
@@ -437,6 +470,8 @@ impl Default for DaemonConfig {
             admin_max_clients: 5000,
             max_size: 2_097_152,
             max_backups: 3,
+            max_age_days: 0,
+            log_root: DEFAULT_LOG_ROOT.to_string(),
         }
     }
 }
@@ -468,6 +503,12 @@ impl DaemonConfig {
             }
             if let Some(v) = conf.get_unsigned("max_backups", u64::MAX)? {
                 c.max_backups = v;
+            }
+            if let Some(v) = conf.get_unsigned("max_age_days", u64::MAX)? {
+                c.max_age_days = v;
+            }
+            if let Some(v) = conf.get_string("log_root")? {
+                c.log_root = v;
             }
         }
         Ok(c)
@@ -578,17 +619,28 @@ mod tests {
         );
     }
 
+    /// 11.3 refuses what 9.0 wrapped (the behaviour change of issue 14): any number
+    /// beyond `i64::MAX`, under any key, fails the file.
     #[test]
-    fn integers_wrap() {
-        let c = p("a = 99999999999999999999999\nb = 18446744073709551615\nc=-0").unwrap();
-        // 10^23 mod 2^64 computed with the same wrapping arithmetic as C.
-        let mut w: i64 = 0;
-        for _ in 0..23 {
-            w = w.wrapping_mul(10).wrapping_add(9);
-        }
-        assert_eq!(c.get("a"), Some(&Value::Unsigned(w as u64)));
-        assert_eq!(c.get("b"), Some(&Value::Unsigned(u64::MAX)));
+    fn integers_overflow_as_11_3() {
+        let c = p("a = 9223372036854775807\nb = -9223372036854775807\nc=-0\nd=+7").unwrap();
+        assert_eq!(c.get("a"), Some(&Value::Unsigned(i64::MAX as u64)));
+        assert_eq!(c.get("b"), Some(&Value::Signed(-i64::MAX)));
         assert_eq!(c.get("c"), Some(&Value::Signed(0)));
+        assert_eq!(c.get("d"), Some(&Value::Unsigned(7)));
+        for (text, line) in [
+            ("a = 9223372036854775808", 1),
+            ("a = 18446744073709551615", 1),
+            ("a = 1\n\nunknown_key = 99999999999999999999999", 3),
+            ("a = -9223372036854775808", 1),
+            ("a = [1, 99999999999999999999]", 1),
+        ] {
+            assert_eq!(
+                err(text),
+                format!("numerical overflow: t.conf:{line}: numeric overflow in conf value"),
+                "{text}"
+            );
+        }
     }
 
     #[test]
@@ -654,12 +706,15 @@ mod tests {
                 max_clients: 1024,
                 admin_max_clients: 5000,
                 max_size: 2097152,
-                max_backups: 3
+                max_backups: 3,
+                max_age_days: 0,
+                log_root: "/var/log/libvirt/".into(),
             }
         );
         let c = p(
             "log_level = 1\nlog_filters=\"1:rpc\"\nlog_outputs='1:stderr'\n\
-                   max_clients=7\nadmin_max_clients=8\nmax_size=9\nmax_backups=10\nunknown=[1]",
+                   max_clients=7\nadmin_max_clients=8\nmax_size=9\nmax_backups=10\nunknown=[1]\n\
+                   max_age_days=11\nlog_root='/srv/logs'",
         )
         .unwrap();
         let d = DaemonConfig::from_conf(&c, KeySet::Log).unwrap();
@@ -672,15 +727,19 @@ mod tests {
                 max_clients: 7,
                 admin_max_clients: 8,
                 max_size: 9,
-                max_backups: 10
+                max_backups: 10,
+                max_age_days: 11,
+                log_root: "/srv/logs".into(),
             }
         );
         let l = DaemonConfig::from_conf(&c, KeySet::Lock).unwrap();
         assert_eq!(l.max_size, 2097152);
         assert_eq!(l.max_backups, 3);
         assert_eq!(l.max_clients, 7);
-        // virtlockd ignores bad max_size entirely.
-        let c = p("max_size = 'x'").unwrap();
+        assert_eq!(l.max_age_days, 0);
+        assert_eq!(l.log_root, DEFAULT_LOG_ROOT);
+        // virtlockd ignores bad max_size (and the cleaner keys) entirely.
+        let c = p("max_size = 'x'\nmax_age_days = -1\nlog_root = 3").unwrap();
         assert!(DaemonConfig::from_conf(&c, KeySet::Lock).is_ok());
     }
 
@@ -710,6 +769,24 @@ mod tests {
         assert_eq!(
             e("max_clients = 4294967296"),
             "internal error: t.conf: value for 'max_clients' parameter must be in range 0:4294967295"
+        );
+        // 11.3's texts for the cleaner keys (max_age_days is a size_t, log_root a string).
+        assert_eq!(
+            e("max_age_days = -1"),
+            "internal error: t.conf: expected an unsigned integer for 'max_age_days' parameter"
+        );
+        assert_eq!(
+            e("max_age_days = '3'"),
+            "internal error: t.conf: expected an unsigned integer for 'max_age_days' parameter"
+        );
+        assert_eq!(
+            e("log_root = 1"),
+            "internal error: t.conf: expected a string for 'log_root' parameter"
+        );
+        // 11.3's order: max_backups before max_age_days before log_root.
+        assert_eq!(
+            e("log_root = 1\nmax_age_days = -1\nmax_backups = -1"),
+            "internal error: t.conf: expected an unsigned integer for 'max_backups' parameter"
         );
         // libvirt's order: log_level is checked before max_size.
         assert_eq!(

@@ -23,7 +23,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
@@ -45,7 +45,7 @@ pub mod exit {
 const BACKLOG: i32 = 30;
 /// How long a re-exec waits for tasks to park before giving up on stragglers.
 const HANDOFF_WAIT: Duration = Duration::from_secs(5);
-/// Graceful-quit guard, as libvirt's.
+/// Graceful-quit guard, as libvirt's (11.3 also asks systemd for this much stop time).
 const QUIT_WAIT: Duration = Duration::from_secs(30);
 
 /// Everything the daemon-specific part (virtlogd, virtlockd) needs from the front-end.
@@ -62,6 +62,10 @@ pub struct Daemon {
     run_tx: watch::Sender<RunState>,
     timeout: AtomicU32,
     timeout_changed: tokio::sync::Notify,
+    /// A quit asked for from inside (admin CONNECT_DAEMON_SHUTDOWN).
+    quit_requested: tokio::sync::Notify,
+    /// The quit has begun (servers told to close); set once.
+    quitting: AtomicBool,
 }
 
 impl Daemon {
@@ -74,6 +78,25 @@ impl Daemon {
         self.timeout.store(secs, Ordering::Relaxed);
         // Wake the main loop so a new timeout is armed at once, as in 9.0.
         self.timeout_changed.notify_one();
+    }
+
+    /// Starts a quit as a signal would (admin CONNECT_DAEMON_SHUTDOWN). The servers
+    /// close at once, before the call that asked returns, so that call gets no reply:
+    /// 11.3 closes every client, dropping the queued reply, in the same loop iteration.
+    pub fn request_quit(&self) {
+        self.begin_quit();
+        self.quit_requested.notify_one();
+    }
+
+    /// 11.3's first quit step: `STOPPING=1`, then every listener and client closes.
+    fn begin_quit(&self) {
+        if self.quitting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Err(e) = activation::notify_stopping() {
+            warn!("cannot notify systemd: {e}");
+        }
+        let _ = self.run_tx.send(RunState::Quit);
     }
 
     pub fn run_state(&self) -> watch::Receiver<RunState> {
@@ -326,6 +349,8 @@ async fn run<A: App>(
         mode,
         timeout: AtomicU32::new(options.timeout),
         timeout_changed: tokio::sync::Notify::new(),
+        quit_requested: tokio::sync::Notify::new(),
+        quitting: AtomicBool::new(false),
         paths,
         config,
         options,
@@ -379,6 +404,7 @@ async fn run<A: App>(
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sigquit.recv() => break,
+            _ = daemon.quit_requested.notified() => break,
             _ = daemon.timeout_changed.notified() => idle_since = None,
             _ = sigusr1.recv() => {
                 info!("SIGUSR1: re-executing in place");
@@ -406,8 +432,13 @@ async fn run<A: App>(
     quit::<A>(&daemon, &app).await
 }
 
+/// 11.3's quit: `STOPPING=1`, servers closed, `EXTEND_TIMEOUT_USEC` for the wait, the
+/// wait, then the app's own stop.
 async fn quit<A: App>(daemon: &Arc<Daemon>, app: &A) -> i32 {
-    let _ = daemon.run_tx.send(RunState::Quit);
+    daemon.begin_quit();
+    if let Err(e) = activation::notify_extend_timeout(QUIT_WAIT.as_secs()) {
+        warn!("cannot notify systemd: {e}");
+    }
     if !servers_drained(daemon, QUIT_WAIT).await {
         error!("Make forcefull daemon shutdown");
         return 1;

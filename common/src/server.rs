@@ -659,6 +659,12 @@ impl Server {
         let res = program.dispatch(&mut ctx, h.proc_, &msg.body[msg.payload_offset..]);
         let close_after = ctx.close_after_reply;
         drop(ctx); // unused call fds are closed here, as libvirt does
+                   // A quit that began meanwhile (a signal, or this very call: admin
+                   // CONNECT_DAEMON_SHUTDOWN) closes the client without the reply, as 11.3 drops
+                   // every queued reply when it closes its clients.
+        if *self.run.borrow() == RunState::Quit {
+            return Ok(false);
+        }
         match res {
             Ok(reply) => {
                 let with_fds = !reply.fds.is_empty();

@@ -15,7 +15,7 @@
 //! directory the test executable itself lives in (`target/debug/deps/x` → `target/debug`).
 //! The C peers are `/usr/sbin/virtlogd` and `/usr/sbin/virtlockd` (override with
 //! `$VH_C_VIRTLOGD` / `$VH_C_VIRTLOCKD`). A missing binary is a loud test failure, never a
-//! skip. The fixtures come from `$VH_FIXTURES_DIR`, default `/work/shared/fixtures`.
+//! skip. The fixtures are the repository's own copy in `fixtures/` (see its README).
 //!
 //! # Daemons in mount namespaces
 //!
@@ -716,11 +716,10 @@ impl InodeMap {
 // Transcripts
 // ------------------------------------------------------------------------------------
 
-/// Where the captured 9.0 fixtures are.
+/// Where the captured libvirt fixtures are: the repository's `fixtures/`, so the tests
+/// read nothing outside the checkout.
 pub fn fixtures_dir() -> PathBuf {
-    std::env::var_os("VH_FIXTURES_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/work/shared/fixtures"))
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
 }
 
 /// Direction of a recorded event.

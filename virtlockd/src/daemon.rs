@@ -16,6 +16,7 @@ use vh_common::server::{ClientHooks, Program, RunState};
 
 pub struct LockDaemonApp {
     pub daemon: Arc<LockDaemon>,
+    run: watch::Receiver<RunState>,
 }
 
 fn lockspace_state(ls: &LockSpace, fds: &mut Vec<RawFd>) -> LockspaceState {
@@ -77,14 +78,15 @@ impl App for LockDaemonApp {
     const KIND: DaemonKind = DaemonKind::Lockd;
     const SINGLE_THREADED: bool = true;
 
-    fn new(_config: &DaemonConfig, _mode: Mode, _run: watch::Receiver<RunState>) -> Self {
+    fn new(_config: &DaemonConfig, _mode: Mode, run: watch::Receiver<RunState>) -> Self {
         LockDaemonApp {
             daemon: LockDaemon::new(LockSpaces::new()),
+            run,
         }
     }
 
     fn hooks(&self) -> Arc<dyn ClientHooks> {
-        LockHooks::new(self.daemon.clone())
+        LockHooks::with_run_state(self.daemon.clone(), self.run.clone())
     }
 
     fn programs(&self) -> Vec<Arc<dyn Program>> {
@@ -167,5 +169,9 @@ impl App for LockDaemonApp {
         Ok(doc.daemon)
     }
 
-    async fn shutdown(&self) {}
+    /// Waits for the owner kills (each at most ~3 s, all at once): the leases of a live
+    /// owner must outlive it, and the process exit would drop them.
+    async fn shutdown(&self) {
+        self.daemon.kills_done().await;
+    }
 }

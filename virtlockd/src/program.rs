@@ -7,17 +7,25 @@
 //! owner held is released and the owner is killed, as 9.0 does: a QEMU that lost its
 //! lock connection must not keep writing to the disks. Unlike 9.0, the kill loop runs on
 //! its own task and never stalls other clients.
+//!
+//! When the daemon itself quits (a signal, `virt-admin daemon-shutdown`, the idle
+//! timeout) the owners are still alive, so the order is reversed: each owner is killed
+//! first and its leases are released only once it is gone, and the daemon waits for
+//! that before it exits. 9.0 and 11.3 release first and then kill, leaving a window
+//! (up to 1.6 s before SIGKILL) in which a running QEMU writes to disks whose leases
+//! are free.
 
 use crate::lockspace::LockSpaces;
 use crate::protocol::{self as p, proc_};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use tokio::sync::watch;
 use tracing::{info, warn};
 use uuid::Uuid;
 use vh_common::error::{code, domain, RpcError};
 use vh_common::restart::LockClientPrivate;
 use vh_common::server::{
-    CallContext, ClientHooks, ClientInfo, DispatchError, Private, Program, Reply,
+    CallContext, ClientHooks, ClientInfo, DispatchError, Private, Program, Reply, RunState,
 };
 use vh_common::xdr::Decoder;
 
@@ -34,13 +42,42 @@ pub struct LockClient {
 /// The lock daemon's state shared by all connections.
 pub struct LockDaemon {
     spaces: Mutex<LockSpaces>,
+    /// Owner kills under way; a quitting daemon waits for them.
+    kills: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl LockDaemon {
     pub fn new(spaces: LockSpaces) -> Arc<Self> {
         Arc::new(LockDaemon {
             spaces: Mutex::new(spaces),
+            kills: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Waits until every owner kill started so far has finished (quit).
+    pub async fn kills_done(&self) {
+        let pending: Vec<_> = match self.kills.lock() {
+            Ok(mut k) => k.drain(..).collect(),
+            Err(_) => return,
+        };
+        for k in pending {
+            let _ = k.await;
+        }
+    }
+
+    fn track_kill(&self, h: tokio::task::JoinHandle<()>) {
+        if let Ok(mut k) = self.kills.lock() {
+            k.retain(|t| !t.is_finished());
+            k.push(h);
+        }
+    }
+
+    /// Whether `pid` owns anything in any lockspace.
+    fn owns_any(&self, pid: u32) -> bool {
+        match self.spaces() {
+            Ok(s) => s.iter().any(|(_, ls)| ls.resources_owned_by(pid) > 0),
+            Err(_) => true,
+        }
     }
 
     /// The lockspaces, for calls, re-exec and operator views.
@@ -227,11 +264,27 @@ impl Program for LockProgram {
 /// Client life cycle of the lock server.
 pub struct LockHooks {
     daemon: Arc<LockDaemon>,
+    /// The daemon's run state: a close during a quit kills before it releases.
+    run: Option<watch::Receiver<RunState>>,
 }
 
 impl LockHooks {
     pub fn new(daemon: Arc<LockDaemon>) -> Arc<Self> {
-        Arc::new(LockHooks { daemon })
+        Arc::new(LockHooks { daemon, run: None })
+    }
+
+    /// Hooks that know when the daemon quits (see the module docs).
+    pub fn with_run_state(daemon: Arc<LockDaemon>, run: watch::Receiver<RunState>) -> Arc<Self> {
+        Arc::new(LockHooks {
+            daemon,
+            run: Some(run),
+        })
+    }
+
+    fn quitting(&self) -> bool {
+        self.run
+            .as_ref()
+            .is_some_and(|r| *r.borrow() == RunState::Quit)
     }
 }
 
@@ -247,6 +300,26 @@ impl ClientHooks for LockHooks {
         if c.owner_pid == 0 || info.pid <= 0 || info.pid as u32 != c.owner_pid {
             return;
         }
+        if self.quitting() {
+            if !self.daemon.owns_any(c.owner_pid) {
+                return;
+            }
+            info!(
+                pid = c.owner_pid,
+                "daemon quitting: stopping lock owner before releasing its leases"
+            );
+            if let Ok(h) = tokio::runtime::Handle::try_current() {
+                let pid = c.owner_pid;
+                let daemon = self.daemon.clone();
+                self.daemon.track_kill(h.spawn(async move {
+                    kill_owner(pid as i32).await;
+                    if let Ok(mut s) = daemon.spaces() {
+                        s.release_owner(pid);
+                    }
+                }));
+                return;
+            }
+        }
         let held = match self.daemon.spaces() {
             Ok(mut s) => s.release_owner(c.owner_pid),
             Err(_) => true,
@@ -260,7 +333,7 @@ impl ClientHooks for LockHooks {
             // Outside a runtime (unit tests), fall back to a thread.
             match tokio::runtime::Handle::try_current() {
                 Ok(h) => {
-                    h.spawn(kill_owner(pid));
+                    self.daemon.track_kill(h.spawn(kill_owner(pid)));
                 }
                 Err(_) => {
                     std::thread::spawn(move || {

@@ -1,13 +1,15 @@
 //! virtlogd's part of the daemon front-end: the log handler behind the main server,
-//! and the `handler` section of the re-exec state.
+//! the `handler` section of the re-exec state, and the daily log cleaner's timer.
 
+use crate::cleaner;
 use crate::handler::{HandedOffLog, Limits, LogHandler, LogOwner};
 use crate::program::LogProgram;
 use std::os::fd::RawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{info, warn};
 use uuid::Uuid;
 use vh_common::config::DaemonConfig;
 use vh_common::daemon::{adopt_inheritable_fds, App, Daemon};
@@ -18,6 +20,63 @@ use vh_common::server::{ClientHooks, NoHooks, Program, RunState};
 pub struct LogDaemon {
     pub handler: Arc<LogHandler>,
     mode: Mode,
+}
+
+/// 11.3's cleaner timer: when `max_age_days` > 0, a pass 24 h after start and every
+/// 24 h after that, each on a blocking thread (it walks and unlinks files).
+fn schedule_cleaner(handler: &Arc<LogHandler>, config: &DaemonConfig) {
+    let settings = cleaner::Settings {
+        max_age_days: config.max_age_days,
+        max_backups: config.max_backups,
+        log_root: config.log_root.clone(),
+    };
+    if !settings.enabled() {
+        return;
+    }
+    let handler = Arc::downgrade(handler);
+    tokio::spawn(async move {
+        let first = tokio::time::Instant::now() + cleaner::PERIOD;
+        let mut tick = tokio::time::interval_at(first, cleaner::PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(handler) = handler.upgrade() else {
+                return;
+            };
+            let s = settings.clone();
+            let pass = tokio::task::spawn_blocking(move || clean_once(&handler, &s));
+            if let Err(e) = pass.await {
+                warn!("log cleaner pass failed: {e}");
+            }
+        }
+    });
+}
+
+/// One cleaner pass against the live table of open logs.
+fn clean_once(handler: &LogHandler, settings: &cleaner::Settings) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let open = handler.open_paths();
+    // Asked per expired chain: only the open logs with the chain's file name can be in it.
+    let is_open = |chain: &std::path::Path| {
+        let Some(name) = chain.file_name().map(|n| n.as_bytes()) else {
+            return false;
+        };
+        let candidates: Vec<PathBuf> = handler
+            .open_paths()
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.as_bytes().starts_with(name))
+            })
+            .collect();
+        cleaner::open_chains(&candidates).contains(chain)
+    };
+    let report = cleaner::pass(settings, now, &open, &is_open);
+    for p in &report.deleted {
+        info!(path = %p.display(), "log cleaner deleted");
+    }
 }
 
 impl App for LogDaemon {
@@ -38,6 +97,7 @@ impl App for LogDaemon {
                 }
             }
         });
+        schedule_cleaner(&handler, config);
         LogDaemon { handler, mode }
     }
 

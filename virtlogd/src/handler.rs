@@ -375,6 +375,14 @@ impl LogHandler {
         self.files.lock().ok().and_then(|f| f.get(path).cloned())
     }
 
+    /// The paths of the open logs (the cleaner keeps their chains).
+    pub fn open_paths(&self) -> Vec<PathBuf> {
+        self.files
+            .lock()
+            .map(|f| f.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Number of open log files (session-mode shutdown inhibitions).
     pub fn nfiles(&self) -> usize {
         self.files.lock().map(|f| f.len()).unwrap_or(0)

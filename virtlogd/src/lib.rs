@@ -8,8 +8,10 @@
 //! | [`pump`] | the thread that moves pipe data into the files, coalescing wake-ups |
 //! | [`program`] | RPC dispatch of the four procedures onto the handler |
 //! | [`inspect`] | our operator program: what logs are open |
+//! | [`cleaner`] | 11.3's daily deletion of log chains older than `max_age_days` |
 //! | [`daemon`] | virtlogd's part of the daemon front-end and of the re-exec state |
 
+pub mod cleaner;
 pub mod daemon;
 pub mod handler;
 pub mod inspect;
