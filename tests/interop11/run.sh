@@ -386,6 +386,13 @@ shutdown_case() { # shutdown_case IMPL VARIANT(preserve|plain)
             echo "$1 still running" >>"$f"
         fi
     done
+    # virtlockd kills a lease owner whose connection closes while it holds leases; the
+    # vhctl lease holder is such an owner when the daemon quits.
+    if wait_until 5 "lease holder gone" daemon_gone "${holders[1]}"; then
+        echo "lease holder (vhctl, the owner) gone" >>"$f"
+    else
+        echo "lease holder (vhctl, the owner) still running" >>"$f"
+    fi
     for d in virtlogd virtlockd; do
         sed -nE 's/^[0-9-]+ [0-9:.]+\+0000: [0-9]+: (warning|error) : ([A-Za-z]+):[0-9]+ : /\1: \2: /p' \
             "$ART/S-$impl-$v-$d.stderr" | sed "s/^/$d stderr: /" >>"$f"

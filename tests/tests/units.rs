@@ -136,7 +136,10 @@ fn units_cover_debian_12s_installed_ones() {
             .filter(|l| !old.contains(*l) && !new.contains(*l))
             .filter(|l| !EXTRA_OVER_11_3.iter().any(|(u, x, _)| *u == unit && x == l))
             .collect();
-        assert!(foreign.is_empty(), "{unit}: lines from neither packaging: {foreign:?}");
+        assert!(
+            foreign.is_empty(),
+            "{unit}: lines from neither packaging: {foreign:?}"
+        );
     }
 }
 
