@@ -18,14 +18,15 @@
 #     that quota (a helper on the host holds ~70 MiB of pipe capacity -- slots only, no
 #     memory -- for a few seconds): without CAP_SYS_RESOURCE the kernel then refuses
 #     F_SETPIPE_SZ with EPERM, and the pump must carry on at the pipe's size;
-#   - the owner kill (Debian 12 container only, it needs python3): a lock owner that
+#   - the owner kill: a lock owner that
 #     switched to another uid and dropped its restricted connection while holding a lease
 #     is killed by virtlockd, which keeps CAP_KILL as 11.3's virtlockd.service does; with
 #     a drop-in taking CAP_KILL away (as 11.3 does for virtlogd, which never kills) the kill
 #     fails with EPERM, virtlockd says so and keeps serving;
 #   - `systemctl stop` ends both services cleanly (Result=success);
-#   - rollback (Debian 12 only): the C 9.0 daemons under our units still start
-#     (Type=notify), reload and stop.
+#   - rollback: the root's own C daemons (9.0 in Debian 12, 11.3 in Debian 13) under our
+#     units still start (Type=notify), reload, drain a flood, kill (or, without
+#     CAP_KILL, fail to kill) a lease owner, and stop.
 #
 #   VIRTLOGD_BIN=... VIRTLOCKD_BIN=... VHCTL_BIN=... tests/systemd/run.sh   (as root)
 # Env: SYSTEMD_TEST_ROOTS (default: "/ <trixie root if cached>"), SYSTEMD_TEST_KEEP=1.
@@ -230,11 +231,7 @@ run_one() { # run_one ROOT TAG
     check "$tag: virtlockd raised its soft NOFILE (unit: $(prop virtlockd.service LimitNOFILESoft)) to its hard limit (now soft/hard $lim)" \
         nofile_raised "$lim" "$(prop virtlockd.service LimitNOFILESoft)"
     check "$tag: virtlockd keeps CAP_KILL (as 11.3's unit)" test "$(cap_bit "$pid" $CAP_KILL)" == 1
-    if CX test -x /usr/bin/python3; then
-        owner_kill "$tag"
-    else
-        log "$tag: no python3 in this root: owner-kill check runs in the Debian 12 container only"
-    fi
+    owner_kill "$tag"
     # Stop.
     CX systemctl stop virtlogd.service virtlockd.service 2>/dev/null
     check "$tag: systemctl stop: virtlogd inactive, Result=success" \
@@ -275,22 +272,25 @@ owner_kill() {
     CX systemctl daemon-reload
 }
 
-# rollback: Debian 12's C 9.0 daemons under our units (binaries rolled back, units kept).
-# 9.0 sends READY=1 too, so Type=notify holds; reload is its own SIGUSR1 re-exec.
-run_c90() {
-    local tag=debian12-c9.0 pid
-    start_container / $tag c || { fail "$tag: the container did not reach vh-test.target"; return 1; }
+# run_c ROOT TAG: the root's own C daemons under our units (binaries rolled back, units
+# kept): Debian 12's 9.0 and Debian 13's 11.3 both send READY=1, so Type=notify holds;
+# reload is their own SIGUSR1 re-exec. The owner kill with and without CAP_KILL shows
+# what C does in the same spot.
+run_c() {
+    local root=$1 tag=$2 pid
+    start_container "$root" "$tag" c || { fail "$tag: the container did not reach vh-test.target"; return 1; }
     CX timeout 30 virt-admin -c virtlogd:///system srv-list >/dev/null 2>&1
     CX timeout 30 virt-admin -c virtlockd:///system srv-list >/dev/null 2>&1
-    check "$tag: C 9.0 virtlogd under our unit: active/running (it sends READY=1)" \
+    check "$tag: C virtlogd under our unit: active/running (it sends READY=1)" \
         wait_until 30 "virtlogd running" svc_running virtlogd.service
-    check "$tag: C 9.0 virtlockd under our unit: active/running" \
+    check "$tag: C virtlockd under our unit: active/running" \
         wait_until 30 "virtlockd running" svc_running virtlockd.service
     pid=$(prop virtlogd.service MainPID)
     CX systemctl reload virtlogd.service || fail "$tag: systemctl reload virtlogd failed"
     check "$tag: reload: still active/running with MainPID $pid" bash -c \
         "sleep 1; [[ \$(nsenter -t $LEADER -m -p -- systemctl show -P MainPID virtlogd.service) == $pid ]] && nsenter -t $LEADER -m -p -- systemctl is-active -q virtlogd.service"
-    flood $tag flood-c90
+    flood "$tag" flood-c
+    owner_kill "$tag"
     CX systemctl stop virtlogd.service virtlockd.service 2>/dev/null
     check "$tag: systemctl stop: both inactive, Result=success" \
         test "$(prop virtlogd.service Result)/$(prop virtlockd.service Result)" == success/success
@@ -299,7 +299,11 @@ run_c90() {
 
 t0=$SECONDS
 for root in $ROOTS; do
-    if [[ $root == / ]]; then run_one / debian12; run_c90; else run_one "$root" debian13; fi
+    if [[ $root == / ]]; then
+        run_one / debian12; run_c / debian12-c9.0
+    else
+        run_one "$root" debian13; run_c "$root" debian13-c11.3
+    fi
 done
 echo "systemd summary: $IT_PASS passed, $IT_FAIL failed ($((SECONDS - t0))s)"
 if ((IT_FAIL > 0)); then
