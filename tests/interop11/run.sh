@@ -611,6 +611,7 @@ scenario_config() {
         done
         for d in virtlogd virtlockd; do
             { rx /usr/sbin/$d --version 2>&1; echo "rc=$?"; } >"$ART/V-$impl-version-$d.txt"
+            { rx /usr/sbin/$d --help 2>&1; echo "rc=$?"; } >"$ART/V-$impl-help-$d.txt"
         done
     done
     for i in "${!CONFIG_CASES[@]}"; do
@@ -626,6 +627,7 @@ scenario_config() {
     for d in virtlogd virtlockd; do
         check "V: $d --version identical for ours and C 11.3 ($(head -n1 "$ART/V-ours-version-$d.txt"))" \
             cmp -s "$ART/V-c11-version-$d.txt" "$ART/V-ours-version-$d.txt"
+        check "V: $d --help identical for ours and C 11.3" cmp -s "$ART/V-c11-help-$d.txt" "$ART/V-ours-help-$d.txt"
     done
 }
 
