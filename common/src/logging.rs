@@ -1090,7 +1090,7 @@ mod tests {
         });
         let a_text = std::fs::read_to_string(&a).unwrap();
         assert!(
-            a_text.contains(": info : libvirt version: 9.0.0\n"),
+            a_text.contains(": info : libvirt version: 11.3.0\n"),
             "{a_text}"
         );
         assert!(a_text.contains(": debug : vh_test_dbg:"), "{a_text}");

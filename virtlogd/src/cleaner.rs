@@ -20,8 +20,9 @@
 //!   path strings, and its default `log_root` ends in `/`, so its walk sees
 //!   `/var/log/libvirt//qemu/g.log` while the open log is `/var/log/libvirt/qemu/g.log`:
 //!   an open log that has been quiet for `max_age_days` is deleted under the guest.
-//! * Whether a chain's log is open is asked again right before its files go (a guest may
-//!   start while a pass runs; 11.3's single thread cannot see that happen).
+//! * Whether a chain's log is open is asked again right before its files go, with opens
+//!   held off meanwhile (a guest may start while a pass runs; 11.3's single thread
+//!   cannot see that happen).
 //! * `now − max_age_days × 86400` saturates (11.3's wraps for absurd values, which can
 //!   make every chain look expired).
 //! * A path that is not UTF-8 is in no chain (GRegex's UTF-8 matching is undefined there).
@@ -120,15 +121,13 @@ pub struct Report {
     pub deleted: Vec<PathBuf>,
 }
 
-/// One pass at time `now`. `open_logs` are the paths open when it starts; `is_open` is
-/// asked with a chain's canonical prefix right before its files are deleted (the daemon
-/// answers from its live table).
-pub fn pass(
-    settings: &Settings,
-    now: i64,
-    open_logs: &[PathBuf],
-    is_open: &dyn Fn(&Path) -> bool,
-) -> Report {
+/// How a pass asks, for one expired chain (its canonical prefix), to run that chain's
+/// deletion: only if no log of the chain is open, and with opens held off meanwhile.
+pub type Gate<'a> = &'a dyn Fn(&Path, &mut dyn FnMut());
+
+/// One pass at time `now`. `open_logs` are the paths open when it starts; `gate` runs
+/// each expired chain's deletion against the daemon's live table.
+pub fn pass(settings: &Settings, now: i64, open_logs: &[PathBuf], gate: Gate<'_>) -> Report {
     let mut report = Report::default();
     let protected = open_chains(open_logs);
     let mut chains: HashMap<Vec<u8>, Chain> = HashMap::new();
@@ -148,15 +147,16 @@ pub fn pass(
     for (prefix, chain) in expired {
         let prefix = PathBuf::from(OsStr::from_bytes(&prefix));
         let key = canonical(&prefix);
-        if protected.contains(&key) || is_open(&key) {
+        if protected.contains(&key) {
             debug!(chain = %prefix.display(), "log chain is open; kept");
             continue;
         }
-        let live = with_suffix(&prefix, ".log");
-        delete(&live, &mut report);
-        for i in 0..=chain.max_index {
-            delete(&with_suffix(&prefix, &format!(".log.{i}")), &mut report);
-        }
+        gate(&key, &mut || {
+            delete(&with_suffix(&prefix, ".log"), &mut report);
+            for i in 0..=chain.max_index {
+                delete(&with_suffix(&prefix, &format!(".log.{i}")), &mut report);
+            }
+        });
     }
     report
 }
@@ -259,8 +259,8 @@ mod tests {
         p
     }
 
-    fn never_open(_: &Path) -> bool {
-        false
+    fn never_open(_: &Path, delete: &mut dyn FnMut()) {
+        delete()
     }
 
     fn names(root: &Path) -> Vec<String> {
@@ -364,7 +364,11 @@ mod tests {
         // Asked again right before deleting: a log opened while the pass ran is kept.
         file(root, "qemu/g3.log", 100);
         let g3 = canonical(&root.join("qemu/g3"));
-        pass(&s, NOW, &[open], &|k: &Path| k == g3);
+        pass(&s, NOW, &[open], &|k: &Path, delete: &mut dyn FnMut()| {
+            if k != g3 {
+                delete()
+            }
+        });
         assert_eq!(names(root), ["qemu/g1.log", "qemu/g1.log.0", "qemu/g3.log"]);
     }
 

@@ -58,22 +58,25 @@ fn clean_once(handler: &LogHandler, settings: &cleaner::Settings) {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
     let open = handler.open_paths();
-    // Asked per expired chain: only the open logs with the chain's file name can be in it.
-    let is_open = |chain: &std::path::Path| {
-        let Some(name) = chain.file_name().map(|n| n.as_bytes()) else {
-            return false;
-        };
-        let candidates: Vec<PathBuf> = handler
-            .open_paths()
-            .into_iter()
-            .filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.as_bytes().starts_with(name))
-            })
-            .collect();
-        cleaner::open_chains(&candidates).contains(chain)
+    // Per expired chain, with opens held off: only the open logs whose file name starts
+    // with the chain's can be in it.
+    let gate = |chain: &std::path::Path, delete: &mut dyn FnMut()| {
+        handler.without_opens(|| {
+            let name = chain.file_name().map(|n| n.as_bytes()).unwrap_or_default();
+            let candidates: Vec<PathBuf> = handler
+                .open_paths()
+                .into_iter()
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.as_bytes().starts_with(name))
+                })
+                .collect();
+            if !cleaner::open_chains(&candidates).contains(chain) {
+                delete();
+            }
+        })
     };
-    let report = cleaner::pass(settings, now, &open, &is_open);
+    let report = cleaner::pass(settings, now, &open, &gate);
     for p in &report.deleted {
         info!(path = %p.display(), "log cleaner deleted");
     }

@@ -24,7 +24,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use tracing::{debug, error, warn};
 use vh_common::error::{code, domain, errno_of, RpcError};
 
@@ -283,6 +283,10 @@ pub struct LogHandler {
     /// must not add a log the state document no longer names.
     handed_off: AtomicBool,
     pump: Pump,
+    /// Held shared by every open from before its file is opened until it is in the
+    /// table, and exclusively by the log cleaner while it checks and deletes one chain:
+    /// a log is never opened between the cleaner's "not open" and its unlink.
+    opening: RwLock<()>,
 }
 
 /// A re-exec's logs, taken out of the table (see [`LogHandler::begin_handoff`]).
@@ -344,6 +348,7 @@ impl LogHandler {
             files: Mutex::new(HashMap::new()),
             handed_off: AtomicBool::new(false),
             pump: Pump::new(me.clone()),
+            opening: RwLock::new(()),
         });
         // Now rather than at the first log, so the daemon's fds are steady from start-up;
         // a failure here is retried by the first open.
@@ -383,6 +388,13 @@ impl LogHandler {
             .unwrap_or_default()
     }
 
+    /// Runs `f` with no open in progress or starting (the log cleaner's deletion of one
+    /// chain: a few unlinks).
+    pub fn without_opens<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _guard = self.opening.write().unwrap_or_else(|e| e.into_inner());
+        f()
+    }
+
     /// Number of open log files (session-mode shutdown inhibitions).
     pub fn nfiles(&self) -> usize {
         self.files.lock().map(|f| f.len()).unwrap_or(0)
@@ -418,6 +430,7 @@ impl LogHandler {
         truncate: bool,
     ) -> Result<(u64, u64, OwnedFd), RpcError> {
         let path = path_of(path);
+        let _opening = self.opening.read().unwrap_or_else(|e| e.into_inner());
         // Uniqueness is per exact path string, as in libvirt.
         if self.lookup(&path).is_some() {
             return Err(RpcError::system(
