@@ -23,7 +23,8 @@
 #     is killed by virtlockd, which keeps CAP_KILL as 11.3's virtlockd.service does; with
 #     a drop-in taking CAP_KILL away (as 11.3 does for virtlogd, which never kills) the kill
 #     fails with EPERM, virtlockd says so and keeps serving;
-#   - `systemctl stop` ends both services cleanly (Result=success);
+#   - `virt-admin daemon-shutdown` ends a service cleanly (Result=success) and the next
+#     connection activates it again; `systemctl stop` ends both cleanly;
 #   - rollback: the root's own C daemons (9.0 in Debian 12, 11.3 in Debian 13) under our
 #     units still start (Type=notify), reload, drain a flood, kill (or, without
 #     CAP_KILL, fail to kill) a lease owner, and stop.
@@ -232,6 +233,7 @@ run_one() { # run_one ROOT TAG
         nofile_raised "$lim" "$(prop virtlockd.service LimitNOFILESoft)"
     check "$tag: virtlockd keeps CAP_KILL (as 11.3's unit)" test "$(cap_bit "$pid" $CAP_KILL)" == 1
     owner_kill "$tag"
+    admin_shutdown "$tag"
     # Stop.
     CX systemctl stop virtlogd.service virtlockd.service 2>/dev/null
     check "$tag: systemctl stop: virtlogd inactive, Result=success" \
@@ -239,6 +241,32 @@ run_one() { # run_one ROOT TAG
     check "$tag: systemctl stop: virtlockd inactive, Result=success" \
         test "$(prop virtlockd.service ActiveState)/$(prop virtlockd.service Result)" == inactive/success
     stop_container
+}
+
+# admin_shutdown TAG: virt-admin daemon-shutdown (11.3's admin procedure 20): the daemon
+# quits by itself (STOPPING=1 first); systemd must record a clean exit, and the sockets,
+# still listening, start it again on the next connection. Needs 11.3's virt-admin (the
+# Debian 13 root); Debian 12's 9.0 client has no such command.
+admin_shutdown() {
+    local tag=$1 d pid
+    if ! CX virt-admin help daemon-shutdown >/dev/null 2>&1; then
+        log "$tag: info: this root's virt-admin has no daemon-shutdown (9.0): checked in the Debian 13 container"
+        return 0
+    fi
+    for d in virtlogd virtlockd; do
+        pid=$(prop $d.service MainPID)
+        CX timeout 30 virt-admin -c $d:///system daemon-shutdown >/dev/null 2>&1
+        if wait_until 30 "$d inactive" bash -c \
+            "[[ \$(nsenter -t $LEADER -m -p -- systemctl show -P ActiveState $d.service)/\$(nsenter -t $LEADER -m -p -- systemctl show -P Result $d.service) == inactive/success ]]"; then
+            pass "$tag: after virt-admin daemon-shutdown, $d.service is inactive with Result=success"
+        else
+            fail "$tag: after virt-admin daemon-shutdown, $d.service is $(prop $d.service ActiveState)/$(prop $d.service SubState), Result=$(prop $d.service Result), MainPID $(prop $d.service MainPID) (was $pid)"
+            CX journalctl --no-pager -n 15 -u $d.service 2>&1 | sed 's/^/    /'
+        fi
+        CX timeout 30 virt-admin -c $d:///system srv-list >/dev/null 2>&1
+        check "$tag: ... and the next connection activates it again (MainPID $pid -> $(prop $d.service MainPID))" \
+            wait_until 30 "$d running" svc_running $d.service
+    done
 }
 
 # owner_kill TAG: see the header.
@@ -291,6 +319,7 @@ run_c() {
         "sleep 1; [[ \$(nsenter -t $LEADER -m -p -- systemctl show -P MainPID virtlogd.service) == $pid ]] && nsenter -t $LEADER -m -p -- systemctl is-active -q virtlogd.service"
     flood "$tag" flood-c
     owner_kill "$tag"
+    admin_shutdown "$tag"
     CX systemctl stop virtlogd.service virtlockd.service 2>/dev/null
     check "$tag: systemctl stop: both inactive, Result=success" \
         test "$(prop virtlogd.service Result)/$(prop virtlockd.service Result)" == success/success
