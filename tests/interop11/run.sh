@@ -683,7 +683,7 @@ tree_of() { (cd "$1" && find . -mindepth 1 | LC_ALL=C sort); }
 tree_settled() { # the tree did not change over the last second
     local a b; a=$(tree_of "$1"); sleep 1; b=$(tree_of "$1"); [[ $a == "$b" ]]
 }
-cleaner_run() { # cleaner_run TAG: log_root /var/log/vhclean-TAG, cleaned by /usr/sbin/virtlogd
+cleaner_run() { # cleaner_run TAG [SUFFIX]: log_root /var/log/vhclean-TAG (+ SUFFIX in the config)
     local tag=$1 root=/var/log/vhclean-$1 ft=/run/vh-faketime
     rm -rf "${R:?}$root"; make_tree "$R$root"
     cat >"$E/virtlogd-clean.conf" <<EOF
@@ -691,7 +691,7 @@ log_level = 3
 log_outputs = "3:stderr"
 max_backups = 3
 max_age_days = 3
-log_root = "$root"
+log_root = "$root${2:-}"
 EOF
     echo "+0" >"$R$ft"
     rm -f "$R"/run/libvirt/virtlogd-sock
@@ -733,6 +733,16 @@ scenario_cleaner() {
         fail "K: surviving trees differ (-C 11.3 +ours):"
         sed 's/^/    /' "$ART/K-diff.txt"
     fi
+    # log_root with a trailing slash (as 11.3's own default "/var/log/libvirt/" has): C
+    # builds the paths it walks as ROOT + "/" + name and compares them as strings with
+    # the open logs' paths, so "ROOT//qemu/open" is not "ROOT/qemu/open" and C deletes
+    # the open log. Ours compares canonical directories and keeps it (README, deliberate
+    # differences from 11.3). Everything else must be the same.
+    use_impl c11 && cleaner_run c11-slash / && use_impl ours && cleaner_run ours-slash / ||
+        { fail "K/: cannot run"; return 1; }
+    diff "$ART/K-tree-c11-slash.txt" "$ART/K-tree-ours-slash.txt" >"$ART/K-diff-slash.txt"
+    check "K/: trailing-slash log_root: the only difference is the open log, which C 11.3 deletes and ours keeps ($(tr '\n' ' ' <"$ART/K-diff-slash.txt"))" \
+        test "$(grep '^[<>]' "$ART/K-diff-slash.txt")" == "> ./qemu/open.log"
 }
 
 main() {
