@@ -438,6 +438,17 @@ scenario_fresh() {
     g2_refused F
     admin_capture ours virtlogd
     admin_capture ours virtlockd
+    # libvirtd 11.3 restarted under a running guest reconnects to it; suspend releases the
+    # lease through our virtlockd, resume takes it again.
+    kill_wait "$LIBVIRTD_PID" 20
+    start_bg F-libvirtd2 /usr/sbin/libvirtd -f /etc/libvirt/libvirtd.conf; LIBVIRTD_PID=$BG_PID
+    check "F: libvirtd restarted; g1 still running" wait_until 120 "libvirtd + g1" dom_is g1 running
+    out=$(virsh_ suspend g1 2>&1) || fail "F: virsh suspend g1: $out"
+    check "F: suspend released the lease" wait_until 10 "lease released" lease_free
+    out=$(virsh_ resume g1 2>&1) || fail "F: virsh resume g1: $out"
+    check "F: resume re-acquired it (our virtlockd, pid $LOCKD_PID)" wait_until 10 "lease" lease_held
+    check "F: g1's serial log keeps growing" serial_grows g1
+    reexec "F ours->ours" ours
     out=$(virsh_ destroy g1 2>&1) || fail "F: virsh destroy g1: $out"
     check "F: g1.log got 'shutting down, reason=destroyed'" \
         wait_until 10 "shutdown line" grepq "$QLOG/g1.log" "shutting down, reason=destroyed"
