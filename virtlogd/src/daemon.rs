@@ -198,3 +198,75 @@ impl App for LogDaemon {
         let _ = tokio::task::spawn_blocking(move || handler.shutdown()).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use filetime::{set_file_mtime, FileTime};
+    use std::path::Path;
+    use std::time::{Duration, Instant, SystemTime};
+
+    fn aged(p: &Path, days: u64) {
+        std::fs::write(p, b"x").unwrap();
+        let t = SystemTime::now() - Duration::from_secs(days * 86_400);
+        set_file_mtime(p, FileTime::from_system_time(t)).unwrap();
+    }
+
+    /// Waits (in real time, bounded) for a blocking pass to have removed `p`.
+    async fn gone(p: &Path) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while p.exists() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// 11.3's timer: nothing before 24 h, a pass at 24 h, another 24 h later; logs the
+    /// daemon holds open are kept.
+    #[tokio::test(start_paused = true)]
+    async fn cleaner_runs_24h_after_start_then_daily() {
+        let t = tempfile::tempdir().unwrap();
+        let config = DaemonConfig {
+            max_age_days: 2,
+            log_root: t.path().to_str().unwrap().to_string(),
+            ..DaemonConfig::default()
+        };
+        let handler = LogHandler::new(Limits {
+            max_size: config.max_size,
+            max_backups: config.max_backups,
+        });
+        let open = t.path().join("held.log");
+        aged(&open, 30);
+        let owner = LogOwner {
+            driver: "qemu".into(),
+            domname: "held".into(),
+            domuuid: [1; 16],
+        };
+        let (_, _, _wr) = handler
+            .open(owner, open.as_os_str().as_bytes(), false)
+            .unwrap();
+        aged(&open, 30);
+        let first = t.path().join("a.log");
+        aged(&first, 3);
+        schedule_cleaner(&handler, &config);
+
+        tokio::time::sleep(cleaner::PERIOD - Duration::from_secs(60)).await;
+        assert!(first.exists(), "no pass before 24 h");
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(gone(&first).await, "the first pass runs at 24 h");
+
+        let second = t.path().join("qemu").join("b.log");
+        std::fs::create_dir_all(second.parent().unwrap()).unwrap();
+        aged(&second, 3);
+        tokio::time::sleep(cleaner::PERIOD - Duration::from_secs(600)).await;
+        assert!(second.exists(), "no second pass before another 24 h");
+        tokio::time::sleep(Duration::from_secs(1200)).await;
+        assert!(gone(&second).await, "the second pass runs 24 h later");
+        assert!(open.exists(), "an open log's chain is never deleted");
+        handler.shutdown();
+    }
+}
