@@ -33,10 +33,25 @@ t0=$SECONDS
 set +e; trap - ERR
 cargo test --workspace --no-fail-fast -- --test-threads=2 2>&1 | tee "$LOGS/cargo-test.log"
 cargo_rc=${PIPESTATUS[0]}
+# Each further stage is a script that prints one "PASS ..." or "FAIL ..." line per
+# check; its log goes to $LOGS/NAME.log and the summary counts the lines.
+STAGES=()
+declare -A STAGE_RC
+stage() {
+    local name=$1; shift
+    STAGES+=("$name")
+    echo
+    echo "==================================== stage $name: $*"
+    "$@" 2>&1 | tee "$LOGS/$name.log"
+    STAGE_RC[$name]=${PIPESTATUS[0]}
+}
 # INTEROP_REEXEC=1 adds the zero-downtime upgrade under a live guest: C -> ours -> C.
-INTEROP_REEXEC=1 VIRTLOGD_BIN="$PWD/target/debug/virtlogd" VIRTLOCKD_BIN="$PWD/target/debug/virtlockd" \
-    tests/interop/run.sh 2>&1 | tee "$LOGS/interop.log"
-interop_rc=${PIPESTATUS[0]}
+stage interop env INTEROP_REEXEC=1 VIRTLOGD_BIN="$PWD/target/debug/virtlogd" \
+    VIRTLOCKD_BIN="$PWD/target/debug/virtlockd" tests/interop/run.sh
+# libvirt 11.3 (Debian 13) in a cached debootstrap root: see its README.
+stage interop11 tests/interop11/run.sh
+# Our units and daemons under a real systemd 252 and 257 (systemd-nspawn).
+stage systemd tests/systemd/run.sh
 set -e; trap 'on_err "$LINENO" "$BASH_COMMAND" "$?"' ERR
 
 # ------------------------------------------------------------------ summary
@@ -70,12 +85,19 @@ awk '
         printf "cargo test: %d binaries, %d passed, %d failed, %d ignored\n", n, p, f, ig
     }' "$LOGS/cargo-test.log"
 [[ $cargo_rc == 0 ]] || echo "cargo test exited $cargo_rc"
-grep -E '^FAIL ' "$LOGS/interop.log" | sed 's/^/  interop /' || true
-ip=$(grep -c '^PASS ' "$LOGS/interop.log" || true)
-if_=$(grep -c '^FAIL ' "$LOGS/interop.log" || true)
-echo "interop (libvirtd 9.0 + QEMU TCG, tests/interop/run.sh): $ip checks passed, $if_ failed, exit $interop_rc"
-echo "logs: $LOGS/cargo-test.log, $LOGS/interop.log; test time $((SECONDS - t0)) s"
-if [[ $cargo_rc == 0 && $interop_rc == 0 && $if_ == 0 ]]; then
+ok=1
+[[ $cargo_rc == 0 ]] || ok=
+for name in "${STAGES[@]}"; do
+    log=$LOGS/$name.log
+    grep -E '^FAIL ' "$log" | sed "s/^/  $name /" || true
+    np=$(grep -c '^PASS ' "$log" || true)
+    nf=$(grep -c '^FAIL ' "$log" || true)
+    rc=${STAGE_RC[$name]}
+    echo "$name: $np checks passed, $nf failed, exit $rc"
+    [[ $rc == 0 && $nf == 0 ]] || ok=
+done
+echo "logs: $LOGS/; test time $((SECONDS - t0)) s"
+if [[ -n $ok ]]; then
     echo "test.sh: ALL PASSED"
 else
     echo "test.sh: FAILED"

@@ -739,8 +739,8 @@ impl AdminProgram {
                     return Err(RpcError::new(
                         code::INVALID_ARG,
                         domain::RPC,
-                        // 9.0's wording (sic), observed with virt-admin against the C daemon
-                        "The overall maximum number of clients waiting for authentication must not be less than the overall maximum number of clients",
+                        // 11.3's wording (9.0 had the two halves swapped; we follow 11.3)
+                        "The overall maximum number of clients must not be less than the number of clients waiting for authentication",
                     )
                     .into());
                 }
