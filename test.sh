@@ -16,6 +16,8 @@ fi
 cargo build --workspace --all-targets
 # Integration tests spawn the daemons from target/debug; they were built above.
 cargo test --workspace --no-fail-fast -- --test-threads=2
+# Cross-host leases on a real GlusterFS volume (brings its bed up and down).
+tests/gluster/run.sh
 # INTEROP_REEXEC=1 adds the zero-downtime upgrade under a live guest: C -> ours -> C.
 INTEROP_REEXEC=1 VIRTLOGD_BIN="$PWD/target/debug/virtlogd" VIRTLOCKD_BIN="$PWD/target/debug/virtlockd" \
     tests/interop/run.sh
