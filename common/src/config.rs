@@ -425,6 +425,61 @@ pub struct DaemonConfig {
     pub max_size: u64,
     /// virtlogd number of backups kept.
     pub max_backups: u64,
+    /// virtlockd: lease renewal and fencing (not a libvirt 9.0 setting).
+    pub lease: LeaseConfig,
+}
+
+/// What virtlockd does when it can no longer prove it still holds a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LeaseLossAction {
+    /// SIGKILL every owner process holding a lease in the lockspace.
+    #[default]
+    Kill,
+    /// Log (and count) only.
+    None,
+}
+
+/// `lease_renew_interval`, `lease_renew_timeout` and `lease_loss_action` of virtlockd.conf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LeaseConfig {
+    /// Seconds between renewals of each lockspace holding leases; 0 = renewal off.
+    pub renew_interval: u64,
+    /// Seconds without a successful renewal after which the leases count as lost.
+    pub renew_timeout: u64,
+    pub loss_action: LeaseLossAction,
+}
+
+impl LeaseConfig {
+    fn from_conf(conf: &Conf) -> Result<LeaseConfig, ConfigError> {
+        let mut l = LeaseConfig::default();
+        let max = 86_400;
+        if let Some(v) = conf.get_unsigned("lease_renew_interval", max)? {
+            l.renew_interval = v;
+        }
+        // Three missed renewals by default.
+        l.renew_timeout = conf
+            .get_unsigned("lease_renew_timeout", max)?
+            .unwrap_or(3 * l.renew_interval);
+        if let Some(v) = conf.get_string("lease_loss_action")? {
+            l.loss_action = match v.as_str() {
+                "kill" => LeaseLossAction::Kill,
+                "none" => LeaseLossAction::None,
+                _ => {
+                    return Err(ConfigError::Internal(format!(
+                        "{}: lease_loss_action must be \"kill\" or \"none\", not \"{v}\"",
+                        conf.filename
+                    )))
+                }
+            };
+        }
+        if l.renew_interval > 0 && l.renew_timeout <= l.renew_interval {
+            return Err(ConfigError::Internal(format!(
+                "{}: lease_renew_timeout ({}) must be larger than lease_renew_interval ({})",
+                conf.filename, l.renew_timeout, l.renew_interval
+            )));
+        }
+        Ok(l)
+    }
 }
 
 impl Default for DaemonConfig {
@@ -437,6 +492,7 @@ impl Default for DaemonConfig {
             admin_max_clients: 5000,
             max_size: 2_097_152,
             max_backups: 3,
+            lease: LeaseConfig::default(),
         }
     }
 }
@@ -469,6 +525,9 @@ impl DaemonConfig {
             if let Some(v) = conf.get_unsigned("max_backups", u64::MAX)? {
                 c.max_backups = v;
             }
+        }
+        if keys == KeySet::Lock {
+            c.lease = LeaseConfig::from_conf(conf)?;
         }
         Ok(c)
     }
@@ -654,7 +713,8 @@ mod tests {
                 max_clients: 1024,
                 admin_max_clients: 5000,
                 max_size: 2097152,
-                max_backups: 3
+                max_backups: 3,
+                lease: LeaseConfig::default(),
             }
         );
         let c = p(
@@ -672,7 +732,8 @@ mod tests {
                 max_clients: 7,
                 admin_max_clients: 8,
                 max_size: 9,
-                max_backups: 10
+                max_backups: 10,
+                lease: LeaseConfig::default(),
             }
         );
         let l = DaemonConfig::from_conf(&c, KeySet::Lock).unwrap();
@@ -682,6 +743,33 @@ mod tests {
         // virtlockd ignores bad max_size entirely.
         let c = p("max_size = 'x'").unwrap();
         assert!(DaemonConfig::from_conf(&c, KeySet::Lock).is_ok());
+    }
+
+    #[test]
+    fn lease_keys() {
+        let l = |s: &str| DaemonConfig::from_conf(&p(s).unwrap(), KeySet::Lock).map(|c| c.lease);
+        assert_eq!(l("").unwrap(), LeaseConfig::default());
+        assert_eq!(
+            l("").unwrap().renew_interval,
+            0,
+            "renewal is off by default"
+        );
+        let on = l("lease_renew_interval = 2").unwrap();
+        assert_eq!(
+            (on.renew_timeout, on.loss_action),
+            (6, LeaseLossAction::Kill)
+        );
+        let none =
+            l("lease_renew_interval=1\nlease_renew_timeout=4\nlease_loss_action='none'").unwrap();
+        assert_eq!(
+            (none.renew_timeout, none.loss_action),
+            (4, LeaseLossAction::None)
+        );
+        assert!(l("lease_loss_action = 'reboot'").is_err());
+        assert!(l("lease_renew_interval = 5\nlease_renew_timeout = 5").is_err());
+        // virtlogd does not read them.
+        let c = p("lease_loss_action = 'reboot'").unwrap();
+        assert!(DaemonConfig::from_conf(&c, KeySet::Log).is_ok());
     }
 
     #[test]

@@ -77,10 +77,10 @@ impl App for LockDaemonApp {
     const KIND: DaemonKind = DaemonKind::Lockd;
     const SINGLE_THREADED: bool = true;
 
-    fn new(_config: &DaemonConfig, _mode: Mode, _run: watch::Receiver<RunState>) -> Self {
-        LockDaemonApp {
-            daemon: LockDaemon::new(LockSpaces::new()),
-        }
+    fn new(config: &DaemonConfig, _mode: Mode, _run: watch::Receiver<RunState>) -> Self {
+        let daemon = LockDaemon::new(LockSpaces::new());
+        crate::renewal::start(daemon.clone(), config.lease);
+        LockDaemonApp { daemon }
     }
 
     fn hooks(&self) -> Arc<dyn ClientHooks> {

@@ -49,6 +49,11 @@ impl LockDaemon {
             .lock()
             .map_err(|_| RpcError::internal(domain::LOCKSPACE, "lockspace table poisoned"))
     }
+
+    /// The lockspaces if nobody holds them now (lease renewal never waits for the table).
+    pub fn try_spaces(&self) -> Option<MutexGuard<'_, LockSpaces>> {
+        self.spaces.try_lock().ok()
+    }
 }
 
 pub struct LockProgram {
@@ -141,6 +146,7 @@ impl Program for LockProgram {
                     return Err(unregistered_error().into());
                 }
                 // 9.0 lets a connection register again; it just overwrites the owner.
+                crate::renewal::note_owner(a.owner.pid, &a.owner.name, a.owner.uuid);
                 c.owner_name = Some(a.owner.name);
                 c.owner_uuid = a.owner.uuid;
                 c.owner_id = a.owner.id;
