@@ -21,9 +21,12 @@
 #   talk to / write into the host's.
 # * performance.stat-prefetch and performance.open-behind must be off: with them a lease
 #   file that one host just unlinked gives the other "Stale file handle".
-# * network.ping-timeout (VH_GLUSTER_PING_TIMEOUT, default 10 s) is the lock-recovery
-#   time: a silent client's locks are dropped by the brick about that long after its link
-#   is cut. Fencing must complete before that (see README, "Lease renewal and fencing").
+# * The lock-recovery time is how long the *brick* takes to notice a silent client: with
+#   only network.ping-timeout 10 (the client's side) it took 42 s, the default
+#   server.tcp-user-timeout. The bed sets network.ping-timeout, server/client
+#   tcp-user-timeout (VH_GLUSTER_PING_TIMEOUT, default 10 s) and fast server keepalives:
+#   the brick then drops a cut client's locks about 8-10 s after the cut. Fencing must
+#   complete before that (see README, "Lease renewal and fencing across hosts").
 set -euo pipefail
 W=${VH_GLUSTER_DIR:-/tmp/vh-gluster}
 PT=${VH_GLUSTER_PING_TIMEOUT:-10}
@@ -120,7 +123,9 @@ up() {
     G() { nsenter -t "$gdp" -m -n gluster --mode=script "$@"; }
     G volume create "$VOL" "$SRV:$W/brick" force >/dev/null
     local o
-    for o in "network.ping-timeout $PT" \
+    for o in "network.ping-timeout $PT" "server.tcp-user-timeout $PT" \
+        "client.tcp-user-timeout $PT" "server.keepalive-time 2" \
+        "server.keepalive-interval 1" "server.keepalive-count 3" \
         "performance.stat-prefetch off" "performance.open-behind off" \
         "performance.quick-read off" "performance.io-cache off" \
         "performance.read-ahead off"; do
