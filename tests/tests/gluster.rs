@@ -323,6 +323,10 @@ fn partition_fences_owner_before_other_host_acquires() {
     let db = Daemon::spawn(DaemonKind::Ours, Service::Virtlockd, "");
     let ls_a = bed.path("A", &rel);
     let mut cb = Client::new(&db, &bed.path("B", &rel), 0x7fff_0b02, "host B");
+    let local = tempfile::Builder::new()
+        .prefix("vh-fence-local-")
+        .tempdir()
+        .expect("tempdir");
     for trial in 1..=3 {
         let name = format!("disk-{trial}");
         let mut owner = owner_holding(&da, &ls_a, &name);
@@ -345,7 +349,15 @@ fn partition_fences_owner_before_other_host_acquires() {
         };
         let cut = std::time::Instant::now();
         bed_script("cut", "A");
+        let mut served_while_cut = false;
         let acquired = loop {
+            // While A's mount hangs, A's daemon still serves a lockspace elsewhere.
+            if !served_while_cut && dead_at.lock().unwrap().is_some() {
+                let mut cl = Client::new(&da, local.path(), 0x7fff_0c00 + trial, "A, local");
+                cl.acquired("local-disk", false);
+                cl.release("local-disk");
+                served_while_cut = true;
+            }
             match cb.acquire(&name, false) {
                 None => break std::time::Instant::now(),
                 Some(e) if e.code == code::RESOURCE_BUSY => {}
@@ -369,6 +381,10 @@ fn partition_fences_owner_before_other_host_acquires() {
         assert!(
             died < acquired,
             "trial {trial}: A's owner died after B acquired the lease"
+        );
+        assert!(
+            served_while_cut,
+            "trial {trial}: A's daemon not checked while cut"
         );
         eprintln!(
             "trial {trial}: owner killed {:.1}s after the cut, B acquired {:.1}s after the cut \

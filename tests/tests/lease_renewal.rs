@@ -1,0 +1,150 @@
+//! Lease renewal on one machine (the cross-host partition is in `gluster.rs`): a lease
+//! whose lock is found lost gets its owner killed (or only logged, with
+//! `lease_loss_action = "none"`), and exclusive lease files carry a holder record.
+//!
+//! The loss is made by hand: the lease file is replaced by another file locked by this
+//! test process, as when another host recreated and locked it after ours was dropped.
+
+use nix::fcntl::{fcntl, FcntlArg};
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use vh_tests::*;
+use virtlockd::protocol as lk;
+
+fn lock_call(proc_: i32, serial: u32, args: &[u8]) -> Vec<u8> {
+    call_frame(lk::PROGRAM, lk::VERSION, proc_, serial, args)
+}
+
+/// A real owner process holding `name` exclusively over its own connection.
+fn owner_holding(d: &Daemon, ls: &str, name: &str) -> OwnerChild {
+    let mut o = OwnerChild::connect_living(&d.sock(), 600);
+    let pid = o.pid();
+    let calls = [
+        (lk::proc_::CREATE_LOCKSPACE, args::lock_create_lockspace(ls)),
+        (
+            lk::proc_::REGISTER,
+            args::lock_register([7; 16], "vm-r", 1, pid, 0),
+        ),
+        (
+            lk::proc_::ACQUIRE_RESOURCE,
+            args::lock_resource(ls, name, lk::ACQUIRE_AUTOCREATE),
+        ),
+    ];
+    for (serial, (proc_, a)) in calls.into_iter().enumerate() {
+        let f = o
+            .conn()
+            .roundtrip(&lock_call(proc_, serial as u32, &a), "owner");
+        assert!(f.error().is_none(), "owner call {proc_}: {:?}", f.error());
+    }
+    o
+}
+
+fn is_dead(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+/// Replace the lease file by a new one write-locked by this process (returned: the lock
+/// lives as long as the file).
+fn steal(path: &Path) -> File {
+    fs::remove_file(path).expect("unlink lease file");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .expect("recreate lease file");
+    let fl = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 1,
+        l_pid: 0,
+    };
+    fcntl(f.as_raw_fd(), FcntlArg::F_SETLK(&fl)).expect("lock the new lease file");
+    f
+}
+
+fn setup(config: &str) -> (tempfile::TempDir, String, Daemon, OwnerChild) {
+    let dir = tempfile::Builder::new()
+        .prefix("vh-renewal-")
+        .tempdir()
+        .expect("tempdir");
+    let ls = dir.path().join("ls").to_str().expect("utf-8").to_string();
+    let d = Daemon::spawn(DaemonKind::Ours, Service::Virtlockd, config);
+    let owner = owner_holding(&d, &ls, "disk");
+    let pid = owner.pid();
+    let lease = Path::new(&ls).join("disk");
+    wait_until("the holder record in the lease file", || {
+        fs::read_to_string(&lease).is_ok_and(|s| s.contains(&format!("owner_pid={pid}")))
+    });
+    let rec = fs::read_to_string(&lease).expect("read lease file");
+    assert!(rec.contains("owner_name=\"vm-r\""), "{rec}");
+    assert!(rec.contains(&format!("daemon_pid={}", d.pid())), "{rec}");
+    assert!(
+        rec.contains("owner_uuid=07070707-0707-0707-0707-070707070707"),
+        "{rec}"
+    );
+    (dir, ls, d, owner)
+}
+
+#[test]
+fn lost_lock_kills_its_owner() {
+    let (_dir, ls, d, mut owner) = setup("lease_renew_interval = 1\nlease_renew_timeout = 5\n");
+    let pid = owner.pid();
+    let _thief = steal(&Path::new(&ls).join("disk"));
+    wait_until("the owner of the lost lease is killed", || is_dead(pid));
+    let log = d.stderr();
+    assert!(log.contains("lease lost"), "{log}");
+    assert!(log.contains("owner killed"), "{log}");
+    owner.exit();
+}
+
+#[test]
+fn loss_action_none_only_logs() {
+    let (_dir, ls, d, mut owner) =
+        setup("lease_renew_interval = 1\nlease_renew_timeout = 5\nlease_loss_action = \"none\"\n");
+    let pid = owner.pid();
+    let _thief = steal(&Path::new(&ls).join("disk"));
+    wait_until("the loss is logged", || d.stderr().contains("lease lost"));
+    assert!(!is_dead(pid), "lease_loss_action=none killed the owner");
+    assert!(d.stderr().contains("owner left running"), "{}", d.stderr());
+    owner.exit();
+}
+
+#[test]
+fn bad_lease_config_is_refused() {
+    for conf in [
+        "lease_loss_action = \"reboot\"\n",
+        "lease_renew_interval = 5\nlease_renew_timeout = 2\n",
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("virtlockd.conf");
+        fs::write(&f, conf).expect("write config");
+        // In a private /run, and bounded: if it wrongly started, it must not touch the
+        // host's sockets nor hang the test.
+        let out = std::process::Command::new("timeout")
+            .args([
+                "20",
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+            ])
+            .arg("mount -t tmpfs tmpfs /run && exec \"$0\" -f \"$1\"")
+            .arg(binary(DaemonKind::Ours, Service::Virtlockd))
+            .arg(&f)
+            .output()
+            .expect("run virtlockd");
+        assert!(!out.status.success(), "{conf}: accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("lease_"), "{conf}: {err}");
+    }
+}
