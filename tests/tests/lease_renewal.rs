@@ -90,7 +90,32 @@ fn setup(config: &str) -> (tempfile::TempDir, String, Daemon, OwnerChild) {
         rec.contains("owner_uuid=07070707-0707-0707-0707-070707070707"),
         "{rec}"
     );
+    let hb = heartbeat(&ls);
+    wait_until("this host's heartbeat lists the lease", || {
+        fs::read_to_string(&hb)
+            .is_ok_and(|s| s.contains(&format!("lease=disk exclusive owners={pid}\n")))
+    });
     (dir, ls, d, owner)
+}
+
+/// This host's heartbeat file in lockspace `ls`.
+fn heartbeat(ls: &str) -> std::path::PathBuf {
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+    Path::new(ls).join(format!(".virtlockd-renew.{}", host.trim()))
+}
+
+/// When the owner goes, its lease is released and the heartbeat says so.
+#[test]
+fn heartbeat_follows_leases() {
+    let (_dir, ls, d, mut owner) = setup("lease_renew_interval = 1\nlease_renew_timeout = 5\n");
+    owner.exit();
+    let hb = heartbeat(&ls);
+    wait_until("the heartbeat shows no leases", || {
+        fs::read_to_string(&hb).is_ok_and(|s| s.contains("leases=0\n"))
+    });
+    let text = fs::read_to_string(&hb).expect("heartbeat");
+    assert!(text.contains(&format!("daemon_pid={}", d.pid())), "{text}");
+    assert!(!d.stderr().contains("lease lost"), "{}", d.stderr());
 }
 
 #[test]

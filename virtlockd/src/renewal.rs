@@ -13,6 +13,11 @@
 //!
 //! # How a lock is proven ours
 //!
+//! Each renewal first writes and syncs this host's heartbeat file in the lockspace,
+//! `.virtlockd-renew.<hostname>` (host, daemon pid, time, the leases held and their
+//! owners): a round trip to the storage on every file system, and what operators (and
+//! other hosts) read to see who holds what and whether that host still renews.
+//!
 //! From *another lock owner*, `F_GETLK` for a write lock on byte 0 of the lease file must
 //! report a conflicting write lock whose pid is this daemon's (exclusive leases) or a read
 //! lock (shared leases; whose is not provable). `F_GETLK` is answered by the lock server
@@ -47,7 +52,7 @@ use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -148,6 +153,16 @@ struct Job {
     leases: Vec<Lease>,
     /// Holder records to write, by index into `leases`.
     records: Vec<(usize, String)>,
+    /// The lockspace's heartbeat file for this host, and what to write there.
+    heartbeat: Option<(PathBuf, String)>,
+}
+
+/// What a probe thread reports for a job.
+struct Report {
+    /// `Err((storage_failed, message))`: the heartbeat could not be written; only a
+    /// failure that is not a permission or read-only refusal counts against the storage.
+    heartbeat: Result<(), (bool, String)>,
+    verdicts: Vec<Verdict>,
 }
 
 /// Give the calling thread a private fd table holding only fds 0-2 (see module docs).
@@ -213,11 +228,40 @@ fn write_record(lease: &Lease, record: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-fn probe_thread(jobs: mpsc::Receiver<Job>, results: mpsc::Sender<Vec<Verdict>>) {
+/// Write (and sync to the server) this host's heartbeat file in a lockspace: a round trip
+/// to the storage on every file system, even where `F_GETLK` is answered from a local
+/// copy of our own locks (NFS), and for operators, who holds what and when we last renewed.
+fn write_heartbeat(path: &Path, text: &str) -> Result<(), (bool, String)> {
+    let r = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY)
+        .open(path)
+        .and_then(|f| {
+            f.write_all_at(text.as_bytes(), 0)?;
+            f.set_len(text.len() as u64)?;
+            f.sync_data()
+        });
+    r.map_err(|e| {
+        let refused = matches!(
+            e.kind(),
+            io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem
+        );
+        (!refused, format!("heartbeat {}: {e}", path.display()))
+    })
+}
+
+fn probe_thread(jobs: mpsc::Receiver<Job>, results: mpsc::Sender<Report>) {
     // Nothing in here may log: see the module docs.
     let private = private_fd_table();
     let me = std::process::id() as i32;
     for job in jobs {
+        let heartbeat = match (&private, &job.heartbeat) {
+            (Ok(()), Some((path, text))) => write_heartbeat(path, text),
+            _ => Ok(()),
+        };
         let verdicts = match &private {
             Err(e) => job
                 .leases
@@ -240,7 +284,13 @@ fn probe_thread(jobs: mpsc::Receiver<Job>, results: mpsc::Sender<Vec<Verdict>>) 
                 })
                 .collect(),
         };
-        if results.send(verdicts).is_err() {
+        if results
+            .send(Report {
+                heartbeat,
+                verdicts,
+            })
+            .is_err()
+        {
             return;
         }
     }
@@ -248,7 +298,7 @@ fn probe_thread(jobs: mpsc::Receiver<Job>, results: mpsc::Sender<Vec<Verdict>>) 
 
 struct Prober {
     jobs: mpsc::Sender<Job>,
-    results: mpsc::Receiver<Vec<Verdict>>,
+    results: mpsc::Receiver<Report>,
 }
 
 impl Prober {
@@ -281,6 +331,12 @@ struct Space {
     recorded: HashMap<String, Vec<u32>>,
     /// Whether the current outage was already reported.
     outage: bool,
+    /// Leases already declared lost (each loss is counted once).
+    declared: HashSet<String>,
+    /// Whether the last look found leases here (a final heartbeat is due when they go).
+    had_leases: bool,
+    /// Whether a refused heartbeat was reported.
+    heartbeat_warned: bool,
 }
 
 impl Space {
@@ -295,6 +351,9 @@ impl Space {
             since: HashMap::new(),
             recorded: HashMap::new(),
             outage: false,
+            declared: HashSet::new(),
+            had_leases: false,
+            heartbeat_warned: false,
         }
     }
 }
@@ -316,6 +375,35 @@ fn record_text(lease: &Lease, since: u64, host: &str) -> String {
         s.push_str(&format!(
             "owner_pid={pid} owner_name={name:?} owner_uuid={}\n",
             uuid::Uuid::from_bytes(uuid)
+        ));
+    }
+    s
+}
+
+/// This host's heartbeat file in lockspace `dir`.
+fn heartbeat_path(dir: &str, host: &str) -> PathBuf {
+    let host: String = host
+        .chars()
+        .map(|c| if c == '/' { '_' } else { c })
+        .collect();
+    Path::new(dir).join(format!(".virtlockd-renew.{host}"))
+}
+
+fn heartbeat_text(leases: &[Lease], host: &str) -> String {
+    let mut s = format!(
+        "# virtlockd lease renewal heartbeat (informational)\nhost={host}\ndaemon_pid={}\n\
+         renewed={}\nleases={}\n",
+        std::process::id(),
+        unix_now(),
+        leases.len()
+    );
+    for l in leases {
+        let owners: Vec<String> = l.owners.iter().map(u32::to_string).collect();
+        s.push_str(&format!(
+            "lease={} {} owners={}\n",
+            l.name,
+            if l.shared { "shared" } else { "exclusive" },
+            owners.join(",")
         ));
     }
     s
@@ -390,7 +478,30 @@ impl Supervisor {
                 sp.suspect.clear();
                 sp.since.clear();
                 sp.recorded.clear();
+                sp.declared.clear();
                 sp.outage = false;
+                if let (Some(p), Some(_)) = (&sp.prober, &sp.in_flight) {
+                    if !matches!(p.results.try_recv(), Err(mpsc::TryRecvError::Empty)) {
+                        sp.in_flight = None;
+                    }
+                }
+                // Tell the other hosts we hold nothing here any more.
+                if sp.had_leases && sp.in_flight.is_none() {
+                    if let Some(p) = &sp.prober {
+                        let job = Job {
+                            leases: Vec::new(),
+                            records: Vec::new(),
+                            heartbeat: Some((
+                                heartbeat_path(dir, &self.host),
+                                heartbeat_text(&[], &self.host),
+                            )),
+                        };
+                        if p.jobs.send(job).is_ok() {
+                            sp.in_flight = Some((now, Vec::new()));
+                        }
+                    }
+                    sp.had_leases = false;
+                }
             }
         }
         let dirs: Vec<String> = self.snap.keys().cloned().collect();
@@ -415,14 +526,16 @@ impl Supervisor {
         sp.since.retain(|n, _| leases.iter().any(|l| &l.name == n));
         sp.recorded
             .retain(|n, _| leases.iter().any(|l| &l.name == n));
+        sp.declared.retain(|n| leases.iter().any(|l| &l.name == n));
+        sp.had_leases = true;
 
         // Collect a finished probe.
         if let (Some(p), Some((sent, sent_leases))) = (&sp.prober, &sp.in_flight) {
             match p.results.try_recv() {
-                Ok(verdicts) => {
+                Ok(report) => {
                     let (sent, sent_leases) = (*sent, sent_leases.clone());
                     sp.in_flight = None;
-                    self.judge(dir, sp, sent, &sent_leases, &verdicts, &leases, fresh, now);
+                    self.judge(dir, sp, sent, &sent_leases, &report, &leases, fresh, now);
                 }
                 Err(mpsc::TryRecvError::Empty) => {}
                 Err(mpsc::TryRecvError::Disconnected) => {
@@ -453,6 +566,10 @@ impl Supervisor {
                 let job = Job {
                     leases: leases.clone(),
                     records,
+                    heartbeat: Some((
+                        heartbeat_path(dir, &self.host),
+                        heartbeat_text(&leases, &self.host),
+                    )),
                 };
                 if p.jobs.send(job).is_ok() {
                     sp.in_flight = Some((now, leases.clone()));
@@ -492,25 +609,40 @@ impl Supervisor {
         sp: &mut Space,
         sent: Instant,
         sent_leases: &[Lease],
-        verdicts: &[Verdict],
+        report: &Report,
         current: &[Lease],
         fresh: bool,
         now: Instant,
     ) {
-        let failed: Vec<&String> = verdicts
+        let verdicts = &report.verdicts;
+        let mut failed: Vec<&String> = verdicts
             .iter()
             .filter_map(|v| match v {
                 Verdict::Failed(e) => Some(e),
                 _ => None,
             })
             .collect();
+        match &report.heartbeat {
+            Ok(()) => {}
+            Err((true, e)) => failed.insert(0, e),
+            Err((false, e)) => {
+                if !sp.heartbeat_warned {
+                    sp.heartbeat_warned = true;
+                    warn!(lockspace = dir, "{e} (renewal relies on F_GETLK alone)");
+                }
+            }
+        }
+        let all_held = verdicts.iter().all(|v| matches!(v, Verdict::Held(_)));
         if failed.is_empty() {
+            // The storage answers.
             if sp.outage {
                 info!(lockspace = dir, "lease renewal succeeds again");
             }
             sp.last_ok = sp.last_ok.max(sent);
             sp.outage = false;
-            sp.fenced.clear();
+            if all_held {
+                sp.fenced.clear();
+            }
             STATS.renewals.fetch_add(1, Ordering::Relaxed);
         } else {
             let n = STATS.failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -526,10 +658,13 @@ impl Supervisor {
                 Verdict::Held(warning) => {
                     sp.suspect.remove(&l.name);
                     if let Some(w) = warning {
+                        sp.recorded.remove(&l.name);
                         warn!(lockspace = dir, lease = %l.name, "cannot write the holder record: {w}");
                     }
                 }
-                Verdict::Failed(_) => {}
+                Verdict::Failed(_) => {
+                    sp.recorded.remove(&l.name);
+                }
                 Verdict::Lost(why) => {
                     // Only a lease still held, by the same owners, in a fresh view of the
                     // table, and found lost twice in a row, counts: a lease released
@@ -538,8 +673,10 @@ impl Supervisor {
                     if !still {
                         sp.suspect.remove(&l.name);
                     } else if sp.suspect.remove(&l.name) {
-                        let n = STATS.losses.fetch_add(1, Ordering::Relaxed) + 1;
-                        error!(lockspace = dir, lease = %l.name, losses = n, "lease lost: {why}");
+                        if sp.declared.insert(l.name.clone()) {
+                            let n = STATS.losses.fetch_add(1, Ordering::Relaxed) + 1;
+                            error!(lockspace = dir, lease = %l.name, losses = n, "lease lost: {why}");
+                        }
                         self.act(sp, dir, &l.owners, why);
                     } else {
                         sp.suspect.insert(l.name.clone());
@@ -625,9 +762,12 @@ mod tests {
                 .send(Job {
                     leases: vec![lease.clone()],
                     records: vec![(0, rec.clone())],
+                    heartbeat: Some((dir.path().join("hb"), "hb\n".into())),
                 })
                 .unwrap();
-            assert_eq!(p.results.recv().unwrap(), vec![Verdict::Held(None)]);
+            let r = p.results.recv().unwrap();
+            assert_eq!(r.verdicts, vec![Verdict::Held(None)]);
+            assert_eq!(r.heartbeat, Ok(()));
             rec.push('\n');
         }
         // Still locked: another lock owner (an OFD lock) cannot take it. The fd stays open
@@ -653,9 +793,13 @@ mod tests {
             .send(Job {
                 leases: vec![shared],
                 records: vec![],
+                heartbeat: None,
             })
             .unwrap();
-        assert!(matches!(p.results.recv().unwrap()[0], Verdict::Lost(_)));
+        assert!(matches!(
+            p.results.recv().unwrap().verdicts[0],
+            Verdict::Lost(_)
+        ));
         // Released: lost. Gone: lost.
         drop(held);
         drop(other);
@@ -667,9 +811,13 @@ mod tests {
             .send(Job {
                 leases: vec![lease.clone()],
                 records: vec![],
+                heartbeat: None,
             })
             .unwrap();
-        assert!(matches!(p.results.recv().unwrap()[0], Verdict::Lost(_)));
+        assert!(matches!(
+            p.results.recv().unwrap().verdicts[0],
+            Verdict::Lost(_)
+        ));
         std::fs::remove_file(&path).unwrap();
         assert_eq!(
             probe(&lease, std::process::id() as i32),
