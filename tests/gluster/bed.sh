@@ -38,8 +38,9 @@ die() { printf '[gluster-bed] ERROR: %s\n' "$*" >&2; exit 1; }
 
 down() {
     set +e
+    # By /proc/mounts: mountpoint(1) fails on a dead FUSE mount (ENOTCONN).
     for m in mA mB; do
-        mountpoint -q "$W/$m" 2>/dev/null && umount -l "$W/$m"
+        grep -q " $W/$m fuse" /proc/mounts && umount -l "$W/$m"
     done
     for f in "$W/mA.pid" "$W/mB.pid"; do
         [ -f "$f" ] && kill -KILL "$(cat "$f")" 2>/dev/null

@@ -55,6 +55,20 @@ impl Bed {
         self.dir.join(format!("m{h}")).join(rel)
     }
 
+    /// Waits until host `h`'s mount answers again (after a heal).
+    fn wait_usable(&self, h: &str) {
+        let t = std::time::Instant::now();
+        let probe = self.path(h, &format!(".usable-{}", std::process::id()));
+        while std::fs::write(&probe, b"x").is_err() {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(120),
+                "host {h}'s mount does not come back"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let _ = std::fs::remove_file(&probe);
+    }
+
     /// A fresh lockspace directory name on the volume.
     fn fresh(&self, what: &str) -> String {
         let rel = format!("{what}-{}", std::process::id());
@@ -421,6 +435,49 @@ fn partition_fences_owner_before_other_host_acquires() {
     }
     let log = da.stderr();
     assert!(log.contains("owner killed"), "A's daemon log:\n{log}");
+}
+
+/// The hazard the fencing removes, shown on the same bed (so the test above cannot pass
+/// vacuously): without renewal (libvirt 9.0's C daemon, and ours with renewal off) host B
+/// gets the lease after the cut while A's owner is still running: two writers.
+#[test]
+#[ignore = "needs the GlusterFS bed: run tests/gluster/run.sh"]
+fn partition_without_fencing_overlaps() {
+    let bed = Bed::get();
+    let db = Daemon::spawn(DaemonKind::Ours, Service::Virtlockd, "");
+    for (i, kind) in [DaemonKind::C, DaemonKind::Ours].into_iter().enumerate() {
+        let rel = bed.fresh(&format!("overlap-{kind:?}"));
+        let da = Daemon::spawn(kind, Service::Virtlockd, "");
+        let ls_a = bed.path("A", &rel);
+        let mut cb = Client::new(&db, &bed.path("B", &rel), 0x7fff_0d00 + i as u32, "host B");
+        let mut owner = owner_holding(&da, &ls_a, "disk");
+        let pid = owner.pid();
+        cb.refused("disk", false);
+        let cut = std::time::Instant::now();
+        bed_script("cut", "A");
+        let acquired = loop {
+            if cb.acquire("disk", false).is_none() {
+                break cut.elapsed();
+            }
+            assert!(
+                cut.elapsed() < std::time::Duration::from_secs(120),
+                "host B never got the lease after A's link was cut"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        assert!(
+            !is_dead(pid),
+            "{kind:?} without renewal: A's owner died before B acquired"
+        );
+        eprintln!(
+            "{kind:?} daemon on A, no renewal: B acquired {:.1}s after the cut while A's owner was still running",
+            acquired.as_secs_f64()
+        );
+        bed_script("heal", "A");
+        owner.exit();
+        cb.release("disk");
+        bed.wait_usable("A");
+    }
 }
 
 /// Renewal under a long write load on the volume from both hosts, without a partition:
