@@ -21,6 +21,8 @@
 #   talk to / write into the host's.
 # * performance.stat-prefetch and performance.open-behind must be off: with them a lease
 #   file that one host just unlinked gives the other "Stale file handle".
+# * The clients mount with --fopen-keep-cache=off: otherwise a host re-reading a small
+#   file another host rewrote (a renewal heartbeat) may get its own stale page cache.
 # * The lock-recovery time is how long the *brick* takes to notice a silent client: with
 #   only network.ping-timeout 10 (the client's side) it took 42 s, the default
 #   server.tcp-user-timeout. The bed sets network.ping-timeout, server/client
@@ -137,6 +139,7 @@ up() {
     for n in A B; do
         nsenter --net="/run/netns/vhg-$n" glusterfs --volfile-server="$SRV" \
             --volfile-id="$VOL" --attribute-timeout=0 --entry-timeout=0 \
+            --fopen-keep-cache=off \
             --pid-file="$W/m$n.pid" --log-file="$W/log/m$n.log" "$W/m$n"
     done
     for _ in $(seq 1 100); do

@@ -361,6 +361,34 @@ fn partition_fences_owner_before_other_host_acquires() {
                 }
             })
         };
+        // A renews: its heartbeat, as host B reads it, lists the lease.
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+        let hb = bed.path("B", &format!("{rel}/.virtlockd-renew.{}", host.trim()));
+        let t = std::time::Instant::now();
+        let want = format!("lease={name} exclusive owners={pid}\n");
+        while !std::fs::read_to_string(&hb).is_ok_and(|t| t.contains(&want)) {
+            if t.elapsed() > std::time::Duration::from_secs(60) {
+                let threads: String = std::fs::read_dir(format!("/proc/{}/task", da.pid()))
+                    .map(|d| {
+                        d.filter_map(|e| e.ok())
+                            .map(|e| {
+                                let p = e.path();
+                                let r = |f: &str| {
+                                    std::fs::read_to_string(p.join(f)).unwrap_or_default()
+                                };
+                                format!("{} {} {}\n", r("comm").trim(), r("wchan"), r("stat"))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                panic!(
+                    "trial {trial}: A's heartbeat does not list the lease: {:?}\nthreads:\n{threads}\nA's log:\n{}",
+                    std::fs::read_to_string(&hb),
+                    da.stderr()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         let cut = std::time::Instant::now();
         bed_script("cut", "A");
         let mut served_while_cut = false;
@@ -408,6 +436,20 @@ fn partition_fences_owner_before_other_host_acquires() {
             (acquired - died).as_secs_f64()
         );
         let _ = watch.join();
+        // Seen from host B: A's heartbeat stopped while it still lists the lease.
+        let out = std::process::Command::new(bin_dir().join("vhctl"))
+            .args(["holders", "--stale", "5"])
+            .arg(bed.path("B", &rel))
+            .output()
+            .expect("run vhctl holders");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("STALE") && text.contains(&format!("{name} exclusive owners={pid}")),
+            "vhctl holders on B:\n{text}"
+        );
+        if trial == 1 {
+            eprintln!("vhctl holders on B during the cut:\n{text}");
+        }
         owner.exit();
         cb.release(&name);
 

@@ -115,6 +115,14 @@ fn heartbeat_follows_leases() {
     });
     let text = fs::read_to_string(&hb).expect("heartbeat");
     assert!(text.contains(&format!("daemon_pid={}", d.pid())), "{text}");
+    // A new lease in the same lockspace is renewed again.
+    let mut again = owner_holding(&d, &ls, "disk-2");
+    let pid2 = again.pid();
+    wait_until("the heartbeat lists the new lease", || {
+        fs::read_to_string(&hb)
+            .is_ok_and(|s| s.contains(&format!("lease=disk-2 exclusive owners={pid2}\n")))
+    });
+    again.exit();
     assert!(!d.stderr().contains("lease lost"), "{}", d.stderr());
 }
 
@@ -172,4 +180,41 @@ fn bad_lease_config_is_refused() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("lease_"), "{conf}: {err}");
     }
+}
+
+/// `vhctl holders DIR`: the hosts renewing in a shared lockspace, stale ones flagged, and
+/// each lease file's lock and holder record.
+#[test]
+fn vhctl_holders_shows_hosts_and_flags_stale_ones() {
+    let (_dir, ls, d, mut owner) = setup("lease_renew_interval = 1\nlease_renew_timeout = 5\n");
+    let pid = owner.pid();
+    // Another host that stopped renewing long ago while listing a lease.
+    fs::write(
+        Path::new(&ls).join(".virtlockd-renew.ghost"),
+        "host=ghost\ndaemon_pid=77\nrenewed=1\nleases=1\nlease=old-disk exclusive owners=5\n",
+    )
+    .expect("write ghost heartbeat");
+    let out = std::process::Command::new(bin_dir().join("vhctl"))
+        .args(["holders", &ls])
+        .output()
+        .expect("run vhctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+    let host = host.trim();
+    for want in [
+        format!("host {host} (virtlockd pid {}): renewed", d.pid()),
+        format!("disk exclusive owners={pid}"),
+        format!("write-locked (pid {})", d.pid()),
+        format!("listed by {host}"),
+        format!("owner_pid={pid}"),
+        "host ghost (virtlockd pid 77): STALE".to_string(),
+    ] {
+        assert!(text.contains(&want), "missing '{want}' in:\n{text}");
+    }
+    owner.exit();
 }

@@ -572,6 +572,7 @@ impl Supervisor {
                     )),
                 };
                 if p.jobs.send(job).is_ok() {
+                    tracing::debug!(lockspace = dir, leases = leases.len(), "renewal probe sent");
                     sp.in_flight = Some((now, leases.clone()));
                     for l in leases.iter().filter(|l| !l.shared) {
                         sp.recorded.insert(l.name.clone(), l.owners.clone());
@@ -615,6 +616,7 @@ impl Supervisor {
         now: Instant,
     ) {
         let verdicts = &report.verdicts;
+        tracing::debug!(lockspace = dir, heartbeat = ?report.heartbeat, ?verdicts, "renewal probe result");
         let mut failed: Vec<&String> = verdicts
             .iter()
             .filter_map(|v| match v {
