@@ -574,3 +574,122 @@ fn no_fencing_under_io_load() {
     eprintln!("{secs}s of load: {rounds:?} x 64 MiB written (+fsync) via A and B");
     drop(owner);
 }
+
+/// An owner process that holds its lock connection itself, as QEMU does (the socket is
+/// inherited across exec, and the test's copy is closed once registered): when it dies,
+/// the connection closes and A's daemon releases its lease on the (possibly dead) mount.
+struct QemuLike {
+    child: std::process::Child,
+}
+
+impl QemuLike {
+    fn spawn(d: &Daemon, ls: &Path, name: &str) -> QemuLike {
+        use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        let addr = UnixAddr::new(&d.sock()).expect("socket path");
+        let raw = fd.as_raw_fd();
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("600")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // SAFETY: connect(2) and fcntl(2) are async-signal-safe; fd and address were
+        // prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                connect(raw, &addr).map_err(std::io::Error::from)?;
+                if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn owner");
+        let mut conn = Conn::from_stream(std::os::unix::net::UnixStream::from(fd));
+        let pid = child.id();
+        let ls = ls.to_str().expect("utf-8");
+        for (serial, (proc_, a)) in [
+            (lk::proc_::CREATE_LOCKSPACE, args::lock_create_lockspace(ls)),
+            (
+                lk::proc_::REGISTER,
+                args::lock_register([8; 16], "qemu", 1, pid, 0),
+            ),
+            (
+                lk::proc_::ACQUIRE_RESOURCE,
+                args::lock_resource(ls, name, lk::ACQUIRE_AUTOCREATE),
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let f = conn.roundtrip(&lock_call(proc_, serial as u32, &a), "qemu-like owner");
+            assert!(f.error().is_none(), "owner call {proc_}: {:?}", f.error());
+        }
+        QemuLike { child }
+    }
+}
+
+impl Drop for QemuLike {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The owner holds its own connection (QEMU's case): once fenced, its connection closes
+/// and A's daemon releases the lease on the dead mount. A's daemon still serves a
+/// lockspace elsewhere while that release waits for the mount.
+#[test]
+#[ignore = "needs the GlusterFS bed: run tests/gluster/run.sh"]
+fn partition_with_qemu_like_owner() {
+    let bed = Bed::get();
+    let rel = bed.fresh("qemu");
+    let mut da = Daemon::spawn(DaemonKind::Ours, Service::Virtlockd, RENEWAL);
+    let db = Daemon::spawn(DaemonKind::Ours, Service::Virtlockd, "");
+    let ls_a = bed.path("A", &rel);
+    let mut cb = Client::new(&db, &bed.path("B", &rel), 0x7fff_0e01, "host B");
+    let local = tempfile::Builder::new()
+        .prefix("vh-fence-local-")
+        .tempdir()
+        .expect("tempdir");
+    let mut owner = QemuLike::spawn(&da, &ls_a, "disk");
+    let pid = owner.child.id();
+    cb.refused("disk", false);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let cut = std::time::Instant::now();
+    bed_script("cut", "A");
+    let _ = owner.child.wait();
+    let died = cut.elapsed();
+    assert!(is_dead(pid));
+    // The fenced owner's connection is closed now; A's daemon must still answer.
+    let t = std::time::Instant::now();
+    let mut cl = Client::new(&da, local.path(), 0x7fff_0e02, "A, local");
+    cl.acquired("local-disk", false);
+    cl.release("local-disk");
+    eprintln!(
+        "owner died {:.1}s after the cut; A answered a local acquire {:.1}s after that",
+        died.as_secs_f64(),
+        t.elapsed().as_secs_f64()
+    );
+    let acquired = loop {
+        if cb.acquire("disk", false).is_none() {
+            break cut.elapsed();
+        }
+        assert!(cut.elapsed() < std::time::Duration::from_secs(120));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(died < acquired);
+    eprintln!("B acquired {:.1}s after the cut", acquired.as_secs_f64());
+    cb.release("disk");
+    bed_script("heal", "A");
+    bed.wait_usable("A");
+    assert!(da.is_running(), "{}", da.stderr());
+}
