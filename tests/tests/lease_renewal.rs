@@ -218,3 +218,37 @@ fn vhctl_holders_shows_hosts_and_flags_stale_ones() {
     }
     owner.exit();
 }
+
+/// Renewal carries on across a SIGUSR1 re-exec: the new process proves the restored
+/// leases (same pid, same locks: no false loss) and still fences a real loss.
+#[test]
+fn renewal_survives_reexec() {
+    let (_dir, ls, d, mut owner) = setup("lease_renew_interval = 1\nlease_renew_timeout = 5\n");
+    let pid = owner.pid();
+    let lease = Path::new(&ls).join("disk");
+    // Empty the holder record (from this process: the daemon's lock is untouched); only
+    // the re-executed daemon, which has not recorded anything yet, writes it again.
+    OpenOptions::new()
+        .write(true)
+        .open(&lease)
+        .and_then(|f| f.set_len(0))
+        .expect("truncate lease file");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid() as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .expect("SIGUSR1");
+    wait_until(
+        "the re-executed daemon renews and records the lease",
+        || fs::read_to_string(&lease).is_ok_and(|s| s.contains(&format!("owner_pid={pid}"))),
+    );
+    assert!(
+        !is_dead(pid),
+        "owner killed across re-exec:\n{}",
+        d.stderr()
+    );
+    let _thief = steal(&lease);
+    wait_until("the owner of the lost lease is killed", || is_dead(pid));
+    assert!(d.stderr().contains("owner killed"), "{}", d.stderr());
+    owner.exit();
+}
