@@ -52,6 +52,8 @@ stage interop env INTEROP_REEXEC=1 VIRTLOGD_BIN="$PWD/target/debug/virtlogd" \
 stage interop11 tests/interop11/run.sh
 # Our units and daemons under a real systemd 252 and 257 (systemd-nspawn).
 stage systemd tests/systemd/run.sh
+# Cross-host leases and fencing on a real GlusterFS volume (brings its bed up and down).
+stage gluster tests/gluster/run.sh
 set -e; trap 'on_err "$LINENO" "$BASH_COMMAND" "$?"' ERR
 
 # ------------------------------------------------------------------ summary
@@ -93,7 +95,9 @@ for name in "${STAGES[@]}"; do
     np=$(grep -c '^PASS ' "$log" || true)
     nf=$(grep -c '^FAIL ' "$log" || true)
     rc=${STAGE_RC[$name]}
-    echo "$name: $np checks passed, $nf failed, exit $rc"
+    # A stage that runs cargo tests reports its own "test result:" lines.
+    tr=$(grep -E '^test result:' "$log" | tail -n 1)
+    echo "$name: $np checks passed, $nf failed, exit $rc${tr:+ ($tr)}"
     [[ $rc == 0 && $nf == 0 ]] || ok=
 done
 echo "logs: $LOGS/; test time $((SECONDS - t0)) s"

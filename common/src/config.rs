@@ -454,6 +454,61 @@ pub struct DaemonConfig {
     pub max_age_days: u64,
     /// virtlogd (11.3): the directory the cleaner walks.
     pub log_root: String,
+    /// virtlockd: lease renewal and fencing (not a libvirt 9.0 setting).
+    pub lease: LeaseConfig,
+}
+
+/// What virtlockd does when it can no longer prove it still holds a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LeaseLossAction {
+    /// SIGKILL every owner process holding a lease in the lockspace.
+    #[default]
+    Kill,
+    /// Log (and count) only.
+    None,
+}
+
+/// `lease_renew_interval`, `lease_renew_timeout` and `lease_loss_action` of virtlockd.conf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LeaseConfig {
+    /// Seconds between renewals of each lockspace holding leases; 0 = renewal off.
+    pub renew_interval: u64,
+    /// Seconds without a successful renewal after which the leases count as lost.
+    pub renew_timeout: u64,
+    pub loss_action: LeaseLossAction,
+}
+
+impl LeaseConfig {
+    fn from_conf(conf: &Conf) -> Result<LeaseConfig, ConfigError> {
+        let mut l = LeaseConfig::default();
+        let max = 86_400;
+        if let Some(v) = conf.get_unsigned("lease_renew_interval", max)? {
+            l.renew_interval = v;
+        }
+        // Three missed renewals by default.
+        l.renew_timeout = conf
+            .get_unsigned("lease_renew_timeout", max)?
+            .unwrap_or(3 * l.renew_interval);
+        if let Some(v) = conf.get_string("lease_loss_action")? {
+            l.loss_action = match v.as_str() {
+                "kill" => LeaseLossAction::Kill,
+                "none" => LeaseLossAction::None,
+                _ => {
+                    return Err(ConfigError::Internal(format!(
+                        "{}: lease_loss_action must be \"kill\" or \"none\", not \"{v}\"",
+                        conf.filename
+                    )))
+                }
+            };
+        }
+        if l.renew_interval > 0 && l.renew_timeout <= l.renew_interval {
+            return Err(ConfigError::Internal(format!(
+                "{}: lease_renew_timeout ({}) must be larger than lease_renew_interval ({})",
+                conf.filename, l.renew_timeout, l.renew_interval
+            )));
+        }
+        Ok(l)
+    }
 }
 
 /// 11.3's `log_root` default (`LOCALSTATEDIR "/log/libvirt/"`, trailing slash included:
@@ -472,6 +527,7 @@ impl Default for DaemonConfig {
             max_backups: 3,
             max_age_days: 0,
             log_root: DEFAULT_LOG_ROOT.to_string(),
+            lease: LeaseConfig::default(),
         }
     }
 }
@@ -510,6 +566,9 @@ impl DaemonConfig {
             if let Some(v) = conf.get_string("log_root")? {
                 c.log_root = v;
             }
+        }
+        if keys == KeySet::Lock {
+            c.lease = LeaseConfig::from_conf(conf)?;
         }
         Ok(c)
     }
@@ -709,6 +768,7 @@ mod tests {
                 max_backups: 3,
                 max_age_days: 0,
                 log_root: "/var/log/libvirt/".into(),
+                lease: LeaseConfig::default(),
             }
         );
         let c = p(
@@ -730,6 +790,7 @@ mod tests {
                 max_backups: 10,
                 max_age_days: 11,
                 log_root: "/srv/logs".into(),
+                lease: LeaseConfig::default(),
             }
         );
         let l = DaemonConfig::from_conf(&c, KeySet::Lock).unwrap();
@@ -741,6 +802,33 @@ mod tests {
         // virtlockd ignores bad max_size (and the cleaner keys) entirely.
         let c = p("max_size = 'x'\nmax_age_days = -1\nlog_root = 3").unwrap();
         assert!(DaemonConfig::from_conf(&c, KeySet::Lock).is_ok());
+    }
+
+    #[test]
+    fn lease_keys() {
+        let l = |s: &str| DaemonConfig::from_conf(&p(s).unwrap(), KeySet::Lock).map(|c| c.lease);
+        assert_eq!(l("").unwrap(), LeaseConfig::default());
+        assert_eq!(
+            l("").unwrap().renew_interval,
+            0,
+            "renewal is off by default"
+        );
+        let on = l("lease_renew_interval = 2").unwrap();
+        assert_eq!(
+            (on.renew_timeout, on.loss_action),
+            (6, LeaseLossAction::Kill)
+        );
+        let none =
+            l("lease_renew_interval=1\nlease_renew_timeout=4\nlease_loss_action='none'").unwrap();
+        assert_eq!(
+            (none.renew_timeout, none.loss_action),
+            (4, LeaseLossAction::None)
+        );
+        assert!(l("lease_loss_action = 'reboot'").is_err());
+        assert!(l("lease_renew_interval = 5\nlease_renew_timeout = 5").is_err());
+        // virtlogd does not read them.
+        let c = p("lease_loss_action = 'reboot'").unwrap();
+        assert!(DaemonConfig::from_conf(&c, KeySet::Log).is_ok());
     }
 
     #[test]

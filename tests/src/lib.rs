@@ -896,7 +896,7 @@ impl TranscriptConn {
 /// SO_PEERCRED pid is the child's. Register with [`OwnerChild::pid`] as owner pid to make
 /// this connection the owner's own (QEMU's inherited) connection.
 ///
-/// The child is `sleep 30`; a `pre_exec` hook connects a socket created by the test
+/// The child is `sleep 30` (or `sleep SECS`); a `pre_exec` hook connects a socket created by the test
 /// (connect(2) in the child, file description shared with the test), and the socket is
 /// close-on-exec, so after exec only the test holds it. [`OwnerChild::exit`] kills and
 /// reaps the child and then closes the connection, in the order QEMU's death produces:
@@ -909,6 +909,11 @@ pub struct OwnerChild {
 impl OwnerChild {
     /// Spawns the child and connects to `sock` from it.
     pub fn connect(sock: &Path) -> OwnerChild {
+        Self::connect_living(sock, 30)
+    }
+
+    /// [`OwnerChild::connect`] with a child that lives `secs` seconds.
+    pub fn connect_living(sock: &Path, secs: u32) -> OwnerChild {
         use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType, UnixAddr};
         let fd = socket(
             AddressFamily::Unix,
@@ -920,7 +925,7 @@ impl OwnerChild {
         let addr = UnixAddr::new(sock).expect("socket path too long");
         let raw = fd.as_raw_fd();
         let mut cmd = Command::new("sleep");
-        cmd.arg("30")
+        cmd.arg(secs.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());

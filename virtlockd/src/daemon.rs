@@ -79,11 +79,10 @@ impl App for LockDaemonApp {
     const KIND: DaemonKind = DaemonKind::Lockd;
     const SINGLE_THREADED: bool = true;
 
-    fn new(_config: &DaemonConfig, _mode: Mode, run: watch::Receiver<RunState>) -> Self {
-        LockDaemonApp {
-            daemon: LockTable::new(LockSpaces::new()),
-            run,
-        }
+    fn new(config: &DaemonConfig, _mode: Mode, run: watch::Receiver<RunState>) -> Self {
+        let daemon = LockTable::new(LockSpaces::new());
+        crate::renewal::start(daemon.clone(), config.lease);
+        LockDaemonApp { daemon, run }
     }
 
     fn hooks(&self) -> Arc<dyn ClientHooks> {

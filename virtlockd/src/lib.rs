@@ -7,10 +7,12 @@
 //! | [`table`] | the lock table; calls' filesystem work on the blocking pool |
 //! | [`daemon`] | virtlockd's part of the daemon front-end and of the re-exec state |
 //! | [`program`] | RPC dispatch: owner registration, restriction, checks in 9.0's order |
+//! | [`renewal`] | lease renewal across hosts and fencing of owners whose leases are lost |
 
 pub mod daemon;
 pub mod inspect;
 pub mod lockspace;
 pub mod program;
 pub mod protocol;
+pub mod renewal;
 pub mod table;

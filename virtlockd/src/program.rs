@@ -187,6 +187,7 @@ impl LockProgram {
                     return Err(unregistered_error().into());
                 }
                 // 9.0 lets a connection register again; it just overwrites the owner.
+                crate::renewal::note_owner(a.owner.pid, &a.owner.name, a.owner.uuid);
                 c.owner_name = Some(a.owner.name);
                 c.owner_uuid = a.owner.uuid;
                 c.owner_id = a.owner.id;

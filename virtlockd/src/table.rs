@@ -63,6 +63,11 @@ impl LockTable {
             .map_err(|_| RpcError::internal(domain::LOCKSPACE, "lockspace table poisoned"))
     }
 
+    /// The lockspaces if nobody holds them now (lease renewal never waits for the table).
+    pub fn try_spaces(&self) -> Option<MutexGuard<'_, LockSpaces>> {
+        self.spaces.try_lock().ok()
+    }
+
     /// The lockspaces for a job that must record its outcome whatever happened before:
     /// a panic elsewhere cannot leave the slots half-updated (each update is one step).
     fn spaces_always(&self) -> MutexGuard<'_, LockSpaces> {

@@ -63,6 +63,14 @@ USAGE:
       the operator-only inspect program on their admin sockets (the daemon's own uid
       only). libvirt's C daemons do not have it.
 
+  vhctl holders DIR [--stale SECS]
+      Who holds the leases of a shared lockspace DIR, across hosts: the heartbeat each
+      host's virtlockd writes there when lease renewal is on (.virtlockd-renew.<host>),
+      flagged STALE when not renewed for SECS (default 30) while it lists leases; then
+      every lease file with its lock as this host sees it (F_GETLK) and the holder
+      record our virtlockd writes into exclusive lease files. Hosts without renewal
+      (libvirt's C daemon) show up only through their locks.
+
   vhctl help | --help | -h
 
 TARGET (which daemon; default: --system as root, --session otherwise):
@@ -641,6 +649,115 @@ fn status(mut a: Args) -> Result<i32, Fail> {
     Ok(if failed { EXIT_USAGE } else { EXIT_OK })
 }
 
+/// The lock on byte 0 of `path` as another process sees it.
+fn lock_state(path: &Path) -> String {
+    use std::os::fd::AsRawFd;
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => return format!("cannot open: {e}"),
+    };
+    let mut fl = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 1,
+        l_pid: 0,
+    };
+    match nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_GETLK(&mut fl)) {
+        Err(e) => format!("F_GETLK failed: {e}"),
+        Ok(_) => match i32::from(fl.l_type) {
+            libc::F_UNLCK => "unlocked".into(),
+            libc::F_RDLCK => format!("read-locked (pid {})", fl.l_pid),
+            _ => format!("write-locked (pid {})", fl.l_pid),
+        },
+    }
+}
+
+/// `key=value` lines of a heartbeat or holder record.
+fn fields(text: &str) -> Vec<(&str, &str)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .collect()
+}
+
+fn holders(mut a: Args) -> Result<i32, Fail> {
+    let stale: u64 = match a.string("--stale")? {
+        None => 30,
+        Some(v) => v
+            .parse()
+            .map_err(|_| usage(format!("--stale: '{v}' is not a number of seconds")))?,
+    };
+    let dir = match a.rest.len() {
+        1 => PathBuf::from(a.rest.remove(0)),
+        _ => return Err(usage("holders needs one lockspace directory")),
+    };
+    a.finish(false)?;
+    let entries =
+        std::fs::read_dir(&dir).map_err(|e| Fail(EXIT_USAGE, format!("{}: {e}", dir.display())))?;
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    println!("lockspace {}", dir.display());
+    let mut renewing: Vec<(String, String)> = Vec::new();
+    for n in names.iter().filter(|n| n.starts_with(".virtlockd-renew.")) {
+        let text = std::fs::read_to_string(dir.join(n)).unwrap_or_default();
+        let f = fields(&text);
+        let get = |k: &str| f.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
+        let host = get("host").unwrap_or("?");
+        let renewed: u64 = get("renewed").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let leases: Vec<&str> = f
+            .iter()
+            .filter(|(k, _)| *k == "lease")
+            .map(|(_, v)| *v)
+            .collect();
+        let age = now.saturating_sub(renewed);
+        let flag = if !leases.is_empty() && age > stale {
+            format!("STALE: not renewed for {age}s, its leases may be lost or taken")
+        } else {
+            format!("renewed {age}s ago")
+        };
+        println!(
+            "host {host} (virtlockd pid {}): {flag}, {} lease(s)",
+            get("daemon_pid").unwrap_or("?"),
+            leases.len()
+        );
+        for l in leases {
+            println!("  {l}");
+            let name = l.split(' ').next().unwrap_or_default();
+            renewing.push((name.to_string(), host.to_string()));
+        }
+    }
+    println!("lease files (locks as seen from this host):");
+    for n in names.iter().filter(|n| !n.starts_with('.')) {
+        let path = dir.join(n);
+        let hosts: Vec<&str> = renewing
+            .iter()
+            .filter(|(l, _)| l == n)
+            .map(|(_, h)| h.as_str())
+            .collect();
+        let by = if hosts.is_empty() {
+            "no renewing host lists it".to_string()
+        } else {
+            format!("listed by {}", hosts.join(","))
+        };
+        let record = std::fs::read_to_string(&path).unwrap_or_default();
+        let rec: Vec<String> = fields(&record)
+            .iter()
+            .filter(|(k, _)| matches!(*k, "host" | "since" | "owner_pid"))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!("  {n}\t{}\t{by}\t{}", lock_state(&path), rec.join(" "));
+    }
+    Ok(EXIT_OK)
+}
+
 fn main() {
     let mut argv: Vec<OsString> = std::env::args_os().skip(1).collect();
     if argv.is_empty() {
@@ -663,6 +780,7 @@ fn main() {
         Some("log-show") => log_show(args),
         Some("lease") => lease(args),
         Some("status") => status(args),
+        Some("holders") => holders(args),
         _ => Err(usage(format!(
             "unknown command '{}'",
             sub.to_string_lossy()
