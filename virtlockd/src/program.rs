@@ -34,13 +34,28 @@ pub struct LockClient {
 /// The lock daemon's state shared by all connections.
 pub struct LockDaemon {
     spaces: Mutex<LockSpaces>,
+    /// Leases released because their owner's connection closed while it held them
+    /// (operator metrics; carried across re-exec).
+    lease_losses: std::sync::atomic::AtomicU64,
 }
 
 impl LockDaemon {
     pub fn new(spaces: LockSpaces) -> Arc<Self> {
         Arc::new(LockDaemon {
             spaces: Mutex::new(spaces),
+            lease_losses: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Leases lost by owners whose connection closed while holding them.
+    pub fn lease_losses(&self) -> u64 {
+        self.lease_losses.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts lost leases (or adds the count carried across a re-exec).
+    pub fn add_lease_losses(&self, n: u64) {
+        self.lease_losses
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The lockspaces, for calls, re-exec and operator views.
@@ -248,7 +263,14 @@ impl ClientHooks for LockHooks {
             return;
         }
         let held = match self.daemon.spaces() {
-            Ok(mut s) => s.release_owner(c.owner_pid),
+            Ok(mut s) => {
+                let lost: usize = s
+                    .iter()
+                    .map(|(_, ls)| ls.resources_owned_by(c.owner_pid))
+                    .sum();
+                self.daemon.add_lease_losses(lost as u64);
+                s.release_owner(c.owner_pid)
+            }
             Err(_) => true,
         };
         if held {
