@@ -440,3 +440,69 @@ fn slow_follower_is_told_what_it_missed_and_never_stalls_the_log() {
         "shown + missed = written; {err}"
     );
 }
+
+/// The man pages come from the same source as `--help` (`vh_common::manual`) and must
+/// render cleanly: `groff -ww` (all warnings) prints nothing, `man -l` formats them.
+#[test]
+fn man_pages_render_without_warnings() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (page, section) in [("vhctl", 1), ("virtlogd", 8), ("virtlockd", 8)] {
+        let o = vhctl(&["man", page]);
+        assert_eq!(o.status.code(), Some(0), "vhctl man {page}");
+        let src = tmp.path().join(format!("{page}.{section}"));
+        fs::write(&src, &o.stdout).unwrap();
+        let g = Command::new("groff")
+            .args(["-ww", "-man", "-Tutf8", "-z"])
+            .arg(&src)
+            .output()
+            .expect("groff is required (install man-db / groff-base)");
+        assert!(g.status.success(), "groff failed on {page}");
+        assert_eq!(
+            String::from_utf8_lossy(&g.stderr),
+            "",
+            "groff warnings for {page}"
+        );
+        let m = Command::new("man")
+            .args(["-l", "-Tutf8"])
+            .arg(&src)
+            .env("MANWIDTH", "80")
+            .env("MAN_KEEP_STDERR", "1")
+            .output()
+            .expect("man is required (install man-db)");
+        // grotty's bold and underline are overstrikes ("N\bN"): keep the last char.
+        let raw: Vec<char> = String::from_utf8_lossy(&m.stdout).chars().collect();
+        let mut text = String::new();
+        let mut i = 0;
+        while i < raw.len() {
+            if raw.get(i + 1) == Some(&'\u{8}') {
+                i += 2;
+                continue;
+            }
+            text.push(raw[i]);
+            i += 1;
+        }
+        assert!(m.status.success(), "man -l {page}");
+        assert_eq!(
+            String::from_utf8_lossy(&m.stderr),
+            "",
+            "man warnings for {page}"
+        );
+        assert!(text.contains("NAME") && text.contains(page), "{text}");
+        if section == 8 {
+            for want in [
+                "SIGUSR1",
+                "max_clients",
+                "--timeout",
+                "DIFFERENCES FROM LIBVIRT",
+            ] {
+                assert!(text.contains(want), "{page}(8) lacks {want}:\n{text}");
+            }
+        }
+    }
+    // --help is the same page rendered as text.
+    let h = vhctl(&["--help"]);
+    let help = String::from_utf8_lossy(&h.stdout);
+    for cmd in ["log-run", "log-show", "lease", "status", "metrics", "man"] {
+        assert!(help.contains(&format!("  {cmd} ")), "--help lacks {cmd}");
+    }
+}

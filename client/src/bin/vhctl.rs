@@ -18,76 +18,155 @@ use vh_client::inspect;
 use vh_client::{
     lease_name_for_path, ClientError, LockManager, LogManager, LogPosition, Owner, Target,
 };
+use vh_common::manual::{self, Block, Page, Section};
 use vh_common::paths::DaemonKind;
 
 const EXIT_OK: i32 = 0;
 const EXIT_USAGE: i32 = 1;
 const EXIT_BUSY: i32 = 2;
 
-const HELP: &str = "\
-vhctl: use virtlogd / virtlockd (ours or libvirt's) from scripts and non-libvirt VMMs
+/// vhctl's manual: `--help` and vhctl(1) are both rendered from it.
+fn page() -> Page {
+    let item = |t: &str, d: &str| Block::Item(t.to_string(), d.to_string());
+    let commands = vec![
+        item(
+            "log-run [TARGET] --path LOG [--name N] [--uuid U] [--driver D] [--truncate] -- CMD [ARGS...]",
+            "Open LOG through virtlogd (OpenLogFile) and run CMD with its stdout and stderr \
+             going into the pipe virtlogd drains: the file is capped at max_size and rotated \
+             into LOG.0..LOG.N (max_backups) by the daemon. CMD's exit code is vhctl's. \
+             Fails if another writer already has LOG open (\"Device or resource busy\"). \
+             --name/--uuid/--driver only label the log in the daemon (default: CMD's \
+             basename, the nil uuid, driver \"vhctl\"). --truncate empties LOG first.",
+        ),
+        item(
+            "log-show [TARGET] --path LOG [--follow [--logd-admin SOCK]]",
+            "Print LOG from the oldest backup still on disk (LOG.N ... LOG.0, LOG) through \
+             ReadLogFile. --follow then prints each byte as virtlogd writes it, across any \
+             number of rotations, without polling: our virtlogd pushes it over its admin \
+             socket (the daemon's uid only; libvirt's C daemon cannot). If this output is \
+             read too slowly, the daemon drops what does not fit and vhctl says on stderr \
+             how many bytes are not shown; the log itself never waits. When the log closes \
+             or the daemon re-executes, vhctl reads what it missed and waits for the log to \
+             reopen. As with libvirt 9.0, a NUL byte cuts a ReadLogFile reply short; vhctl \
+             steps over it.",
+        ),
+        item(
+            "lease [TARGET] [--shared] [--lockspace DIR | --indirect DIR] --disk PATH [--disk PATH...] [--name N] [--uuid U] [--id N] -- CMD [ARGS...]",
+            "Register with virtlockd (owner pid = this vhctl process), acquire a lease per \
+             disk, then run CMD under vhctl's supervision and release everything when it \
+             exits. Lease kinds, matching libvirt's lockd plugin:",
+        ),
+        Block::Pre(
+            "(default)        direct lease: fcntl lock on PATH itself in the default\n\
+             \x20                lockspace; PATH must exist.\n\
+             --indirect DIR   libvirt's file_lockspace_dir: lease named sha256(PATH) in\n\
+             \x20                DIR (auto-created). Give PATH exactly as the domain XML\n\
+             \x20                has it to exclude libvirt guests using the same disk.\n\
+             --lockspace DIR  named leases: each --disk value is used verbatim as the\n\
+             \x20                lease name (no '/') in lockspace DIR (auto-created)."
+                .to_string(),
+        ),
+        Block::Para(
+            "--shared takes shared leases (like <shareable/>). If a lease is busy, CMD is \
+             not started and vhctl exits 2 naming the disk. Killing CMD releases its leases; \
+             if vhctl itself dies, virtlockd releases them and CMD is killed with it \
+             (SIGKILL via PR_SET_PDEATHSIG), so CMD never runs without its leases."
+                .to_string(),
+        ),
+        item(
+            "status [--system | --session] [--logd-admin SOCK] [--lockd-admin SOCK] [--logs | --locks]",
+            "List the logs our virtlogd holds open and the resources our virtlockd holds, \
+             via the operator-only inspect program on their admin sockets (the daemon's own \
+             uid only). libvirt's C daemons do not have it.",
+        ),
+        item(
+            "metrics [--system | --session] [--logd-admin SOCK] [--lockd-admin SOCK]",
+            "Print both daemons' figures in the Prometheus text format (for node_exporter's \
+             textfile collector): virtlogd_up, virtlogd_logs_open, and per log path \
+             virtlogd_log_written_bytes_total, virtlogd_log_dropped_bytes_total and \
+             virtlogd_log_rotations_total; virtlockd_up, virtlockd_leases_held{lockspace} \
+             (the default lockspace is \"\"), virtlockd_owners, \
+             virtlockd_lease_losses_total. Counters survive a re-exec.",
+        ),
+        item(
+            "man [vhctl | virtlogd | virtlockd]",
+            "Print the man page (roff) of vhctl(1), virtlogd(8) or virtlockd(8), rendered \
+             from the same source as the --help texts.",
+        ),
+        item("help | --help | -h", "This text."),
+    ];
+    let target = vec![
+        Block::Para("Which daemon; default: --system as root, --session otherwise.".into()),
+        item(
+            "--system",
+            "/run/libvirt/<daemon>-sock (never starts the daemon).",
+        ),
+        item(
+            "--session",
+            "$XDG_RUNTIME_DIR/libvirt/<daemon>-sock; starts `<daemon> --timeout=120` if it \
+             is not running, and says which binary: $VIRTLOGD_PATH / $VIRTLOCKD_PATH, else \
+             ours beside vhctl, else /usr/sbin/<daemon> (which may be libvirt's).",
+        ),
+        item("--socket PATH", "This socket (never starts the daemon)."),
+        Block::Para(
+            "Relative LOG and PATH arguments are taken from vhctl's working directory.".into(),
+        ),
+    ];
+    let exit = vec![
+        item("0", "Success."),
+        item(
+            "1",
+            "Usage or connection error, or an error from the daemon.",
+        ),
+        item("2", "A lease is busy (lease); the command was not started."),
+        item(
+            "other",
+            "log-run and lease: the command's own exit code (128 + the signal number if \
+             it was killed).",
+        ),
+    ];
+    Page {
+        name: "vhctl".into(),
+        section: 1,
+        summary: "use virtlogd / virtlockd (ours or libvirt's) from scripts and non-libvirt VMMs"
+            .into(),
+        synopsis: vec![
+            "vhctl log-run | log-show | lease | status | metrics | man | help [OPTIONS]".into(),
+        ],
+        sections: vec![
+            Section {
+                title: "Commands".into(),
+                blocks: commands,
+            },
+            Section {
+                title: "Target".into(),
+                blocks: target,
+            },
+            Section {
+                title: "Exit codes".into(),
+                blocks: exit,
+            },
+            Section {
+                title: "See also".into(),
+                blocks: vec![Block::Para("virtlogd(8), virtlockd(8)".into())],
+            },
+        ],
+    }
+}
 
-USAGE:
-  vhctl log-run [TARGET] --path LOG [--name N] [--uuid U] [--driver D] [--truncate] -- CMD [ARGS...]
-      Open LOG through virtlogd (OpenLogFile) and run CMD with its stdout and stderr
-      going into the pipe virtlogd drains: the file is capped at max_size and rotated
-      into LOG.0..LOG.N (max_backups) by the daemon. CMD's exit code is vhctl's.
-      Fails if another writer already has LOG open (\"Device or resource busy\").
-      --name/--uuid/--driver only label the log in the daemon (default: CMD's basename,
-      the nil uuid, driver \"vhctl\"). --truncate empties LOG first.
-
-  vhctl log-show [TARGET] --path LOG [--follow [--logd-admin SOCK]]
-      Print LOG from the oldest backup still on disk (LOG.N ... LOG.0, LOG) through
-      ReadLogFile. --follow then prints each byte as virtlogd writes it, across any
-      number of rotations, without polling: our virtlogd pushes it over its admin
-      socket (the daemon's uid only; libvirt's C daemon cannot). If this output is read
-      too slowly, the daemon drops what does not fit and vhctl says how many bytes are
-      not shown; the log itself never waits. When the log closes or the daemon
-      re-executes, vhctl reads what it missed and waits for the log to reopen. As with
-      libvirt 9.0, a NUL byte cuts a ReadLogFile reply short; vhctl steps over it.
-
-  vhctl lease [TARGET] [--shared] [--lockspace DIR | --indirect DIR] --disk PATH [--disk PATH...]
-              [--name N] [--uuid U] [--id N] -- CMD [ARGS...]
-      Register with virtlockd (owner pid = this vhctl process), acquire a lease per
-      disk, then run CMD under vhctl's supervision and release everything when it exits.
-      Lease kinds, matching libvirt's lockd plugin:
-        (default)        direct lease: fcntl lock on PATH itself in the default lockspace;
-                         PATH must exist.
-        --indirect DIR   libvirt's file_lockspace_dir: lease named sha256(PATH) in DIR
-                         (auto-created). Give PATH exactly as the domain XML has it to
-                         exclude libvirt guests using the same disk.
-        --lockspace DIR  named leases: each --disk value is used verbatim as the lease
-                         name (no '/') in lockspace DIR (auto-created).
-      --shared takes shared leases (like <shareable/>). If a lease is busy, CMD is not
-      started and vhctl exits 2 naming the disk. Killing CMD releases its leases; if
-      vhctl itself dies, virtlockd releases them and CMD is killed with it (SIGKILL via
-      PR_SET_PDEATHSIG), so CMD never runs without its leases.
-
-  vhctl status [--system | --session] [--logd-admin SOCK] [--lockd-admin SOCK] [--logs | --locks]
-      List the logs our virtlogd holds open and the resources our virtlockd holds, via
-      the operator-only inspect program on their admin sockets (the daemon's own uid
-      only). libvirt's C daemons do not have it.
-
-  vhctl metrics [--system | --session] [--logd-admin SOCK] [--lockd-admin SOCK]
-      Print both daemons' figures in the Prometheus text format (for node_exporter's
-      textfile collector): virtlogd_up, virtlogd_logs_open, and per log path
-      virtlogd_log_{written,dropped}_bytes_total and virtlogd_log_rotations_total;
-      virtlockd_up, virtlockd_leases_held{lockspace} (default lockspace: \"\"),
-      virtlockd_owners, virtlockd_lease_losses_total. Counters survive a re-exec.
-
-  vhctl help | --help | -h
-
-TARGET (which daemon; default: --system as root, --session otherwise):
-  --system         /run/libvirt/<daemon>-sock (never spawns the daemon)
-  --session        $XDG_RUNTIME_DIR/libvirt/<daemon>-sock; starts `<daemon> --timeout=120`
-                   if not running, and says which: $VIRTLOGD_PATH / $VIRTLOCKD_PATH, else
-                   ours beside vhctl, else /usr/sbin/<daemon> (possibly libvirt's)
-  --socket PATH    this socket (never spawns)
-
-Relative LOG and PATH arguments are taken from vhctl's working directory.
-
-EXIT CODES: 0 ok, 1 usage or connection error, 2 lease busy, else the command's code.
-";
+/// `vhctl man PAGE`: the roff source of a man page.
+fn man(mut a: Args) -> Result<i32, Fail> {
+    let which = a.rest.pop();
+    a.finish(false)?;
+    let page = match which.as_ref().and_then(|w| w.to_str()) {
+        None | Some("vhctl") => page(),
+        Some("virtlogd") => manual::daemon_page(DaemonKind::Logd),
+        Some("virtlockd") => manual::daemon_page(DaemonKind::Lockd),
+        Some(w) => return Err(usage(format!("no man page '{w}'"))),
+    };
+    write_out(&mut io::stdout().lock(), page.roff().as_bytes())?;
+    Ok(EXIT_OK)
+}
 
 /// A usage or runtime failure with the exit code it maps to.
 struct Fail(i32, String);
@@ -243,7 +322,7 @@ fn prefer_our_daemons() {
         ("VIRTLOCKD_PATH", "virtlockd"),
     ] {
         let ours = dir.join(name);
-        if std::env::var_os(var).map_or(true, |v| v.is_empty()) && ours.is_file() {
+        if std::env::var_os(var).unwrap_or_default().is_empty() && ours.is_file() {
             // SAFETY: called first thing in main, before any other thread exists.
             unsafe { std::env::set_var(var, &ours) };
         }
@@ -854,7 +933,7 @@ fn main() {
     prefer_our_daemons();
     let mut argv: Vec<OsString> = std::env::args_os().skip(1).collect();
     if argv.is_empty() {
-        eprint!("{HELP}");
+        eprint!("{}", page().help());
         std::process::exit(EXIT_USAGE);
     }
     let sub = argv.remove(0);
@@ -862,11 +941,11 @@ fn main() {
     let wants_help = args.rest.iter().any(|a| a == "--help" || a == "-h");
     let res = match sub.to_str() {
         Some("help" | "--help" | "-h") => {
-            print!("{HELP}");
+            print!("{}", page().help());
             Ok(EXIT_OK)
         }
         Some(_) if wants_help => {
-            print!("{HELP}");
+            print!("{}", page().help());
             Ok(EXIT_OK)
         }
         Some("log-run") => log_run(args),
@@ -874,6 +953,7 @@ fn main() {
         Some("lease") => lease(args),
         Some("status") => status(args),
         Some("metrics") => metrics(args),
+        Some("man") => man(args),
         _ => Err(usage(format!(
             "unknown command '{}'",
             sub.to_string_lossy()
