@@ -506,3 +506,45 @@ fn man_pages_render_without_warnings() {
         assert!(help.contains(&format!("  {cmd} ")), "--help lacks {cmd}");
     }
 }
+
+/// The Debian package's install/remove cycle under live daemons holding a guest's log
+/// pipe and lease (packaging/test-deb.sh, in a private mount namespace with overlays,
+/// so the host's dpkg database and /usr are untouched).
+#[test]
+fn debian_package_swaps_live_daemons_both_ways() {
+    require_root();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let profile = bin_dir()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    assert!(
+        profile == "debug" || profile == "release",
+        "binaries in {}",
+        bin_dir().display()
+    );
+    // Inside `cargo test` cargo holds the build lock: package what is built.
+    let deb = Command::new(root.join("packaging/deb.sh"))
+        .env("VH_DEB_PROFILE", &profile)
+        .env("VH_DEB_NO_BUILD", "1")
+        .output()
+        .expect("run packaging/deb.sh");
+    assert!(
+        deb.status.success(),
+        "deb.sh: {}",
+        String::from_utf8_lossy(&deb.stderr)
+    );
+    let path = String::from_utf8_lossy(&deb.stdout).trim().to_string();
+    let t = Command::new(root.join("packaging/test-deb.sh"))
+        .arg(root.join(&path))
+        .env("VH_DEB_PROFILE", &profile)
+        .output()
+        .expect("run packaging/test-deb.sh");
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&t.stdout),
+        String::from_utf8_lossy(&t.stderr)
+    );
+    assert!(t.status.success(), "{out}");
+    assert!(out.contains("test-deb: PASS"), "{out}");
+}
