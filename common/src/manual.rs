@@ -233,7 +233,8 @@ impl Page {
     /// The page in man(7) macros.
     pub fn roff(&self) -> String {
         let mut s = format!(
-            ".TH {} {} \"\" \"virt-helpers {}\" \"virt-helpers\"\n.SH NAME\n{} \\- {}\n.SH SYNOPSIS\n",
+            // No hyphenation, ragged right: option names must not break at a hyphen.
+            ".TH {} {} \"\" \"virt-helpers {}\" \"virt-helpers\"\n.nh\n.ad l\n.SH NAME\n{} \\- {}\n.SH SYNOPSIS\n",
             self.name.to_uppercase(),
             self.section,
             env!("CARGO_PKG_VERSION"),
