@@ -40,7 +40,9 @@ glibc=$(objdump -T "$bin/virtlogd" "$bin/virtlockd" "$bin/vhctl" 2>/dev/null |
     grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)
 [[ -n $glibc ]] || glibc=2.34
 
+# The release package in target/debian/; a debug one (tests) apart, never mistaken for it.
 out=target/debian
+[[ $profile == release ]] || out=target/debian/$profile
 stage=$out/stage
 rm -rf "$stage"
 mkdir -p "$stage/DEBIAN" "$stage/usr/sbin" "$stage/usr/bin" \

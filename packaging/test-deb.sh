@@ -24,7 +24,6 @@ deb=$(realpath "${1:?usage: test-deb.sh DEB}")
 [[ $(id -u) == 0 ]] || fail "needs root (mount namespace, dpkg)"
 vhctl=$PWD/target/${VH_DEB_PROFILE:-debug}/vhctl
 [[ -x $vhctl ]] || fail "$vhctl is not built"
-ours_logd=$PWD/target/${VH_DEB_PROFILE:-debug}/virtlogd
 for c in dpkg dpkg-divert unshare mkfifo cmp; do
     command -v "$c" >/dev/null || fail "$c not found"
 done
@@ -62,6 +61,9 @@ done
 mount -t tmpfs tmpfs /run
 mkdir -p /run/libvirt /var/log/libvirt
 cp /usr/sbin/virtlogd "$work/c-virtlogd"
+# Ours as packaged (a release package's binaries are stripped).
+ours_logd=$work/ours-virtlogd
+dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/sbin/virtlogd >"$ours_logd"
 cp /usr/sbin/virtlockd "$work/c-virtlockd"
 
 # --- libvirt's C daemons, as systemd would run them (no -d) ----------------------
@@ -86,7 +88,8 @@ mkfifo "$work/ctl"
 "$vhctl" log-run --system --path "$log" --name guest -- cat "$work/ctl" &
 pids+=($!)
 exec 3>"$work/ctl"
-"$vhctl" lease --system --disk "$disk" --name guest -- sleep 3600 &
+# The command runs only once the lease is held: it says so, then sleeps.
+"$vhctl" lease --system --disk "$disk" --name guest -- sh -c ": >'$work/leased'; exec sleep 3600" &
 pids+=($!)
 
 line() {
@@ -107,11 +110,10 @@ runs() { # name pid binary
     cmp -s "/proc/$2/exe" "$3" || fail "$1 (pid $2) does not run $3"
 }
 for i in $(seq 200); do
-    rc=0
-    "$vhctl" lease --system --disk "$disk" --name other -- true 2>/dev/null || rc=$?
-    [[ $rc == 2 ]] && break
+    [[ -e $work/leased ]] && break
     sleep 0.05
 done
+[[ -e $work/leased ]] || fail "the guest did not get its lease"
 line "line 1 under libvirt's daemons"
 lease_held
 
