@@ -312,7 +312,21 @@ impl Follower {
     }
 
     fn wait_len(&self, n: usize) {
-        wait_until(&format!("vhctl to print {n} bytes"), || self.len() >= n);
+        let mut ok = false;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            if self.len() >= n {
+                ok = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            ok,
+            "vhctl printed {} of {n} bytes; its stderr: {}",
+            self.len(),
+            self.stderr()
+        );
     }
 
     fn stderr(&self) -> String {
@@ -379,8 +393,14 @@ fn follow_streams_exact_bytes_across_rotations_and_reexec() {
         "CPU ticks while idle (daemon, vhctl)"
     );
 
-    // A re-exec ends the stream; vhctl reads the gap and follows the new image.
+    // A re-exec ends the stream; vhctl reads the gap and follows the new image (what
+    // is written before it does is read back from the files, which 4 KiB logs would
+    // rotate away: wait for it, as the metrics show).
     reexec(&logd);
+    let admin = Target::Socket(logd.admin_sock());
+    wait_until("vhctl to follow the new image", || {
+        vh_client::inspect::log_metrics(&admin).is_ok_and(|l| l.len() == 1 && l[0].followers == 1)
+    });
     emit(&mut pipe, "after", 512 << 10, &mut expected);
     f.wait_len(expected.len());
     std::thread::sleep(Duration::from_millis(200));
@@ -423,22 +443,29 @@ fn slow_follower_is_told_what_it_missed_and_never_stalls_the_log() {
     let written = vh_client::inspect::log_metrics(&Target::Socket(logd.admin_sock())).unwrap();
     assert_eq!(written[0].counters.written, 6 + total as u64);
     nix::sys::signal::kill(vpid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let missed = || -> u64 {
+        f.stderr()
+            .lines()
+            .filter_map(|l| l.strip_prefix("vhctl: "))
+            .filter_map(|l| l.split(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    // The reader is told what it missed as soon as it has room again, with no further
+    // write: what it shows plus what it was told it missed is everything written.
+    wait_until("shown + missed to add up to what was written", || {
+        f.len() as u64 + missed() == (6 + total) as u64
+    });
+    assert!(
+        missed() > 0,
+        "a stopped reader must miss bytes: {}",
+        f.stderr()
+    );
+    // And it follows on.
     lm.append("qemu", [1; 16], "s", &path, b"end\n").unwrap();
     wait_until("vhctl to print the end", || {
         f.out.lock().unwrap().ends_with(b"end\n")
     });
-    let err = f.stderr();
-    let missed: u64 = err
-        .lines()
-        .filter_map(|l| l.strip_prefix("vhctl: "))
-        .filter_map(|l| l.split(' ').next()?.parse::<u64>().ok())
-        .sum();
-    assert!(missed > 0, "a stopped reader must miss bytes: {err}");
-    assert_eq!(
-        f.len() as u64 + missed,
-        (6 + total + 4) as u64,
-        "shown + missed = written; {err}"
-    );
+    assert_eq!(f.len() as u64 + missed(), (6 + total + 4) as u64);
 }
 
 /// The man pages come from the same source as `--help` (`vh_common::manual`) and must

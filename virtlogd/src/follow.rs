@@ -7,7 +7,9 @@
 //! sees the file's bytes in order with nothing missing or repeated. A follower socket is
 //! SOCK_SEQPACKET (records keep their boundaries) and is written with MSG_DONTWAIT: a
 //! follower that reads too slowly never stalls the log. What did not fit is counted and
-//! reported by a [`RECORD_MISSED`] record before the next bytes that do fit.
+//! reported by a [`RECORD_MISSED`] record as soon as the follower has room again (a
+//! thread waits for that, only while a follower is behind), and always before the next
+//! bytes it gets.
 //!
 //! Records (the first byte is the kind):
 //! * [`RECORD_DATA`] + bytes: the next bytes of the log (at most [`DATA_MAX`]);
@@ -21,9 +23,9 @@
 use crate::rotating_file::WriteTap;
 use nix::errno::Errno;
 use nix::sys::socket::{send, MsgFlags};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 pub const RECORD_DATA: u8 = 0;
 pub const RECORD_MISSED: u8 = 1;
@@ -38,6 +40,9 @@ const SEND_BUFFER: usize = 4 << 20;
 
 #[derive(Debug)]
 struct Follower {
+    id: u64,
+    /// A thread waits for room to report what was missed (see [`wait_for_room`]).
+    waiting: bool,
     sock: OwnedFd,
     /// Bytes not sent since the last missed record that got through.
     missed: u64,
@@ -118,8 +123,10 @@ impl Follower {
 }
 
 /// The followers of one log.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Followers {
+    me: Weak<Followers>,
+    next_id: AtomicU64,
     list: Mutex<Vec<Follower>>,
     /// `list.len()`, readable without the lock: the writer's fast path when nobody
     /// follows (the common case) is one atomic load.
@@ -127,6 +134,15 @@ pub struct Followers {
 }
 
 impl Followers {
+    pub fn new() -> Arc<Followers> {
+        Arc::new_cyclic(|me| Followers {
+            me: me.clone(),
+            next_id: AtomicU64::new(0),
+            list: Mutex::new(Vec::new()),
+            count: AtomicUsize::new(0),
+        })
+    }
+
     /// Adds a follower socket (SOCK_SEQPACKET). Call under the log's writer lock, so the
     /// first byte it gets is the one written after the position the caller reported.
     pub fn add(&self, sock: OwnedFd) -> Result<(), &'static str> {
@@ -141,6 +157,8 @@ impl Followers {
         let _ =
             nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::SndBuf, &SEND_BUFFER);
         list.push(Follower {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            waiting: false,
             sock,
             missed: 0,
             rotated: None,
@@ -162,13 +180,79 @@ impl Followers {
         self.count.load(Ordering::Acquire) > 0
     }
 
+    /// How many follow this log (operator metrics).
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
     fn each(&self, mut f: impl FnMut(&mut Follower) -> bool) {
         if !self.following() {
             return;
         }
         if let Ok(mut list) = self.list.lock() {
-            list.retain_mut(&mut f);
+            list.retain_mut(|fl| {
+                let keep = f(fl);
+                if keep && !fl.waiting && (fl.missed > 0 || fl.rotated.is_some()) {
+                    fl.waiting = self.spawn_waiter(fl);
+                }
+                keep
+            });
             self.count.store(list.len(), Ordering::Release);
+        }
+    }
+
+    /// Starts a thread that reports `f`'s missed bytes once its socket has room.
+    /// Returns false if none could be started (the report then waits for the next
+    /// write).
+    fn spawn_waiter(&self, f: &Follower) -> bool {
+        let Ok(sock) = f.sock.try_clone() else {
+            return false;
+        };
+        let (me, id) = (self.me.clone(), f.id);
+        std::thread::Builder::new()
+            .name("log-follower".into())
+            .spawn(move || wait_for_room(me, id, sock))
+            .is_ok()
+    }
+}
+
+/// A lagging follower's thread: blocks until the socket can take a record, then sends
+/// the missed count (under the list lock, so it stays in order with the data). Ends
+/// when that is done, the follower is gone, or the log's followers are.
+fn wait_for_room(followers: Weak<Followers>, id: u64, sock: OwnedFd) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    loop {
+        let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLOUT)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(Errno::EINTR) => continue,
+            Err(_) => return,
+        }
+        let Some(f) = followers.upgrade() else {
+            return;
+        };
+        let Ok(mut list) = f.list.lock() else {
+            return;
+        };
+        let Some(pos) = list.iter().position(|x| x.id == id) else {
+            return;
+        };
+        match list[pos].flush_missed() {
+            Ok(true) => {
+                list[pos].waiting = false;
+                return;
+            }
+            // Readable as writable yet the record did not fit (the reader's queue is
+            // full): wait again, without spinning.
+            Ok(false) => {
+                drop(list);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err(()) => {
+                list.remove(pos);
+                f.count.store(list.len(), Ordering::Release);
+                return;
+            }
         }
     }
 }
@@ -243,7 +327,7 @@ mod tests {
 
     #[test]
     fn passes_bytes_and_rotations_in_order() {
-        let f = Followers::default();
+        let f = Followers::new();
         assert!(!f.following());
         let (ours, theirs) = pair();
         f.add(ours).unwrap();
@@ -261,7 +345,7 @@ mod tests {
     /// the writer; what it got plus what it missed is everything.
     #[test]
     fn slow_follower_is_told_what_it_missed() {
-        let f = Followers::default();
+        let f = Followers::new();
         let (ours, theirs) = pair();
         f.add(ours).unwrap();
         let chunk = vec![b'x'; 8192];
@@ -269,8 +353,15 @@ mod tests {
         for _ in 0..total / chunk.len() {
             f.wrote(&chunk);
         }
-        let (data, missed, _) = drain(&theirs);
-        // The count goes out before the next bytes that fit.
+        let (mut data, mut missed, _) = drain(&theirs);
+        // The count goes out as soon as there is room (a thread waits for it), with no
+        // further write.
+        while missed == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            let (d, m, _) = drain(&theirs);
+            data.extend(d);
+            missed += m;
+        }
         f.wrote(b"end");
         let (more, missed2, _) = drain(&theirs);
         assert!(missed + missed2 > 0);
@@ -283,7 +374,7 @@ mod tests {
 
     #[test]
     fn gone_follower_is_dropped() {
-        let f = Followers::default();
+        let f = Followers::new();
         let (ours, theirs) = pair();
         f.add(ours).unwrap();
         drop(theirs);

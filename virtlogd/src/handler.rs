@@ -162,7 +162,7 @@ impl LogFile {
         limits: Limits,
         carried: LogCounters,
     ) -> Self {
-        let followers = Arc::new(Followers::default());
+        let followers = Followers::new();
         let writer = writer.map(|mut w| {
             w.set_tap(followers.clone());
             w
@@ -588,11 +588,16 @@ impl LogHandler {
 
     /// Every open log's counters, sorted by path (operator metrics). A log restored
     /// across re-exec and not touched since reports what it carried.
-    pub fn counters(&self) -> Vec<(PathBuf, LogCounters)> {
-        let mut out: Vec<(PathBuf, LogCounters)> = self
+    /// Also gives how many follow each log.
+    pub fn counters(&self) -> Vec<(PathBuf, LogCounters, usize)> {
+        let mut out: Vec<(PathBuf, LogCounters, usize)> = self
             .files
             .lock()
-            .map(|f| f.values().map(|l| (l.path.clone(), l.counters())).collect())
+            .map(|f| {
+                f.values()
+                    .map(|l| (l.path.clone(), l.counters(), l.followers.count()))
+                    .collect()
+            })
             .unwrap_or_default();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out

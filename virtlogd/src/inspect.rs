@@ -89,11 +89,14 @@ impl LogEntry {
     }
 }
 
-/// One open log's counters: `{path string, written u64, dropped u64, rotations u64}`.
+/// One open log's counters: `{path string, written u64, dropped u64, rotations u64,
+/// followers u32}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogMetric {
     pub path: Vec<u8>,
     pub counters: LogCounters,
+    /// Streams following the log now (FOLLOW_LOG).
+    pub followers: u32,
 }
 
 impl LogMetric {
@@ -104,14 +107,15 @@ impl LogMetric {
             e.opaque(&m.path)
                 .u64(m.counters.written)
                 .u64(m.counters.dropped)
-                .u64(m.counters.rotations);
+                .u64(m.counters.rotations)
+                .u32(m.followers);
         }
         e.into_inner()
     }
 
     pub fn decode_list(buf: &[u8]) -> Result<Vec<LogMetric>, XdrError> {
         let mut d = Decoder::new(buf);
-        let n = d.array_len(LIST_MAX, 28)?;
+        let n = d.array_len(LIST_MAX, 32)?;
         (0..n)
             .map(|_| {
                 Ok(LogMetric {
@@ -121,6 +125,7 @@ impl LogMetric {
                         dropped: d.u64()?,
                         rotations: d.u64()?,
                     },
+                    followers: d.u32()?,
                 })
             })
             .collect()
@@ -217,9 +222,10 @@ impl Program for InspectProgram {
                     .handler
                     .counters()
                     .into_iter()
-                    .map(|(p, counters)| LogMetric {
+                    .map(|(p, counters, followers)| LogMetric {
                         path: p.as_os_str().as_bytes().to_vec(),
                         counters,
+                        followers: u32::try_from(followers).unwrap_or(u32::MAX),
                     })
                     .collect();
                 Ok(Reply::payload(LogMetric::encode_list(&list)))

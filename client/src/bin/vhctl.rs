@@ -84,7 +84,7 @@ fn page() -> Page {
             "Print both daemons' figures in the Prometheus text format (for node_exporter's \
              textfile collector): virtlogd_up, virtlogd_logs_open, and per log path \
              virtlogd_log_written_bytes_total, virtlogd_log_dropped_bytes_total and \
-             virtlogd_log_rotations_total; virtlockd_up, virtlockd_leases_held{lockspace} \
+             virtlogd_log_rotations_total, virtlogd_log_followers; virtlockd_up, virtlockd_leases_held{lockspace} \
              (the default lockspace is \"\"), virtlockd_owners, \
              virtlockd_lease_losses_total. Counters survive a re-exec.",
         ),
@@ -545,12 +545,17 @@ fn follow_log(
 ) -> Result<i32, Fail> {
     let mut pos: Option<LogPosition> = None;
     let mut waiting = false;
+    // Retry delay while the log is not open: short at first, since a re-exec makes
+    // it look closed for a moment and whatever is written meanwhile must be read
+    // back from files that keep rotating.
+    let mut retry = Duration::from_millis(5);
     loop {
         let (inode, offset, stream) = match inspect::follow_log(admin, path) {
             Ok(s) => s,
             Err(e) if is_not_open(&e) => {
                 // Nothing writes the log: show what is there, then wait for a writer
-                // (the one poll left: twice a second, only while the log is closed).
+                // (the one poll left, backing off to twice a second, only while the log
+                // is not open).
                 let _ = lm.position(path);
                 if log_chain(path).is_empty() && pos.is_none() && !waiting {
                     eprintln!("vhctl: {}: no such log yet; waiting", path.display());
@@ -559,7 +564,8 @@ fn follow_log(
                 }
                 waiting = true;
                 let _ = out.flush();
-                std::thread::sleep(Duration::from_millis(500));
+                std::thread::sleep(retry);
+                retry = (retry * 2).min(Duration::from_millis(500));
                 continue;
             }
             Err(e) if e.is_unsupported() => {
@@ -575,6 +581,7 @@ fn follow_log(
             Err(e) => return Err(e.into()),
         };
         waiting = false;
+        retry = Duration::from_millis(5);
         let start = LogPosition { inode, offset };
         show_range(lm, path, pos, Some(start), out)?;
         let mut cur = start;
@@ -1056,6 +1063,13 @@ fn metrics(mut a: Args) -> Result<i32, Fail> {
             "counter",
             "Rollovers of the log (LOG to LOG.0 and a new LOG).",
             &per(|m| m.counters.rotations),
+        );
+        family(
+            &mut text,
+            "virtlogd_log_followers",
+            "gauge",
+            "Streams following the log (vhctl log-show --follow).",
+            &per(|m| u64::from(m.followers)),
         );
     }
     family(
