@@ -575,3 +575,23 @@ fn debian_package_swaps_live_daemons_both_ways() {
     assert!(t.status.success(), "{out}");
     assert!(out.contains("test-deb: PASS"), "{out}");
 }
+
+/// Against libvirt's C virtlogd (no inspect program) --follow falls back to polling
+/// the main socket, and says so.
+#[test]
+fn follow_falls_back_to_polling_with_libvirts_daemon() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let logd = Daemon::spawn(DaemonKind::C, Service::Virtlogd, &logd_conf(4096, 2));
+    let path = tmp.path().join("c.log");
+    let mut lm = LogManager::connect(&Target::Socket(logd.sock())).unwrap();
+    let (p, _) = lm.open_log("qemu", [1; 16], "c", &path, false).unwrap();
+    let mut pipe = fs::File::from(p);
+    pipe.write_all(b"before\n").unwrap();
+    let f = Follower::start(&logd, &path);
+    f.wait_len(7);
+    pipe.write_all(b"after\n").unwrap();
+    f.wait_len(13);
+    assert_eq!(*f.out.lock().unwrap(), b"before\nafter\n");
+    assert!(f.stderr().contains("polling it instead"), "{}", f.stderr());
+}

@@ -568,15 +568,14 @@ fn follow_log(
                 retry = (retry * 2).min(Duration::from_millis(500));
                 continue;
             }
-            Err(e) if e.is_unsupported() => {
-                return Err(Fail(
-                    EXIT_USAGE,
-                    format!(
-                        "virtlogd does not serve the inspect program (libvirt's C daemon?), \
-                         which --follow needs: {}",
-                        e.message()
-                    ),
-                ))
+            // libvirt's C daemon, or an admin socket we may not use (another uid):
+            // the old way, polling the main socket.
+            Err(e) if e.is_unsupported() || is_denied(&e) => {
+                eprintln!(
+                    "vhctl: cannot stream this log ({}); polling it instead",
+                    e.message()
+                );
+                return poll_log(lm, path, pos, out);
             }
             Err(e) => return Err(e.into()),
         };
@@ -608,6 +607,28 @@ fn follow_log(
             }
         }
         pos = Some(cur);
+    }
+}
+
+fn is_denied(e: &ClientError) -> bool {
+    matches!(e, ClientError::Io(io) if io.raw_os_error() == Some(libc::EACCES))
+}
+
+/// `--follow` without FOLLOW_LOG: GetLogFilePosition (which drains the writer's pipe)
+/// and ReadLogFile from where the output stopped, five times a second.
+fn poll_log(
+    lm: &mut LogManager,
+    path: &Path,
+    mut pos: Option<LogPosition>,
+    out: &mut impl Write,
+) -> Result<i32, Fail> {
+    loop {
+        let _ = lm.position(path);
+        if !log_chain(path).is_empty() {
+            pos = Some(show_range(lm, path, pos, None, out)?);
+        }
+        let _ = out.flush();
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
