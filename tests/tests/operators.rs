@@ -91,11 +91,26 @@ fn logd_conf(max_size: u64, max_backups: u64) -> String {
     format!("max_size = {max_size}\nmax_backups = {max_backups}\n")
 }
 
-/// SIGUSR1 and wait until the new image serves: its address space changed (PIE base is
-/// randomised per exec) and the state file was consumed.
+/// The ids of a process's threads other than its main one.
+fn threads(pid: u32) -> std::collections::HashSet<u32> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .filter(|&t| t != pid)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// SIGUSR1 and wait until the new image serves. Exec ends every thread but the main
+/// one, so a multi-threaded daemon (virtlogd) is re-executed once none of its old other
+/// threads exists and new ones run (thread ids are not reused this soon); a
+/// single-threaded one (virtlockd) once its address space changed (the PIE base is
+/// randomised per exec). Either way the state file must have been consumed.
 fn reexec(d: &Daemon) {
     let maps = || fs::read_to_string(format!("/proc/{}/maps", d.pid())).unwrap_or_default();
-    let before = maps().lines().next().unwrap_or_default().to_string();
+    let first = |m: String| m.lines().next().unwrap_or_default().to_string();
+    let before = (threads(d.pid()), first(maps()));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(d.pid() as i32),
         nix::sys::signal::Signal::SIGUSR1,
@@ -103,8 +118,13 @@ fn reexec(d: &Daemon) {
     .expect("SIGUSR1");
     let state = d.host_path(format!("/run/{}-restart-exec.json", d.service.name()));
     wait_until("the daemon to exec its new image", || {
-        let now = maps();
-        !now.is_empty() && now.lines().next().unwrap_or_default() != before && !state.exists()
+        let (tids, map) = (threads(d.pid()), first(maps()));
+        let execed = if before.0.is_empty() {
+            !map.is_empty() && map != before.1
+        } else {
+            !tids.is_empty() && tids.is_disjoint(&before.0)
+        };
+        execed && !state.exists()
     });
     // The new image answers once it has restored.
     wait_until("the new image to serve", || {
