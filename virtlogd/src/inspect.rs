@@ -268,4 +268,26 @@ mod tests {
         }
         assert_eq!(LogEntry::decode_list(&[0, 0, 0, 0]).unwrap(), vec![]);
     }
+
+    #[test]
+    fn metrics_roundtrip() {
+        let list = vec![LogMetric {
+            path: vec![b'/', 0xfe],
+            counters: LogCounters {
+                written: u64::MAX,
+                dropped: 1,
+                rotations: 2,
+            },
+            followers: 3,
+        }];
+        let bytes = LogMetric::encode_list(&list);
+        assert_eq!(LogMetric::decode_list(&bytes).unwrap(), list);
+        for cut in 0..bytes.len() {
+            assert!(LogMetric::decode_list(&bytes[..cut]).is_err());
+        }
+        assert_eq!(
+            decode_follow_reply(&[0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 9]).unwrap(),
+            (7, 9)
+        );
+    }
 }
