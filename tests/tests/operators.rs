@@ -615,3 +615,84 @@ fn follow_falls_back_to_polling_with_libvirts_daemon() {
     assert_eq!(*f.out.lock().unwrap(), b"before\nafter\n");
     assert!(f.stderr().contains("polling it instead"), "{}", f.stderr());
 }
+
+/// `vhctl --session` as a normal user with no session daemon running starts ours (the
+/// virtlogd beside vhctl, not /usr/sbin's libvirt one) and says which it started.
+#[test]
+fn session_vhctl_starts_our_daemon_and_says_so() {
+    use std::os::unix::fs::{chown, PermissionsExt};
+    require_root();
+    // Binaries and runtime directory where uid 65534 can reach them.
+    let dir = tempfile::Builder::new()
+        .prefix("vh-session-")
+        .tempdir()
+        .unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    for b in ["vhctl", "virtlogd"] {
+        fs::copy(bin_dir().join(b), dir.path().join(b)).unwrap();
+    }
+    let home = dir.path().join("home");
+    fs::create_dir(&home).unwrap();
+    chown(&home, Some(65534), Some(65534)).unwrap();
+    let log = home.join("s.log");
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(dir.path().join("vhctl"))
+        .args(["log-run", "--session", "--path", s(&log), "--", "true"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", &home)
+        .env("XDG_RUNTIME_DIR", &home)
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .output()
+        .expect("setpriv (util-linux) is required");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let pidfile = home.join("libvirt/virtlogd.pid");
+    let pid = fs::read_to_string(&pidfile).unwrap_or_default();
+    let exe = fs::read_link(format!("/proc/{}/exe", pid.trim())).ok();
+    if let Ok(p) = pid.trim().parse::<i32>() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let ours = dir.path().join("virtlogd");
+    assert!(
+        err.contains(&format!(
+            "virtlogd is not running; starting {}",
+            ours.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        exe.as_deref(),
+        Some(ours.as_path()),
+        "the session daemon run"
+    );
+}
+
+/// A relative --path is vhctl's, not the daemon's (whose working directory is /).
+#[test]
+fn relative_log_paths_are_resolved_by_vhctl() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let logd = Daemon::spawn(DaemonKind::Ours, Service::Virtlogd, &logd_conf(0, 0));
+    let o = Command::new(vhctl_bin())
+        .args(["log-run", "--socket", s(&logd.sock()), "--path", "rel.log"])
+        .args(["--", "echo", "relative"])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let log = tmp.path().join("rel.log");
+    wait_until("the line in ./rel.log", || {
+        fs::read(&log).is_ok_and(|b| b == b"relative\n")
+    });
+}
