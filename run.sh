@@ -6,6 +6,7 @@
 # (/run/libvirt/virtlogd-sock, /run/libvirt/virtlockd-sock).
 set -euo pipefail
 cd "$(dirname "$0")"
+command -v cargo >/dev/null 2>&1 || { echo "run.sh: cargo not found: install the Rust toolchain (https://rustup.rs, then open a new shell) and a C linker (apt-get install gcc)" >&2; exit 1; }
 cargo build --release -p virtlogd -p virtlockd
 trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT INT TERM
 ./target/release/virtlogd --verbose "$@" &

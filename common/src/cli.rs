@@ -305,18 +305,12 @@ pub fn parse_timeout(s: &[u8]) -> Result<u32, CliError> {
 /// The `--help` text (printed to stderr), modelled on libvirt 9.0's.
 pub fn usage(daemon: DaemonKind, mode: Mode, argv0: &str) -> String {
     let name = daemon.name();
-    let mut s = format!(
-        "\nUsage:\n  {argv0} [options]\n\nOptions:\n\
-         \x20 -h | --help            Display program help:\n\
-         \x20 -v | --verbose         Verbose messages.\n\
-         \x20 -d | --daemon          Run as a daemon & write PID file.\n\
-         \x20 -t | --timeout <secs>  Exit after timeout period.\n\
-         \x20 -f | --config <file>   Configuration file.\n\
-         \x20 -V | --version         Display version information.\n\
-         \x20 -p | --pid-file <file> Change name of PID file.\n\
-         \n{}:\n",
-        daemon.description()
-    );
+    // The options come from the manual's table, which also writes the man pages.
+    let mut s = format!("\nUsage:\n  {argv0} [options]\n\nOptions:\n");
+    for o in crate::manual::DAEMON_OPTIONS {
+        s.push_str(&format!("  {:<23}{}\n", o.spelling(), o.help));
+    }
+    s.push_str(&format!("\n{}:\n", daemon.description()));
     match mode {
         Mode::System => s.push_str(&format!(
             "\n  Default paths:\n\n\

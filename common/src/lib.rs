@@ -10,6 +10,7 @@
 //! | [`server`] | listeners, clients, program dispatch, limits, peer-uid checks |
 //! | [`config`] | libvirt's `virConf` file syntax and typed daemon settings |
 //! | [`cli`] | the daemons' shared command line |
+//! | [`manual`] | the `--help` texts and man pages, as data, rendered both ways |
 //! | [`paths`] | system vs session mode and the socket/pid/state paths of each |
 //! | [`pidfile`] | the fcntl-locked pid file |
 //! | [`activation`] | systemd socket activation (LISTEN_FDS) and sd_notify |
@@ -27,6 +28,7 @@ pub mod daemon;
 pub mod error;
 pub mod fdpass;
 pub mod logging;
+pub mod manual;
 pub mod paths;
 pub mod pidfile;
 pub mod protocol;

@@ -1195,7 +1195,15 @@ pub struct LogdState {
     /// The writer's pid as a decimal string.
     pub magic: String,
     pub handler: LogHandlerState,
+    /// Our daemons' own counters (operator metrics), under [`COUNTERS_KEY`]; libvirt 9.0
+    /// reads only the keys it knows, so the C daemon ignores it.
+    pub counters: Option<Value>,
 }
+
+/// Top-level key of the re-exec document holding our counters (see
+/// [`LogdState::counters`]). libvirt 9.0 looks its keys up by name and never lists an
+/// object's keys, so a document carrying it still restores into the C daemons.
+pub const COUNTERS_KEY: &str = "vhCounters";
 
 impl LogdState {
     /// Parses a state document's text.
@@ -1217,6 +1225,8 @@ impl LogdState {
             daemon: Value,
             magic: String,
             handler: Handler,
+            #[serde(rename = "vhCounters", default)]
+            counters: Option<Value>,
         }
         #[derive(Deserialize)]
         struct Handler {
@@ -1251,6 +1261,7 @@ impl LogdState {
             daemon,
             magic: doc.magic,
             handler: LogHandlerState { files },
+            counters: doc.counters,
         })
     }
 
@@ -1264,6 +1275,7 @@ impl LogdState {
             daemon,
             magic,
             handler,
+            counters: o.get(COUNTERS_KEY).cloned(),
         })
     }
 
@@ -1283,10 +1295,13 @@ impl LogdState {
 impl Serialize for LogdState {
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let mut m = serializer.serialize_map(Some(3))?;
+        let mut m = serializer.serialize_map(Some(3 + usize::from(self.counters.is_some())))?;
         m.serialize_entry("daemon", &self.daemon)?;
         m.serialize_entry("magic", &self.magic)?;
         m.serialize_entry("handler", &self.handler)?;
+        if let Some(c) = &self.counters {
+            m.serialize_entry(COUNTERS_KEY, c)?;
+        }
         m.end()
     }
 }
@@ -1301,6 +1316,8 @@ pub struct LockdState {
     pub lockspaces: Vec<LockspaceState>,
     /// The writer's pid as a decimal string.
     pub magic: String,
+    /// Our counters (see [`LogdState::counters`]).
+    pub counters: Option<Value>,
 }
 
 impl LockdState {
@@ -1359,6 +1376,7 @@ impl LockdState {
             default_lockspace,
             lockspaces,
             magic,
+            counters: o.get(COUNTERS_KEY).cloned(),
         })
     }
 
@@ -1380,11 +1398,14 @@ impl LockdState {
 impl Serialize for LockdState {
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let mut m = serializer.serialize_map(Some(4))?;
+        let mut m = serializer.serialize_map(Some(4 + usize::from(self.counters.is_some())))?;
         m.serialize_entry("daemon", &self.daemon)?;
         m.serialize_entry("defaultLockspace", &self.default_lockspace)?;
         m.serialize_entry("lockspaces", &self.lockspaces)?;
         m.serialize_entry("magic", &self.magic)?;
+        if let Some(c) = &self.counters {
+            m.serialize_entry(COUNTERS_KEY, c)?;
+        }
         m.end()
     }
 }
@@ -1708,6 +1729,25 @@ mod tests {
             ]
         );
         assert_eq!(st.inherited_fds(), vec![7, 6, 12, 13]);
+    }
+
+    /// Our counters ride in their own top-level key: both parse paths keep it, the
+    /// document without it (libvirt's) has none, and writing puts it back.
+    #[test]
+    fn counters_key_round_trips() {
+        let plain = LogdState::parse(LOGD_FIXTURE).unwrap();
+        assert_eq!(plain.counters, None);
+        let mut doc = plain.clone();
+        doc.counters = Some(serde_json::json!({"logs": {"/x": {"written": 5}}}));
+        let text = doc.to_json_string();
+        assert!(text.contains(COUNTERS_KEY));
+        assert_eq!(LogdState::parse_fast(&text), Some(doc.clone()));
+        let walk = LogdState::from_value(&parse_text(&text).unwrap()).unwrap();
+        assert_eq!(walk, doc);
+        let mut lockd = LockdState::parse(LOCKD_FIXTURE).unwrap();
+        assert_eq!(lockd.counters, None);
+        lockd.counters = Some(serde_json::json!({"leaseLosses": 3}));
+        assert_eq!(LockdState::parse(&lockd.to_json_string()).unwrap(), lockd);
     }
 
     #[test]

@@ -136,11 +136,14 @@ impl App for LockDaemonApp {
                 )
             }
         };
+        // Our counters ride in a key of their own, which libvirt 9.0 ignores.
+        let counters = serde_json::json!({ "leaseLosses": self.daemon.lease_losses() });
         let doc = LockdState {
             daemon,
             default_lockspace,
             lockspaces,
             magic,
+            counters: Some(counters),
         };
         (doc.to_json_string(), fds)
     }
@@ -156,6 +159,15 @@ impl App for LockDaemonApp {
     }
 
     fn restore(&self, doc: LockdState, in_place: bool) -> Result<DaemonState, String> {
+        if !in_place {
+            let carried = doc
+                .counters
+                .as_ref()
+                .and_then(|c| c.get("leaseLosses"))
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0);
+            self.daemon.add_lease_losses(carried);
+        }
         let mut spaces = self.daemon.spaces().map_err(|e| e.to_string())?;
         if in_place {
             // The exec failed: the lockspaces never left; just close their fds on exec

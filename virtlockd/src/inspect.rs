@@ -1,7 +1,8 @@
 //! The "VHIP" inspect program (0x56484950, version 1): an operator-only view of what the
 //! daemon holds, served on the admin socket (so only the daemon's own uid gets in).
-//! libvirt's clients never see it. virtlockd answers LIST_LOCKS; virtlogd answers
-//! LIST_LOGS with the same program number (see `virtlogd::inspect`).
+//! libvirt's clients never see it. virtlockd answers LIST_LOCKS and LOCK_METRICS;
+//! virtlogd answers LIST_LOGS, LOG_METRICS and FOLLOW_LOG with the same program number
+//! (see `virtlogd::inspect`).
 
 use crate::protocol::STRING_MAX;
 use crate::table::LockTable;
@@ -18,6 +19,75 @@ pub mod proc_ {
     pub const LIST_LOGS: i32 = 1;
     /// virtlockd: `LockEntry<>` of every held resource.
     pub const LIST_LOCKS: i32 = 2;
+    /// virtlogd: every open log's counters.
+    pub const LOG_METRICS: i32 = 3;
+    /// virtlockd: [`LockMetrics`].
+    pub const LOCK_METRICS: i32 = 4;
+}
+
+/// virtlockd's figures: `{leases {lockspace string, held u64}<>, owners u64,
+/// lease_losses u64}`. `leases` has every lockspace, the default one as `""`, with the
+/// leases held in it (a shared resource held by three owners counts three); `owners` is
+/// the number of distinct owner pids holding a lease; `lease_losses` counts the leases
+/// released because their owner's connection closed while holding them (the owner is
+/// then killed), since start-up and across re-exec, plus the losses lease renewal
+/// found (a lockspace past `lease_renew_timeout`, or a lock found gone; since start-up).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LockMetrics {
+    pub leases: Vec<(String, u64)>,
+    pub owners: u64,
+    pub lease_losses: u64,
+}
+
+impl LockMetrics {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Encoder::new();
+        e.u32(self.leases.len() as u32);
+        for (ls, n) in &self.leases {
+            e.string(ls).u64(*n);
+        }
+        e.u64(self.owners).u64(self.lease_losses);
+        e.into_inner()
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, XdrError> {
+        let mut d = Decoder::new(buf);
+        let n = d.array_len(LIST_MAX, 12)?;
+        let leases = (0..n)
+            .map(|_| Ok((lossy(d.string_lossless(STRING_MAX)?), d.u64()?)))
+            .collect::<Result<_, XdrError>>()?;
+        Ok(LockMetrics {
+            leases,
+            owners: d.u64()?,
+            lease_losses: d.u64()?,
+        })
+    }
+}
+
+/// The daemon's current figures.
+pub fn lock_metrics(daemon: &LockTable) -> Result<LockMetrics, RpcError> {
+    let spaces = daemon.spaces()?;
+    let mut owners = std::collections::HashSet::new();
+    let mut leases: Vec<(String, u64)> = spaces
+        .iter()
+        .map(|(key, ls)| {
+            let mut held = 0u64;
+            for r in ls.resources() {
+                held += r.owners().len() as u64;
+                owners.extend(r.owners().iter().copied());
+            }
+            (key.to_string(), held)
+        })
+        .collect();
+    leases.sort();
+    Ok(LockMetrics {
+        leases,
+        owners: owners.len() as u64,
+        lease_losses: daemon.lease_losses()
+            + crate::renewal::stats()
+                .losses
+                .load(std::sync::atomic::Ordering::Relaxed),
+    })
 }
 
 /// Most entries a reply may carry (a bound for the decoder, not a daemon limit).
@@ -134,6 +204,7 @@ impl Program for InspectProgram {
             proc_::LIST_LOCKS => Ok(Reply::payload(LockEntry::encode_list(&list_locks(
                 &self.daemon,
             )?))),
+            proc_::LOCK_METRICS => Ok(Reply::payload(lock_metrics(&self.daemon)?.encode())),
             _ => Err(DispatchError::UnknownProcedure),
         }
     }
@@ -161,6 +232,10 @@ mod tests {
             d.call_now(|s| s.begin_acquire(&key, name, owner, flags))
                 .unwrap();
         }
+        let m = lock_metrics(&d).unwrap();
+        assert_eq!(m.leases, vec![(String::new(), 0), (key.clone(), 3)]);
+        assert_eq!(m.owners, 3);
+        assert_eq!(LockMetrics::decode(&m.encode()).unwrap(), m);
         let list = list_locks(&d).unwrap();
         assert_eq!(list.len(), 2);
         assert_eq!(list[0].name, "a");

@@ -336,6 +336,9 @@ impl ClientHooks for LockHooks {
                 return;
             }
         }
+        // Leases lost because their owner went away while holding them (metrics).
+        let lost = self.table.leases_owned_by(c.owner_pid);
+        self.table.add_lease_losses(lost);
         let held = self.table.release_owner(c.owner_pid);
         if held {
             info!(

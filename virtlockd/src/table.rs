@@ -17,6 +17,9 @@ pub struct LockTable {
     finished: Notify,
     /// Owner kills under way when the daemon quits; the quit waits for them.
     kills: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Leases released because their owner's connection closed while it held them
+    /// (operator metrics; carried across re-exec).
+    lease_losses: std::sync::atomic::AtomicU64,
 }
 
 impl LockTable {
@@ -25,7 +28,30 @@ impl LockTable {
             spaces: Mutex::new(spaces),
             finished: Notify::new(),
             kills: Mutex::new(Vec::new()),
+            lease_losses: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Leases lost by owners whose connection closed while holding them.
+    pub fn lease_losses(&self) -> u64 {
+        self.lease_losses.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts lost leases (or adds the count carried across a re-exec).
+    pub fn add_lease_losses(&self, n: u64) {
+        self.lease_losses
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many resources `pid` owns across every lockspace (0 if the table is poisoned).
+    pub fn leases_owned_by(&self, pid: u32) -> u64 {
+        match self.spaces() {
+            Ok(s) => s
+                .iter()
+                .map(|(_, ls)| ls.resources_owned_by(pid) as u64)
+                .sum(),
+            Err(_) => 0,
+        }
     }
 
     /// Waits until every owner kill started so far has finished (quit).

@@ -2,7 +2,7 @@
 //! the `handler` section of the re-exec state, and the daily log cleaner's timer.
 
 use crate::cleaner;
-use crate::handler::{HandedOffLog, Limits, LogHandler, LogOwner};
+use crate::handler::{HandedOffLog, Limits, LogCounters, LogHandler, LogOwner};
 use crate::program::LogProgram;
 use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
@@ -129,6 +129,13 @@ impl App for LogDaemon {
 
     async fn handoff(&self, daemon: DaemonState, magic: String) -> (String, Vec<RawFd>) {
         let handoff = self.handler.begin_handoff().await;
+        // Our counters ride in a key of their own, which libvirt 9.0 ignores.
+        let mut counters = serde_json::Map::new();
+        for l in handoff.logs() {
+            if let Some(path) = l.path.to_str() {
+                counters.insert(path.to_owned(), counters_to_json(&l.counters));
+            }
+        }
         // Open refuses paths that are not UTF-8 (a JSON string cannot carry them); one
         // that got here all the same is left out rather than named lossily, which
         // would make the next image write to a different file.
@@ -152,6 +159,7 @@ impl App for LogDaemon {
             daemon,
             magic,
             handler: LogHandlerState { files },
+            counters: Some(serde_json::json!({ "logs": counters })),
         };
         // Written while the pump thread takes the files out of the logs and closes them.
         let text = doc.to_json_string();
@@ -174,6 +182,11 @@ impl App for LogDaemon {
     fn restore(&self, doc: LogdState, _in_place: bool) -> Result<DaemonState, String> {
         // Log pipes arrive inheritable and stay so (see `LogFile::pipe`).
         let fds: Vec<RawFd> = doc.handler.files.iter().map(|f| f.pipefd).collect();
+        let carried = doc
+            .counters
+            .as_ref()
+            .and_then(|c| c.get("logs"))
+            .and_then(|l| l.as_object());
         let polled = adopt_inheritable_fds(&fds);
         let mut logs = Vec::with_capacity(fds.len());
         for (f, pipe) in doc.handler.files.into_iter().zip(polled) {
@@ -184,7 +197,12 @@ impl App for LogDaemon {
                     continue;
                 }
             };
+            let counters = carried
+                .and_then(|c| c.get(&f.path))
+                .map(counters_from_json)
+                .unwrap_or_default();
             logs.push(HandedOffLog {
+                counters,
                 pipe,
                 path: PathBuf::from(f.path),
                 owner: LogOwner {
@@ -205,6 +223,24 @@ impl App for LogDaemon {
     async fn shutdown(&self) {
         let handler = self.handler.clone();
         let _ = tokio::task::spawn_blocking(move || handler.shutdown()).await;
+    }
+}
+
+fn counters_to_json(c: &LogCounters) -> serde_json::Value {
+    serde_json::json!({
+        "written": c.written,
+        "dropped": c.dropped,
+        "rotations": c.rotations,
+    })
+}
+
+/// A missing or malformed figure counts from zero: counters must never stop a restore.
+fn counters_from_json(v: &serde_json::Value) -> LogCounters {
+    let n = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    LogCounters {
+        written: n("written"),
+        dropped: n("dropped"),
+        rotations: n("rotations"),
     }
 }
 

@@ -14,6 +14,7 @@
 //! can never reorder data, and a re-exec hand-off finds every byte either in the file or
 //! still in the pipe.
 
+use crate::follow::Followers;
 use crate::pump::{HandoffAcks, Pump};
 use crate::rotating_file::{
     FileError, RotatingFileReader, RotatingFileWriter, SpliceStop, PIPE_CHUNK,
@@ -82,6 +83,27 @@ pub(crate) struct LogFile {
     /// Bytes read from the pipe that could not be written (disk full, I/O error).
     /// Changed only under the writer lock.
     dropped: AtomicU64,
+    /// Operator counters: those carried across re-exec, plus this image's.
+    carried: LogCounters,
+    /// The writer's own counts, copied after each use of it (so the counters can be
+    /// read while a write hangs, and after the hand-off took the writer away).
+    written: AtomicU64,
+    rotations: AtomicU64,
+    /// Every byte ever dropped (`dropped` is only the ones not reported yet).
+    dropped_total: AtomicU64,
+    /// Sockets that receive what is written, as it is (see `follow.rs`).
+    followers: Arc<Followers>,
+}
+
+/// A log's operator counters (the metrics), kept across re-exec.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LogCounters {
+    /// Bytes written into the log's files.
+    pub written: u64,
+    /// Bytes of output that could not be written (and were dropped).
+    pub dropped: u64,
+    /// Completed rollovers.
+    pub rotations: u64,
 }
 
 /// What one pump pass found in the pipe.
@@ -104,18 +126,62 @@ impl LogFile {
             .map_err(|_| io::Error::other("log file lock poisoned"))?;
         if slot.is_none() {
             let backups = usize::try_from(self.limits.max_backups).unwrap_or(usize::MAX);
-            let w = RotatingFileWriter::open(
+            let mut w = RotatingFileWriter::open(
                 self.path.clone(),
                 self.limits.max_size,
                 backups,
                 false,
                 LOG_MODE,
             )?;
+            w.set_tap(self.followers.clone());
             *slot = Some(w);
         }
-        slot.as_mut()
-            .map(f)
-            .ok_or_else(|| io::Error::other("log writer missing"))
+        let w = slot
+            .as_mut()
+            .ok_or_else(|| io::Error::other("log writer missing"))?;
+        let r = f(w);
+        self.written.store(w.bytes_written(), Ordering::Relaxed);
+        self.rotations.store(w.rollovers(), Ordering::Relaxed);
+        Ok(r)
+    }
+
+    /// The counters as of the last use of the writer.
+    fn counters(&self) -> LogCounters {
+        LogCounters {
+            written: self.carried.written + self.written.load(Ordering::Relaxed),
+            dropped: self.carried.dropped + self.dropped_total.load(Ordering::Relaxed),
+            rotations: self.carried.rotations + self.rotations.load(Ordering::Relaxed),
+        }
+    }
+
+    fn new(
+        path: PathBuf,
+        owner: LogOwner,
+        pipe: OwnedFd,
+        writer: Option<RotatingFileWriter>,
+        limits: Limits,
+        carried: LogCounters,
+    ) -> Self {
+        let followers = Followers::new();
+        let writer = writer.map(|mut w| {
+            w.set_tap(followers.clone());
+            w
+        });
+        LogFile {
+            path,
+            owner,
+            pipe,
+            writer: Mutex::new(writer),
+            limits,
+            closed: AtomicBool::new(false),
+            nonblocking: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+            carried,
+            written: AtomicU64::new(0),
+            rotations: AtomicU64::new(0),
+            dropped_total: AtomicU64::new(0),
+            followers,
+        }
     }
 
     /// Re-exec (on the pump thread): takes the file out, for the caller to close. The
@@ -241,6 +307,8 @@ impl LogFile {
             );
             if w.append(note.as_bytes()).is_err() {
                 self.dropped.fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.dropped_total
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
                 return;
             }
             self.dropped.store(0, Ordering::Relaxed);
@@ -253,6 +321,7 @@ impl LogFile {
             // Exactly what did not reach the file.
             let lost = data.len().saturating_sub(e.written);
             self.dropped.fetch_add(lost as u64, Ordering::Relaxed);
+            self.dropped_total.fetch_add(lost as u64, Ordering::Relaxed);
         }
     }
 }
@@ -263,6 +332,8 @@ pub struct HandedOffLog {
     pub pipe: OwnedFd,
     pub path: PathBuf,
     pub owner: LogOwner,
+    /// Carried in our own key of the state document (zero after the C daemon).
+    pub counters: LogCounters,
 }
 
 /// Operator view of one open log.
@@ -298,6 +369,7 @@ pub struct HandedOffView<'a> {
     pub pipe: RawFd,
     pub path: &'a Path,
     pub owner: &'a LogOwner,
+    pub counters: LogCounters,
 }
 
 /// How long a re-exec waits for each step of the pump's hand-off.
@@ -309,6 +381,7 @@ impl Handoff {
             pipe: f.pipe.as_raw_fd(),
             path: &f.path,
             owner: &f.owner,
+            counters: f.counters(),
         })
     }
 
@@ -488,16 +561,14 @@ impl LogHandler {
         owner: LogOwner,
         writer: Option<RotatingFileWriter>,
     ) -> io::Result<()> {
-        let file = Arc::new(LogFile {
-            path: path.clone(),
+        let file = Arc::new(LogFile::new(
+            path.clone(),
             owner,
-            pipe: rd,
-            writer: Mutex::new(writer),
-            limits: self.limits,
-            closed: AtomicBool::new(false),
-            nonblocking: AtomicBool::new(false),
-            dropped: AtomicU64::new(0),
-        });
+            rd,
+            writer,
+            self.limits,
+            LogCounters::default(),
+        ));
         {
             let mut files = self
                 .files
@@ -526,12 +597,52 @@ impl LogHandler {
         if file.closed.swap(true, Ordering::AcqRel) {
             return;
         }
+        // Followers get EOF now, not when the last reference to the log goes.
+        file.followers.clear();
         if let Ok(mut files) = self.files.lock() {
             if files.get(&file.path).is_some_and(|f| Arc::ptr_eq(f, file)) {
                 files.remove(&file.path);
             }
         }
         debug!(path = %file.path.display(), "log closed");
+    }
+
+    /// Every open log's counters, sorted by path (operator metrics). A log restored
+    /// across re-exec and not touched since reports what it carried.
+    /// Also gives how many follow each log.
+    pub fn counters(&self) -> Vec<(PathBuf, LogCounters, usize)> {
+        let mut out: Vec<(PathBuf, LogCounters, usize)> = self
+            .files
+            .lock()
+            .map(|f| {
+                f.values()
+                    .map(|l| (l.path.clone(), l.counters(), l.followers.count()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Adds `sock` as a follower of the open log at `path` (see `follow.rs`). Returns
+    /// the (inode, offset) its stream starts at: every byte the writer had written
+    /// before is in the files, every later one goes to the follower.
+    pub fn follow(&self, path: &[u8], sock: OwnedFd) -> Result<(u64, u64), RpcError> {
+        let path = path_of(path);
+        let file = self.lookup(&path).ok_or_else(|| {
+            RpcError::internal(
+                domain::LOGGING,
+                format!("No open log file {}", shown(&path)),
+            )
+        })?;
+        file.with_writer(|w| {
+            file.drain_locked(w);
+            file.followers
+                .add(sock)
+                .map_err(|e| RpcError::new(code::OPERATION_FAILED, domain::LOGGING, e))?;
+            Ok((w.inode(), w.position()))
+        })
+        .map_err(|e| file_error(&e, || format!("Unable to open file: {}", shown(&path))))?
     }
 
     /// DOMAIN_GET_LOG_FILE_POSITION: drains the pipe first, so the answer covers every
@@ -636,13 +747,18 @@ impl LogHandler {
             }
             None => None,
         };
-        let logs = match self.files.lock() {
+        let logs: Vec<Arc<LogFile>> = match self.files.lock() {
             Ok(mut f) => {
                 self.handed_off.store(true, Ordering::Release);
                 f.drain().map(|(_, v)| v).collect()
             }
             Err(_) => Vec::new(),
         };
+        // Follower sockets are not handed over: their streams end here (and the logs
+        // are forgotten, not dropped, after a failed exec).
+        for l in &logs {
+            l.followers.clear();
+        }
         Handoff { logs, acks }
     }
 
@@ -670,16 +786,14 @@ impl LogHandler {
                     warn!(path = %log.path.display(), "log named twice in the re-exec state; keeping the first");
                     continue;
                 }
-                let file = Arc::new(LogFile {
-                    path: log.path.clone(),
-                    owner: log.owner,
-                    pipe: log.pipe,
-                    writer: Mutex::new(None),
-                    limits: self.limits,
-                    closed: AtomicBool::new(false),
-                    nonblocking: AtomicBool::new(false),
-                    dropped: AtomicU64::new(0),
-                });
+                let file = Arc::new(LogFile::new(
+                    log.path.clone(),
+                    log.owner,
+                    log.pipe,
+                    None,
+                    self.limits,
+                    log.counters,
+                ));
                 table.insert(log.path, file.clone());
                 files.push(file);
             }

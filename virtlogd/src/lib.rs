@@ -7,12 +7,14 @@
 //! | [`handler`] | the open log files keyed by path, and the RPC operations on them |
 //! | [`pump`] | the thread that moves pipe data into the files, coalescing wake-ups |
 //! | [`program`] | RPC dispatch of the four procedures onto the handler |
-//! | [`inspect`] | our operator program: what logs are open |
+//! | [`inspect`] | our operator program: what logs are open, their counters, following one |
 //! | [`cleaner`] | 11.3's daily deletion of log chains older than `max_age_days` |
+//! | [`follow`] | the sockets that receive a log's bytes as they are written |
 //! | [`daemon`] | virtlogd's part of the daemon front-end and of the re-exec state |
 
 pub mod cleaner;
 pub mod daemon;
+pub mod follow;
 pub mod handler;
 pub mod inspect;
 pub mod program;

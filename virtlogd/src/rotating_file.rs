@@ -220,9 +220,21 @@ fn shift(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
+/// Sees what a writer puts into its files, as it does (the log's followers).
+pub trait WriteTap: Send + Sync + std::fmt::Debug {
+    /// `data` was just written at the end of the current file.
+    fn wrote(&self, data: &[u8]);
+    /// The log rolled over; the current file is now the one with `inode`, empty.
+    fn rolled(&self, inode: u64);
+    /// Whether anyone looks: bytes then go through [`Self::wrote`] (no splice).
+    fn active(&self) -> bool;
+}
+
 /// Writer that appends to `path` and rolls it over into `path.0..path.(N-1)`.
 #[derive(Debug)]
 pub struct RotatingFileWriter {
+    /// Told of every byte written and every rollover.
+    tap: Option<std::sync::Arc<dyn WriteTap>>,
     path: PathBuf,
     /// `path.0 .. path.(N-1)`, built once so rollover does not format names.
     backups: Vec<PathBuf>,
@@ -240,6 +252,10 @@ pub struct RotatingFileWriter {
     displaced: bool,
     /// How long a stalled rollover waits before it is tried again (at the latest).
     retry_after: Duration,
+    /// Bytes this writer put into its files (write and splice), for operator metrics.
+    written: u64,
+    /// Rollovers this writer completed, for operator metrics.
+    rollovers: u64,
     /// Number of `write(2)` calls issued, so tests can check the batching.
     #[cfg(test)]
     write_calls: usize,
@@ -327,6 +343,7 @@ impl RotatingFileWriter {
         }
         let (file, pos, inode) = open_entry(&path, mode)?;
         Ok(Self {
+            tap: None,
             path,
             backups,
             max_size,
@@ -337,6 +354,8 @@ impl RotatingFileWriter {
             stall: None,
             displaced: false,
             retry_after: ROLLOVER_RETRY,
+            written: 0,
+            rollovers: 0,
             #[cfg(test)]
             write_calls: 0,
         })
@@ -394,6 +413,21 @@ impl RotatingFileWriter {
     /// Whether a rollover failed and has not succeeded since.
     pub fn rollover_stalled(&self) -> bool {
         self.stall.is_some()
+    }
+
+    /// Tells `tap` of every write and rollover from now on.
+    pub fn set_tap(&mut self, tap: std::sync::Arc<dyn WriteTap>) {
+        self.tap = Some(tap);
+    }
+
+    /// Bytes this writer has put into its files since it was opened.
+    pub fn bytes_written(&self) -> u64 {
+        self.written
+    }
+
+    /// Rollovers this writer has completed since it was opened.
+    pub fn rollovers(&self) -> u64 {
+        self.rollovers
     }
 
     /// Configured maximum size (0 = never roll over).
@@ -495,7 +529,8 @@ impl RotatingFileWriter {
         max: usize,
     ) -> io::Result<(SpliceStop, usize)> {
         use nix::fcntl::{fcntl, FcntlArg, OFlag};
-        if self.at_rollover() {
+        // Spliced bytes never pass through user space: a tap that looks needs reads.
+        if self.at_rollover() || self.tap.as_ref().is_some_and(|t| t.active()) {
             return Ok((SpliceStop::Rollover, 0));
         }
         let fd = self.file.as_raw_fd();
@@ -537,6 +572,7 @@ impl RotatingFileWriter {
                 Ok(0) => return Ok((SpliceStop::Eof, moved)),
                 Ok(n) => {
                     self.pos += n as u64;
+                    self.written += n as u64;
                     moved += n;
                     // Short of the room asked for: the pipe is empty (a pipe splice
                     // takes everything present up to `room`).
@@ -568,6 +604,10 @@ impl RotatingFileWriter {
                 }
                 Ok(n) => {
                     self.pos += n as u64;
+                    self.written += n as u64;
+                    if let Some(t) = &self.tap {
+                        t.wrote(&buf[done..done + n]);
+                    }
                     done += n;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -647,6 +687,10 @@ impl RotatingFileWriter {
         self.file = file;
         self.pos = pos;
         self.inode = inode;
+        self.rollovers += 1;
+        if let Some(t) = &self.tap {
+            t.rolled(inode);
+        }
         Ok(())
     }
 

@@ -18,69 +18,165 @@ use vh_client::inspect;
 use vh_client::{
     lease_name_for_path, ClientError, LockManager, LogManager, LogPosition, Owner, Target,
 };
+use vh_common::manual::{self, Block, Page, Section};
+use vh_common::paths::DaemonKind;
 
 const EXIT_OK: i32 = 0;
 const EXIT_USAGE: i32 = 1;
 const EXIT_BUSY: i32 = 2;
 
-const HELP: &str = "\
-vhctl: use virtlogd / virtlockd (ours or libvirt's) from scripts and non-libvirt VMMs
+/// vhctl's manual: `--help` and vhctl(1) are both rendered from it.
+fn page() -> Page {
+    let item = |t: &str, d: &str| Block::Item(t.to_string(), d.to_string());
+    let commands = vec![
+        item(
+            "log-run [TARGET] --path LOG [--name N] [--uuid U] [--driver D] [--truncate] -- CMD [ARGS...]",
+            "Open LOG through virtlogd (OpenLogFile) and run CMD with its stdout and stderr \
+             going into the pipe virtlogd drains: the file is capped at max_size and rotated \
+             into LOG.0..LOG.N (max_backups) by the daemon. CMD's exit code is vhctl's. \
+             Fails if another writer already has LOG open (\"Device or resource busy\"). \
+             --name/--uuid/--driver only label the log in the daemon (default: CMD's \
+             basename, the nil uuid, driver \"vhctl\"). --truncate empties LOG first.",
+        ),
+        item(
+            "log-show [TARGET] --path LOG [--follow [--logd-admin SOCK]]",
+            "Print LOG from the oldest backup still on disk (LOG.N ... LOG.0, LOG) through \
+             ReadLogFile. --follow then prints each byte as virtlogd writes it, across any \
+             number of rotations, without polling: our virtlogd pushes it over its admin \
+             socket (the daemon's uid only; libvirt's C daemon cannot). If this output is \
+             read too slowly, the daemon drops what does not fit and vhctl says on stderr \
+             how many bytes are not shown; the log itself never waits. When the log closes \
+             or the daemon re-executes, vhctl reads what it missed and waits for the log to \
+             reopen. As with libvirt 9.0, a NUL byte cuts a ReadLogFile reply short; vhctl \
+             steps over it.",
+        ),
+        item(
+            "lease [TARGET] [--shared] [--lockspace DIR | --indirect DIR] --disk PATH [--disk PATH...] [--name N] [--uuid U] [--id N] -- CMD [ARGS...]",
+            "Register with virtlockd (owner pid = this vhctl process), acquire a lease per \
+             disk, then run CMD under vhctl's supervision and release everything when it \
+             exits. Lease kinds, matching libvirt's lockd plugin:",
+        ),
+        Block::Pre(
+            "(default)        direct lease: fcntl lock on PATH itself in the default\n\
+             \x20                lockspace; PATH must exist.\n\
+             --indirect DIR   libvirt's file_lockspace_dir: lease named sha256(PATH) in\n\
+             \x20                DIR (auto-created). Give PATH exactly as the domain XML\n\
+             \x20                has it to exclude libvirt guests using the same disk.\n\
+             --lockspace DIR  named leases: each --disk value is used verbatim as the\n\
+             \x20                lease name (no '/') in lockspace DIR (auto-created)."
+                .to_string(),
+        ),
+        Block::Para(
+            "--shared takes shared leases (like <shareable/>). If a lease is busy, CMD is \
+             not started and vhctl exits 2 naming the disk. Killing CMD releases its leases; \
+             if vhctl itself dies, virtlockd releases them and CMD is killed with it \
+             (SIGKILL via PR_SET_PDEATHSIG), so CMD never runs without its leases."
+                .to_string(),
+        ),
+        item(
+            "status [--system | --session] [--logd-admin SOCK] [--lockd-admin SOCK] [--logs | --locks]",
+            "List the logs our virtlogd holds open and the resources our virtlockd holds, \
+             via the operator-only inspect program on their admin sockets (the daemon's own \
+             uid only). libvirt's C daemons do not have it.",
+        ),
+        item(
+            "holders DIR [--stale SECS]",
+            "Who holds the leases of a shared lockspace DIR, across hosts: the heartbeat each \
+             host's virtlockd writes there when lease renewal is on (.virtlockd-renew.<host>), \
+             flagged STALE when not renewed for SECS (default 30) while it lists leases; then \
+             every lease file with its lock as this host sees it (F_GETLK) and the holder \
+             record our virtlockd writes into exclusive lease files. Hosts without renewal \
+             (libvirt's C daemon) show up only through their locks.",
+        ),
+        item(
+            "metrics [--system | --session] [--logd-admin SOCK] [--lockd-admin SOCK]",
+            "Print both daemons' figures in the Prometheus text format (for node_exporter's \
+             textfile collector): virtlogd_up, virtlogd_logs_open, and per log path \
+             virtlogd_log_written_bytes_total, virtlogd_log_dropped_bytes_total and \
+             virtlogd_log_rotations_total, virtlogd_log_followers; virtlockd_up, virtlockd_leases_held{lockspace} \
+             (the default lockspace is \"\"), virtlockd_owners, \
+             virtlockd_lease_losses_total. Counters survive a re-exec.",
+        ),
+        item(
+            "man [vhctl | virtlogd | virtlockd]",
+            "Print the man page (roff) of vhctl(1), virtlogd(8) or virtlockd(8), rendered \
+             from the same source as the --help texts.",
+        ),
+        item("help | --help | -h", "This text."),
+    ];
+    let target = vec![
+        Block::Para("Which daemon; default: --system as root, --session otherwise.".into()),
+        item(
+            "--system",
+            "/run/libvirt/<daemon>-sock (never starts the daemon).",
+        ),
+        item(
+            "--session",
+            "$XDG_RUNTIME_DIR/libvirt/<daemon>-sock; starts `<daemon> --timeout=120` if it \
+             is not running, and says which binary: $VIRTLOGD_PATH / $VIRTLOCKD_PATH, else \
+             ours beside vhctl, else /usr/sbin/<daemon> (which may be libvirt's).",
+        ),
+        item("--socket PATH", "This socket (never starts the daemon)."),
+        Block::Para(
+            "Relative LOG and PATH arguments are taken from vhctl's working directory.".into(),
+        ),
+    ];
+    let exit = vec![
+        item("0", "Success."),
+        item(
+            "1",
+            "Usage or connection error, or an error from the daemon.",
+        ),
+        item("2", "A lease is busy (lease); the command was not started."),
+        item(
+            "other",
+            "log-run and lease: the command's own exit code (128 + the signal number if \
+             it was killed).",
+        ),
+    ];
+    Page {
+        name: "vhctl".into(),
+        section: 1,
+        summary: "use virtlogd / virtlockd (ours or libvirt's) from scripts and non-libvirt VMMs"
+            .into(),
+        synopsis: vec![
+            "vhctl log-run | log-show | lease | status | holders | metrics | man | help [OPTIONS]"
+                .into(),
+        ],
+        sections: vec![
+            Section {
+                title: "Commands".into(),
+                blocks: commands,
+            },
+            Section {
+                title: "Target".into(),
+                blocks: target,
+            },
+            Section {
+                title: "Exit codes".into(),
+                blocks: exit,
+            },
+            Section {
+                title: "See also".into(),
+                blocks: vec![Block::Para("virtlogd(8), virtlockd(8)".into())],
+            },
+        ],
+    }
+}
 
-USAGE:
-  vhctl log-run [TARGET] --path LOG [--name N] [--uuid U] [--driver D] [--truncate] -- CMD [ARGS...]
-      Open LOG through virtlogd (OpenLogFile) and run CMD with its stdout and stderr
-      going into the pipe virtlogd drains: the file is capped at max_size and rotated
-      into LOG.0..LOG.N (max_backups) by the daemon. CMD's exit code is vhctl's.
-      Fails if another writer already has LOG open (\"Device or resource busy\").
-      --name/--uuid/--driver only label the log in the daemon (default: CMD's basename,
-      the nil uuid, driver \"vhctl\"). --truncate empties LOG first.
-
-  vhctl log-show [TARGET] --path LOG [--follow]
-      Print LOG from the oldest backup still on disk (LOG.N ... LOG.0, LOG) through
-      ReadLogFile. --follow keeps polling (GetLogFilePosition drains the writer's pipe,
-      ReadLogFile reads on) and follows rotations by inode. As with libvirt 9.0, a NUL
-      byte cuts a ReadLogFile reply short; vhctl steps over it.
-
-  vhctl lease [TARGET] [--shared] [--lockspace DIR | --indirect DIR] --disk PATH [--disk PATH...]
-              [--name N] [--uuid U] [--id N] -- CMD [ARGS...]
-      Register with virtlockd (owner pid = this vhctl process), acquire a lease per
-      disk, then run CMD under vhctl's supervision and release everything when it exits.
-      Lease kinds, matching libvirt's lockd plugin:
-        (default)        direct lease: fcntl lock on PATH itself in the default lockspace;
-                         PATH must exist.
-        --indirect DIR   libvirt's file_lockspace_dir: lease named sha256(PATH) in DIR
-                         (auto-created). Give PATH exactly as the domain XML has it to
-                         exclude libvirt guests using the same disk.
-        --lockspace DIR  named leases: each --disk value is used verbatim as the lease
-                         name (no '/') in lockspace DIR (auto-created).
-      --shared takes shared leases (like <shareable/>). If a lease is busy, CMD is not
-      started and vhctl exits 2 naming the disk. Killing CMD releases its leases; if
-      vhctl itself dies, virtlockd releases them and CMD is killed with it (SIGKILL via
-      PR_SET_PDEATHSIG), so CMD never runs without its leases.
-
-  vhctl status [--system | --session] [--logd-admin SOCK] [--lockd-admin SOCK] [--logs | --locks]
-      List the logs our virtlogd holds open and the resources our virtlockd holds, via
-      the operator-only inspect program on their admin sockets (the daemon's own uid
-      only). libvirt's C daemons do not have it.
-
-  vhctl holders DIR [--stale SECS]
-      Who holds the leases of a shared lockspace DIR, across hosts: the heartbeat each
-      host's virtlockd writes there when lease renewal is on (.virtlockd-renew.<host>),
-      flagged STALE when not renewed for SECS (default 30) while it lists leases; then
-      every lease file with its lock as this host sees it (F_GETLK) and the holder
-      record our virtlockd writes into exclusive lease files. Hosts without renewal
-      (libvirt's C daemon) show up only through their locks.
-
-  vhctl help | --help | -h
-
-TARGET (which daemon; default: --system as root, --session otherwise):
-  --system         /run/libvirt/<daemon>-sock (never spawns the daemon)
-  --session        $XDG_RUNTIME_DIR/libvirt/<daemon>-sock; starts `<daemon> --timeout=120`
-                   ($VIRTLOGD_PATH / $VIRTLOCKD_PATH, else /usr/sbin/...) if not running
-  --socket PATH    this socket (never spawns)
-
-EXIT CODES: 0 ok, 1 usage or connection error, 2 lease busy, else the command's code.
-";
+/// `vhctl man PAGE`: the roff source of a man page.
+fn man(mut a: Args) -> Result<i32, Fail> {
+    let which = a.rest.pop();
+    a.finish(false)?;
+    let page = match which.as_ref().and_then(|w| w.to_str()) {
+        None | Some("vhctl") => page(),
+        Some("virtlogd") => manual::daemon_page(DaemonKind::Logd),
+        Some("virtlockd") => manual::daemon_page(DaemonKind::Lockd),
+        Some(w) => return Err(usage(format!("no man page '{w}'"))),
+    };
+    write_out(&mut io::stdout().lock(), page.roff().as_bytes())?;
+    Ok(EXIT_OK)
+}
 
 /// A usage or runtime failure with the exit code it maps to.
 struct Fail(i32, String);
@@ -196,6 +292,53 @@ impl Args {
     }
 }
 
+/// A path as the user meant it: relative to vhctl's working directory, not to the
+/// daemon's (which is `/`).
+fn absolute(p: OsString) -> Result<PathBuf, Fail> {
+    std::path::absolute(PathBuf::from(&p))
+        .map_err(|e| usage(format!("cannot resolve '{}': {e}", p.to_string_lossy())))
+}
+
+/// In session mode, says which binary is about to be started when the daemon is not
+/// running (the library spawns it on the first connect).
+fn announce_spawn(kind: DaemonKind, target: &Target) {
+    if *target != Target::Session || nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let Ok(sock) = target.socket(kind) else {
+        return;
+    };
+    if std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        eprintln!(
+            "vhctl: {} is not running; starting {}",
+            kind.name(),
+            vh_client::connect::daemon_binary(kind).display()
+        );
+    }
+}
+
+/// Session daemons are started from `$VIRTLOGD_PATH` / `$VIRTLOCKD_PATH`, else, unlike
+/// libvirt's clients, from ours beside vhctl when it is there: falling back to
+/// /usr/sbin would start libvirt's C daemon next to our vhctl.
+fn prefer_our_daemons() {
+    let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    else {
+        return;
+    };
+    for (var, name) in [
+        ("VIRTLOGD_PATH", "virtlogd"),
+        ("VIRTLOCKD_PATH", "virtlockd"),
+    ] {
+        let ours = dir.join(name);
+        if std::env::var_os(var).unwrap_or_default().is_empty() && ours.is_file() {
+            // SAFETY: called first thing in main, before any other thread exists.
+            unsafe { std::env::set_var(var, &ours) };
+        }
+    }
+}
+
 fn parse_uuid(s: Option<String>) -> Result<[u8; 16], Fail> {
     match s {
         None => Ok([0; 16]),
@@ -289,9 +432,10 @@ fn command_of(argv: &[OsString]) -> Result<Command, Fail> {
 
 fn log_run(mut a: Args) -> Result<i32, Fail> {
     let target = a.target()?;
-    let path = a
-        .value("--path")?
-        .ok_or_else(|| usage("--path LOG is required"))?;
+    let path = absolute(
+        a.value("--path")?
+            .ok_or_else(|| usage("--path LOG is required"))?,
+    )?;
     let name = a
         .string("--name")?
         .unwrap_or_else(|| default_name(&a.command));
@@ -301,13 +445,18 @@ fn log_run(mut a: Args) -> Result<i32, Fail> {
     a.finish(true)?;
     let mut cmd = command_of(&a.command)?;
 
+    announce_spawn(DaemonKind::Logd, &target);
     let mut lm = LogManager::connect(&target)?;
     let (pipe, _pos) = lm
-        .open_log(&driver, uuid, &name, Path::new(&path), truncate)
+        .open_log(&driver, uuid, &name, &path, truncate)
         .map_err(|e| {
             Fail(
                 EXIT_USAGE,
-                format!("can't connect to virtlogd: {}", e.message()),
+                format!(
+                    "virtlogd cannot open the log {}: {}",
+                    path.display(),
+                    e.message()
+                ),
             )
         })?;
     // As libvirt does for QEMU: the connection is only needed for the open.
@@ -353,26 +502,169 @@ fn log_chain(path: &Path) -> Vec<LogPart> {
 
 fn log_show(mut a: Args) -> Result<i32, Fail> {
     let target = a.target()?;
-    let path = PathBuf::from(
+    let admin = a.value("--logd-admin")?;
+    let path = absolute(
         a.value("--path")?
             .ok_or_else(|| usage("--path LOG is required"))?,
-    );
+    )?;
     let follow = a.flag("--follow") | a.flag("-f");
     a.finish(false)?;
+    announce_spawn(DaemonKind::Logd, &target);
     let mut lm = LogManager::connect(&target)?;
     let stdout = io::stdout();
     let mut out = stdout.lock();
-    let mut cur: Option<LogPosition> = None;
-    loop {
+    if !follow {
         // Drains the pipe of an open log into the file (errors: the log is not open).
         let _ = lm.position(&path);
-        let files = log_chain(&path);
-        if files.is_empty() {
-            if !follow {
-                return Err(Fail(EXIT_USAGE, format!("{}: no such log", path.display())));
+        show_range(&mut lm, &path, None, None, &mut out)?;
+        return Ok(EXIT_OK);
+    }
+    let admin = match admin {
+        Some(p) => Target::Socket(p.into()),
+        None => admin_of(&target),
+    };
+    follow_log(&mut lm, &admin, &path, &mut out)
+}
+
+/// The admin socket beside a main socket given by path (`virtlogd-sock` →
+/// `virtlogd-admin-sock`), else the target's own.
+fn admin_of(target: &Target) -> Target {
+    match target {
+        Target::Socket(p) => {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            match name.as_deref().and_then(|n| n.strip_suffix("-sock")) {
+                Some(stem) if !stem.ends_with("-admin") => {
+                    Target::Socket(p.with_file_name(format!("{stem}-admin-sock")))
+                }
+                _ => target.clone(),
             }
-            std::thread::sleep(Duration::from_millis(200));
-            continue;
+        }
+        t => t.clone(),
+    }
+}
+
+/// `--follow`: the daemon pushes each byte as it is written (FOLLOW_LOG); nothing is
+/// polled while the log is open. What was written before the stream starts, or while
+/// it was down (the log closed, the daemon re-executed), is read with ReadLogFile from
+/// where the output stopped, so the output has no gap and no duplicate.
+fn follow_log(
+    lm: &mut LogManager,
+    admin: &Target,
+    path: &Path,
+    out: &mut impl Write,
+) -> Result<i32, Fail> {
+    let mut pos: Option<LogPosition> = None;
+    let mut waiting = false;
+    // Retry delay while the log is not open: short at first, since a re-exec makes
+    // it look closed for a moment and whatever is written meanwhile must be read
+    // back from files that keep rotating.
+    let mut retry = Duration::from_millis(5);
+    loop {
+        let (inode, offset, stream) = match inspect::follow_log(admin, path) {
+            Ok(s) => s,
+            Err(e) if is_not_open(&e) => {
+                // Nothing writes the log: show what is there, then wait for a writer
+                // (the one poll left, backing off to twice a second, only while the log
+                // is not open).
+                let _ = lm.position(path);
+                if log_chain(path).is_empty() && pos.is_none() && !waiting {
+                    eprintln!("vhctl: {}: no such log yet; waiting", path.display());
+                } else {
+                    pos = Some(show_range(lm, path, pos, None, out)?);
+                }
+                waiting = true;
+                let _ = out.flush();
+                std::thread::sleep(retry);
+                retry = (retry * 2).min(Duration::from_millis(500));
+                continue;
+            }
+            // libvirt's C daemon, or an admin socket we may not use (another uid):
+            // the old way, polling the main socket.
+            Err(e) if e.is_unsupported() || is_denied(&e) => {
+                eprintln!(
+                    "vhctl: cannot stream this log ({}); polling it instead",
+                    e.message()
+                );
+                return poll_log(lm, path, pos, out);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        waiting = false;
+        retry = Duration::from_millis(5);
+        let start = LogPosition { inode, offset };
+        show_range(lm, path, pos, Some(start), out)?;
+        let mut cur = start;
+        let _ = out.flush();
+        loop {
+            match inspect::next_record(&stream)? {
+                inspect::FollowRecord::Data(d) => {
+                    write_out(out, &d)?;
+                    cur.offset += d.len() as u64;
+                    let _ = out.flush();
+                }
+                inspect::FollowRecord::Missed(n) => {
+                    eprintln!(
+                        "vhctl: {n} bytes of {} were written faster than this output was read \
+                         and are not shown",
+                        path.display()
+                    );
+                    cur.offset += n;
+                }
+                inspect::FollowRecord::Rotated(inode) => {
+                    cur = LogPosition { inode, offset: 0 };
+                }
+                inspect::FollowRecord::End => break,
+            }
+        }
+        pos = Some(cur);
+    }
+}
+
+fn is_denied(e: &ClientError) -> bool {
+    matches!(e, ClientError::Io(io) if io.raw_os_error() == Some(libc::EACCES))
+}
+
+/// `--follow` without FOLLOW_LOG: GetLogFilePosition (which drains the writer's pipe)
+/// and ReadLogFile from where the output stopped, five times a second.
+fn poll_log(
+    lm: &mut LogManager,
+    path: &Path,
+    mut pos: Option<LogPosition>,
+    out: &mut impl Write,
+) -> Result<i32, Fail> {
+    loop {
+        let _ = lm.position(path);
+        if !log_chain(path).is_empty() {
+            pos = Some(show_range(lm, path, pos, None, out)?);
+        }
+        let _ = out.flush();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn is_not_open(e: &ClientError) -> bool {
+    matches!(e, ClientError::Remote(r) if r.message().contains("No open log file"))
+}
+
+/// Prints the log from `from` (the oldest file still on disk if `None`) up to `to` (the
+/// end of the newest file if `None`), across rotations by inode. Returns where it
+/// stopped.
+fn show_range(
+    lm: &mut LogManager,
+    path: &Path,
+    from: Option<LogPosition>,
+    to: Option<LogPosition>,
+    out: &mut impl Write,
+) -> Result<LogPosition, Fail> {
+    let mut cur = from;
+    loop {
+        let files = log_chain(path);
+        if files.is_empty() {
+            return match (to, cur) {
+                (Some(t), _) => Ok(t),
+                (None, Some(c)) => Ok(c),
+                _ => Err(Fail(EXIT_USAGE, format!("{}: no such log", path.display()))),
+            };
         }
         let (i, off) = match cur {
             None => (0, 0),
@@ -384,20 +676,38 @@ fn log_show(mut a: Args) -> Result<i32, Fail> {
                 }
             },
         };
+        let stop = match to {
+            Some(t) => match files.iter().position(|f| f.inode == t.inode) {
+                Some(s) => Some(s),
+                None => {
+                    eprintln!(
+                        "vhctl: the log rotated before its history could be read; some lines \
+                         were lost"
+                    );
+                    return Ok(t);
+                }
+            },
+            None => None,
+        };
         let f = &files[i];
-        if off < f.size {
-            let want = (f.size - off).min(vh_client::log::DEFAULT_READ_MAX);
+        let limit = match (to, stop) {
+            (Some(t), Some(s)) if s == i => t.offset,
+            (Some(t), Some(s)) if s < i => return Ok(t),
+            _ => f.size,
+        };
+        if off < limit {
+            let want = (limit - off).min(vh_client::log::DEFAULT_READ_MAX);
             let pos = LogPosition {
                 inode: f.inode,
                 offset: off,
             };
-            let data = lm.read(&path, pos, want)?;
+            let data = lm.read(path, pos, want)?;
             let adv = if data.is_empty() {
                 // A NUL byte ends libvirt's reply string: step over it.
-                write_out(&mut out, &[0])?;
+                write_out(out, &[0])?;
                 1
             } else {
-                write_out(&mut out, &data)?;
+                write_out(out, &data)?;
                 data.len() as u64
             };
             cur = Some(LogPosition {
@@ -406,6 +716,11 @@ fn log_show(mut a: Args) -> Result<i32, Fail> {
             });
             continue;
         }
+        if let (Some(t), Some(s)) = (to, stop) {
+            if s == i {
+                return Ok(t);
+            }
+        }
         if i + 1 < files.len() {
             cur = Some(LogPosition {
                 inode: files[i + 1].inode,
@@ -413,15 +728,10 @@ fn log_show(mut a: Args) -> Result<i32, Fail> {
             });
             continue;
         }
-        cur = Some(LogPosition {
+        return Ok(LogPosition {
             inode: f.inode,
             offset: off,
         });
-        if !follow {
-            return Ok(EXIT_OK);
-        }
-        let _ = out.flush();
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -503,6 +813,7 @@ fn lease(mut a: Args) -> Result<i32, Fail> {
 
     // Owner = this process, on this process's own connection (peer pid == owner pid):
     // if vhctl dies, virtlockd releases the leases (and PDEATHSIG takes CMD down too).
+    announce_spawn(DaemonKind::Lockd, &target);
     let mut lm = LockManager::connect(&target)?;
     lm.register(&Owner {
         uuid,
@@ -571,7 +882,9 @@ fn release_all(lm: &mut LockManager, held: &[&Lease]) {
 
 // ---- status --------------------------------------------------------------------------
 
-fn status(mut a: Args) -> Result<i32, Fail> {
+/// `[--system | --session] [--logd-admin SOCK] [--lockd-admin SOCK]`: where the two
+/// admin sockets are.
+fn admin_targets(a: &mut Args) -> Result<(Target, Target), Fail> {
     let system = a.flag("--system");
     let session = a.flag("--session");
     let base = match (system, session) {
@@ -586,6 +899,11 @@ fn status(mut a: Args) -> Result<i32, Fail> {
     let lockd = a
         .value("--lockd-admin")?
         .map_or(base, |p| Target::Socket(p.into()));
+    Ok((logd, lockd))
+}
+
+fn status(mut a: Args) -> Result<i32, Fail> {
+    let (logd, lockd) = admin_targets(&mut a)?;
     let only_logs = a.flag("--logs");
     let only_locks = a.flag("--locks");
     a.finish(false)?;
@@ -759,9 +1077,10 @@ fn holders(mut a: Args) -> Result<i32, Fail> {
 }
 
 fn main() {
+    prefer_our_daemons();
     let mut argv: Vec<OsString> = std::env::args_os().skip(1).collect();
     if argv.is_empty() {
-        eprint!("{HELP}");
+        eprint!("{}", page().help());
         std::process::exit(EXIT_USAGE);
     }
     let sub = argv.remove(0);
@@ -769,11 +1088,11 @@ fn main() {
     let wants_help = args.rest.iter().any(|a| a == "--help" || a == "-h");
     let res = match sub.to_str() {
         Some("help" | "--help" | "-h") => {
-            print!("{HELP}");
+            print!("{}", page().help());
             Ok(EXIT_OK)
         }
         Some(_) if wants_help => {
-            print!("{HELP}");
+            print!("{}", page().help());
             Ok(EXIT_OK)
         }
         Some("log-run") => log_run(args),
@@ -781,6 +1100,8 @@ fn main() {
         Some("lease") => lease(args),
         Some("status") => status(args),
         Some("holders") => holders(args),
+        Some("metrics") => metrics(args),
+        Some("man") => man(args),
         _ => Err(usage(format!(
             "unknown command '{}'",
             sub.to_string_lossy()
@@ -792,5 +1113,163 @@ fn main() {
             eprintln!("vhctl: {msg}");
             std::process::exit(code);
         }
+    }
+}
+
+// ---- metrics -------------------------------------------------------------------------
+
+/// A label value in the Prometheus text format: backslash, double quote and line feed
+/// are escaped.
+fn label_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// One metric family: HELP, TYPE and its samples (`labels` already rendered).
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {
+    use std::fmt::Write as _;
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, v) in samples {
+        let _ = writeln!(out, "{name}{labels} {v}");
+    }
+}
+
+fn metrics(mut a: Args) -> Result<i32, Fail> {
+    let (logd, lockd) = admin_targets(&mut a)?;
+    a.finish(false)?;
+    let mut text = String::new();
+    let mut failed = false;
+    let mut report = |daemon: &str, e: ClientError| {
+        // A daemon that is not running is a figure (its `_up` is 0), not a failure.
+        if !e.is_not_running() {
+            eprintln!("vhctl: {daemon}: {}", e.message());
+            failed = true;
+        }
+    };
+    let logs = inspect::log_metrics(&logd)
+        .map_err(|e| report("virtlogd", e))
+        .ok();
+    let locks = inspect::lock_metrics(&lockd)
+        .map_err(|e| report("virtlockd", e))
+        .ok();
+    family(
+        &mut text,
+        "virtlogd_up",
+        "gauge",
+        "Whether virtlogd answered (1) or not (0).",
+        &[(String::new(), u64::from(logs.is_some()))],
+    );
+    if let Some(logs) = logs {
+        let per = |f: fn(&inspect::LogMetric) -> u64| -> Vec<(String, u64)> {
+            logs.iter()
+                .map(|m| {
+                    let p = String::from_utf8_lossy(&m.path);
+                    (format!("{{path=\"{}\"}}", label_value(&p)), f(m))
+                })
+                .collect()
+        };
+        family(
+            &mut text,
+            "virtlogd_logs_open",
+            "gauge",
+            "Log files virtlogd holds open (one per guest log pipe).",
+            &[(String::new(), logs.len() as u64)],
+        );
+        family(
+            &mut text,
+            "virtlogd_log_written_bytes_total",
+            "counter",
+            "Bytes written into the log's files, rotated ones included.",
+            &per(|m| m.counters.written),
+        );
+        family(
+            &mut text,
+            "virtlogd_log_dropped_bytes_total",
+            "counter",
+            "Bytes of output dropped because the log could not be written (full disk, I/O error).",
+            &per(|m| m.counters.dropped),
+        );
+        family(
+            &mut text,
+            "virtlogd_log_rotations_total",
+            "counter",
+            "Rollovers of the log (LOG to LOG.0 and a new LOG).",
+            &per(|m| m.counters.rotations),
+        );
+        family(
+            &mut text,
+            "virtlogd_log_followers",
+            "gauge",
+            "Streams following the log (vhctl log-show --follow).",
+            &per(|m| u64::from(m.followers)),
+        );
+    }
+    family(
+        &mut text,
+        "virtlockd_up",
+        "gauge",
+        "Whether virtlockd answered (1) or not (0).",
+        &[(String::new(), u64::from(locks.is_some()))],
+    );
+    if let Some(m) = locks {
+        let leases: Vec<(String, u64)> = m
+            .leases
+            .iter()
+            .map(|(ls, n)| (format!("{{lockspace=\"{}\"}}", label_value(ls)), *n))
+            .collect();
+        family(
+            &mut text,
+            "virtlockd_leases_held",
+            "gauge",
+            "Leases held, per lockspace (the default lockspace is \"\"); a shared lease counts once per owner.",
+            &leases,
+        );
+        family(
+            &mut text,
+            "virtlockd_owners",
+            "gauge",
+            "Distinct owner processes (QEMUs) holding at least one lease.",
+            &[(String::new(), m.owners)],
+        );
+        family(
+            &mut text,
+            "virtlockd_lease_losses_total",
+            "counter",
+            "Leases released because their owner's connection closed while holding them (the owner is then killed).",
+            &[(String::new(), m.lease_losses)],
+        );
+    }
+    write_out(&mut io::stdout().lock(), text.as_bytes())?;
+    Ok(if failed { EXIT_USAGE } else { EXIT_OK })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value("/a/b.log"), "/a/b.log");
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn admin_socket_beside_a_main_socket() {
+        let t = Target::Socket(PathBuf::from("/run/libvirt/virtlogd-sock"));
+        assert_eq!(
+            admin_of(&t),
+            Target::Socket(PathBuf::from("/run/libvirt/virtlogd-admin-sock"))
+        );
+        let a = Target::Socket(PathBuf::from("/x/virtlogd-admin-sock"));
+        assert_eq!(admin_of(&a), a);
     }
 }
