@@ -19,3 +19,4 @@ cargo test --workspace --no-fail-fast -- --test-threads=2
 # INTEROP_REEXEC=1 adds the zero-downtime upgrade under a live guest: C -> ours -> C.
 INTEROP_REEXEC=1 VIRTLOGD_BIN="$PWD/target/debug/virtlogd" VIRTLOCKD_BIN="$PWD/target/debug/virtlockd" \
     tests/interop/run.sh
+fuzz/ci.sh  # each cargo-fuzz target for 20 s from its committed corpus (fuzz/README.md)

@@ -86,7 +86,10 @@ fn scratch_root() -> &'static Path {
         let root = parent.join(format!("vh-fuzz-seq-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         if let Err(e) = std::fs::create_dir_all(&root) {
-            panic!("cannot create the scratch directory {}: {e}", root.display());
+            panic!(
+                "cannot create the scratch directory {}: {e}",
+                root.display()
+            );
         }
         root
     })
@@ -235,12 +238,34 @@ fn rewrite_payload(base: &Path, h: &Header, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// `/proc/locks` in one read(2): the kernel builds each read from the live lock list,
+/// so a file read in several pieces (as `read_to_string` does, starting with a small
+/// probe) can show an entry twice or not at all while other processes take and drop
+/// locks.
+fn proc_locks() -> String {
+    use std::io::Read;
+    let mut size = 1 << 20;
+    loop {
+        let mut f = match std::fs::File::open("/proc/locks") {
+            Ok(f) => f,
+            Err(e) => panic!("cannot open /proc/locks: {e}"),
+        };
+        let mut buf = vec![0u8; size];
+        let n = match f.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => panic!("cannot read /proc/locks: {e}"),
+        };
+        if n < size {
+            buf.truncate(n);
+            return String::from_utf8_lossy(&buf).into_owned();
+        }
+        size *= 2;
+    }
+}
+
 /// (major, minor, inode, is_write) of every POSIX lock this process holds.
 fn kernel_locks() -> Vec<(u32, u32, u64, bool)> {
-    let text = match std::fs::read_to_string("/proc/locks") {
-        Ok(t) => t,
-        Err(e) => panic!("cannot read /proc/locks: {e}"),
-    };
+    let text = proc_locks();
     let me = std::process::id().to_string();
     let mut out = Vec::new();
     for line in text.lines() {
@@ -277,8 +302,16 @@ fn check_locks(daemon: &LockDaemon) {
         };
         for (key, ls) in spaces.iter() {
             for r in ls.resources() {
-                assert!(!r.owners().is_empty(), "resource {key}/{} has no owner", r.name());
-                assert!(r.lock_held(), "resource {key}/{} without its lock", r.name());
+                assert!(
+                    !r.owners().is_empty(),
+                    "resource {key}/{} has no owner",
+                    r.name()
+                );
+                assert!(
+                    r.lock_held(),
+                    "resource {key}/{} without its lock",
+                    r.name()
+                );
                 // SAFETY: fstat on a descriptor the resource owns, into a zeroed struct.
                 let st = unsafe {
                     let mut st: libc::stat = std::mem::zeroed();
@@ -295,7 +328,11 @@ fn check_locks(daemon: &LockDaemon) {
         }
     }
     want.sort_unstable();
-    assert_eq!(kernel_locks(), want, "lock table and /proc/locks disagree");
+    let got = kernel_locks();
+    if got != want {
+        eprintln!("/proc/locks:\n{}", proc_locks());
+    }
+    assert_eq!(got, want, "lock table and /proc/locks disagree");
 }
 
 /// No descriptor outlives a run. The pump thread closes its own as it exits, which
@@ -320,10 +357,21 @@ fn check_fds(before: usize) {
         }
     };
     if !settled(limit, 2000) {
-        for e in std::fs::read_dir("/proc/self/fd").into_iter().flatten().flatten() {
-            eprintln!("fd {:?} -> {:?}", e.file_name(), std::fs::read_link(e.path()));
+        for e in std::fs::read_dir("/proc/self/fd")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            eprintln!(
+                "fd {:?} -> {:?}",
+                e.file_name(),
+                std::fs::read_link(e.path())
+            );
         }
-        panic!("descriptors leaked by the run: {} open, {limit} before", open_fds());
+        panic!(
+            "descriptors leaked by the run: {} open, {limit} before",
+            open_fds()
+        );
     }
 }
 
@@ -437,7 +485,7 @@ impl World {
             }
             s => panic!("reply with status {s}"),
         }
-        assert_eq!(m.fds.len() > 0, h.type_ == msg_type::REPLY_WITH_FDS);
+        assert_eq!(!m.fds.is_empty(), h.type_ == msg_type::REPLY_WITH_FDS);
     }
 
     /// Sends `frame` (+ `fds`), then a PING, and checks what comes back.
@@ -670,7 +718,9 @@ pub fn run(data: &[u8]) {
                     }
                 }
                 2 => {
-                    let (Some(s), Some(n)) = (input.u8(), input.u16()) else { break };
+                    let (Some(s), Some(n)) = (input.u8(), input.u16()) else {
+                        break;
+                    };
                     let Some(bytes) = input.bytes(n) else { break };
                     if !world.conns.is_empty() {
                         let i = usize::from(s) % world.conns.len();
@@ -678,8 +728,7 @@ pub fn run(data: &[u8]) {
                     }
                 }
                 3 => {
-                    let (Some(s), Some(w), Some(n)) = (input.u8(), input.u32(), input.u16())
-                    else {
+                    let (Some(s), Some(w), Some(n)) = (input.u8(), input.u32(), input.u16()) else {
                         break;
                     };
                     let Some(bytes) = input.bytes(n) else { break };
@@ -689,7 +738,9 @@ pub fn run(data: &[u8]) {
                     }
                 }
                 4 => {
-                    let (Some(p), Some(n)) = (input.u8(), input.u16()) else { break };
+                    let (Some(p), Some(n)) = (input.u8(), input.u16()) else {
+                        break;
+                    };
                     let Some(bytes) = input.bytes(n) else { break };
                     if !world.pipes.is_empty() {
                         let fd = &world.pipes[usize::from(p) % world.pipes.len()];
@@ -729,7 +780,10 @@ pub fn run(data: &[u8]) {
     drop(target);
     drop(handler);
     drop(lockd);
-    assert!(kernel_locks().is_empty(), "locks left behind by the lock daemon");
+    assert!(
+        kernel_locks().is_empty(),
+        "locks left behind by the lock daemon"
+    );
     let _ = std::fs::remove_dir_all(&base);
     check_fds(fds_before);
 }

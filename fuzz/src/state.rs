@@ -16,6 +16,10 @@ pub fn parse(data: &[u8]) {
     }
     if let Ok(doc) = LockdState::parse(text) {
         let again = LockdState::parse(&doc.to_json_string());
-        assert_eq!(again.as_ref().ok(), Some(&doc), "virtlockd state round trip");
+        assert_eq!(
+            again.as_ref().ok(),
+            Some(&doc),
+            "virtlockd state round trip"
+        );
     }
 }
