@@ -36,7 +36,7 @@
 //!   only after a protocol violation or an admin close;
 //! * a broken or truncated frame gets no reply and a close;
 //! * after every operation the lock table and the kernel agree: each held resource
-//!   has this process's byte-0 POSIX lock of its kind on its inode (`/proc/locks`),
+//!   has this process's byte-0 POSIX lock of its kind on its inode (fdinfo),
 //!   and this process holds no other lock; every resource has an owner;
 //! * once every client has hung up, the servers drain, and once the daemons are
 //!   dropped no lock and no descriptor is left behind.
@@ -238,58 +238,48 @@ fn rewrite_payload(base: &Path, h: &Header, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// `/proc/locks` in one read(2): the kernel builds each read from the live lock list,
-/// so a file read in several pieces (as `read_to_string` does, starting with a small
-/// probe) can show an entry twice or not at all while other processes take and drop
-/// locks.
-fn proc_locks() -> String {
-    use std::io::Read;
-    let mut size = 1 << 20;
-    loop {
-        let mut f = match std::fs::File::open("/proc/locks") {
-            Ok(f) => f,
-            Err(e) => panic!("cannot open /proc/locks: {e}"),
-        };
-        let mut buf = vec![0u8; size];
-        let n = match f.read(&mut buf) {
-            Ok(n) => n,
-            Err(e) => panic!("cannot read /proc/locks: {e}"),
-        };
-        if n < size {
-            buf.truncate(n);
-            return String::from_utf8_lossy(&buf).into_owned();
-        }
-        size *= 2;
-    }
-}
-
 /// (major, minor, inode, is_write) of every POSIX lock this process holds.
+///
+/// Read from `/proc/self/fdinfo/*`, whose `lock:` lines are the locks this process
+/// holds on each open file, rather than from `/proc/locks`: that file lists every lock
+/// on the machine, and the kernel builds each page-sized read of it from the live list,
+/// so while other processes lock and unlock it shows entries twice or not at all. A
+/// POSIX lock needs an open descriptor, so scanning ours finds them all.
 fn kernel_locks() -> Vec<(u32, u32, u64, bool)> {
-    let text = proc_locks();
     let me = std::process::id().to_string();
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        // "N: POSIX ADVISORY WRITE pid maj:min:ino start end"; waiters have "->" in 2nd.
-        if f.len() < 8 || f[1] != "POSIX" || f[4] != me {
-            continue;
-        }
-        let dev: Vec<&str> = f[5].split(':').collect();
-        if dev.len() != 3 {
-            continue;
-        }
-        let (Ok(maj), Ok(min), Ok(ino)) = (
-            u32::from_str_radix(dev[0], 16),
-            u32::from_str_radix(dev[1], 16),
-            dev[2].parse::<u64>(),
-        ) else {
+    let mut out = std::collections::BTreeSet::new();
+    let dir = match std::fs::read_dir("/proc/self/fdinfo") {
+        Ok(d) => d,
+        Err(e) => panic!("cannot list /proc/self/fdinfo: {e}"),
+    };
+    for entry in dir.flatten() {
+        // Descriptors come and go (this very listing's): a vanished one is fine.
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
             continue;
         };
-        assert_eq!((f[6], f[7]), ("0", "0"), "a lock other than byte 0: {line}");
-        out.push((maj, min, ino, f[3] == "WRITE"));
+        for line in text.lines() {
+            let Some(lock) = line.strip_prefix("lock:") else {
+                continue;
+            };
+            // "N: POSIX  ADVISORY  WRITE pid maj:min:ino start end"
+            let f: Vec<&str> = lock.split_whitespace().collect();
+            if f.len() < 8 || f[1] != "POSIX" {
+                continue;
+            }
+            assert_eq!(f[4], me, "a lock of another process in our fdinfo: {line}");
+            let dev: Vec<&str> = f[5].split(':').collect();
+            let (Some(maj), Some(min), Some(ino)) = (
+                dev.first().and_then(|d| u32::from_str_radix(d, 16).ok()),
+                dev.get(1).and_then(|d| u32::from_str_radix(d, 16).ok()),
+                dev.get(2).and_then(|d| d.parse::<u64>().ok()),
+            ) else {
+                panic!("unparsable lock line: {line}");
+            };
+            assert_eq!((f[6], f[7]), ("0", "0"), "a lock other than byte 0: {line}");
+            out.insert((maj, min, ino, f[3] == "WRITE"));
+        }
     }
-    out.sort_unstable();
-    out
+    out.into_iter().collect()
 }
 
 /// The lock table against the kernel's view (see the module docs).
@@ -328,11 +318,11 @@ fn check_locks(daemon: &LockDaemon) {
         }
     }
     want.sort_unstable();
-    let got = kernel_locks();
-    if got != want {
-        eprintln!("/proc/locks:\n{}", proc_locks());
-    }
-    assert_eq!(got, want, "lock table and /proc/locks disagree");
+    assert_eq!(
+        kernel_locks(),
+        want,
+        "lock table and the kernel's locks disagree"
+    );
 }
 
 /// No descriptor outlives a run. The pump thread closes its own as it exits, which
