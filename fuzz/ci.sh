@@ -35,5 +35,5 @@ for t in "${targets[@]}"; do
         echo "fuzz/ci.sh: $t failed; the input is in fuzz/artifacts/$t/" >&2
         exit 1
     fi
-    grep -E '^#[0-9]+ +DONE' "$scratch/$t.log" || true
+    grep -E '^#[0-9]+[[:space:]]+DONE' "$scratch/$t.log" || true
 done
