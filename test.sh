@@ -54,6 +54,8 @@ stage interop11 tests/interop11/run.sh
 stage systemd tests/systemd/run.sh
 # Cross-host leases and fencing on a real GlusterFS volume (brings its bed up and down).
 stage gluster tests/gluster/run.sh
+# Each cargo-fuzz target for 20 s from its committed corpus (fuzz/README.md).
+stage fuzz fuzz/ci.sh
 set -e; trap 'on_err "$LINENO" "$BASH_COMMAND" "$?"' ERR
 
 # ------------------------------------------------------------------ summary
