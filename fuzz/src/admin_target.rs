@@ -54,6 +54,4 @@ impl AdminTarget for FakeDaemon {
         Ok(())
     }
     fn set_timeout(&self, _secs: u32) {}
-    /// A shutdown request is accepted and does nothing: the harness outlives it.
-    fn shutdown(&self, _preserve: bool) {}
 }
