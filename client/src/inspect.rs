@@ -4,11 +4,10 @@
 
 use crate::connect::{self, Target};
 use crate::error::{ClientError, Result};
-use vh_common::connection::blocking::Client;
-use vh_common::paths::DaemonKind;
-pub use virtlockd::inspect::LockEntry;
-pub use virtlogd::inspect::LogEntry;
-use virtlogd::inspect::{proc_, PROGRAM, VERSION};
+use vh_proto::blocking::Client;
+use vh_proto::inspect::{proc_, PROGRAM, VERSION};
+pub use vh_proto::inspect::{LockEntry, LogEntry};
+use vh_proto::paths::DaemonKind;
 
 fn admin_client(kind: DaemonKind, target: &Target) -> Result<Client> {
     let s = connect::connect_admin(kind, target)?;

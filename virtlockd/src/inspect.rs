@@ -1,90 +1,13 @@
-//! The "VHIP" inspect program (0x56484950, version 1): an operator-only view of what the
-//! daemon holds, served on the admin socket (so only the daemon's own uid gets in).
-//! libvirt's clients never see it. virtlockd answers LIST_LOCKS; virtlogd answers
-//! LIST_LOGS with the same program number (see `virtlogd::inspect`).
+//! Our operator-only "VHIP" inspect program as served here: virtlockd answers LIST_LOCKS: what resources are held. The wire
+//! types are in `vh_proto::inspect` and the program shell in `vh_common::inspect`.
 
-use crate::protocol::STRING_MAX;
 use crate::table::LockTable;
-use std::sync::Arc;
 use vh_common::error::RpcError;
-use vh_common::server::{CallContext, DispatchError, Program, Reply};
-use vh_common::xdr::{Decoder, Encoder, XdrError};
+use vh_common::inspect::Inspect;
+use vh_common::server::{CallContext, DispatchError, Reply};
 
-pub const PROGRAM: u32 = 0x5648_4950;
-pub const VERSION: u32 = 1;
-
-pub mod proc_ {
-    /// virtlogd: every open log file.
-    pub const LIST_LOGS: i32 = 1;
-    /// virtlockd: `LockEntry<>` of every held resource.
-    pub const LIST_LOCKS: i32 = 2;
-}
-
-/// Most entries a reply may carry (a bound for the decoder, not a daemon limit).
-pub const LIST_MAX: usize = 1 << 20;
-/// Most owners per entry the decoder accepts.
-pub const OWNERS_MAX: usize = 1 << 16;
-
-/// One held resource: `{lockspace string, name string, path string, shared bool,
-/// owners u32<>}` in wire order. `lockspace` is `""` for the default lockspace.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LockEntry {
-    pub lockspace: String,
-    pub name: String,
-    pub path: String,
-    pub shared: bool,
-    pub owners: Vec<u32>,
-}
-
-fn lossy(b: Vec<u8>) -> String {
-    String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-}
-
-impl LockEntry {
-    pub fn encode(&self, e: &mut Encoder) {
-        e.string(&self.lockspace)
-            .string(&self.name)
-            .string(&self.path)
-            .bool(self.shared)
-            .u32(self.owners.len() as u32);
-        for &o in &self.owners {
-            e.u32(o);
-        }
-    }
-
-    pub fn decode(d: &mut Decoder<'_>) -> Result<Self, XdrError> {
-        let lockspace = lossy(d.string_lossless(STRING_MAX)?);
-        let name = lossy(d.string_lossless(STRING_MAX)?);
-        let path = lossy(d.string_lossless(STRING_MAX)?);
-        let shared = d.bool()?;
-        let n = d.array_len(OWNERS_MAX, 4)?;
-        let owners = (0..n).map(|_| d.u32()).collect::<Result<_, _>>()?;
-        Ok(LockEntry {
-            lockspace,
-            name,
-            path,
-            shared,
-            owners,
-        })
-    }
-
-    /// The whole LIST_LOCKS reply.
-    pub fn encode_list(list: &[LockEntry]) -> Vec<u8> {
-        let mut e = Encoder::new();
-        e.u32(list.len() as u32);
-        for l in list {
-            l.encode(&mut e);
-        }
-        e.into_inner()
-    }
-
-    pub fn decode_list(buf: &[u8]) -> Result<Vec<LockEntry>, XdrError> {
-        let mut d = Decoder::new(buf);
-        // Smallest entry: 3 empty strings + bool + empty array.
-        let n = d.array_len(LIST_MAX, 20)?;
-        (0..n).map(|_| LockEntry::decode(&mut d)).collect()
-    }
-}
+// The wire types moved to `vh-proto` (the client decodes them); these paths stay.
+pub use vh_proto::inspect::{proc_, LockEntry, LIST_MAX, OWNERS_MAX, PROGRAM, VERSION};
 
 /// Every held resource, sorted by (lockspace, name).
 pub fn list_locks(daemon: &LockTable) -> Result<Vec<LockEntry>, RpcError> {
@@ -105,35 +28,18 @@ pub fn list_locks(daemon: &LockTable) -> Result<Vec<LockEntry>, RpcError> {
     Ok(out)
 }
 
-pub struct InspectProgram {
-    daemon: Arc<LockTable>,
-}
+/// The inspect program as virtlockd serves it.
+pub type InspectProgram = vh_common::inspect::InspectProgram<LockTable>;
 
-impl InspectProgram {
-    pub fn new(daemon: Arc<LockTable>) -> Arc<Self> {
-        Arc::new(InspectProgram { daemon })
-    }
-}
-
-impl Program for InspectProgram {
-    fn program(&self) -> u32 {
-        PROGRAM
-    }
-
-    fn version(&self) -> u32 {
-        VERSION
-    }
-
-    fn dispatch(
+impl Inspect for LockTable {
+    fn answer(
         &self,
         _ctx: &mut CallContext<'_>,
         proc_: i32,
         _args: &[u8],
     ) -> Result<Reply, DispatchError> {
         match proc_ {
-            proc_::LIST_LOCKS => Ok(Reply::payload(LockEntry::encode_list(&list_locks(
-                &self.daemon,
-            )?))),
+            proc_::LIST_LOCKS => Ok(Reply::payload(LockEntry::encode_list(&list_locks(self)?))),
             _ => Err(DispatchError::UnknownProcedure),
         }
     }

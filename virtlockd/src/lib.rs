@@ -12,5 +12,7 @@ pub mod daemon;
 pub mod inspect;
 pub mod lockspace;
 pub mod program;
-pub mod protocol;
 pub mod table;
+
+// The program's wire types live in `vh-proto`, shared with the client; this path stays.
+pub use vh_proto::lock as protocol;

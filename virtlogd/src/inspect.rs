@@ -1,82 +1,13 @@
-//! The "VHIP" inspect program (0x56484950, version 1): an operator-only view of what the
-//! daemon holds, served on the admin socket (so only the daemon's own uid gets in).
-//! libvirt's clients never see it. virtlogd answers LIST_LOGS; virtlockd answers
-//! LIST_LOCKS with the same program number (see `virtlockd::inspect`).
+//! Our operator-only "VHIP" inspect program as served here: virtlogd answers LIST_LOGS: what logs are open. The wire
+//! types are in `vh_proto::inspect` and the program shell in `vh_common::inspect`.
 
 use crate::handler::LogHandler;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Arc;
-use vh_common::protocol::STRING_MAX;
-use vh_common::server::{CallContext, DispatchError, Program, Reply};
-use vh_common::xdr::{Decoder, Encoder, XdrError};
+use vh_common::inspect::Inspect;
+use vh_common::server::{CallContext, DispatchError, Reply};
 
-pub const PROGRAM: u32 = 0x5648_4950;
-pub const VERSION: u32 = 1;
-
-pub mod proc_ {
-    /// virtlogd: `LogEntry<>` of every open log file.
-    pub const LIST_LOGS: i32 = 1;
-    /// virtlockd: `LockEntry<>` of every held resource.
-    pub const LIST_LOCKS: i32 = 2;
-}
-
-/// Most entries a reply may carry (a bound for the decoder, not a daemon limit).
-pub const LIST_MAX: usize = 1 << 20;
-
-/// One open log: `{path string, driver string, domname string, domuuid opaque[16],
-/// inode u64, offset u64}` in wire order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogEntry {
-    pub path: Vec<u8>,
-    pub driver: String,
-    pub domname: String,
-    pub domuuid: [u8; 16],
-    pub inode: u64,
-    pub offset: u64,
-}
-
-fn lossy(b: Vec<u8>) -> String {
-    String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-}
-
-impl LogEntry {
-    pub fn encode(&self, e: &mut Encoder) {
-        e.opaque(&self.path)
-            .string(&self.driver)
-            .string(&self.domname)
-            .fixed_opaque(&self.domuuid)
-            .u64(self.inode)
-            .u64(self.offset);
-    }
-
-    pub fn decode(d: &mut Decoder<'_>) -> Result<Self, XdrError> {
-        Ok(LogEntry {
-            path: d.string_lossless(STRING_MAX)?,
-            driver: lossy(d.string_lossless(STRING_MAX)?),
-            domname: lossy(d.string_lossless(STRING_MAX)?),
-            domuuid: d.uuid()?,
-            inode: d.u64()?,
-            offset: d.u64()?,
-        })
-    }
-
-    /// The whole LIST_LOGS reply.
-    pub fn encode_list(list: &[LogEntry]) -> Vec<u8> {
-        let mut e = Encoder::new();
-        e.u32(list.len() as u32);
-        for l in list {
-            l.encode(&mut e);
-        }
-        e.into_inner()
-    }
-
-    pub fn decode_list(buf: &[u8]) -> Result<Vec<LogEntry>, XdrError> {
-        let mut d = Decoder::new(buf);
-        // Smallest entry: 3 empty strings + uuid + 2 hypers = 12 + 16 + 16.
-        let n = d.array_len(LIST_MAX, 44)?;
-        (0..n).map(|_| LogEntry::decode(&mut d)).collect()
-    }
-}
+// The wire types moved to `vh-proto` (the client decodes them); these paths stay.
+pub use vh_proto::inspect::{proc_, LogEntry, LIST_MAX, PROGRAM, VERSION};
 
 /// The open logs, sorted by path.
 pub fn list_logs(handler: &LogHandler) -> Vec<LogEntry> {
@@ -94,26 +25,11 @@ pub fn list_logs(handler: &LogHandler) -> Vec<LogEntry> {
         .collect()
 }
 
-pub struct InspectProgram {
-    handler: Arc<LogHandler>,
-}
+/// The inspect program as virtlogd serves it.
+pub type InspectProgram = vh_common::inspect::InspectProgram<LogHandler>;
 
-impl InspectProgram {
-    pub fn new(handler: Arc<LogHandler>) -> Arc<Self> {
-        Arc::new(InspectProgram { handler })
-    }
-}
-
-impl Program for InspectProgram {
-    fn program(&self) -> u32 {
-        PROGRAM
-    }
-
-    fn version(&self) -> u32 {
-        VERSION
-    }
-
-    fn dispatch(
+impl Inspect for LogHandler {
+    fn answer(
         &self,
         _ctx: &mut CallContext<'_>,
         proc_: i32,
@@ -122,42 +38,9 @@ impl Program for InspectProgram {
         match proc_ {
             // Off the workers: a log's lock may be held by a write that hangs.
             proc_::LIST_LOGS => Ok(Reply::payload(LogEntry::encode_list(
-                &crate::program::off_worker(|| list_logs(&self.handler)),
+                &crate::program::off_worker(|| list_logs(self)),
             ))),
             _ => Err(DispatchError::UnknownProcedure),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn list_roundtrip() {
-        let list = vec![
-            LogEntry {
-                path: b"/var/log/libvirt/qemu/vm1.log".to_vec(),
-                driver: "qemu".into(),
-                domname: "vm1".into(),
-                domuuid: [7; 16],
-                inode: 123,
-                offset: 456,
-            },
-            LogEntry {
-                path: vec![0xff, b'x'],
-                driver: String::new(),
-                domname: String::new(),
-                domuuid: [0; 16],
-                inode: 0,
-                offset: u64::MAX,
-            },
-        ];
-        let bytes = LogEntry::encode_list(&list);
-        assert_eq!(LogEntry::decode_list(&bytes).unwrap(), list);
-        for cut in 0..bytes.len() {
-            assert!(LogEntry::decode_list(&bytes[..cut]).is_err());
-        }
-        assert_eq!(LogEntry::decode_list(&[0, 0, 0, 0]).unwrap(), vec![]);
     }
 }

@@ -16,6 +16,8 @@ pub mod daemon;
 pub mod handler;
 pub mod inspect;
 pub mod program;
-pub mod protocol;
 pub mod pump;
 pub mod rotating_file;
+
+// The program's wire types live in `vh-proto`, shared with the client; this path stays.
+pub use vh_proto::log as protocol;
