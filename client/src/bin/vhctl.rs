@@ -211,10 +211,10 @@ fn default_name(command: &[OsString]) -> String {
 static CHILD: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn forward_signal(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo_t with SA_SIGINFO; only reads it.
     let code = if info.is_null() {
         0
     } else {
+        // SAFETY: the kernel passes a valid siginfo_t with SA_SIGINFO; only reads it.
         unsafe { (*info).si_code }
     };
     // Terminal-generated signals (SI_KERNEL) already reached the child's process group;
