@@ -1023,14 +1023,12 @@ impl LockSpaces {
         owner: u32,
         flags: u32,
     ) -> Result<Begin, RpcError> {
-        let unknown = flags & !ACQUIRE_FLAGS_MASK;
-        if unknown != 0 {
-            return Err(RpcError::unsupported_flags(
-                domain::LOCKSPACE,
-                "virLockSpaceAcquireResource",
-                u64::from(unknown),
-            ));
-        }
+        RpcError::check_flags(
+            domain::LOCKSPACE,
+            "virLockSpaceAcquireResource",
+            flags,
+            ACQUIRE_FLAGS_MASK,
+        )?;
         let Some(ls) = self.for_call(key, name)? else {
             return Ok(Begin::Wait);
         };
