@@ -2,20 +2,19 @@
 //! [`vh_proto::inspect`]): one program shell for both daemons, served on the admin
 //! socket. Each daemon says only how it answers the procedures it serves.
 
+use crate::error::RpcError;
 use crate::server::{CallContext, DispatchError, Program, Reply};
 use std::sync::Arc;
 pub use vh_proto::inspect::{proc_, PROGRAM, VERSION};
 
-/// What one daemon answers on the inspect program.
+/// What one daemon lists on the inspect program: one procedure, no arguments.
 pub trait Inspect: Send + Sync + 'static {
-    /// Answers one call; [`DispatchError::UnknownProcedure`] for a procedure this daemon
-    /// does not serve (virtlogd answers LIST_LOGS only, virtlockd LIST_LOCKS only).
-    fn answer(
-        &self,
-        ctx: &mut CallContext<'_>,
-        proc_: i32,
-        args: &[u8],
-    ) -> Result<Reply, DispatchError>;
+    /// The procedure this daemon answers (`LIST_LOGS` for virtlogd, `LIST_LOCKS` for
+    /// virtlockd); any other is an unknown procedure.
+    const PROC: i32;
+
+    /// The encoded reply.
+    fn listing(&self) -> Result<Vec<u8>, RpcError>;
 }
 
 /// The inspect program over a daemon's state `T`.
@@ -40,10 +39,13 @@ impl<T: Inspect> Program for InspectProgram<T> {
 
     fn dispatch(
         &self,
-        ctx: &mut CallContext<'_>,
+        _ctx: &mut CallContext<'_>,
         proc_: i32,
-        args: &[u8],
+        _args: &[u8],
     ) -> Result<Reply, DispatchError> {
-        self.state.answer(ctx, proc_, args)
+        if proc_ != T::PROC {
+            return Err(DispatchError::UnknownProcedure);
+        }
+        Ok(Reply::payload(self.state.listing()?))
     }
 }

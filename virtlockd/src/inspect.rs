@@ -1,10 +1,9 @@
-//! Our operator-only "VHIP" inspect program as served here: virtlockd answers LIST_LOCKS: what resources are held. The wire
-//! types are in `vh_proto::inspect` and the program shell in `vh_common::inspect`.
+//! Our operator-only "VHIP" inspect program as served here: virtlockd answers LIST_LOCKS, what resources are held.
+//! The wire types are in `vh_proto::inspect`, the program shell in `vh_common::inspect`.
 
 use crate::table::LockTable;
 use vh_common::error::RpcError;
 use vh_common::inspect::Inspect;
-use vh_common::server::{CallContext, DispatchError, Reply};
 
 // The wire types moved to `vh-proto` (the client decodes them); these paths stay.
 pub use vh_proto::inspect::{proc_, LockEntry, LIST_MAX, OWNERS_MAX, PROGRAM, VERSION};
@@ -32,16 +31,10 @@ pub fn list_locks(daemon: &LockTable) -> Result<Vec<LockEntry>, RpcError> {
 pub type InspectProgram = vh_common::inspect::InspectProgram<LockTable>;
 
 impl Inspect for LockTable {
-    fn answer(
-        &self,
-        _ctx: &mut CallContext<'_>,
-        proc_: i32,
-        _args: &[u8],
-    ) -> Result<Reply, DispatchError> {
-        match proc_ {
-            proc_::LIST_LOCKS => Ok(Reply::payload(LockEntry::encode_list(&list_locks(self)?))),
-            _ => Err(DispatchError::UnknownProcedure),
-        }
+    const PROC: i32 = proc_::LIST_LOCKS;
+
+    fn listing(&self) -> Result<Vec<u8>, RpcError> {
+        Ok(LockEntry::encode_list(&list_locks(self)?))
     }
 }
 

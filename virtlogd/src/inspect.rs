@@ -1,10 +1,10 @@
-//! Our operator-only "VHIP" inspect program as served here: virtlogd answers LIST_LOGS: what logs are open. The wire
-//! types are in `vh_proto::inspect` and the program shell in `vh_common::inspect`.
+//! Our operator-only "VHIP" inspect program as served here: virtlogd answers LIST_LOGS, what logs are open.
+//! The wire types are in `vh_proto::inspect`, the program shell in `vh_common::inspect`.
 
 use crate::handler::LogHandler;
 use std::os::unix::ffi::OsStrExt;
+use vh_common::error::RpcError;
 use vh_common::inspect::Inspect;
-use vh_common::server::{CallContext, DispatchError, Reply};
 
 // The wire types moved to `vh-proto` (the client decodes them); these paths stay.
 pub use vh_proto::inspect::{proc_, LogEntry, LIST_MAX, PROGRAM, VERSION};
@@ -29,18 +29,11 @@ pub fn list_logs(handler: &LogHandler) -> Vec<LogEntry> {
 pub type InspectProgram = vh_common::inspect::InspectProgram<LogHandler>;
 
 impl Inspect for LogHandler {
-    fn answer(
-        &self,
-        _ctx: &mut CallContext<'_>,
-        proc_: i32,
-        _args: &[u8],
-    ) -> Result<Reply, DispatchError> {
-        match proc_ {
-            // Off the workers: a log's lock may be held by a write that hangs.
-            proc_::LIST_LOGS => Ok(Reply::payload(LogEntry::encode_list(
-                &crate::program::off_worker(|| list_logs(self)),
-            ))),
-            _ => Err(DispatchError::UnknownProcedure),
-        }
+    const PROC: i32 = proc_::LIST_LOGS;
+
+    fn listing(&self) -> Result<Vec<u8>, RpcError> {
+        // Off the workers: a log's lock may be held by a write that hangs.
+        let logs = crate::program::off_worker(|| list_logs(self));
+        Ok(LogEntry::encode_list(&logs))
     }
 }
