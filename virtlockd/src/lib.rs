@@ -2,10 +2,11 @@
 //!
 //! | module | job |
 //! |---|---|
-//! | [`protocol`] | program 0x0EA7BEEF: argument types of the eight procedures |
+//! | [`protocol`] | program 0x0EA7BEEF: argument types of the eight procedures (`vh_proto::lock`) |
 //! | [`lockspace`] | lockspaces, resources and their owners; byte-0 fcntl locks |
 //! | [`table`] | the lock table; calls' filesystem work on the blocking pool |
 //! | [`daemon`] | virtlockd's part of the daemon front-end and of the re-exec state |
+//! | [`inspect`] | our operator program: what resources are held |
 //! | [`program`] | RPC dispatch: owner registration, restriction, checks in 9.0's order |
 
 pub mod daemon;
