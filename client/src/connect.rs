@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread::sleep;
 use std::time::Duration;
-use vh_common::paths::{create_dir_with_mode, DaemonKind, DaemonPaths, Env, Mode};
+use vh_proto::paths::{create_dir_with_mode, DaemonKind, DaemonPaths, Env, Mode};
 
 /// `connect()` attempts in session mode, and the pause between them.
 pub const CONNECT_RETRIES: u32 = 500;

@@ -2,9 +2,9 @@
 //! could not make sense of.
 
 use std::io;
-use vh_common::connection::blocking::CallError;
-use vh_common::error::{code, RpcError};
-use vh_common::xdr::XdrError;
+use vh_proto::blocking::CallError;
+use vh_proto::error::{code, RpcError};
+use vh_proto::xdr::XdrError;
 
 /// What a client call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +105,7 @@ impl ClientError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vh_common::error::domain;
+    use vh_proto::error::domain;
 
     #[test]
     fn busy_classification() {

@@ -6,11 +6,10 @@ use crate::connect::{self, Target};
 use crate::error::{ClientError, Result};
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use vh_common::connection::blocking::Client;
-use vh_common::paths::DaemonKind;
-pub use virtlockd::inspect::LockEntry;
-pub use virtlogd::inspect::LogEntry;
-use virtlogd::inspect::{proc_, PROGRAM, VERSION};
+use vh_proto::blocking::Client;
+use vh_proto::inspect::{proc_, PROGRAM, VERSION};
+pub use vh_proto::inspect::{LockEntry, LockMetrics, LogEntry, LogMetric};
+use vh_proto::paths::DaemonKind;
 
 fn admin_client(kind: DaemonKind, target: &Target) -> Result<Client> {
     let s = connect::connect_admin(kind, target)?;
@@ -29,9 +28,6 @@ pub fn list_locks(target: &Target) -> Result<Vec<LockEntry>> {
     LockEntry::decode_list(&reply.payload).map_err(ClientError::from)
 }
 
-pub use virtlockd::inspect::LockMetrics;
-pub use virtlogd::inspect::LogMetric;
-
 /// LOG_METRICS on virtlogd's admin socket: every open log's counters.
 pub fn log_metrics(target: &Target) -> Result<Vec<LogMetric>> {
     let reply = admin_client(DaemonKind::Logd, target)?.call(proc_::LOG_METRICS, &[])?;
@@ -46,13 +42,14 @@ pub fn lock_metrics(target: &Target) -> Result<LockMetrics> {
 
 /// FOLLOW_LOG on virtlogd's admin socket: the (inode, offset) the stream starts at and
 /// the stream itself, a SOCK_SEQPACKET socket of records (see
-/// [`virtlogd::follow`]). The log must be open in the daemon.
+/// [`vh_proto::inspect::RECORD_DATA`] and the kinds beside it). The log must be open
+/// in the daemon.
 pub fn follow_log(target: &Target, path: &Path) -> Result<(u64, u64, OwnedFd)> {
     use std::os::unix::ffi::OsStrExt;
-    let args = virtlogd::inspect::encode_follow_args(path.as_os_str().as_bytes());
+    let args = vh_proto::inspect::encode_follow_args(path.as_os_str().as_bytes());
     let mut reply = admin_client(DaemonKind::Logd, target)?.call(proc_::FOLLOW_LOG, &args)?;
     let (inode, offset) =
-        virtlogd::inspect::decode_follow_reply(&reply.payload).map_err(ClientError::from)?;
+        vh_proto::inspect::decode_follow_reply(&reply.payload).map_err(ClientError::from)?;
     let fd = reply
         .fds
         .pop()
@@ -77,7 +74,7 @@ pub enum FollowRecord {
 pub fn next_record(stream: &OwnedFd) -> Result<FollowRecord> {
     use nix::sys::socket::{recv, MsgFlags};
     use std::os::fd::AsRawFd;
-    use virtlogd::follow::{DATA_MAX, RECORD_DATA, RECORD_MISSED, RECORD_ROTATED};
+    use vh_proto::inspect::{DATA_MAX, RECORD_DATA, RECORD_MISSED, RECORD_ROTATED};
     let mut buf = vec![0u8; DATA_MAX + 1];
     let n = loop {
         match recv(stream.as_raw_fd(), &mut buf, MsgFlags::empty()) {

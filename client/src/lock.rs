@@ -16,20 +16,14 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use vh_common::connection::blocking::Client;
-use vh_common::paths::DaemonKind;
-use vh_common::xdr::Encoder;
-use virtlockd::protocol::{self as p, NewArgs, RegisterArgs, ResourceArgs};
+use vh_proto::blocking::Client;
+use vh_proto::lock::{self as p, NewArgs, RegisterArgs, ResourceArgs};
+use vh_proto::paths::DaemonKind;
+use vh_proto::xdr::Encoder;
 
-/// The lock owner: the VM (uuid, name, id ≠ 0) and the pid of the process using the disks.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Owner {
-    pub uuid: [u8; 16],
-    pub name: String,
-    /// Domain id; libvirt's plugin refuses 0 ("Missing ID parameter for domain object").
-    pub id: u32,
-    pub pid: u32,
-}
+/// The lock owner: the VM (uuid, name, id ≠ 0) and the pid of the process using the disks,
+/// exactly as it goes on the wire.
+pub use vh_proto::lock::Owner;
 
 /// The lease name libvirt's lockd plugin uses for a disk in `file_lockspace_dir`: the
 /// lowercase hex SHA-256 of the path exactly as written in the domain XML. libvirt does
@@ -78,12 +72,7 @@ impl LockManager {
     pub fn register(&mut self, owner: &Owner) -> Result<()> {
         let mut e = Encoder::new();
         RegisterArgs {
-            owner: p::Owner {
-                uuid: owner.uuid,
-                name: owner.name.clone(),
-                id: owner.id,
-                pid: owner.pid,
-            },
+            owner: owner.clone(),
             flags: 0,
         }
         .encode(&mut e);

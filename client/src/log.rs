@@ -7,12 +7,12 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use vh_common::connection::blocking::Client;
-use vh_common::paths::DaemonKind;
-use vh_common::xdr::{Decoder, Encoder};
-use virtlogd::protocol::{
+use vh_proto::blocking::Client;
+use vh_proto::log::{
     self as p, AppendLogFileArgs, Domain, GetLogFilePositionArgs, OpenLogFileArgs, ReadLogFileArgs,
 };
+use vh_proto::paths::DaemonKind;
+use vh_proto::xdr::{Decoder, Encoder};
 
 /// `(inode, offset)` in a rotating log: what OpenLogFile and GetLogFilePosition return
 /// and ReadLogFile starts from.

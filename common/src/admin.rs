@@ -365,14 +365,7 @@ fn get_uint(params: &[TypedParam], name: &str) -> Option<u32> {
 }
 
 fn check_flags(flags: u32, function: &str) -> Result<(), RpcError> {
-    if flags != 0 {
-        return Err(RpcError::unsupported_flags(
-            domain::ADMIN,
-            function,
-            u64::from(flags),
-        ));
-    }
-    Ok(())
+    RpcError::check_flags(domain::ADMIN, function, flags, 0)
 }
 
 /// The thread pool these daemons report: no workers, every call run inline. Only the
@@ -807,16 +800,12 @@ impl AdminProgram {
             }
             proc_::CONNECT_DAEMON_SHUTDOWN => {
                 let flags = d.u32()?;
-                let unsupported = flags & !DAEMON_SHUTDOWN_PRESERVE;
-                if unsupported != 0 {
-                    // virCheckFlags names only the bits it does not know.
-                    return Err(RpcError::unsupported_flags(
-                        domain::ADMIN,
-                        "adminConnectDaemonShutdown",
-                        u64::from(unsupported),
-                    )
-                    .into());
-                }
+                RpcError::check_flags(
+                    domain::ADMIN,
+                    "adminConnectDaemonShutdown",
+                    flags,
+                    DAEMON_SHUTDOWN_PRESERVE,
+                )?;
                 // The servers close before this returns: no reply goes out (as 11.3).
                 self.target()?
                     .shutdown(flags & DAEMON_SHUTDOWN_PRESERVE != 0);

@@ -936,4 +936,35 @@ mod tests {
             )
         );
     }
+
+    /// The documented defaults are the ones the daemons use, and every documented key
+    /// is one the config parser reads (a wrong type is an error naming it).
+    #[test]
+    fn config_keys_match_the_parser() {
+        let d = DaemonConfig::default();
+        let default = |n: &str| {
+            crate::manual::CONFIG_KEYS
+                .iter()
+                .find(|k| k.name == n)
+                .unwrap()
+                .default
+        };
+        assert_eq!(default("max_size"), d.max_size.to_string());
+        assert_eq!(default("max_backups"), d.max_backups.to_string());
+        assert_eq!(default("max_clients"), d.max_clients.to_string());
+        assert_eq!(
+            default("admin_max_clients"),
+            d.admin_max_clients.to_string()
+        );
+        for k in crate::manual::CONFIG_KEYS {
+            let bad = if k.default.starts_with('"') {
+                format!("{} = 1\n", k.name)
+            } else {
+                format!("{} = \"x\"\n", k.name)
+            };
+            let conf = parse("t.conf", bad.as_bytes()).unwrap();
+            let e = DaemonConfig::from_conf(&conf, KeySet::Log).unwrap_err();
+            assert!(e.to_string().contains(k.name), "{}: {e}", k.name);
+        }
+    }
 }

@@ -48,16 +48,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-/// libvirt's `virDaemonErr` exit codes.
-pub mod exit {
-    pub const PIDFILE: i32 = 1;
-    pub const RUNDIR: i32 = 2;
-    pub const INIT: i32 = 3;
-    pub const SIGNAL: i32 = 4;
-    pub const NETWORK: i32 = 6;
-    pub const CONFIG: i32 = 7;
-    pub const REEXEC: i32 = 9;
-}
+/// libvirt's `virDaemonErr` exit codes (in `vh-proto`, which the man pages come from).
+pub use vh_proto::exit;
 
 /// Listen backlog libvirt uses for its services.
 const BACKLOG: i32 = 30;

@@ -2,21 +2,17 @@
 //!
 //! | module | job |
 //! |---|---|
-//! | [`xdr`] | XDR codec with bounded lengths |
-//! | [`error`] | libvirt's 11-field error struct and its constructors |
-//! | [`protocol`] | message header, frame layout, size limits, keepalive constants |
-//! | [`fdpass`] | SCM_RIGHTS fd passing exactly as libvirt does it (one fd per 1-byte sendmsg) |
+//! | [`xdr`], [`error`], [`protocol`], [`fdpass`], [`paths`], [`manual`] | re-exported from `vh-proto` (XDR, error struct, messages, fd passing, socket paths, `--help` and man pages) |
 //! | [`connection`] | reading and writing whole frames (and their fds) on a unix stream socket |
 //! | [`server`] | listeners, clients, program dispatch, limits, peer-uid checks |
 //! | [`config`] | libvirt's `virConf` file syntax and typed daemon settings |
 //! | [`cli`] | the daemons' shared command line |
-//! | [`manual`] | the `--help` texts and man pages, as data, rendered both ways |
-//! | [`paths`] | system vs session mode and the socket/pid/state paths of each |
 //! | [`pidfile`] | the fcntl-locked pid file |
 //! | [`activation`] | systemd socket activation (LISTEN_FDS) and sd_notify |
 //! | [`logging`] | log_level / log_filters / log_outputs driving `tracing` |
 //! | [`daemon`] | the daemon front-end: start-up, sockets, signals, `--timeout`, re-exec |
 //! | [`restart`] | the re-exec state file (libvirt 9.0's JSON) and fd inheritance |
+//! | [`inspect`] | the program shell of our operator-only "VHIP" program (both daemons) |
 //! | [`admin`] | libvirt's admin program (0x06900690): servers, clients, limits, logging |
 
 pub mod activation;
@@ -25,15 +21,15 @@ pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod daemon;
-pub mod error;
-pub mod fdpass;
+pub mod inspect;
 pub mod logging;
-pub mod manual;
-pub mod paths;
 pub mod pidfile;
-pub mod protocol;
 pub mod restart;
 pub mod server;
-pub mod xdr;
+
+// The wire modules moved to `vh-proto` (so the client needs no server code); these
+// paths stay so that `vh_common::xdr` and friends keep working.
+pub use vh_proto::message as protocol;
+pub use vh_proto::{error, fdpass, manual, paths, xdr};
 
 pub use error::RpcError;

@@ -49,10 +49,10 @@ pub const STATE_FILE_MODE: u32 = 0o700;
 /// `VIR_NET_SERVER_SERVICE_AUTH_NONE`: the only auth method these daemons use.
 pub const AUTH_NONE: i32 = 0;
 
-/// Lockspace resource flag: shared lock.
-pub const RESOURCE_SHARED: u32 = 1;
-/// Lockspace resource flag: create the lock file if missing.
-pub const RESOURCE_AUTOCREATE: u32 = 2;
+/// Lockspace resource flags: the protocol's ACQUIRE flags, as the state file records them.
+pub use vh_proto::lock::{
+    ACQUIRE_AUTOCREATE as RESOURCE_AUTOCREATE, ACQUIRE_SHARED as RESOURCE_SHARED,
+};
 
 /// Why a state file could not be read or a state document could not be understood.
 #[derive(Debug, thiserror::Error)]

@@ -54,4 +54,5 @@ impl AdminTarget for FakeDaemon {
         Ok(())
     }
     fn set_timeout(&self, _secs: u32) {}
+    fn shutdown(&self, _preserve: bool) {}
 }

@@ -49,14 +49,15 @@ use std::sync::{Arc, OnceLock};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 use vh_common::admin::{self, AdminProgram, AdminTarget, ADMIN_PROGRAM};
-use vh_common::connection::{self, LengthWord, ReadEnd};
+use vh_common::connection::{self, FrameReader, Outbox, ReadEnd};
 use vh_common::error::RpcError;
 use vh_common::protocol::{self, msg_type, status, Header};
-use vh_common::server::{ClientLimits, NoHooks, Private, Program, RunState, Server};
+use vh_common::server::{ClientLimits, NoHooks, PendingIo, Private, Program, RunState, Server};
 use vh_common::xdr::{Decoder, Encoder};
 use virtlockd::lockspace::LockSpaces;
-use virtlockd::program::{LockClient, LockDaemon, LockHooks, LockProgram};
+use virtlockd::program::{LockClient, LockHooks, LockProgram};
 use virtlockd::protocol as lockp;
+use virtlockd::table::LockTable;
 use virtlogd::handler::{Limits, LogHandler};
 use virtlogd::program::LogProgram;
 use virtlogd::protocol as logp;
@@ -283,7 +284,7 @@ fn kernel_locks() -> Vec<(u32, u32, u64, bool)> {
 }
 
 /// The lock table against the kernel's view (see the module docs).
-fn check_locks(daemon: &LockDaemon) {
+fn check_locks(daemon: &LockTable) {
     let mut want = Vec::new();
     {
         let spaces = match daemon.spaces() {
@@ -395,7 +396,7 @@ struct World {
     log: Arc<Server>,
     lock: Arc<Server>,
     admin: Arc<Server>,
-    lockd: Arc<LockDaemon>,
+    lockd: Arc<LockTable>,
     conns: Vec<Conn>,
     pipes: Vec<OwnedFd>,
     next_id: u64,
@@ -427,7 +428,13 @@ impl World {
             Ok(v) => v,
             Err(e) => panic!("save_private: {e}"),
         };
-        if let Err(e) = server.adopt_client(theirs.into(), self.next_id, 0, &private) {
+        if let Err(e) = server.adopt_client(
+            theirs.into(),
+            self.next_id,
+            0,
+            &private,
+            PendingIo::default(),
+        ) {
             panic!("adopt_client: {e}");
         }
         if let Err(e) = ours.set_nonblocking(true) {
@@ -442,16 +449,12 @@ impl World {
 
     /// Reads one message; `None` on EOF or a reset.
     async fn read(stream: &UnixStream) -> Option<connection::Incoming> {
-        let mut lw = LengthWord::default();
-        let len = match connection::read_length(stream, &mut lw).await {
-            Ok(l) => l,
-            Err(ReadEnd::Eof) => return None,
-            Err(ReadEnd::Broken(why)) if why.contains("reset") => return None,
-            Err(ReadEnd::Broken(why)) => panic!("server sent a broken length word: {why}"),
-        };
-        match connection::read_message(stream, len).await {
+        let mut reader = FrameReader::default();
+        match reader.read(stream).await {
             Ok(m) => Some(m),
             Err(ReadEnd::Eof) => None,
+            // A reset before a byte of the frame came is a close, not a broken frame.
+            Err(ReadEnd::Broken(why)) if why.contains("reset") && reader.is_idle() => None,
             Err(ReadEnd::Broken(why)) => panic!("server sent a broken message: {why}"),
         }
     }
@@ -487,10 +490,17 @@ impl World {
         let ping = ping_frame();
         let sent = {
             let s = &self.conns[slot].stream;
-            connection::write_message(s, frame, &fds).await.is_ok()
-                && connection::write_all(s, &ping).await.is_ok()
+            // One flush per frame: an outbox sends its fds after all its bytes, and the
+            // fds belong right after the frame that announces them.
+            let mut out = Outbox::default();
+            out.push(frame.to_vec(), fds);
+            let mut sent = out.flush(s).await.is_ok();
+            if sent {
+                out.push(ping, Vec::new());
+                sent = out.flush(s).await.is_ok();
+            }
+            sent
         };
-        drop(fds);
         let mut got_response = false;
         loop {
             let Some(m) = Self::read(&self.conns[slot].stream).await else {
@@ -580,7 +590,9 @@ impl World {
     /// expects a close with nothing said.
     async fn hang_up_after(&mut self, slot: usize, bytes: &[u8]) {
         let conn = self.conns.remove(slot);
-        let _ = connection::write_all(&conn.stream, bytes).await;
+        let mut out = Outbox::default();
+        out.push(bytes.to_vec(), Vec::new());
+        let _ = out.flush(&conn.stream).await;
         // SAFETY: shutdown on a socket we own.
         unsafe { libc::shutdown(conn.stream.as_raw_fd(), libc::SHUT_WR) };
         if let Some(m) = Self::read(&conn.stream).await {
@@ -651,7 +663,7 @@ pub fn run(data: &[u8]) {
         max_size,
         max_backups,
     });
-    let lockd = LockDaemon::new(LockSpaces::new());
+    let lockd = LockTable::new(LockSpaces::new());
     let (tx, rx) = watch::channel(RunState::Running);
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };

@@ -2,10 +2,11 @@
 //!
 //! | module | job |
 //! |---|---|
-//! | [`protocol`] | program 0x0EA7BEEF: argument types of the eight procedures |
+//! | [`protocol`] | program 0x0EA7BEEF: argument types of the eight procedures (`vh_proto::lock`) |
 //! | [`lockspace`] | lockspaces, resources and their owners; byte-0 fcntl locks |
 //! | [`table`] | the lock table; calls' filesystem work on the blocking pool |
 //! | [`daemon`] | virtlockd's part of the daemon front-end and of the re-exec state |
+//! | [`inspect`] | our operator program: what resources are held |
 //! | [`program`] | RPC dispatch: owner registration, restriction, checks in 9.0's order |
 //! | [`renewal`] | lease renewal across hosts and fencing of owners whose leases are lost |
 
@@ -13,6 +14,8 @@ pub mod daemon;
 pub mod inspect;
 pub mod lockspace;
 pub mod program;
-pub mod protocol;
 pub mod renewal;
 pub mod table;
+
+// The program's wire types live in `vh-proto`, shared with the client; this path stays.
+pub use vh_proto::lock as protocol;

@@ -74,12 +74,8 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt}
 use std::path::{Path, PathBuf};
 use vh_common::error::{code, domain, errno_of, RpcError};
 
-/// `VIR_LOCK_SPACE_ACQUIRE_SHARED`: take a read lock; compatible with other shared holders.
-pub const ACQUIRE_SHARED: u32 = 1;
-/// `VIR_LOCK_SPACE_ACQUIRE_AUTOCREATE`: create the file if needed; unlink it on last release.
-pub const ACQUIRE_AUTOCREATE: u32 = 2;
-/// All flags `acquire` accepts.
-pub const ACQUIRE_FLAGS_MASK: u32 = ACQUIRE_SHARED | ACQUIRE_AUTOCREATE;
+/// The lease flags live with the protocol; re-exported for the lockspace's callers.
+pub use vh_proto::lock::{ACQUIRE_AUTOCREATE, ACQUIRE_FLAGS_MASK, ACQUIRE_SHARED};
 
 /// How many times the AUTOCREATE open/lock/re-check loop retries after losing a race with a
 /// concurrent unlink/recreate before giving up (libvirt 9.0 retries forever).
@@ -1027,14 +1023,12 @@ impl LockSpaces {
         owner: u32,
         flags: u32,
     ) -> Result<Begin, RpcError> {
-        let unknown = flags & !ACQUIRE_FLAGS_MASK;
-        if unknown != 0 {
-            return Err(RpcError::unsupported_flags(
-                domain::LOCKSPACE,
-                "virLockSpaceAcquireResource",
-                u64::from(unknown),
-            ));
-        }
+        RpcError::check_flags(
+            domain::LOCKSPACE,
+            "virLockSpaceAcquireResource",
+            flags,
+            ACQUIRE_FLAGS_MASK,
+        )?;
         let Some(ls) = self.for_call(key, name)? else {
             return Ok(Begin::Wait);
         };

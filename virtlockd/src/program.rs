@@ -95,15 +95,7 @@ fn not_utf8(what: &str, bytes: &[u8]) -> RpcError {
 }
 
 fn check_flags(flags: u32, allowed: u32, function: &str) -> Result<(), RpcError> {
-    let bad = flags & !allowed;
-    if bad != 0 {
-        return Err(RpcError::unsupported_flags(
-            domain::RPC,
-            function,
-            u64::from(bad),
-        ));
-    }
-    Ok(())
+    RpcError::check_flags(domain::RPC, function, flags, allowed)
 }
 
 /// Restricted and registered checks, in that order.

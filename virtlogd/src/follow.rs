@@ -27,11 +27,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-pub const RECORD_DATA: u8 = 0;
-pub const RECORD_MISSED: u8 = 1;
-pub const RECORD_ROTATED: u8 = 2;
-/// Most log bytes one data record carries.
-pub const DATA_MAX: usize = 32 * 1024;
+// The record kinds are wire format, shared with the client (`vh_proto::inspect`).
+pub use vh_proto::inspect::{DATA_MAX, RECORD_DATA, RECORD_MISSED, RECORD_ROTATED};
 /// Most followers one log takes (each costs an fd and a copy of every write).
 pub const FOLLOWERS_MAX: usize = 64;
 /// Send buffer asked for each follower socket: how far a follower may fall behind

@@ -32,7 +32,7 @@ use tracing::{debug, error, warn};
 use vh_common::error::{code, domain, errno_of, RpcError};
 
 /// Largest number of backups libvirt allows.
-pub const MAX_BACKUPS_LIMIT: u64 = 32;
+pub const MAX_BACKUPS_LIMIT: u64 = crate::rotating_file::MAX_MAX_BACKUP as u64;
 /// Largest ReadLogFile reply.
 pub const READ_MAX: u64 = 4_194_304;
 /// Log files are private to root (or the session user).
@@ -95,16 +95,9 @@ pub(crate) struct LogFile {
     followers: Arc<Followers>,
 }
 
-/// A log's operator counters (the metrics), kept across re-exec.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct LogCounters {
-    /// Bytes written into the log's files.
-    pub written: u64,
-    /// Bytes of output that could not be written (and were dropped).
-    pub dropped: u64,
-    /// Completed rollovers.
-    pub rotations: u64,
-}
+/// A log's operator counters (the metrics), kept across re-exec; the inspect
+/// program's LOG_METRICS reply carries them, hence their home in `vh-proto`.
+pub use vh_proto::inspect::LogCounters;
 
 /// What one pump pass found in the pipe.
 pub(crate) enum Pumped {
@@ -446,17 +439,8 @@ impl LogHandler {
     }
 
     fn check_backups(&self) -> Result<usize, RpcError> {
-        if self.limits.max_backups > MAX_BACKUPS_LIMIT {
-            return Err(RpcError::new(
-                code::CONFIG_UNSUPPORTED,
-                domain::NONE,
-                format!(
-                    "Max backup {} must be less than or equal to {MAX_BACKUPS_LIMIT}",
-                    self.limits.max_backups
-                ),
-            ));
-        }
-        Ok(self.limits.max_backups as usize)
+        crate::rotating_file::max_backups(self.limits.max_backups)
+            .map_err(|text| RpcError::new(code::CONFIG_UNSUPPORTED, domain::NONE, text))
     }
 
     fn lookup(&self, path: &Path) -> Option<Arc<LogFile>> {

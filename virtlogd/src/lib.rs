@@ -2,7 +2,7 @@
 //!
 //! | module | job |
 //! |---|---|
-//! | [`protocol`] | program 0x87539319: argument and reply types of the four procedures |
+//! | [`protocol`] | program 0x87539319: argument and reply types of the four procedures (`vh_proto::log`) |
 //! | [`rotating_file`] | size-capped log file with `.0..N` backups, and the reader across them |
 //! | [`handler`] | the open log files keyed by path, and the RPC operations on them |
 //! | [`pump`] | the thread that moves pipe data into the files, coalescing wake-ups |
@@ -18,6 +18,8 @@ pub mod follow;
 pub mod handler;
 pub mod inspect;
 pub mod program;
-pub mod protocol;
 pub mod pump;
 pub mod rotating_file;
+
+// The program's wire types live in `vh-proto`, shared with the client; this path stays.
+pub use vh_proto::log as protocol;

@@ -19,14 +19,7 @@ impl LogProgram {
 }
 
 fn check_flags(flags: u32, function: &str) -> Result<(), RpcError> {
-    if flags != 0 {
-        return Err(RpcError::unsupported_flags(
-            domain::LOGGING,
-            function,
-            u64::from(flags),
-        ));
-    }
-    Ok(())
+    RpcError::check_flags(domain::LOGGING, function, flags, 0)
 }
 
 /// Runs an RPC's file work so that it holds up only its own client. Every procedure

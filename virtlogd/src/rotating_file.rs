@@ -41,16 +41,21 @@ pub const MAX_MAX_BACKUP: usize = 32;
 /// How far back from the cut point the writer looks for a newline.
 const NEWLINE_WINDOW: usize = 80;
 
-/// libvirt rejects more than 32 backups; the caller maps this to
-/// `VIR_ERR_CONFIG_UNSUPPORTED` (67).
-fn check_max_backups(max_backups: usize) -> io::Result<()> {
-    if max_backups > MAX_MAX_BACKUP {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("Max backup {max_backups} must be less than or equal to {MAX_MAX_BACKUP}"),
-        ));
+/// libvirt rejects more than [`MAX_MAX_BACKUP`] backups, with this text; callers report
+/// it as `VIR_ERR_CONFIG_UNSUPPORTED` (67). The one place that checks the limit.
+pub fn max_backups(requested: u64) -> Result<usize, String> {
+    match usize::try_from(requested) {
+        Ok(n) if n <= MAX_MAX_BACKUP => Ok(n),
+        _ => Err(format!(
+            "Max backup {requested} must be less than or equal to {MAX_MAX_BACKUP}"
+        )),
     }
-    Ok(())
+}
+
+fn check_max_backups(max_backups: usize) -> io::Result<()> {
+    self::max_backups(max_backups as u64)
+        .map(drop)
+        .map_err(|text| io::Error::new(io::ErrorKind::InvalidInput, text))
 }
 
 /// `path.index`, built from raw bytes so non-UTF-8 paths survive.

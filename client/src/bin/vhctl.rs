@@ -18,8 +18,8 @@ use vh_client::inspect;
 use vh_client::{
     lease_name_for_path, ClientError, LockManager, LogManager, LogPosition, Owner, Target,
 };
-use vh_common::manual::{self, Block, Page, Section};
-use vh_common::paths::DaemonKind;
+use vh_proto::manual::{self, Block, Page, Section};
+use vh_proto::paths::DaemonKind;
 
 const EXIT_OK: i32 = 0;
 const EXIT_USAGE: i32 = 1;
@@ -362,10 +362,10 @@ fn default_name(command: &[OsString]) -> String {
 static CHILD: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn forward_signal(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo_t with SA_SIGINFO; only reads it.
     let code = if info.is_null() {
         0
     } else {
+        // SAFETY: the kernel passes a valid siginfo_t with SA_SIGINFO; only reads it.
         unsafe { (*info).si_code }
     };
     // Terminal-generated signals (SI_KERNEL) already reached the child's process group;

@@ -4,13 +4,13 @@
 //! * [`DAEMON_OPTIONS`] is the daemons' option list: `cli::usage` prints libvirt 9.0's
 //!   `--help` from it, [`daemon_page`] the OPTIONS section of virtlogd(8)/virtlockd(8).
 //! * [`CONFIG_KEYS`] are the config file's keys, with their defaults (a unit test checks
-//!   them against [`crate::config::DaemonConfig`]).
+//!   them against `vh_common::config::DaemonConfig`).
 //! * The deliberate differences from libvirt 9.0 are the README's own list, read at
 //!   build time ([`differences`]).
 //! * [`Page`] is a man page; [`Page::roff`] renders it for man(1), [`Page::help`] as
 //!   plain `--help` text (vhctl's).
 
-use crate::daemon::exit;
+use crate::exit;
 use crate::paths::DaemonKind;
 
 /// One command-line option of the daemons.
@@ -512,32 +512,6 @@ pub fn daemon_page(kind: DaemonKind) -> Page {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{parse, DaemonConfig, KeySet};
-
-    /// The documented defaults are the ones the daemons use, and every documented key
-    /// is one the config parser reads (a wrong type is an error naming it).
-    #[test]
-    fn config_keys_match_the_parser() {
-        let d = DaemonConfig::default();
-        let default = |n: &str| CONFIG_KEYS.iter().find(|k| k.name == n).unwrap().default;
-        assert_eq!(default("max_size"), d.max_size.to_string());
-        assert_eq!(default("max_backups"), d.max_backups.to_string());
-        assert_eq!(default("max_clients"), d.max_clients.to_string());
-        assert_eq!(
-            default("admin_max_clients"),
-            d.admin_max_clients.to_string()
-        );
-        for k in CONFIG_KEYS {
-            let bad = if k.default.starts_with('"') {
-                format!("{} = 1\n", k.name)
-            } else {
-                format!("{} = \"x\"\n", k.name)
-            };
-            let conf = parse("t.conf", bad.as_bytes()).unwrap();
-            let e = DaemonConfig::from_conf(&conf, KeySet::Log).unwrap_err();
-            assert!(e.to_string().contains(k.name), "{}: {e}", k.name);
-        }
-    }
 
     #[test]
     fn roff_escapes() {

@@ -112,6 +112,19 @@ impl RpcError {
         e
     }
 
+    /// libvirt's `virCheckFlags(allowed)`: any bit outside `allowed` is refused, and the
+    /// error names only those bits.
+    pub fn check_flags(domain: i32, function: &str, flags: u32, allowed: u32) -> Result<(), Self> {
+        match flags & !allowed {
+            0 => Ok(()),
+            unknown => Err(Self::unsupported_flags(
+                domain,
+                function,
+                u64::from(unknown),
+            )),
+        }
+    }
+
     /// `virCheckFlags` failure: no prefix, str1 = function, str2 = "flags", ints 0.
     pub fn unsupported_flags(domain: i32, function: &str, bits: u64) -> Self {
         RpcError {
@@ -267,5 +280,14 @@ mod tests {
         );
         assert_eq!(e.int1, 16);
         assert_eq!(e.str1.as_deref(), Some("%s"));
+    }
+
+    #[test]
+    fn check_flags_names_only_unknown_bits() {
+        assert!(RpcError::check_flags(domain::LOGGING, "f", 0, 0).is_ok());
+        assert!(RpcError::check_flags(domain::LOGGING, "f", 3, 3).is_ok());
+        let e = RpcError::check_flags(domain::LOCKSPACE, "g", 7, 3).unwrap_err();
+        assert_eq!(e, RpcError::unsupported_flags(domain::LOCKSPACE, "g", 4));
+        assert_eq!(e.message(), "unsupported flags (0x4) in function g");
     }
 }

@@ -1,7 +1,7 @@
 //! Program 0x0EA7BEEF (`lock_protocol.x`): the eight procedures' arguments in wire order.
 //! Every procedure returns void. Both the daemon and the client library use these.
 
-use vh_common::xdr::{Decoder, Encoder, XdrError};
+use crate::xdr::{lossy, Decoder, Encoder, XdrError};
 
 pub const PROGRAM: u32 = 0x0EA7_BEEF;
 pub const VERSION: u32 = 1;
@@ -19,14 +19,21 @@ pub mod proc_ {
     pub const CREATE_LOCKSPACE: i32 = 8;
 }
 
+/// `VIR_LOCK_SPACE_ACQUIRE_SHARED`: take a read lock; compatible with other shared holders.
+/// The same bits name a held resource's mode in the re-exec state.
 pub const ACQUIRE_SHARED: u32 = 1;
+/// `VIR_LOCK_SPACE_ACQUIRE_AUTOCREATE`: create the file if needed; unlink it on last release.
 pub const ACQUIRE_AUTOCREATE: u32 = 2;
+/// All flags ACQUIRE_RESOURCE accepts.
+pub const ACQUIRE_FLAGS_MASK: u32 = ACQUIRE_SHARED | ACQUIRE_AUTOCREATE;
 
-/// `virLockSpaceProtocolOwner`.
+/// `virLockSpaceProtocolOwner`: the VM (uuid, name, id) and the pid of the process using
+/// its disks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
     pub uuid: [u8; 16],
     pub name: String,
+    /// Domain id; libvirt's plugin refuses 0 ("Missing ID parameter for domain object").
     pub id: u32,
     pub pid: u32,
 }
@@ -46,11 +53,6 @@ impl Owner {
             pid: d.u32()?,
         })
     }
-}
-
-/// For the owner name only, which names no file (logs and the re-exec state).
-pub(crate) fn lossy(b: Vec<u8>) -> String {
-    String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// REGISTER's arguments.

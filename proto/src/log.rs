@@ -1,8 +1,8 @@
 //! Program 0x87539319 (`log_protocol.x`): the four procedures' arguments and replies,
 //! encoded and decoded in wire order. Both the daemon and the client library use these.
 
-use vh_common::protocol::STRING_MAX;
-use vh_common::xdr::{Decoder, Encoder, XdrError};
+use crate::message::STRING_MAX;
+use crate::xdr::{Decoder, Encoder, XdrError};
 
 pub const PROGRAM: u32 = 0x8753_9319;
 pub const VERSION: u32 = 1;

@@ -259,6 +259,12 @@ impl<'a> Decoder<'a> {
     }
 }
 
+/// Text for display only (owner names, inspect listings): invalid UTF-8 becomes U+FFFD
+/// instead of failing the message. Never for names that name files.
+pub fn lossy(b: Vec<u8>) -> String {
+    String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
