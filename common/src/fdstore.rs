@@ -62,6 +62,12 @@
 //! which names the dead process). Socket-unit fds passed alongside are duplicates of
 //! stored listeners and are closed.
 //!
+//! **File limits.** systemd passes the stored fds as 3..3+n *after* applying the unit's
+//! soft `LimitNOFILE`: with the units' soft 1024 a store of more than about 1,020 fds
+//! makes every restart fail with `202/FDS` (observed on 252), so `fdstore.conf` raises
+//! the soft limit above the store's size; and the daemon raises its own soft limit to
+//! the hard one *before* [`take_stored`] moves fds to their recorded numbers.
+//!
 //! **Re-exec.** Before a SIGUSR1 exec every stored fd is removed from the store: the
 //! next image may be libvirt's C daemon, which knows nothing of the store, releases a
 //! lease by closing its fd (a stored duplicate would keep the OFD lock forever) and
