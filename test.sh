@@ -37,8 +37,8 @@ cargo_rc=${PIPESTATUS[0]}
 INTEROP_REEXEC=1 VIRTLOGD_BIN="$PWD/target/debug/virtlogd" VIRTLOCKD_BIN="$PWD/target/debug/virtlockd" \
     tests/interop/run.sh 2>&1 | tee "$LOGS/interop.log"
 interop_rc=${PIPESTATUS[0]}
-# Crash survival under a real systemd 252 (nspawn): fd store + OFD leases vs POSIX (issue 15).
-tests/systemd-crash/run.sh 2>&1 | tee "$LOGS/systemd-crash.log"; (( PIPESTATUS[0] == 0 )) || { echo "tests/systemd-crash/run.sh failed (log: $LOGS/systemd-crash.log)"; cargo_rc=1; }
+# Crash survival (issue 15): fd store + OFD leases under a real systemd 252 (nspawn); OFD vs POSIX across two GlusterFS clients.
+{ tests/systemd-crash/run.sh && tests/ofd-gluster/run.sh; } 2>&1 | tee "$LOGS/systemd-crash.log"; (( PIPESTATUS[0] == 0 )) || { echo "tests/systemd-crash or tests/ofd-gluster failed (log: $LOGS/systemd-crash.log)"; cargo_rc=1; }
 set -e; trap 'on_err "$LINENO" "$BASH_COMMAND" "$?"' ERR
 
 # ------------------------------------------------------------------ summary
