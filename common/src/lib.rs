@@ -14,6 +14,7 @@
 //! | [`paths`] | system vs session mode and the socket/pid/state paths of each |
 //! | [`pidfile`] | the fcntl-locked pid file |
 //! | [`activation`] | systemd socket activation (LISTEN_FDS) and sd_notify |
+//! | [`fdstore`] | systemd's fd store as a crash safety net: stored fds, state slots, resume |
 //! | [`logging`] | log_level / log_filters / log_outputs driving `tracing` |
 //! | [`daemon`] | the daemon front-end: start-up, sockets, signals, `--timeout`, re-exec |
 //! | [`restart`] | the re-exec state file (libvirt 9.0's JSON) and fd inheritance |
@@ -27,6 +28,7 @@ pub mod connection;
 pub mod daemon;
 pub mod error;
 pub mod fdpass;
+pub mod fdstore;
 pub mod logging;
 pub mod manual;
 pub mod paths;

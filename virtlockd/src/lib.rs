@@ -5,12 +5,14 @@
 //! | [`protocol`] | program 0x0EA7BEEF: argument types of the eight procedures |
 //! | [`lockspace`] | lockspaces, resources and their owners; byte-0 fcntl locks |
 //! | [`table`] | the lock table; calls' filesystem work on the blocking pool |
+//! | [`lease_lock`] | the lease lock: OFD on byte 0, adoption of inherited POSIX locks |
 //! | [`daemon`] | virtlockd's part of the daemon front-end and of the re-exec state |
 //! | [`program`] | RPC dispatch: owner registration, restriction, checks in 9.0's order |
 //! | [`renewal`] | lease renewal across hosts and fencing of owners whose leases are lost |
 
 pub mod daemon;
 pub mod inspect;
+pub mod lease_lock;
 pub mod lockspace;
 pub mod program;
 pub mod protocol;
