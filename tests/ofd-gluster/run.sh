@@ -46,7 +46,7 @@ for c in A B; do
     --pid-file="$W/m$c.pid" --log-file="$W/log/m$c.log" "$W/m$c"
 done
 for _ in $(seq 1 50); do mountpoint -q "$W/mA" && mountpoint -q "$W/mB" && break; sleep 0.1; done
-mountpoint -q "$W/mA" && mountpoint -q "$W/mB" || { echo "FAIL: FUSE mounts did not come up"; exit 1; }
+mountpoint -q "$W/mA" && mountpoint -q "$W/mB" || { echo "FAIL FUSE mounts did not come up"; exit 1; }
 echo x > "$W/mA/lease"
 # hold HOST KIND TYPE: a process on HOST holding a KIND (ofd|posix) TYPE (w|r) lock on byte 0.
 hold() {
@@ -60,7 +60,7 @@ print("held", flush=True); time.sleep(600)
 P
   HP=$!
   for _ in $(seq 1 50); do grep -q held "$W/hold.out" && return 0; sleep 0.1; done
-  echo "FAIL: could not take the $2 $3 lock on host $1: $(cat "$W/hold.out")"; FAILS=$((FAILS + 1))
+  echo "FAIL could not take the $2 $3 lock on host $1: $(cat "$W/hold.out")"; FAILS=$((FAILS + 1))
 }
 # try HOST KIND TYPE -> "ok" or "busy"
 try() {
@@ -79,7 +79,7 @@ check() { # holder-host holder-kind holder-type  trier-kind trier-type  expected
   hold A "$1" "$2"
   local got; got=$(try B "$3" "$4")
   printf '  host A holds %-5s %s, host B tries %-5s %s: %s\n' "$1" "$2" "$3" "$4" "$got"
-  [ "$got" = "$5" ] || { echo "FAIL: expected $5"; FAILS=$((FAILS + 1)); }
+  [ "$got" = "$5" ] || { echo "FAIL expected $5"; FAILS=$((FAILS + 1)); }
   kill -KILL $HP; wait $HP 2>/dev/null; sleep 0.3
 }
 echo "OFD vs POSIX byte-0 locks across two GlusterFS FUSE clients:"
@@ -91,7 +91,7 @@ check ofd r posix r ok
 check ofd r posix w busy
 check posix r ofd w busy
 check ofd w ofd w busy
-[ "$(try B posix w)" = ok ] || { echo "FAIL: lock not freed after its holder died"; FAILS=$((FAILS + 1)); }
+[ "$(try B posix w)" = ok ] || { echo "FAIL lock not freed after its holder died"; FAILS=$((FAILS + 1)); }
 # The crash case: the taker dies while another process (systemd's fd store) keeps a copy
 # of its fd. The OFD lock must stay; a POSIX one goes with its process.
 survive() { # KIND expected-from-B
@@ -110,10 +110,47 @@ P
   kill -KILL $taker; wait $taker 2>/dev/null; sleep 0.5
   local got; got=$(try B posix w)
   printf '  host A: %-5s lock taker SIGKILLed, a copy of its fd lives on: host B tries posix w: %s\n' "$1" "$got"
-  [ "$got" = "$2" ] || { echo "FAIL: expected $2"; FAILS=$((FAILS + 1)); }
+  [ "$got" = "$2" ] || { echo "FAIL expected $2"; FAILS=$((FAILS + 1)); }
   kill -KILL $keeper 2>/dev/null; sleep 0.5
-  [ "$(try B posix w)" = ok ] || { echo "FAIL: $1 lock not freed with the last copy"; FAILS=$((FAILS + 1)); }
+  [ "$(try B posix w)" = ok ] || { echo "FAIL $1 lock not freed with the last copy"; FAILS=$((FAILS + 1)); }
 }
 survive ofd busy
 survive posix ok
-[ $FAILS = 0 ] && echo "PASS: OFD and POSIX locks exclude each other across hosts" || { echo "$FAILS failure(s)"; exit 1; }
+# What virtlockd relies on when it asks about a lease on a FUSE file system:
+# * renewal's probe (virtlockd/src/renewal.rs) asks with F_GETLK from another lock owner
+#   and must see an OFD lock's setter by pid (a kernel-local table says -1); F_OFD_GETLK
+#   reports every holder with pid -1 here, so it cannot tell ours from another host's;
+# * lease_lock::adopt tells our own POSIX lock (a C daemon's exclusive lease, inherited
+#   across re-exec) from another owner's by re-asserting it with F_SETLK.
+echo "What F_GETLK, F_OFD_GETLK and a POSIX re-assert report through GlusterFS:"
+got=$(python3 - "$W/mA/lease" "$W/mB/lease" <<'P'
+import fcntl, os, struct, sys
+def fl(t): return struct.pack("hhqqi4x", t, 0, 0, 1, 0)
+def pid_of(fd, cmd):
+    t, _, _, _, p = struct.unpack("hhqqi4x", fcntl.fcntl(fd, cmd, fl(fcntl.F_WRLCK)))
+    return p if t == fcntl.F_WRLCK else "unlocked"
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.fcntl(fd, 37, fl(fcntl.F_WRLCK))                    # F_OFD_SETLK
+r, w = os.pipe()
+if os.fork() == 0:                                        # another lock owner
+    a = os.open(sys.argv[1], os.O_RDONLY); b = os.open(sys.argv[2], os.O_RDONLY)
+    os.write(w, ("%s %s %s" % (pid_of(a, fcntl.F_GETLK) == os.getppid(),
+                               pid_of(b, fcntl.F_GETLK) == os.getppid(),
+                               pid_of(a, 36))).encode())  # F_OFD_GETLK
+    os._exit(0)
+os.wait(); print(os.read(r, 100).decode(), end=" ")
+fcntl.fcntl(fd, 37, fl(fcntl.F_UNLCK))
+fcntl.fcntl(fd, fcntl.F_SETLK, fl(fcntl.F_WRLCK))          # our own POSIX lock
+try:
+    fcntl.fcntl(fd, 37, fl(fcntl.F_WRLCK)); print("ofd-over-own-posix:ok", end=" ")
+except OSError:
+    print("ofd-over-own-posix:busy", end=" ")
+print("ofd-getlk-own-posix:%s" % pid_of(fd, 36), end=" ")
+fcntl.fcntl(fd, fcntl.F_SETLK, fl(fcntl.F_WRLCK)); print("posix-reassert:ok")
+P
+)
+echo "  $got"
+[ "$got" = "True True -1 ofd-over-own-posix:busy ofd-getlk-own-posix:-1 posix-reassert:ok" ] \
+  && echo "PASS F_GETLK names an OFD lock's setter on both hosts; a POSIX re-assert finds our own lock" \
+  || { echo "FAIL unexpected lock reports: $got"; FAILS=$((FAILS + 1)); }
+[ $FAILS = 0 ] && echo "PASS OFD and POSIX locks exclude each other across hosts" || { echo "$FAILS failure(s)"; exit 1; }

@@ -22,13 +22,13 @@ if [ -z "${KIND:-}" ]; then
 fi
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PROBE=${PROBE:-$ROOT/target/debug/fdstore-probe}
-command -v systemd-nspawn >/dev/null || { echo "FAIL: systemd-nspawn missing (apt-get install systemd-container)"; exit 1; }
-[ -x "$PROBE" ] || { echo "FAIL: $PROBE missing (cargo build -p vh-tests --bin fdstore-probe)"; exit 1; }
+command -v systemd-nspawn >/dev/null || { echo "FAIL systemd-nspawn missing (apt-get install systemd-container)"; exit 1; }
+[ -x "$PROBE" ] || { echo "FAIL $PROBE missing (cargo build -p vh-tests --bin fdstore-probe)"; exit 1; }
 W=$(mktemp -d /tmp/vh-sdcrash.XXXX); S=$W/shared
 mkdir -p "$S/leases" "$W/units"
 install -m 0755 "$PROBE" "$S/fdstore-probe"
 FAILS=0
-fail() { echo "FAIL: $*"; FAILS=$((FAILS + 1)); }
+fail() { echo "FAIL $*"; FAILS=$((FAILS + 1)); }
 cat > "$W/units/probe.target" <<U
 [Unit]
 Description=crash survival probe
@@ -126,4 +126,4 @@ kill -0 $OUTER 2>/dev/null && kill -KILL "$LEADER"
 wait $OUTER 2>/dev/null
 rmdir /run/systemd/nspawn/propagate /run/systemd/nspawn /run/systemd/nspawn-root 2>/dev/null
 [ $FAILS = 0 ] && rm -rf "$W" || { echo "kept $W"; tail -20 "$S/svc.out" 2>/dev/null; }
-[ $FAILS = 0 ] && echo "PASS: fd-store crash survival, $N OFD leases" || { echo "$FAILS failure(s)"; exit 1; }
+[ $FAILS = 0 ] && echo "PASS fd-store crash survival, $N OFD leases" || { echo "$FAILS failure(s)"; exit 1; }

@@ -111,14 +111,15 @@ pub fn adopt(fd: RawFd, shared: bool) -> Result<LockKind, Errno> {
         }
         Err(Errno::EAGAIN | Errno::EACCES) => {
             // Either our own POSIX lock (an exclusive lease from the C daemon) or
-            // someone else's. F_OFD_GETLK reports a POSIX holder with its pid.
-            let mut probe = byte0(kind_type(shared));
-            fcntl(fd, FcntlArg::F_OFD_GETLK(&mut probe))?;
-            let me = std::process::id() as libc::pid_t;
-            if i32::from(probe.l_type) != libc::F_UNLCK && probe.l_pid == me {
-                Ok(LockKind::Posix)
-            } else {
-                Err(Errno::EAGAIN)
+            // someone else's. Re-asserting it as POSIX tells them apart: a no-op on our
+            // own lock, refused if another owner holds a conflicting one (and if that one
+            // went away meanwhile, the lease is simply ours now, as POSIX). Asking with
+            // F_OFD_GETLK instead would not do: a FUSE file system (GlusterFS) reports
+            // every holder of an OFD query with pid -1, ours included (tests/ofd-gluster).
+            match fcntl(fd, FcntlArg::F_SETLK(&byte0(kind_type(shared)))) {
+                Ok(_) => Ok(LockKind::Posix),
+                Err(Errno::EAGAIN | Errno::EACCES) => Err(Errno::EAGAIN),
+                Err(e) => Err(e),
             }
         }
         Err(e) => Err(e),
