@@ -11,9 +11,10 @@
 //! other. (The POSIX close pitfall below no longer drops our locks; the alias rules stay,
 //! since two opens of one file would now conflict with each other.)
 //!
-//! Within this process, exclusion is decided by the in-memory table (POSIX locks never conflict
-//! inside one process); across processes and hosts it is decided by the kernel / NFS lock
-//! manager. Shared resources are reference-counted by an owner-PID list (duplicates allowed).
+//! Within this process, exclusion is decided by the in-memory table (a POSIX lock never
+//! conflicts with its own process, and two of our OFD locks on one file would only meet
+//! through two opens, which the alias rules below rule out); across processes and hosts it is
+//! decided by the kernel / NFS lock manager. Shared resources are reference-counted by an owner-PID list (duplicates allowed).
 //!
 //! # Calls in two halves
 //!
@@ -29,7 +30,9 @@
 //! # The POSIX close pitfall
 //!
 //! Closing **any** file descriptor that refers to a locked file drops **all** of this process's
-//! POSIX locks on that file, not only locks taken through that descriptor. So one file must
+//! POSIX locks on that file, not only locks taken through that descriptor (our OFD leases are
+//! immune; exclusive leases inherited from libvirt's C daemon stay POSIX, see
+//! [`crate::lease_lock`]). So one file must
 //! never be held under two names, and no fd of a held file other than the holder's may ever
 //! be closed, whatever spelling reaches the file (`/a//b` vs `/a/b`, a symlink, a hard link,
 //! a directory lockspace's `<dir>/<name>` vs the same path in the default lockspace, two
