@@ -54,6 +54,10 @@ stage interop11 tests/interop11/run.sh
 stage systemd tests/systemd/run.sh
 # Cross-host leases and fencing on a real GlusterFS volume (brings its bed up and down).
 stage gluster tests/gluster/run.sh
+# Crash survival (issue 15): fd store + OFD leases under a real systemd 252 (nspawn).
+stage systemd-crash tests/systemd-crash/run.sh
+# OFD vs POSIX byte-0 locks across two GlusterFS clients.
+stage ofd-gluster tests/ofd-gluster/run.sh
 # Each cargo-fuzz target for 20 s from its committed corpus (fuzz/README.md).
 stage fuzz fuzz/ci.sh
 set -e; trap 'on_err "$LINENO" "$BASH_COMMAND" "$?"' ERR

@@ -9,6 +9,7 @@
 //! | [`cli`] | the daemons' shared command line |
 //! | [`pidfile`] | the fcntl-locked pid file |
 //! | [`activation`] | systemd socket activation (LISTEN_FDS) and sd_notify |
+//! | [`fdstore`] | systemd's fd store as a crash safety net: stored fds, state slots, resume |
 //! | [`logging`] | log_level / log_filters / log_outputs driving `tracing` |
 //! | [`daemon`] | the daemon front-end: start-up, sockets, signals, `--timeout`, re-exec |
 //! | [`restart`] | the re-exec state file (libvirt 9.0's JSON) and fd inheritance |
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod daemon;
+pub mod fdstore;
 pub mod inspect;
 pub mod logging;
 pub mod pidfile;

@@ -693,3 +693,98 @@ fn partition_with_qemu_like_owner() {
     bed.wait_usable("A");
     assert!(da.is_running(), "{}", da.stderr());
 }
+
+// ------------------------------------------------------------------------------------
+// OFD leases through GlusterFS: what renewal's probe and a C daemon's hand-over rely on
+// ------------------------------------------------------------------------------------
+
+fn byte0(l_type: i32) -> libc::flock {
+    libc::flock {
+        l_type: l_type as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 1,
+        l_pid: 0,
+    }
+}
+
+fn open_rw(p: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(p)
+        .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
+}
+
+/// An exclusive lease handed over by libvirt's C daemon (a POSIX lock of this process)
+/// on a GlusterFS lockspace is adopted as POSIX and stays held; one held by another lock
+/// owner is refused. (FUSE answers F_OFD_GETLK with pid -1 for every holder, ours
+/// included, so adopt must not ask that way.) Renewal's probe proves an OFD lease ours
+/// through GlusterFS, where F_GETLK names its setter by pid.
+#[test]
+#[ignore = "needs the GlusterFS bed: run tests/gluster/run.sh"]
+fn ofd_lease_facts_through_gluster() {
+    use nix::fcntl::{fcntl, FcntlArg};
+    use std::os::fd::AsRawFd;
+    use virtlockd::lease_lock::{self, LockKind};
+    let bed = Bed::get();
+    let rel = bed.fresh("ofd");
+    std::fs::create_dir_all(bed.path("A", &rel)).expect("mkdir");
+    let name = format!("{rel}/disk");
+    let (via_a, via_b) = (bed.path("A", &name), bed.path("B", &name));
+
+    // The C daemon's exclusive lease, inherited across its re-exec into us.
+    let held = open_rw(&via_a);
+    fcntl(held.as_raw_fd(), FcntlArg::F_SETLK(&byte0(libc::F_WRLCK))).expect("POSIX lock");
+    assert_eq!(
+        lease_lock::adopt(held.as_raw_fd(), false),
+        Ok(LockKind::Posix),
+        "our own POSIX lease, adopted"
+    );
+    let other = open_rw(&via_b);
+    assert!(
+        fcntl(
+            other.as_raw_fd(),
+            FcntlArg::F_OFD_SETLK(&byte0(libc::F_RDLCK))
+        )
+        .is_err(),
+        "still held, as host B sees it"
+    );
+    lease_lock::unlock(held.as_raw_fd(), LockKind::Posix).expect("unlock");
+
+    // Another owner (an OFD lock through host B) holds it: refused.
+    fcntl(
+        other.as_raw_fd(),
+        FcntlArg::F_OFD_SETLK(&byte0(libc::F_WRLCK)),
+    )
+    .expect("B locks");
+    assert_eq!(
+        lease_lock::adopt(held.as_raw_fd(), false),
+        Err(nix::errno::Errno::EAGAIN)
+    );
+    lease_lock::unlock(other.as_raw_fd(), LockKind::Ofd).expect("B unlocks");
+
+    // Our OFD lease, proven ours by renewal's probe (F_GETLK through FUSE: our pid).
+    lease_lock::lock(held.as_raw_fd(), false).expect("OFD lock");
+    let lease = virtlockd::renewal::Lease {
+        name: "disk".into(),
+        path: via_a.clone(),
+        shared: false,
+        owners: vec![1],
+        kind: LockKind::Ofd,
+        file_id: None,
+    };
+    assert_eq!(
+        virtlockd::renewal::probe(&lease, std::process::id() as i32),
+        virtlockd::renewal::Verdict::Held(None)
+    );
+    lease_lock::unlock(held.as_raw_fd(), LockKind::Ofd).expect("unlock");
+    assert!(matches!(
+        virtlockd::renewal::probe(&lease, std::process::id() as i32),
+        virtlockd::renewal::Verdict::Lost(_)
+    ));
+    drop((held, other));
+    let _ = std::fs::remove_dir_all(bed.path("A", &rel));
+}

@@ -5,6 +5,7 @@
 //! | [`protocol`] | program 0x0EA7BEEF: argument types of the eight procedures (`vh_proto::lock`) |
 //! | [`lockspace`] | lockspaces, resources and their owners; byte-0 fcntl locks |
 //! | [`table`] | the lock table; calls' filesystem work on the blocking pool |
+//! | [`lease_lock`] | the lease lock: OFD on byte 0, adoption of inherited POSIX locks |
 //! | [`daemon`] | virtlockd's part of the daemon front-end and of the re-exec state |
 //! | [`inspect`] | our operator program: what resources are held |
 //! | [`program`] | RPC dispatch: owner registration, restriction, checks in 9.0's order |
@@ -12,6 +13,7 @@
 
 pub mod daemon;
 pub mod inspect;
+pub mod lease_lock;
 pub mod lockspace;
 pub mod program;
 pub mod renewal;

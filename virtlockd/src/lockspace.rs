@@ -2,14 +2,19 @@
 //!
 //! A [`LockSpace`] maps resource *names* to files: in the default lockspace the name is the
 //! path itself (libvirt passes a disk image path); in a directory lockspace the file is
-//! `<dir>/<name>`. Holding a resource means holding an open fd on that file with a classic
-//! process-associated POSIX record lock (`fcntl(F_SETLK)`, never `F_SETLKW`) on **byte 0 only**
-//! (`SEEK_SET`, start 0, length 1): `F_RDLCK` for shared acquisitions, `F_WRLCK` otherwise.
-//! Not `flock(2)`, not OFD locks: other hosts and libvirt 9.0 daemons see exactly these locks.
+//! `<dir>/<name>`. Holding a resource means holding an open fd on that file with a record lock
+//! on **byte 0 only** (`SEEK_SET`, start 0, length 1), never waiting: `F_RDLCK` for shared
+//! acquisitions, `F_WRLCK` otherwise. The lock is an open-file-description lock, so it survives
+//! a crash while systemd's fd store holds the fd ([`crate::lease_lock`]: why, and how POSIX
+//! locks inherited from libvirt's C daemon are adopted). Not `flock(2)`: other hosts and
+//! libvirt 9.0 daemons see byte-range locks, and OFD and POSIX byte-range locks exclude each
+//! other. (The POSIX close pitfall below no longer drops our locks; the alias rules stay,
+//! since two opens of one file would now conflict with each other.)
 //!
-//! Within this process, exclusion is decided by the in-memory table (POSIX locks never conflict
-//! inside one process); across processes and hosts it is decided by the kernel / NFS lock
-//! manager. Shared resources are reference-counted by an owner-PID list (duplicates allowed).
+//! Within this process, exclusion is decided by the in-memory table (a POSIX lock never
+//! conflicts with its own process, and two of our OFD locks on one file would only meet
+//! through two opens, which the alias rules below rule out); across processes and hosts it is
+//! decided by the kernel / NFS lock manager. Shared resources are reference-counted by an owner-PID list (duplicates allowed).
 //!
 //! # Calls in two halves
 //!
@@ -25,7 +30,9 @@
 //! # The POSIX close pitfall
 //!
 //! Closing **any** file descriptor that refers to a locked file drops **all** of this process's
-//! POSIX locks on that file, not only locks taken through that descriptor. So one file must
+//! POSIX locks on that file, not only locks taken through that descriptor (our OFD leases are
+//! immune; exclusive leases inherited from libvirt's C daemon stay POSIX, see
+//! [`crate::lease_lock`]). So one file must
 //! never be held under two names, and no fd of a held file other than the holder's may ever
 //! be closed, whatever spelling reaches the file (`/a//b` vs `/a/b`, a symlink, a hard link,
 //! a directory lockspace's `<dir>/<name>` vs the same path in the default lockspace, two
@@ -63,6 +70,7 @@
 //! * When the last owner of an AUTOCREATE resource releases it, the lock file is unlinked only
 //!   if `path` still names the file we hold locked (9.0 unlinks whatever is there).
 
+use crate::lease_lock::{self, LockKind};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use std::collections::{HashMap, HashSet};
@@ -94,6 +102,11 @@ impl FileId {
             dev: md.dev(),
             ino: md.ino(),
         }
+    }
+
+    /// The identity of an open file (lease renewal compares it with a held one's).
+    pub fn of_file(f: &File) -> io::Result<FileId> {
+        f.metadata().map(|md| FileId::of(&md))
     }
 
     fn of_path(path: &Path) -> Option<FileId> {
@@ -135,6 +148,7 @@ pub struct Resource {
     flags: u32,
     owners: Vec<u32>,
     file_id: Option<FileId>,
+    kind: LockKind,
 }
 
 impl Resource {
@@ -181,6 +195,16 @@ impl Resource {
         &self.owners
     }
 
+    /// The (device, inode) of the held file, if known (restored resources may lack it).
+    pub fn file_id(&self) -> Option<FileId> {
+        self.file_id
+    }
+
+    /// The kind of lock held: OFD, or POSIX for an exclusive lease inherited from C.
+    pub fn lock_kind(&self) -> LockKind {
+        self.kind
+    }
+
     /// Clear (`inherit = true`) or set close-on-exec on the lock fd, for SIGUSR1 re-exec.
     pub fn set_inheritable(&self, inherit: bool) -> Result<(), RpcError> {
         set_inheritable(self.fd.as_raw_fd(), inherit)
@@ -204,11 +228,22 @@ impl Drop for Resource {
     /// upgraded to exclusive, i.e. nobody else still shares it); closing the fd drops the lock.
     /// Blocking work: the table drops resources on the blocking pool.
     fn drop(&mut self) {
+        self.unlink_if_last();
+        // Unlock before the close: a duplicate of the fd (systemd's fd store) would keep
+        // an OFD lock alive.
+        if self.lock_held {
+            let _ = lease_lock::unlock(self.fd.as_raw_fd(), self.kind);
+        }
+    }
+}
+
+impl Resource {
+    fn unlink_if_last(&mut self) {
         if !(self.lock_held && self.is_autocreate()) {
             return;
         }
         if self.is_shared() {
-            if let Err(e) = set_lock(self.fd.as_raw_fd(), false) {
+            if let Err(e) = lease_lock::relock(self.fd.as_raw_fd(), false, self.kind) {
                 tracing::debug!(
                     path = %self.path.display(),
                     "could not upgrade shared lease to exclusive ({e}), not deleting"
@@ -233,16 +268,9 @@ impl Drop for Resource {
     }
 }
 
-/// Take (or convert) the byte-0 POSIX record lock on `fd` without waiting.
+/// Take (or convert) the byte-0 lease lock on `fd` without waiting.
 fn set_lock(fd: RawFd, shared: bool) -> Result<(), Errno> {
-    let lock = libc::flock {
-        l_type: if shared { libc::F_RDLCK } else { libc::F_WRLCK } as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 0,
-        l_len: 1,
-        l_pid: 0,
-    };
-    fcntl(fd, FcntlArg::F_SETLK(&lock)).map(|_| ())
+    lease_lock::lock(fd, shared)
 }
 
 fn set_cloexec(fd: RawFd, cloexec: bool) -> Result<(), Errno> {
@@ -521,9 +549,9 @@ impl LockSpace {
         Err(RpcError::new(code::INVALID_ARG, domain::LOCKSPACE, detail))
     }
 
-    /// Adopt a resource inherited across SIGUSR1 re-exec: `fd` still carries the lock (fcntl
-    /// locks belong to the process and survive exec). Sets close-on-exec again. On error the
-    /// fd is closed (restore errors are fatal to the daemon, which then exits anyway).
+    /// Adopt a resource inherited across SIGUSR1 re-exec or a crash restart: `fd` still carries
+    /// the lock (OFD locks belong to the open file, POSIX ones to the pid, which a re-exec keeps;
+    /// see [`lease_lock::adopt`]). Sets close-on-exec again. On error the fd is closed.
     /// Its file gets a slot when the lockspace is [inserted](LockSpaces::insert).
     pub fn restore_resource(
         &mut self,
@@ -555,6 +583,17 @@ impl LockSpace {
         if owners.is_empty() {
             tracing::warn!(name, "restored resource has no owners");
         }
+        let kind = if lock_held {
+            lease_lock::adopt(fd.as_raw_fd(), flags & ACQUIRE_SHARED != 0).map_err(|e| {
+                RpcError::system(
+                    domain::LOCKSPACE,
+                    e as i32,
+                    format_args!("Lease {} was lost while it was not held", path.display()),
+                )
+            })?
+        } else {
+            LockKind::Ofd
+        };
         self.resources.insert(
             name.clone(),
             Resource {
@@ -565,6 +604,7 @@ impl LockSpace {
                 flags,
                 owners,
                 file_id,
+                kind,
             },
         );
         Ok(())
@@ -796,6 +836,7 @@ impl Job {
                         flags,
                         owners: vec![owner],
                         file_id: Some(id),
+                        kind: LockKind::Ofd,
                     })
                 })
             }
@@ -2213,15 +2254,16 @@ mod tests {
         assert!(!f.exists());
     }
 
-    /// Why the module never opens a held file twice: any close drops the process's lock.
+    /// With OFD leases the POSIX close pitfall is gone: closing another fd of a held file
+    /// keeps the lease (with 9.0's POSIX locks it dropped it).
     #[test]
-    fn posix_close_pitfall_is_real() {
+    fn closing_another_fd_of_a_held_file_keeps_the_lease() {
         let (_t, d) = testdir();
         let mut ls = Ls::dir(&d);
         ls.acquire("foo", 1, ACQUIRE_AUTOCREATE).unwrap();
         assert_eq!(probe(&d.join("foo")), Probe::Write);
         drop(File::open(d.join("foo")).unwrap());
-        assert_eq!(probe(&d.join("foo")), Probe::Unlocked);
+        assert_eq!(probe(&d.join("foo")), Probe::Write);
     }
 
     // ---- state machine ----

@@ -18,15 +18,32 @@
 //! owners): a round trip to the storage on every file system, and what operators (and
 //! other hosts) read to see who holds what and whether that host still renews.
 //!
-//! From *another lock owner*, `F_GETLK` for a write lock on byte 0 of the lease file must
-//! report a conflicting write lock whose pid is this daemon's (exclusive leases) or a read
-//! lock (shared leases; whose is not provable). `F_GETLK` is answered by the lock server
-//! (a round trip on GlusterFS and NFS), so it also proves that the storage answers. A
-//! re-assert (`F_SETLK` on the held fd) would not do: on a local file system it trivially
-//! succeeds, and on a network one it could silently *re-acquire* a lock that was lost.
+//! From *another lock owner*, the lease's path must still name the file we hold (same
+//! device and inode: a lease file replaced behind our back is lost), and `F_GETLK` for a
+//! write lock on byte 0 must report a conflicting write lock that is ours (exclusive
+//! leases) or a read lock (shared leases; whose is not provable). Which holder counts as
+//! ours depends on the lock's kind ([`crate::lease_lock`]):
+//! * a POSIX lock (an exclusive lease inherited from libvirt's C daemon) is reported with
+//!   this daemon's pid;
+//! * an OFD lock is reported with pid -1 by a kernel-local lock table (local file systems,
+//!   and the NFS client, which answers from its copy of our own locks), and with the pid
+//!   of the process that set it by a FUSE lock server (GlusterFS: the kernel sends the
+//!   setter's pid with every lock request, OFD or not), so -1 or our pid. -1 cannot be
+//!   anyone else's lock on the same inode: where it is reported, the lock table is this
+//!   kernel's, which refuses every conflicting lock while our lease holds it; another
+//!   host's lock comes from the server with that host's pid.
+//!
+//! `F_GETLK` is answered by the lock server (a round trip on GlusterFS and NFS), so it
+//! also proves that the storage answers. A re-assert (`F_SETLK`/`F_OFD_SETLK` on the held
+//! fd) would not do: on a local file system it trivially succeeds, on a network one it
+//! could silently *re-acquire* a lock that was lost, and the held fd lives in the daemon's
+//! fd table, not the probe's (see below): getting at it from here races with a release
+//! that closes it and a new lease that reuses its number, and re-asserting the wrong type
+//! on the wrong file would convert a lease.
 //!
 //! POSIX locks belong to the fd table (`files_struct`), and closing any fd of a locked file
-//! drops all of the table's locks on it (see `lockspace`). Each lockspace's probe therefore
+//! drops all of the table's locks on it (see `lockspace`; OFD leases are immune, POSIX
+//! leases inherited from C are not). Each lockspace's probe therefore
 //! runs on its own thread that first gives itself a private fd table
 //! (`close_range(CLOSE_RANGE_UNSHARE)`, closing its copies of everything): to the kernel and
 //! the lock server it is a different lock owner, so it sees the daemon's locks as foreign,
@@ -42,7 +59,8 @@
 //! file (host, daemon pid, owner name, uuid and pid, since when). libvirt's C daemon
 //! ignores lease file contents, and nothing here reads them: lock semantics are unchanged.
 
-use crate::lockspace::LockSpaces;
+use crate::lease_lock::LockKind;
+use crate::lockspace::{FileId, LockSpaces};
 use crate::table::LockTable;
 use nix::fcntl::{fcntl, FcntlArg};
 use nix::sys::signal::{kill, Signal};
@@ -113,6 +131,10 @@ pub struct Lease {
     pub path: PathBuf,
     pub shared: bool,
     pub owners: Vec<u32>,
+    /// OFD, or POSIX for an exclusive lease inherited from libvirt's C daemon.
+    pub kind: LockKind,
+    /// The held file, if known: the path must still name it.
+    pub file_id: Option<FileId>,
 }
 
 /// Leases per directory lockspace (only lockspaces holding some).
@@ -131,6 +153,8 @@ pub fn snapshot(spaces: &LockSpaces) -> Snapshot {
                     path: r.path().to_path_buf(),
                     shared: r.is_shared(),
                     owners: r.owners().to_vec(),
+                    kind: r.lock_kind(),
+                    file_id: r.file_id(),
                 })
                 .collect();
             (!leases.is_empty()).then(|| (key.to_string(), leases))
@@ -184,7 +208,8 @@ fn private_fd_table() -> io::Result<()> {
     }
 }
 
-/// Probe one lease from a foreign lock owner: `F_GETLK` for a write lock on byte 0.
+/// Probe one lease from a foreign lock owner: the path still names the held file, and
+/// `F_GETLK` for a write lock on byte 0 reports our lock (module docs).
 pub fn probe(lease: &Lease, me: i32) -> Verdict {
     let file = match OpenOptions::new()
         .read(true)
@@ -197,6 +222,13 @@ pub fn probe(lease: &Lease, me: i32) -> Verdict {
         }
         Err(e) => return Verdict::Failed(format!("cannot open {}: {e}", lease.path.display())),
     };
+    if let Some(held) = lease.file_id {
+        match FileId::of_file(&file) {
+            Ok(id) if id == held => {}
+            Ok(_) => return Verdict::Lost("the lease file was replaced".into()),
+            Err(e) => return Verdict::Failed(format!("cannot stat {}: {e}", lease.path.display())),
+        }
+    }
     let mut fl = libc::flock {
         l_type: libc::F_WRLCK as libc::c_short,
         l_whence: libc::SEEK_SET as libc::c_short,
@@ -207,9 +239,10 @@ pub fn probe(lease: &Lease, me: i32) -> Verdict {
     if let Err(e) = fcntl(file.as_raw_fd(), FcntlArg::F_GETLK(&mut fl)) {
         return Verdict::Failed(format!("F_GETLK on {}: {e}", lease.path.display()));
     }
+    let ours = fl.l_pid == me || (lease.kind == LockKind::Ofd && fl.l_pid == -1);
     match (i32::from(fl.l_type), lease.shared) {
         (libc::F_UNLCK, _) => Verdict::Lost("nobody holds its lock".into()),
-        (libc::F_WRLCK, false) if fl.l_pid == me => Verdict::Held(None),
+        (libc::F_WRLCK, false) if ours => Verdict::Held(None),
         (libc::F_WRLCK, _) => Verdict::Lost(format!("write-locked by pid {}", fl.l_pid)),
         (libc::F_RDLCK, true) => Verdict::Held(None),
         (_, _) => Verdict::Lost(format!("read-locked by pid {}", fl.l_pid)),
@@ -738,7 +771,8 @@ mod tests {
         fcntl(fd, FcntlArg::F_SETLK(&fl)).map(|_| ())
     }
 
-    /// The probe thread sees our own locks as foreign, and its opens/closes leave them alone.
+    /// The probe thread sees our own (POSIX) locks as foreign, and its opens/closes leave
+    /// them alone.
     #[test]
     fn probe_from_private_fd_table() {
         let dir = tempfile::tempdir().unwrap();
@@ -756,6 +790,8 @@ mod tests {
             path: path.clone(),
             shared: false,
             owners: vec![4242],
+            kind: LockKind::Posix,
+            file_id: Some(FileId::of_file(&held).unwrap()),
         };
         let p = Prober::spawn().unwrap();
         let mut rec = record_text(&lease, 7, "h");
@@ -824,6 +860,84 @@ mod tests {
         assert_eq!(
             probe(&lease, std::process::id() as i32),
             Verdict::Lost("the lease file is gone".into())
+        );
+    }
+
+    fn probe_once(p: &Prober, lease: &Lease) -> Verdict {
+        p.jobs
+            .send(Job {
+                leases: vec![lease.clone()],
+                records: vec![],
+                heartbeat: None,
+            })
+            .unwrap();
+        p.results.recv().unwrap().verdicts.remove(0)
+    }
+
+    /// An OFD lease (`F_GETLK` reports pid -1 for it) is proven ours; a lock on a file that
+    /// replaced the lease file, or none, is not; a shared lease write-locked is not either.
+    #[test]
+    fn ofd_leases_are_proven_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lease");
+        let held = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .unwrap();
+        crate::lease_lock::lock(held.as_raw_fd(), false).unwrap();
+        let lease = Lease {
+            name: "lease".into(),
+            path: path.clone(),
+            shared: false,
+            owners: vec![4242],
+            kind: LockKind::Ofd,
+            file_id: Some(FileId::of_file(&held).unwrap()),
+        };
+        let p = Prober::spawn().unwrap();
+        assert_eq!(probe_once(&p, &lease), Verdict::Held(None));
+        // An OFD lock is not ours as a POSIX lease (whose holder must be our pid).
+        let posix = Lease {
+            kind: LockKind::Posix,
+            ..lease.clone()
+        };
+        assert!(matches!(probe_once(&p, &posix), Verdict::Lost(_)));
+        let shared = Lease {
+            shared: true,
+            ..lease.clone()
+        };
+        assert!(matches!(probe_once(&p, &shared), Verdict::Lost(_)));
+        // Shared: read-locked is ours to the extent provable.
+        crate::lease_lock::lock(held.as_raw_fd(), true).unwrap();
+        assert_eq!(probe_once(&p, &shared), Verdict::Held(None));
+        crate::lease_lock::lock(held.as_raw_fd(), false).unwrap();
+        // The path names another file, OFD-locked by someone (pid -1 too): lost.
+        std::fs::remove_file(&path).unwrap();
+        let other = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        crate::lease_lock::lock(other.as_raw_fd(), false).unwrap();
+        assert_eq!(
+            probe_once(&p, &lease),
+            Verdict::Lost("the lease file was replaced".into())
+        );
+        // Unlocked explicitly: a child forked by another test may hold a copy of the fd.
+        crate::lease_lock::unlock(other.as_raw_fd(), LockKind::Ofd).unwrap();
+        drop(other);
+        // Nobody holds it (the file at the path now, freed with `other`): lost.
+        crate::lease_lock::unlock(held.as_raw_fd(), LockKind::Ofd).unwrap();
+        let renamed = Lease {
+            file_id: Some(FileId::of_file(&std::fs::File::open(&path).unwrap()).unwrap()),
+            ..lease.clone()
+        };
+        assert_eq!(
+            probe_once(&p, &renamed),
+            Verdict::Lost("nobody holds its lock".into())
         );
     }
 }

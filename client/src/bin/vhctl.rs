@@ -985,7 +985,11 @@ fn lock_state(path: &Path) -> String {
         Err(e) => format!("F_GETLK failed: {e}"),
         Ok(_) => match i32::from(fl.l_type) {
             libc::F_UNLCK => "unlocked".into(),
+            // An OFD lock (our virtlockd's leases) belongs to an open file, not a process:
+            // the kernel reports it with pid -1.
+            libc::F_RDLCK if fl.l_pid == -1 => "read-locked (OFD lock)".into(),
             libc::F_RDLCK => format!("read-locked (pid {})", fl.l_pid),
+            _ if fl.l_pid == -1 => "write-locked (OFD lock)".into(),
             _ => format!("write-locked (pid {})", fl.l_pid),
         },
     }

@@ -1,0 +1,649 @@
+//! systemd's file-descriptor store as a crash safety net (issue 15): every fd the daemon
+//! would carry across a SIGUSR1 re-exec is also kept, as a duplicate, by the service
+//! manager, together with a memfd holding the re-exec state document, so a SIGKILL, a
+//! crash, the OOM killer or `systemctl restart` resumes exactly where a re-exec would.
+//!
+//! # Design
+//!
+//! **When.** Only with `NOTIFY_SOCKET` set *and* the unit allowing a store. systemd
+//! silently ignores `FDSTORE=1` when `FileDescriptorStoreMax=` is 0, and systemd 252
+//! (Debian 12) tells the service nothing about the limit (`$FDSTORE` with the limit is
+//! set from 254 on; 252's manager has no such variable), so our units say so themselves
+//! with `Environment=VH_FDSTORE=1` (see `systemd/*.service.d/fdstore.conf`); `$FDSTORE`
+//! > 0 is honoured too. Otherwise nothing is sent and behaviour is today's.
+//!
+//! **What, under which name** (`FDNAME=`; systemd allows 255 printable ASCII characters
+//! without `:`; every name is unique so `FDSTOREREMOVE=1` removes exactly one fd):
+//!
+//! | fd | name | `FDPOLL` |
+//! |---|---|---|
+//! | listening socket *i* of server *s* | `vh-listen-<s>-<i>` | default |
+//! | client connection *id* of server *s* (QEMU's inherited virtlockd owner connection included) | `vh-client-<s>-<id>` | `0` |
+//! | log pipe (read end) | `vh-log-<n>` | `0` |
+//! | lease fd (carries the OFD lock) | `vh-lease-<n>` | `0` |
+//! | state slots | `vh-state-a`, `vh-state-b` | `0` |
+//!
+//! `FDPOLL=0` wherever a hang-up must not make systemd drop the fd: a pipe whose QEMU
+//! has exited still holds its last output (systemd would drop it on POLLHUP and the
+//! bytes with it, the recipe's first trap); a client that hung up while we were down
+//! must still be seen to hang up by the new image, which then releases its leases and
+//! kills its owner exactly as a live daemon would. Lease fds are regular files
+//! (epoll refuses them; systemd accepts non-pollable fds only with `FDPOLL=0`).
+//!
+//! **Removal.** When a log, a lease or a client goes away the daemon closes its fd *and*
+//! sends `FDSTOREREMOVE=1` for its name: the store's duplicate otherwise keeps the pipe
+//! open (QEMU never sees EPIPE), the socket open (the peer never sees the hang-up) or
+//! the lease locked (an OFD lock belongs to the open file description, which the
+//! duplicate keeps alive). Leases are therefore unlocked explicitly (`F_OFD_SETLK
+//! F_UNLCK`) *before* the close and the removal, so a lost removal message leaves at
+//! worst an unlocked stale fd, which the next start removes as unknown.
+//!
+//! **State.** Two memfds, slots A and B, are stored once at start. Each update writes
+//! the whole document into the slot *not* holding the newest generation: its header is
+//! zeroed first, then the body written, then a header carrying the generation, the
+//! length and an FNV-1a hash of the body. A crash at any instant leaves at least one
+//! slot with a complete header that matches its body; a start takes the valid slot with
+//! the highest generation. The store never has to be touched per update (the memfds
+//! are shared files: what we write is what systemd holds), so an update costs one
+//! document serialisation and three `pwrite`s. Before the document comes a table of
+//! `fd <number> <name>` lines: the fd numbers the document uses, and under which
+//! stored name each one lives.
+//!
+//! Ordering makes the snapshot safe: an fd is stored *before* the first document that
+//! names it, and removed from the store only *after* a document without it is written.
+//! A restart can thus find stored fds the document does not name (removed on sight)
+//! but never a document naming an fd the store lacks (if it does, e.g. systemd dropped
+//! a socket on POLLERR, that one item is lost, as a re-exec loses an fd that is gone).
+//!
+//! **Resume.** On a start with stored fds ([`take_stored`], called first thing in
+//! `main`, while the process has only fds 0-2 and the passed ones), each stored fd is
+//! moved to the number recorded for its name, so the document is valid as written and
+//! the re-exec restore path in `daemon.rs` takes it unchanged (minus the pid magic,
+//! which names the dead process). Socket-unit fds passed alongside are duplicates of
+//! stored listeners and are closed.
+//!
+//! **File limits.** systemd passes the stored fds as 3..3+n *after* applying the unit's
+//! soft `LimitNOFILE`: with the units' soft 1024 a store of more than about 1,020 fds
+//! makes every restart fail with `202/FDS` (observed on 252), so `fdstore.conf` raises
+//! the soft limit above the store's size; and the daemon raises its own soft limit to
+//! the hard one *before* [`take_stored`] moves fds to their recorded numbers.
+//!
+//! **Re-exec.** Before a SIGUSR1 exec every stored fd is removed from the store: the
+//! next image may be libvirt's C daemon, which knows nothing of the store, releases a
+//! lease by closing its fd (a stored duplicate would keep the OFD lock forever) and
+//! closes clients and pipes the same way. If the new image is ours it stores everything
+//! again before it reports READY; if the exec fails the restored daemon does the same.
+//!
+//! **Stop + start.** On systemd 252 a `stop` followed by a `start` empties the store
+//! (there is no `FileDescriptorStorePreserve=` before 254): the next start is a fresh
+//! one, as today. `restart` and `Restart=on-failure` keep it.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+
+/// The variable our units set to say the store is on (systemd 252 sets none).
+pub const ENABLE_ENV: &str = "VH_FDSTORE";
+/// The prefix of every name we store under.
+pub const PREFIX: &str = "vh-";
+/// Names of the two state slots.
+pub const STATE_SLOTS: [&str; 2] = ["vh-state-a", "vh-state-b"];
+
+/// Whether the store is to be used, from `NOTIFY_SOCKET`, `VH_FDSTORE` and `FDSTORE`
+/// (pure, for tests).
+pub fn enabled_by(
+    notify_socket: Option<&OsStr>,
+    vh_fdstore: Option<&OsStr>,
+    fdstore: Option<&OsStr>,
+) -> bool {
+    if notify_socket.is_none_or(|s| s.is_empty()) {
+        return false;
+    }
+    let on = |v: Option<&OsStr>| {
+        v.is_some_and(|v| matches!(v.as_bytes(), b"1" | b"yes" | b"true" | b"on"))
+    };
+    let max = fdstore
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    on(vh_fdstore) || max > 0
+}
+
+/// systemd's rule for `FDNAME=` (`fdname_is_valid`): 1 to 255 printable ASCII
+/// characters, no `:` (the separator of `LISTEN_FDNAMES`).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b':')
+}
+
+/// Names of stored fds (see the module docs' table).
+pub mod names {
+    pub fn listener(server: &str, i: usize) -> String {
+        format!("vh-listen-{server}-{i}")
+    }
+    pub fn client(server: &str, id: u64) -> String {
+        format!("vh-client-{server}-{id}")
+    }
+    pub fn log(n: u64) -> String {
+        format!("vh-log-{n}")
+    }
+    pub fn lease(n: u64) -> String {
+        format!("vh-lease-{n}")
+    }
+}
+
+/// The service manager's store, reached through `$NOTIFY_SOCKET`.
+#[derive(Debug, Clone)]
+pub struct FdStore {
+    addr: OsString,
+}
+
+impl FdStore {
+    /// The store of this process, when it is on (see the module docs).
+    pub fn from_env() -> Option<FdStore> {
+        let notify = std::env::var_os("NOTIFY_SOCKET");
+        enabled_by(
+            notify.as_deref(),
+            std::env::var_os(ENABLE_ENV).as_deref(),
+            std::env::var_os("FDSTORE").as_deref(),
+        )
+        .then(|| FdStore {
+            addr: notify.unwrap_or_default(),
+        })
+    }
+
+    /// A store at an explicit notify socket address (tests).
+    pub fn at(addr: impl Into<OsString>) -> FdStore {
+        FdStore { addr: addr.into() }
+    }
+
+    /// `FDSTORE=1` with `FDNAME=name` and the fd; `poll: false` adds `FDPOLL=0`.
+    pub fn store(&self, name: &str, fd: BorrowedFd<'_>, poll: bool) -> io::Result<()> {
+        if !valid_name(name) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("invalid fd store name {name:?}"),
+            ));
+        }
+        let msg = store_message(name, poll);
+        self.send(msg.as_bytes(), Some(fd))
+    }
+
+    /// `FDSTOREREMOVE=1` for `name`.
+    pub fn remove(&self, name: &str) -> io::Result<()> {
+        self.send(format!("FDSTOREREMOVE=1\nFDNAME={name}").as_bytes(), None)
+    }
+
+    fn send(&self, msg: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+        use nix::sys::socket::{
+            sendmsg, socket, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
+        };
+        let sock = socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        let bytes = self.addr.as_bytes();
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => UnixAddr::new_abstract(name)?,
+            None => UnixAddr::new(bytes)?,
+        };
+        let raw = fd.map(|f| [f.as_raw_fd()]);
+        let cmsg: Vec<ControlMessage> = raw.iter().map(|r| ControlMessage::ScmRights(r)).collect();
+        let iov = [io::IoSlice::new(msg)];
+        sendmsg(
+            sock.as_raw_fd(),
+            &iov,
+            &cmsg,
+            MsgFlags::MSG_NOSIGNAL,
+            Some(&addr),
+        )?;
+        Ok(())
+    }
+}
+
+fn store_message(name: &str, poll: bool) -> String {
+    if poll {
+        format!("FDSTORE=1\nFDNAME={name}")
+    } else {
+        format!("FDSTORE=1\nFDNAME={name}\nFDPOLL=0")
+    }
+}
+
+const MAGIC: &[u8; 8] = b"VHSTATE1";
+const HEADER: usize = 32;
+
+/// FNV-1a, 64 bit: enough to tell a torn body from a whole one.
+fn fnv1a(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Reads a slot: `(generation, body)` if its header is whole and matches its body.
+fn read_slot(slot: &File) -> Option<(u64, Vec<u8>)> {
+    let mut hdr = [0u8; HEADER];
+    slot.read_exact_at(&mut hdr, 0).ok()?;
+    if &hdr[..8] != MAGIC {
+        return None;
+    }
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&hdr[i..i + 8]);
+        u64::from_le_bytes(w)
+    };
+    let (gen, len, hash) = (word(8), word(16), word(24));
+    let len = usize::try_from(len).ok()?;
+    let mut body = vec![0u8; len];
+    slot.read_exact_at(&mut body, HEADER as u64).ok()?;
+    (fnv1a(&body) == hash).then_some((gen, body))
+}
+
+/// The two memfds holding the state document (module docs: **State**).
+#[derive(Debug)]
+pub struct StateSlots {
+    slots: [File; 2],
+    gen: u64,
+}
+
+impl StateSlots {
+    /// Two fresh, empty slots.
+    pub fn create() -> io::Result<StateSlots> {
+        use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+        let mk = |n: &std::ffi::CStr| -> io::Result<File> {
+            Ok(File::from(memfd_create(n, MemFdCreateFlag::MFD_CLOEXEC)?))
+        };
+        Ok(StateSlots {
+            slots: [mk(c"vh-state-a")?, mk(c"vh-state-b")?],
+            gen: 0,
+        })
+    }
+
+    /// Slots handed back by the store; the next write follows the newest generation.
+    pub fn adopt(a: File, b: File) -> StateSlots {
+        let gen = [&a, &b]
+            .iter()
+            .filter_map(|s| read_slot(s).map(|(g, _)| g))
+            .max()
+            .unwrap_or(0);
+        StateSlots { slots: [a, b], gen }
+    }
+
+    /// The newest whole document: `(generation, body)`.
+    pub fn latest(&self) -> Option<(u64, Vec<u8>)> {
+        self.slots
+            .iter()
+            .filter_map(read_slot)
+            .max_by_key(|(g, _)| *g)
+    }
+
+    /// Writes `body` as the next generation into the slot not holding the newest one.
+    /// Returns the generation written.
+    pub fn write(&mut self, body: &[u8]) -> io::Result<u64> {
+        let gen = self.gen + 1;
+        // Generations alternate between the slots: odd in A, even in B.
+        let slot = &self.slots[gen.is_multiple_of(2) as usize];
+        slot.write_all_at(&[0u8; HEADER], 0)?;
+        slot.set_len((HEADER + body.len()) as u64)?;
+        slot.write_all_at(body, HEADER as u64)?;
+        let mut hdr = [0u8; HEADER];
+        hdr[..8].copy_from_slice(MAGIC);
+        hdr[8..16].copy_from_slice(&gen.to_le_bytes());
+        hdr[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
+        hdr[24..32].copy_from_slice(&fnv1a(body).to_le_bytes());
+        slot.write_all_at(&hdr, 0)?;
+        self.gen = gen;
+        Ok(gen)
+    }
+
+    /// Stores both slots (once, at start).
+    pub fn store_in(&self, store: &FdStore) -> io::Result<()> {
+        for (slot, name) in self.slots.iter().zip(STATE_SLOTS) {
+            store.store(name, slot.as_fd(), false)?;
+        }
+        Ok(())
+    }
+}
+
+/// A snapshot body: the fd table, a blank line, the state document.
+pub fn snapshot_body(fds: &[(RawFd, String)], doc: &str) -> Vec<u8> {
+    let mut out = String::with_capacity(doc.len() + fds.len() * 24 + 1);
+    for (fd, name) in fds {
+        out.push_str(&format!("fd {fd} {name}\n"));
+    }
+    out.push('\n');
+    out.push_str(doc);
+    out.into_bytes()
+}
+
+/// Splits a snapshot body into its fd table (name → recorded number) and document.
+pub fn parse_snapshot(body: &[u8]) -> Result<(HashMap<String, RawFd>, String), String> {
+    let text = std::str::from_utf8(body).map_err(|e| format!("state is not UTF-8: {e}"))?;
+    let (table, doc) = text
+        .split_once("\n\n")
+        .or_else(|| text.strip_prefix('\n').map(|d| ("", d)))
+        .ok_or("state has no fd table")?;
+    let mut map = HashMap::new();
+    for line in table.lines() {
+        let mut w = line.splitn(3, ' ');
+        let (Some("fd"), Some(n), Some(name)) = (w.next(), w.next(), w.next()) else {
+            return Err(format!("bad fd table line {line:?}"));
+        };
+        let n: RawFd = n
+            .parse()
+            .map_err(|_| format!("bad fd number in {line:?}"))?;
+        if n < 3 || map.insert(name.to_string(), n).is_some() {
+            return Err(format!("bad or repeated fd table entry {line:?}"));
+        }
+    }
+    Ok((map, doc.to_string()))
+}
+
+/// What a start with stored fds resumes from.
+#[derive(Debug)]
+pub struct Resumed {
+    /// The re-exec state document; the fd numbers it names are open (and inheritable,
+    /// as after a re-exec).
+    pub doc: String,
+    /// The state slots, to keep writing.
+    pub slots: StateSlots,
+    /// Stored names the document does not use (to remove from the store).
+    pub stale: Vec<String>,
+    /// Names the document uses whose fd the store did not give back.
+    pub missing: Vec<String>,
+}
+
+/// Moves stored fds to the numbers the document recorded for their names. `passed` are
+/// all passed fds by name; `table` is name → recorded number. Returns the names the
+/// table lacks (their fds are closed) and the table names with no fd. Every recorded
+/// number is free when this returns successfully except the ones now holding their fd.
+///
+/// Must run while no other thread opens fds (the numbers are chosen by hand).
+pub fn place(
+    passed: Vec<(String, OwnedFd)>,
+    table: &HashMap<String, RawFd>,
+) -> io::Result<(Vec<String>, Vec<String>)> {
+    // First lift every fd above all recorded numbers, so no dup2 below clobbers a
+    // stored fd that has not reached its place yet.
+    let floor = table.values().copied().max().unwrap_or(2).saturating_add(1);
+    let mut lifted = Vec::with_capacity(passed.len());
+    let mut stale = Vec::new();
+    for (name, fd) in passed {
+        if !table.contains_key(&name) {
+            stale.push(name);
+            continue;
+        }
+        let up = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(floor))?;
+        // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor; we own it alone.
+        lifted.push((name, unsafe { OwnedFd::from_raw_fd(up) }));
+        drop(fd);
+    }
+    let mut placed = std::collections::HashSet::new();
+    for (name, fd) in lifted {
+        let Some(&want) = table.get(&name) else {
+            continue;
+        };
+        // dup2 clears close-on-exec on the target: stored fds come back inheritable,
+        // as fds do after a re-exec. The recorded number is ours now: the restore
+        // adopts it by number.
+        nix::unistd::dup2(fd.as_raw_fd(), want)?;
+        placed.insert(name);
+    }
+    let missing = table
+        .keys()
+        .filter(|n| !placed.contains(*n))
+        .cloned()
+        .collect();
+    Ok((stale, missing))
+}
+
+/// Called first thing in `main`: when the store is on and systemd passed our stored
+/// fds, takes every passed fd, picks the newest state slot and moves each stored fd to
+/// its recorded number. `Ok(None)`: a fresh start (the activation variables are left
+/// for socket activation). Fds passed under names not ours (socket units) are closed:
+/// they duplicate stored listeners.
+pub fn take_stored() -> Result<Option<Resumed>, String> {
+    if FdStore::from_env().is_none() {
+        return Ok(None);
+    }
+    let parsed = crate::activation::parse_env(
+        std::env::var_os("LISTEN_PID").as_deref(),
+        std::env::var_os("LISTEN_FDS").as_deref(),
+        std::env::var_os("LISTEN_FDNAMES").as_deref(),
+        std::process::id(),
+    );
+    let crate::activation::Parsed::Activated(names) = parsed else {
+        return Ok(None);
+    };
+    if !names.iter().any(|n| STATE_SLOTS.contains(&n.as_str())) {
+        return Ok(None);
+    }
+    // Single-threaded here (called before anything else in main).
+    std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDS");
+    std::env::remove_var("LISTEN_FDNAMES");
+    let mut ours = Vec::new();
+    let mut slots: [Option<File>; 2] = [None, None];
+    for (i, name) in names.into_iter().enumerate() {
+        let raw = crate::activation::LISTEN_FDS_START.saturating_add(i as RawFd);
+        if nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+            continue;
+        }
+        // SAFETY: systemd passed this open descriptor (F_GETFD succeeded) as number
+        // 3 + i; each passed number is taken exactly once, here.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        if let Some(k) = STATE_SLOTS.iter().position(|s| *s == name) {
+            slots[k] = Some(File::from(fd));
+        } else if name.starts_with(PREFIX) {
+            ours.push((name, fd));
+        }
+        // Anything else (a socket unit's fd) is dropped here.
+    }
+    let [Some(a), Some(b)] = slots else {
+        return Err("the fd store holds only one state slot".into());
+    };
+    let slots = StateSlots::adopt(a, b);
+    let Some((_, body)) = slots.latest() else {
+        return Err("no complete state document in the fd store".into());
+    };
+    let (table, doc) = parse_snapshot(&body)?;
+    // The slots were moved to fds 3.. as well; lift them out of the way of the table.
+    let slots = StateSlots {
+        slots: slots.slots.map(|f| lift_file(f, &table)),
+        gen: slots.gen,
+    };
+    let (stale, missing) = place(ours, &table).map_err(|e| format!("placing stored fds: {e}"))?;
+    Ok(Some(Resumed {
+        doc,
+        slots,
+        stale,
+        missing,
+    }))
+}
+
+/// Moves a file above every recorded number (keeping it if that fails).
+fn lift_file(f: File, table: &HashMap<String, RawFd>) -> File {
+    let floor = table.values().copied().max().unwrap_or(2).saturating_add(1);
+    if f.as_raw_fd() >= floor && !table.values().any(|&n| n == f.as_raw_fd()) {
+        return f;
+    }
+    match nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(floor)) {
+        // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor; we own it alone.
+        Ok(up) => File::from(unsafe { OwnedFd::from_raw_fd(up) }),
+        Err(_) => f,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixDatagram;
+
+    fn s(v: &str) -> Option<&OsStr> {
+        Some(OsStr::new(v))
+    }
+
+    #[test]
+    fn enabled_only_with_a_notify_socket_and_a_store() {
+        assert!(enabled_by(s("/run/n"), s("1"), None));
+        assert!(enabled_by(s("@n"), None, s("4224")));
+        assert!(
+            !enabled_by(s("/run/n"), None, None),
+            "252 without our variable"
+        );
+        assert!(!enabled_by(s("/run/n"), s("0"), s("0")));
+        assert!(!enabled_by(None, s("1"), s("10")), "no systemd");
+        assert!(!enabled_by(s(""), s("1"), None));
+    }
+
+    #[test]
+    fn names_are_valid_for_systemd() {
+        for n in [
+            names::listener("virtlockd", 0),
+            names::client("admin", 18_446_744_073_709_551_615),
+            names::log(7),
+            names::lease(1_000_000),
+            STATE_SLOTS[0].to_string(),
+        ] {
+            assert!(valid_name(&n), "{n}");
+            assert!(n.starts_with(PREFIX));
+        }
+        assert!(!valid_name("a:b"));
+        assert!(!valid_name(""));
+        assert!(!valid_name(&"x".repeat(256)));
+        assert!(!valid_name("tab\there"));
+    }
+
+    /// What systemd receives: the text and the fd, as one datagram with SCM_RIGHTS.
+    #[test]
+    fn store_and_remove_messages() {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let rx = UnixDatagram::bind(&path).unwrap();
+        let store = FdStore::at(path.as_os_str());
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        store.store("vh-log-1", r.as_fd(), false).unwrap();
+        let mut buf = [0u8; 256];
+        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+        let mut iov = [io::IoSliceMut::new(&mut buf)];
+        let msg =
+            recvmsg::<()>(rx.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty()).unwrap();
+        let n = msg.bytes;
+        let fds: Vec<RawFd> = msg
+            .cmsgs()
+            .unwrap()
+            .flat_map(|c| match c {
+                ControlMessageOwned::ScmRights(f) => f,
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(&buf[..n], b"FDSTORE=1\nFDNAME=vh-log-1\nFDPOLL=0");
+        assert_eq!(fds.len(), 1);
+        // SAFETY: just received, ours alone.
+        drop(unsafe { OwnedFd::from_raw_fd(fds[0]) });
+
+        store.remove("vh-log-1").unwrap();
+        let n = rx.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"FDSTOREREMOVE=1\nFDNAME=vh-log-1");
+        assert!(store.store("bad:name", r.as_fd(), true).is_err());
+        assert_eq!(store_message("x", true), "FDSTORE=1\nFDNAME=x");
+    }
+
+    #[test]
+    fn slots_alternate_and_the_newest_whole_one_wins() {
+        let mut st = StateSlots::create().unwrap();
+        assert!(st.latest().is_none());
+        assert_eq!(st.write(b"one").unwrap(), 1);
+        assert_eq!(st.write(b"two, longer").unwrap(), 2);
+        assert_eq!(st.latest().unwrap(), (2, b"two, longer".to_vec()));
+        // A crash in the middle of writing generation 3 (into slot A): its header is
+        // zeroed, the body half written. Generation 2 is what a restart sees.
+        let a = &st.slots[0].try_clone().unwrap();
+        a.write_all_at(&[0u8; HEADER], 0).unwrap();
+        a.write_all_at(b"thr", HEADER as u64).unwrap();
+        assert_eq!(st.latest().unwrap(), (2, b"two, longer".to_vec()));
+        // A torn body under a whole header (cannot happen with our order, but a bug
+        // must not resume from garbage): the hash refuses it.
+        st.write(b"three").unwrap();
+        a.write_all_at(b"X", HEADER as u64).unwrap();
+        assert_eq!(st.latest().unwrap().0, 2);
+        // Adopting the slots continues after the newest whole generation, overwriting
+        // the torn one (never the whole one).
+        let [x, y] = st.slots;
+        let mut again = StateSlots::adopt(x, y);
+        assert_eq!(again.gen, 2);
+        again.write(b"four").unwrap();
+        assert_eq!(again.latest().unwrap(), (3, b"four".to_vec()));
+    }
+
+    #[test]
+    fn snapshot_round_trip() {
+        let body = snapshot_body(&[(12, "vh-log-1".into()), (7, "vh-lease-2".into())], "{}");
+        let (map, doc) = parse_snapshot(&body).unwrap();
+        assert_eq!(doc, "{}");
+        assert_eq!(map["vh-log-1"], 12);
+        assert_eq!(map["vh-lease-2"], 7);
+        let (map, doc) = parse_snapshot(&snapshot_body(&[], "{\"a\":1}")).unwrap();
+        assert!(map.is_empty());
+        assert_eq!(doc, "{\"a\":1}");
+        assert!(parse_snapshot(b"fd x y\n\n{}").is_err());
+        assert!(
+            parse_snapshot(b"fd 1 y\n\n{}").is_err(),
+            "stdio is never ours"
+        );
+        assert!(parse_snapshot(b"fd 9 y\nfd 10 y\n\n{}").is_err());
+    }
+
+    /// Stored fds land on their recorded numbers, even when those numbers are where
+    /// other stored fds arrived; unknown names are reported stale.
+    #[test]
+    fn place_moves_fds_to_recorded_numbers() {
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (c, mut d) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (e, _f) = std::os::unix::net::UnixStream::pair().unwrap();
+        // Swap numbers: a goes where c is now and c where a is now.
+        let (ra, rc) = (a.as_raw_fd(), c.as_raw_fd());
+        let table: HashMap<String, RawFd> = [
+            ("vh-client-x-1".to_string(), rc),
+            ("vh-client-x-2".to_string(), ra),
+        ]
+        .into_iter()
+        .collect();
+        let (stale, missing) = place(
+            vec![
+                ("vh-client-x-1".into(), a.into()),
+                ("vh-client-x-2".into(), c.into()),
+                ("vh-log-9".into(), e.into()),
+            ],
+            &table,
+        )
+        .unwrap();
+        assert_eq!(stale, vec!["vh-log-9".to_string()]);
+        assert!(missing.is_empty());
+        use std::io::{Read, Write};
+        // SAFETY: `place` left these numbers open and owned by nobody else.
+        let mut at_rc = unsafe { std::os::unix::net::UnixStream::from_raw_fd(rc) };
+        // SAFETY: as above, for the other number `place` left open.
+        let mut at_ra = unsafe { std::os::unix::net::UnixStream::from_raw_fd(ra) };
+        at_rc.write_all(b"1").unwrap();
+        at_ra.write_all(b"2").unwrap();
+        let mut one = [0u8; 1];
+        b.read_exact(&mut one).unwrap();
+        assert_eq!(&one, b"1", "a's peer hears from number rc");
+        d.read_exact(&mut one).unwrap();
+        assert_eq!(&one, b"2", "c's peer hears from number ra");
+        let fl = nix::fcntl::fcntl(rc, nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        assert_eq!(fl & libc::FD_CLOEXEC, 0, "inheritable, as after a re-exec");
+    }
+}
