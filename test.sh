@@ -48,6 +48,8 @@ stage() {
 # INTEROP_REEXEC=1 adds the zero-downtime upgrade under a live guest: C -> ours -> C.
 stage interop env INTEROP_REEXEC=1 VIRTLOGD_BIN="$PWD/target/debug/virtlogd" \
     VIRTLOCKD_BIN="$PWD/target/debug/virtlockd" tests/interop/run.sh
+# The Debian package (debug build) installed and removed under a live libvirtd + QEMU guest.
+stage interop-deb bash -c 'deb=$(VH_DEB_PROFILE=debug VH_DEB_NO_BUILD=1 packaging/deb.sh) && INTEROP_DEB=$deb exec tests/interop/run.sh'
 # libvirt 11.3 (Debian 13) in a cached debootstrap root: see its README.
 stage interop11 tests/interop11/run.sh
 # Our units and daemons under a real systemd 252 and 257 (systemd-nspawn).

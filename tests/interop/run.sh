@@ -19,6 +19,8 @@
 #   INTEROP_DEBUG=1   debug-level logging for virtlogd/virtlockd
 #   INTEROP_TMP       where to create the work directory (default ${TMPDIR:-/tmp})
 #   INTEROP_REEXEC=1  also run scenario h: SIGUSR1 re-exec C->ours->C under a live guest
+#   INTEROP_DEB=FILE  instead of a..h, scenario i: dpkg -i FILE, then dpkg -r, under a live
+#                     guest and the C daemons (dpkg's database, /usr, /etc are overlays)
 #   INTEROP_NO_PIDNS=1 do not use a pid namespace (debugging; cleanup then
 #                     relies on the EXIT trap and a pid/exe check)
 set -u -o pipefail
@@ -43,6 +45,16 @@ if [[ -z ${INTEROP_INNER:-} ]]; then
     for b in "$VIRTLOGD_BIN" "$VIRTLOCKD_BIN" "$LIBVIRTD_BIN"; do
         [[ -x $b ]] || missing+=("$b")
     done
+    if [[ -n ${INTEROP_DEB:-} ]]; then
+        # The package swaps what runs from /usr/sbin: the daemons must start from there.
+        [[ $VIRTLOGD_BIN == /usr/sbin/virtlogd && $VIRTLOCKD_BIN == /usr/sbin/virtlockd ]] ||
+            die "INTEROP_DEB needs the C daemons at /usr/sbin (unset VIRTLOGD_BIN/VIRTLOCKD_BIN)"
+        [[ -f $INTEROP_DEB ]] || die "INTEROP_DEB=$INTEROP_DEB: no such file (build it with packaging/deb.sh)"
+        INTEROP_DEB=$(realpath "$INTEROP_DEB"); export INTEROP_DEB
+        for b in dpkg dpkg-deb dpkg-divert tar cmp /usr/bin/python3; do
+            command -v "$b" >/dev/null 2>&1 || missing+=("$b")
+        done
+    fi
     ((${#missing[@]} == 0)) || die "missing required programs: ${missing[*]} (run .ci/install-deps)"
 
     base=${INTEROP_TMP:-${TMPDIR:-/tmp}}
@@ -155,8 +167,25 @@ trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM HUP
 
 # ------------------------------------------------------------------ filesystem
+# For INTEROP_DEB: everything dpkg writes lands in overlays on a tmpfs (overlayfs does
+# not take an upper dir on the container's own overlay root), so the host's dpkg
+# database, /usr and /etc are untouched. Mounted before the libvirt bind mounts below,
+# which then sit on top of the overlays.
+setup_overlays() {
+    local d n
+    mkdir -p "$WORK/ov"
+    mount -t tmpfs -o mode=0755 interop-ov "$WORK/ov" || die "cannot mount tmpfs on $WORK/ov"
+    for d in /usr /etc /var/lib/dpkg /var/log /var/cache; do
+        n=${d//\//_}
+        mkdir -p "$WORK/ov/$n/up" "$WORK/ov/$n/wk"
+        mount -t overlay overlay -o "lowerdir=$d,upperdir=$WORK/ov/$n/up,workdir=$WORK/ov/$n/wk" "$d" ||
+            die "cannot mount an overlay on $d"
+    done
+}
+
 setup_fs() {
     local d
+    [[ -n ${INTEROP_DEB:-} ]] && setup_overlays
     mount -t tmpfs -o mode=0755,size=64m interop-run /run || die "cannot mount tmpfs on /run"
     mkdir -p /run/lock
 
@@ -547,6 +576,137 @@ scenario_h_reexec() {
     check "h: lease released after destroying $B" wait_until 10 "lease released" lease_free
 }
 
+# ------------------------------------------------------------------ i (INTEROP_DEB=FILE)
+# The Debian package under a live guest: dpkg -i diverts libvirt's daemons and its
+# postinst re-executes the running ones (started from /usr/sbin) into ours in place;
+# dpkg -r puts libvirt's back and re-executes into them. Each time: same pids, the new
+# binary in /proc/PID/exe, the guest running, its lease held and excluding others, and
+# fresh guest output (serial and QEMU stderr) reaching the logs through the kept fds.
+REF=$WORK/deb-ref
+
+# more_than FILE STRING N: FILE has more than N lines with STRING (re-counted on each poll).
+more_than() { (( $(count "$1" "$2") > $3 )); }
+
+# lease_probe: a direct fcntl(F_SETLK) write lock on the lease file must be refused.
+lease_probe() {
+    /usr/bin/python3 - "$LEASE" <<'PY'
+import errno, fcntl, sys
+with open(sys.argv[1], "r+") as f:
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        sys.exit(0 if e.errno in (errno.EAGAIN, errno.EACCES) else 3)
+sys.exit(1)
+PY
+}
+
+# i_alive TAG LOGD_REF LOCKD_REF: the daemons run these binaries and nothing was lost.
+i_alive() {
+    local tag=$1 logd_ref=$2 lockd_ref=$3 out n
+    check "i($tag): virtlogd is the same pid ($VIRTLOGD_PID, /run/virtlogd.pid) running $logd_ref" \
+        bash -c "kill -0 $VIRTLOGD_PID && [[ \$(cat /run/virtlogd.pid) == $VIRTLOGD_PID ]] && cmp -s /proc/$VIRTLOGD_PID/exe '$logd_ref'"
+    check "i($tag): virtlockd is the same pid ($VIRTLOCKD_PID, /run/virtlockd.pid) running $lockd_ref" \
+        bash -c "kill -0 $VIRTLOCKD_PID && [[ \$(cat /run/virtlockd.pid) == $VIRTLOCKD_PID ]] && cmp -s /proc/$VIRTLOCKD_PID/exe '$lockd_ref'"
+    check "i($tag): sockets still present" test -S /run/libvirt/virtlogd-sock -a -S /run/libvirt/virtlockd-sock
+    check "i($tag): $A still running" dom_is "$A" running
+    check "i($tag): lease still held by virtlockd (pid $VIRTLOCKD_PID) in /proc/locks" lease_held
+    check "i($tag): a direct fcntl write lock on the lease file is refused" lease_probe
+    if out=$(virsh_ start "$B" 2>&1); then
+        fail "i($tag): $B started although $A holds the disk lease"
+        virsh_ destroy "$B" >/dev/null 2>&1
+    elif grep -qi "resource busy" <<<"$out" && grep -qi "${LEASE##*/}' is locked" <<<"$out"; then
+        pass "i($tag): $B refused with the lock error (resource busy ... is locked)"
+    else
+        fail "i($tag): $B failed but not with a lock error: $out"
+    fi
+    check "i($tag): $B is shut off" wait_until 15 "$B shut off" dom_is "$B" "shut off"
+    check "i($tag): lease still held after the refused start" lease_held
+    # New output on both of QEMU's log fds: a reset reboots the guest, whose MBR writes
+    # the marker to COM1 again (serial chardev -> virtlogd), and the traced reset
+    # is printed on QEMU's stderr (the stdio pipe to virtlogd).
+    n=$(count "$ASER" "$SERIAL_MARKER")
+    local nt; nt=$(count "$ALOG" "guest_cpu_reset")
+    out=$(virsh_ qemu-monitor-command "$A" --hmp 'trace-event guest_cpu_reset on' 2>&1) ||
+        fail "i($tag): enabling a QEMU trace event: $out"
+    out=$(virsh_ reset "$A" 2>&1) || fail "i($tag): virsh reset $A: $out"
+    check "i($tag): new guest serial output reached $A-serial.log (marker count $n -> more)" \
+        wait_until 60 "serial marker" more_than "$ASER" "$SERIAL_MARKER" "$n"
+    check "i($tag): new QEMU stderr output (traced reset) reached $A.log" \
+        wait_until 20 "trace line" more_than "$ALOG" "guest_cpu_reset" "$nt"
+    check "i($tag): $A still running after the reset" dom_is "$A" running
+}
+
+scenario_i_deb() {
+    local out n_shut n_term
+    mkdir -p "$REF/c" || return 1
+    cp /usr/sbin/virtlogd /usr/sbin/virtlockd "$REF/c/" &&
+        dpkg-deb --fsys-tarfile "$INTEROP_DEB" | tar -x -C "$REF" ./usr/sbin/virtlogd ./usr/sbin/virtlockd ||
+        { fail "i: could not keep reference copies of the C and packaged daemons"; return 1; }
+    if cmp -s "$REF/c/virtlogd" "$REF/usr/sbin/virtlogd"; then
+        fail "i: /usr/sbin/virtlogd already is the packaged one (is virt-helpers installed on the host?)"
+        return 1
+    fi
+    # libvirt turns a reset into a shutdown when on_reboot is destroy; the reset that
+    # makes the guest write again needs restart.
+    sed 's|<on_reboot>destroy</on_reboot>|<on_reboot>restart</on_reboot>|' "$WORK/$A.xml" >"$WORK/$A-i.xml"
+    out=$(virsh_ define "$WORK/$A-i.xml" 2>&1) || { fail "i: virsh define $A (on_reboot restart): $out"; return 1; }
+    scenario_a_start || return 1
+    scenario_b_lease
+    scenario_c_conflict    # leaves a fresh image at $DISK for $B's refused starts
+    n_shut=$(count "$ALOG" "shutting down, reason=destroyed")
+    n_term=$(count "$ALOG" "terminating on signal 15")
+    i_alive "C" "$REF/c/virtlogd" "$REF/c/virtlockd"
+
+    log "i: dpkg -i $INTEROP_DEB"
+    if dpkg -i "$INTEROP_DEB" >"$ART/dpkg-install.out" 2>&1; then
+        pass "i(install): dpkg -i $(basename "$INTEROP_DEB")"
+    else
+        fail "i(install): dpkg -i failed: $(tail -n 20 "$ART/dpkg-install.out")"; return 1
+    fi
+    sed 's/^/  dpkg -i: /' "$ART/dpkg-install.out" >&2
+    check "i(install): dpkg-divert lists the 4 diversions of virt-helpers" \
+        test "$(dpkg-divert --list virt-helpers | wc -l)" -eq 4
+    check "i(install): libvirt's daemons diverted to /usr/sbin/*.libvirt" \
+        bash -c "cmp -s /usr/sbin/virtlogd.libvirt '$REF/c/virtlogd' && cmp -s /usr/sbin/virtlockd.libvirt '$REF/c/virtlockd'"
+    check "i(install): /usr/sbin/virtlogd and /usr/sbin/virtlockd are ours" \
+        bash -c "cmp -s /usr/sbin/virtlogd '$REF/usr/sbin/virtlogd' && cmp -s /usr/sbin/virtlockd '$REF/usr/sbin/virtlockd'"
+    check "i(install): postinst re-executed both running daemons" \
+        bash -c "grep -q 'virtlogd (pid $VIRTLOGD_PID) re-executed' '$ART/dpkg-install.out' &&
+                 grep -q 'virtlockd (pid $VIRTLOCKD_PID) re-executed' '$ART/dpkg-install.out'"
+    i_alive "installed" "$REF/usr/sbin/virtlogd" "$REF/usr/sbin/virtlockd"
+
+    log "i: dpkg -r virt-helpers"
+    if dpkg -r virt-helpers >"$ART/dpkg-remove.out" 2>&1; then
+        pass "i(remove): dpkg -r virt-helpers"
+    else
+        fail "i(remove): dpkg -r failed: $(tail -n 20 "$ART/dpkg-remove.out")"; return 1
+    fi
+    sed 's/^/  dpkg -r: /' "$ART/dpkg-remove.out" >&2
+    check "i(remove): no diversions left" test -z "$(dpkg-divert --list virt-helpers)"
+    check "i(remove): libvirt's daemons are back at /usr/sbin, no *.libvirt left" \
+        bash -c "cmp -s /usr/sbin/virtlogd '$REF/c/virtlogd' && cmp -s /usr/sbin/virtlockd '$REF/c/virtlockd' &&
+                 [[ ! -e /usr/sbin/virtlogd.libvirt && ! -e /usr/sbin/virtlockd.libvirt ]]"
+    check "i(remove): postrm re-executed both running daemons" \
+        bash -c "grep -q 'virtlogd (pid $VIRTLOGD_PID) re-executed' '$ART/dpkg-remove.out' &&
+                 grep -q 'virtlockd (pid $VIRTLOCKD_PID) re-executed' '$ART/dpkg-remove.out'"
+    i_alive "removed" "$REF/c/virtlogd" "$REF/c/virtlockd"
+
+    # The end of the guest, through the fds that lived through both swaps.
+    out=$(virsh_ destroy "$A" 2>&1) || { fail "i: virsh destroy $A: $out"; return 1; }
+    check "i: $A.log got a new 'shutting down, reason=destroyed'" \
+        wait_until 10 "shutdown line" more_than "$ALOG" "shutting down, reason=destroyed" "$n_shut"
+    check "i: QEMU stderr ('terminating on signal 15') reached $A.log through the kept pipe" \
+        wait_until 10 "terminating line" more_than "$ALOG" "terminating on signal 15" "$n_term"
+    check "i: lease released after destroy" wait_until 10 "lease released" lease_free
+    check "i: lease file removed" wait_until 10 "lease file gone" test ! -e "$LEASE"
+    rm -f "$DISK.a-in-use"
+    if out=$(virsh_ start "$B" 2>&1); then pass "i: $B starts once $A is gone"
+    else fail "i: $B cannot start after $A was destroyed: $out"; return 1; fi
+    check "i: $B holds the lease" wait_until 10 "lease held" lease_held
+    out=$(virsh_ destroy "$B" 2>&1) || fail "i: virsh destroy $B: $out"
+    check "i: lease released after destroying $B" wait_until 10 "lease released" lease_free
+}
+
 info_admin() {
     # libvirtd never talks to the admin sockets; this is informational only.
     local u out
@@ -563,7 +723,9 @@ main() {
     local t0=$SECONDS
     setup_fs
     log "namespaces ready (pid $$)"
-    if start_daemons && define_guests; then
+    if [[ -n ${INTEROP_DEB:-} ]]; then
+        start_daemons && define_guests && scenario_i_deb
+    elif start_daemons && define_guests; then
         if scenario_a_start; then
             scenario_b_lease
             scenario_c_conflict
