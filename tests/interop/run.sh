@@ -552,7 +552,7 @@ scenario_h_reexec() {
     if out=$(virsh_ start "$A" 2>&1); then pass "h: $A started under the C daemons"
     else fail "h: virsh start $A: $out"; return 1; fi
     check "h: $A.log got a new header" \
-        wait_until 10 "header" test "$(count "$ALOG" ": starting up libvirt version: ")" -gt "$n_hdr"
+        wait_until 10 "header" more_than "$ALOG" ": starting up libvirt version: " "$n_hdr"
     check "h: lease held by the C virtlockd" wait_until 10 "lease held" lease_held
     # Image swap as in c: B gets a fresh image at the same path.
     mv "$DISK" "$DISK.a-in-use" && make_boot_disk "$DISK" ||
@@ -563,9 +563,9 @@ scenario_h_reexec() {
 
     out=$(virsh_ destroy "$A" 2>&1) || { fail "h: virsh destroy $A: $out"; return 1; }
     check "h: $A.log got a new 'shutting down, reason=destroyed' after two re-execs" \
-        wait_until 10 "shutdown line" test "$(count "$ALOG" "shutting down, reason=destroyed")" -gt "$n_shut"
+        wait_until 10 "shutdown line" more_than "$ALOG" "shutting down, reason=destroyed" "$n_shut"
     check "h: QEMU stderr ('terminating on signal 15') still reached $A.log through the inherited pipe" \
-        wait_until 10 "terminating line" test "$(count "$ALOG" "terminating on signal 15")" -gt "$n_term"
+        wait_until 10 "terminating line" more_than "$ALOG" "terminating on signal 15" "$n_term"
     check "h: lease released after destroy" wait_until 10 "lease released" lease_free
     check "h: lease file removed" wait_until 10 "lease file gone" test ! -e "$LEASE"
     rm -f "$DISK.a-in-use"
