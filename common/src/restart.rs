@@ -1028,6 +1028,11 @@ serialized_directly!(LogFileState);
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LogHandlerState {
     pub files: Vec<LogFileState>,
+    /// Ours only (`pumpfd`, which libvirt ignores): the log pump's epoll set, with every
+    /// pipe of `files` still registered under the token `pipefd + 1`. Handing it over
+    /// spares the old image tearing down, and the new one rebuilding, one registration
+    /// per log inside the re-exec pause. A C image that gets it only holds one idle fd.
+    pub pumpfd: Option<RawFd>,
 }
 
 impl LogHandlerState {
@@ -1047,15 +1052,23 @@ impl LogHandlerState {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(LogHandlerState { files })
+        let pumpfd = if o.has("pumpfd") {
+            Some(o.i32("pumpfd")?)
+        } else {
+            None
+        };
+        Ok(LogHandlerState { files, pumpfd })
     }
 }
 
 impl Serialize for LogHandlerState {
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let mut m = serializer.serialize_map(Some(1))?;
+        let mut m = serializer.serialize_map(Some(1 + usize::from(self.pumpfd.is_some())))?;
         m.serialize_entry("files", &self.files)?;
+        if let Some(fd) = self.pumpfd {
+            m.serialize_entry("pumpfd", &fd)?;
+        }
         m.end()
     }
 }
@@ -1221,6 +1234,8 @@ impl LogdState {
         #[derive(Deserialize)]
         struct Handler {
             files: Vec<File>,
+            #[serde(default)]
+            pumpfd: Option<i32>,
         }
         #[derive(Deserialize)]
         struct File {
@@ -1250,7 +1265,10 @@ impl LogdState {
         Some(LogdState {
             daemon,
             magic: doc.magic,
-            handler: LogHandlerState { files },
+            handler: LogHandlerState {
+                files,
+                pumpfd: doc.handler.pumpfd,
+            },
         })
     }
 
@@ -1657,6 +1675,27 @@ mod tests {
         assert!(LogdState::parse_fast(&bad).is_none());
         let e = LogdState::parse(&bad).unwrap_err().to_string();
         assert!(e.contains("domuuid"), "{e}");
+    }
+
+    /// Our `pumpfd` key: absent from libvirt's documents (None, and not written back),
+    /// carried by both parsers when present.
+    #[test]
+    fn logd_pumpfd_is_optional_and_round_trips() {
+        let st = LogdState::parse(LOGD_FIXTURE).unwrap();
+        assert_eq!(st.handler.pumpfd, None);
+        assert!(!st.to_json_string().contains("pumpfd"));
+        let mut with = st.clone();
+        with.handler.pumpfd = Some(17);
+        let text = with.to_json_string();
+        assert!(text.contains("pumpfd"), "{text}");
+        assert_eq!(LogdState::parse_fast(&text), Some(with.clone()));
+        assert_eq!(
+            LogdState::from_value(&parse_text(&text).unwrap()).unwrap(),
+            with
+        );
+        let mut bad = parse_text(&text).unwrap();
+        bad["handler"]["pumpfd"] = json!("x");
+        assert!(LogdState::from_value(&bad).is_err());
     }
 
     #[test]
