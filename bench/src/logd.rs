@@ -377,7 +377,7 @@ impl Rotating {
         if self.since >= ROTATE_AT {
             // Same steps as the daemons' rollover: the oldest backup goes, the rest shift.
             let _ = fs::remove_file(self.backup(BACKUPS - 1));
-            for i in (0..BACKUPS - 1).rev() {
+            for i in (0..BACKUPS).rev() {
                 let from = if i == 0 {
                     self.path.clone()
                 } else {
