@@ -319,6 +319,7 @@ impl Thread {
         // EVENTS_PER_WAIT pipes, and with more ready the rest come in the next ones.
         let mut moved_any = false;
         let mut fullest = 0.0f64;
+        let mut round_events = 0usize;
         loop {
             match self.commands() {
                 // `commands` applies Add and Restore itself; only an ending comes back.
@@ -372,10 +373,17 @@ impl Thread {
             }
             // A full batch: more pipes may be ready. The round goes on at once and the
             // pause comes after it, so a thousand busy pipes wait one pause, not one per
-            // batch of 256 (a line took four pauses, ~80 ms, to reach its file).
-            if n == events.len() && !more_waiting {
+            // batch of 256 (a line took four pauses, ~80 ms, to reach its file). A round
+            // ends once it has had as many pipes as there are, or busy writers would
+            // keep it from ever ending (and from coalescing anything).
+            round_events += n;
+            if n == events.len()
+                && !more_waiting
+                && round_events < self.slots.iter().filter(|s| s.is_some()).count()
+            {
                 continue;
             }
+            round_events = 0;
             if more_waiting {
                 self.coalesce = Duration::ZERO;
             } else if moved_any {
