@@ -67,7 +67,7 @@ pub struct Daemon {
 
 fn conf_text(kind: Kind) -> String {
     let mut s = String::from(
-        "log_level = 3\nlog_outputs = \"3:stderr\"\nmax_clients = 5000\nmax_anonymous_clients = 5000\n",
+        "log_level = 3\nlog_outputs = \"3:stderr\"\nmax_clients = 10000\nmax_anonymous_clients = 10000\n",
     );
     if kind == Kind::Logd {
         s.push_str("max_size = 2097152\nmax_backups = 3\n");

@@ -4,7 +4,7 @@
 use crate::cleaner;
 use crate::handler::{HandedOffLog, Limits, LogCounters, LogHandler, LogOwner};
 use crate::program::LogProgram;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 use uuid::Uuid;
 use vh_common::config::DaemonConfig;
-use vh_common::daemon::{adopt_inheritable_fds, App, Daemon};
+use vh_common::daemon::{adopt_fd, adopt_inheritable_fds, App, Daemon};
 use vh_common::paths::{DaemonKind, Mode};
 use vh_common::restart::{DaemonState, LogFileState, LogHandlerState, LogdState};
 use vh_common::server::{ClientHooks, NoHooks, Program, RunState};
@@ -155,17 +155,31 @@ impl App for LogDaemon {
                 })
             })
             .collect();
-        let doc = LogdState {
+        // Written while the pump thread takes the files out of the logs and closes them;
+        // the pump's epoll set is named before it is handed back (its number is final).
+        let pumpfd = handoff.pump_fd();
+        let mut doc = LogdState {
             daemon,
             magic,
-            handler: LogHandlerState { files },
+            handler: LogHandlerState { files, pumpfd },
             counters: Some(serde_json::json!({ "logs": counters })),
         };
-        // Written while the pump thread takes the files out of the logs and closes them.
-        let text = doc.to_json_string();
-        handoff.finish().await;
-        // Log pipes are never close-on-exec (see `LogFile::pipe`): no fds to clear.
-        (text, Vec::new())
+        let mut text = doc.to_json_string();
+        let epoll = handoff.finish().await;
+        // Log pipes are never close-on-exec (see `LogFile::pipe`): no fds to clear. The
+        // epoll set is, and is kept open (and inheritable) by the front-end.
+        let keep = match (epoll, pumpfd) {
+            (Some(fd), Some(n)) if fd.as_raw_fd() == n => vec![fd.into_raw_fd()],
+            (_, Some(_)) => {
+                // The pump did not hand it back (stuck): the document must not name
+                // an fd this image does not give away.
+                doc.handler.pumpfd = None;
+                text = doc.to_json_string();
+                Vec::new()
+            }
+            _ => Vec::new(),
+        };
+        (text, keep)
     }
 
     type State = LogdState;
@@ -188,6 +202,17 @@ impl App for LogDaemon {
             .and_then(|c| c.get("logs"))
             .and_then(|l| l.as_object());
         let polled = adopt_inheritable_fds(&fds);
+        // The previous pump's epoll set (ours only; see `LogHandlerState::pumpfd`),
+        // adopted after the pipes: a number that is also a pipe's is not an epoll set.
+        let epoll = doc.handler.pumpfd.and_then(|n| {
+            if fds.contains(&n) {
+                warn!("inherited log pump epoll fd {n} is also a log pipe; ignored");
+                return None;
+            }
+            adopt_fd(n)
+                .map_err(|e| warn!("inherited log pump epoll fd {n}: {e}"))
+                .ok()
+        });
         let mut logs = Vec::with_capacity(fds.len());
         for (f, pipe) in doc.handler.files.into_iter().zip(polled) {
             let pipe = match pipe {
@@ -214,7 +239,7 @@ impl App for LogDaemon {
         }
         // One unopenable log loses only itself (the pump reports it); 9.0 would fail the
         // whole restart.
-        if let Err(e) = self.handler.restore(logs) {
+        if let Err(e) = self.handler.restore(logs, epoll) {
             warn!("cannot restore logs: {e}");
         }
         Ok(doc.daemon)

@@ -369,6 +369,11 @@ pub struct HandedOffView<'a> {
 const HANDOFF_STEP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Handoff {
+    /// The number of the pump's epoll set that [`Self::finish`] returns.
+    pub fn pump_fd(&self) -> Option<RawFd> {
+        self.acks.as_ref().map(|a| a.epoll_fd)
+    }
+
     pub fn logs(&self) -> impl Iterator<Item = HandedOffView<'_>> {
         self.logs.iter().map(|f| HandedOffView {
             pipe: f.pipe.as_raw_fd(),
@@ -381,11 +386,14 @@ impl Handoff {
     /// Waits until the pump has let go of the logs, then
     /// gives up ownership of every pipe: they stay open for the next image (or for the
     /// restore after a failed exec, which adopts them from the document again).
-    pub async fn finish(self) {
+    /// Returns the pump's epoll set, every pipe still registered in it, for the next
+    /// image (see `LogHandlerState::pumpfd`).
+    pub async fn finish(self) -> Option<OwnedFd> {
+        let mut epoll = None;
         if let Some(acks) = self.acks {
-            let prepared = tokio::time::timeout(HANDOFF_STEP_WAIT, acks.prepared).await;
-            if !matches!(prepared, Ok(Ok(()))) {
-                error!("the log pump did not hand off in time");
+            match tokio::time::timeout(HANDOFF_STEP_WAIT, acks.prepared).await {
+                Ok(Ok(fd)) => epoll = fd,
+                _ => error!("the log pump did not hand off in time"),
             }
         }
         // The pipes must stay open, for the next image or for the restore after a
@@ -393,6 +401,7 @@ impl Handoff {
         // does that without a pass over them: a successful exec discards the memory
         // with the address space; a failed one (rare) leaks a few hundred bytes a log.
         std::mem::forget(self.logs);
+        epoll
     }
 }
 
@@ -755,7 +764,12 @@ impl LogHandler {
     /// and resumes pumping. Each file is
     /// reopened by path (no truncate) on first use: its first data, an RPC on it, or an
     /// operator listing. A log whose file cannot be reopened then loses only itself.
-    pub fn restore(self: &Arc<Self>, logs: Vec<HandedOffLog>) -> Result<(), String> {
+    /// `epoll` is the previous image's pump epoll set, if it handed one over.
+    pub fn restore(
+        self: &Arc<Self>,
+        logs: Vec<HandedOffLog>,
+        epoll: Option<OwnedFd>,
+    ) -> Result<(), String> {
         self.check_backups().map_err(|e| e.to_string())?;
         let mut files = Vec::with_capacity(logs.len());
         {
@@ -782,7 +796,7 @@ impl LogHandler {
                 files.push(file);
             }
         }
-        self.pump.add_many(files).map_err(|e| e.to_string())
+        self.pump.add_many(files, epoll).map_err(|e| e.to_string())
     }
 }
 

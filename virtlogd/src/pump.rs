@@ -27,7 +27,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::time::TimeSpec;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
@@ -52,7 +52,9 @@ const BIG_PIPE: usize = 1 << 20;
 /// Extra pipe capacity all enlarged pipes may add together: pipe pages are kernel
 /// memory charged to our user, and a session daemon's user has a 64 MiB soft cap.
 const ENLARGE_BUDGET: usize = 32 << 20;
-/// Epoll token of the command eventfd; pipes use their slot index + 1.
+/// Epoll token of the command eventfd; a pipe's is its fd number + 1, so that the epoll
+/// set means the same to the next image, which inherits it at re-exec (see
+/// [`Pump::add_many`]).
 const WAKE_TOKEN: u64 = 0;
 const EVENTS_PER_WAIT: usize = 256;
 /// How long a stop waits for the thread to let go of the logs.
@@ -61,8 +63,8 @@ const STOP_WAIT: Duration = Duration::from_secs(5);
 enum Cmd {
     Add(Arc<LogFile>),
     /// Logs restored across re-exec (one command for all); each opens its file on
-    /// first use.
-    Restore(Vec<Arc<LogFile>>),
+    /// first use. With the previous image's epoll set, whose registrations are kept.
+    Restore(Vec<Arc<LogFile>>, Option<OwnedFd>),
     /// Ends the thread; `drain` first moves whatever the pipes hold into the files.
     /// `done` is signalled once the thread holds no log any more.
     Stop {
@@ -72,7 +74,7 @@ enum Cmd {
     /// Ends the thread for a re-exec (see [`HandoffAcks`]).
     Handoff {
         stopped: oneshot::Sender<()>,
-        prepared: oneshot::Sender<()>,
+        prepared: oneshot::Sender<Option<OwnedFd>>,
     },
 }
 
@@ -83,11 +85,16 @@ pub(crate) struct HandoffAcks {
     pub(crate) stopped: oneshot::Receiver<()>,
     /// No file is open in any log (each pipe is blocking again, see
     /// [`LogFile::release_for_handoff`]) and the thread has let go of the logs. The
-    /// files themselves are closed after this.
-    pub(crate) prepared: oneshot::Receiver<()>,
+    /// files themselves are closed after this. Carries the epoll set, every pipe still
+    /// registered in it, for the next image.
+    pub(crate) prepared: oneshot::Receiver<Option<OwnedFd>>,
+    /// The number of the epoll set `prepared` hands back.
+    pub(crate) epoll_fd: RawFd,
 }
 
 struct Running {
+    /// The thread's epoll set, named in the re-exec state before it is handed back.
+    epoll_fd: RawFd,
     tx: Sender<Cmd>,
     wake: Arc<EventFd>,
     thread: JoinHandle<()>,
@@ -126,9 +133,16 @@ impl Pump {
     }
 
     /// Starts pumping the pipes of logs restored across re-exec (one wake-up for all).
-    pub(crate) fn add_many(&self, files: Vec<Arc<LogFile>>) -> io::Result<()> {
+    /// `epoll` is the previous image's set (see [`HandoffAcks::prepared`]): the thread
+    /// takes it over, so the pipes registered there need no new registration; one it
+    /// cannot use is closed and every pipe registered afresh.
+    pub(crate) fn add_many(
+        &self,
+        files: Vec<Arc<LogFile>>,
+        epoll: Option<OwnedFd>,
+    ) -> io::Result<()> {
         self.with_running(|r| {
-            r.tx.send(Cmd::Restore(files))
+            r.tx.send(Cmd::Restore(files, epoll))
                 .map_err(|_| io::Error::other("log pump gone"))?;
             r.wake.write(1)?;
             Ok(())
@@ -212,6 +226,7 @@ impl Pump {
             wake.as_fd(),
             EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN),
         )?;
+        let epoll_fd = epoll.0.as_raw_fd();
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new().name("log-pump".into()).spawn({
             let wake = wake.clone();
@@ -219,6 +234,7 @@ impl Pump {
             move || Thread::new(epoll, wake, rx, handler).run()
         })?;
         Ok(Running {
+            epoll_fd,
             tx,
             wake,
             thread,
@@ -253,7 +269,11 @@ fn send_handoff(r: &Running) -> HandoffAcks {
     if r.tx.send(cmd).is_ok() {
         let _ = r.wake.write(1);
     }
-    HandoffAcks { stopped, prepared }
+    HandoffAcks {
+        stopped,
+        prepared,
+        epoll_fd: r.epoll_fd,
+    }
 }
 
 /// One pipe in the thread's table.
@@ -272,9 +292,8 @@ struct Thread {
     wake: Arc<EventFd>,
     rx: Receiver<Cmd>,
     handler: Weak<LogHandler>,
-    /// Pipes by token - 1; freed slots are reused, so lookups never scan.
+    /// Pipes by fd number (token - 1): fds are small and dense, so lookups never scan.
     slots: Vec<Option<Slot>>,
-    free: Vec<usize>,
     /// Capacity added by enlarging pipes, counted against [`ENLARGE_BUDGET`].
     enlarged: usize,
     coalesce: Duration,
@@ -288,7 +307,6 @@ impl Thread {
             rx,
             handler,
             slots: Vec::new(),
-            free: Vec::new(),
             enlarged: 0,
             coalesce: Duration::ZERO,
         }
@@ -297,10 +315,15 @@ impl Thread {
     fn run(mut self) {
         let mut events = vec![EpollEvent::empty(); EVENTS_PER_WAIT];
         let mut more_waiting = false;
+        // One round may take several waits: epoll_wait returns at most
+        // EVENTS_PER_WAIT pipes, and with more ready the rest come in the next ones.
+        let mut moved_any = false;
+        let mut fullest = 0.0f64;
+        let mut round_events = 0usize;
         loop {
             match self.commands() {
                 // `commands` applies Add and Restore itself; only an ending comes back.
-                None | Some(Cmd::Add(_) | Cmd::Restore(_)) => {}
+                None | Some(Cmd::Add(_) | Cmd::Restore(..)) => {}
                 Some(Cmd::Stop { drain, done }) => {
                     if drain {
                         self.drain_all();
@@ -332,19 +355,35 @@ impl Thread {
                 }
             };
             more_waiting = false;
-            let mut moved_any = false;
-            let mut fullest = 0.0f64;
             for ev in &events[..n] {
                 let token = ev.data();
                 if token == WAKE_TOKEN {
                     let _ = self.wake.read();
                     continue;
                 }
-                let (bytes, fill, more) = self.service((token - 1) as usize);
+                let idx = (token - 1) as usize;
+                if self.slots.get(idx).is_none_or(Option::is_none) {
+                    self.forget(idx);
+                    continue;
+                }
+                let (bytes, fill, more) = self.service(idx);
                 moved_any |= bytes > 0;
                 more_waiting |= more;
                 fullest = fullest.max(fill);
             }
+            // A full batch: more pipes may be ready. The round goes on at once and the
+            // pause comes after it, so a thousand busy pipes wait one pause, not one per
+            // batch of 256 (a line took four pauses, ~80 ms, to reach its file). A round
+            // ends once it has had as many pipes as there are, or busy writers would
+            // keep it from ever ending (and from coalescing anything).
+            round_events += n;
+            if n == events.len()
+                && !more_waiting
+                && round_events < self.slots.iter().filter(|s| s.is_some()).count()
+            {
+                continue;
+            }
+            round_events = 0;
             if more_waiting {
                 self.coalesce = Duration::ZERO;
             } else if moved_any {
@@ -353,6 +392,8 @@ impl Thread {
                     self.pause(self.coalesce);
                 }
             }
+            moved_any = false;
+            fullest = 0.0;
         }
     }
 
@@ -407,7 +448,12 @@ impl Thread {
                 // Restored logs open their files on first use (first data, an RPC or
                 // the operator listing): right after a re-exec the daemon serves
                 // rather than opening a thousand files, and idle logs cost nothing.
-                Ok(Cmd::Restore(files)) => files.into_iter().for_each(|f| self.insert(f)),
+                Ok(Cmd::Restore(files, epoll)) => {
+                    if let Some(fd) = epoll {
+                        self.take_over(fd);
+                    }
+                    files.into_iter().for_each(|f| self.insert(f));
+                }
                 Ok(end @ (Cmd::Stop { .. } | Cmd::Handoff { .. })) => return Some(end),
                 Err(TryRecvError::Empty) => return None,
                 // The handle is gone (handler dropped): nothing left to serve.
@@ -421,25 +467,65 @@ impl Thread {
         }
     }
 
-    fn insert(&mut self, file: Arc<LogFile>) {
-        let idx = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.slots.push(None);
-                self.slots.len() - 1
-            }
+    /// Re-exec: adopts the previous image's epoll set in place of this thread's (still
+    /// empty but for the command eventfd). Its pipes stay registered under their fd
+    /// numbers; whatever else it holds is gone with the old image's fds.
+    fn take_over(&mut self, fd: OwnedFd) {
+        let inherited = Epoll(fd);
+        if let Err(e) = inherited.add(
+            self.wake.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN),
+        ) {
+            // Not an epoll set after all (EINVAL): keep ours, register every pipe.
+            warn!("inherited log pump epoll set unusable: {e}");
+            return;
+        }
+        for slot in self.slots.iter().flatten() {
+            let token = slot.file.pipe.as_raw_fd() as u64 + 1;
+            let _ = inherited.add(
+                slot.file.pipe.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, token),
+            );
+        }
+        self.epoll = inherited;
+    }
+
+    /// An event for no pipe of ours: a registration the previous image left behind
+    /// for an fd the state did not name. Removed, or level-triggering would repeat it.
+    fn forget(&mut self, idx: usize) {
+        let Ok(fd) = i32::try_from(idx) else {
+            return;
         };
+        // SAFETY: only for the duration of the epoll_ctl call; a registration's fd is
+        // open for as long as it is reported (closing the file removes it).
+        let bfd = unsafe { BorrowedFd::borrow_raw(fd) };
+        if let Err(e) = self.epoll.delete(bfd) {
+            warn!("log pump: stray epoll registration of fd {fd}: {e}");
+        }
+    }
+
+    fn insert(&mut self, file: Arc<LogFile>) {
+        let fd = file.pipe.as_raw_fd();
+        let Ok(idx) = usize::try_from(fd) else {
+            return;
+        };
+        if self.slots.len() <= idx {
+            self.slots.resize_with(idx + 1, || None);
+        }
         let token = idx as u64 + 1;
-        if let Err(e) = self.epoll.add(
+        match self.epoll.add(
             file.pipe.as_fd(),
             EpollEvent::new(EpollFlags::EPOLLIN, token),
         ) {
-            error!(path = %file.path.display(), "cannot watch log pipe: {e}");
-            self.free.push(idx);
-            if let Some(h) = self.handler.upgrade() {
-                h.close(&file);
+            // Registered by the previous image, under the same token (a restore).
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => {
+                error!(path = %file.path.display(), "cannot watch log pipe: {e}");
+                if let Some(h) = self.handler.upgrade() {
+                    h.close(&file);
+                }
+                return;
             }
-            return;
         }
         self.slots[idx] = Some(Slot {
             file,
@@ -457,7 +543,6 @@ impl Thread {
         self.enlarged = self
             .enlarged
             .saturating_sub(slot.capacity.saturating_sub(DEFAULT_PIPE));
-        self.free.push(idx);
         if let Some(h) = self.handler.upgrade() {
             h.close(&slot.file);
         }
@@ -523,13 +608,18 @@ impl Thread {
 
     /// Re-exec: every file leaves its log (see [`LogFile::release_for_handoff`]); then
     /// the logs are let go of, and the files are closed last, while the daemon writes
-    /// its state and execs.
-    fn hand_off(mut self, prepared: oneshot::Sender<()>) {
+    /// its state and execs. The epoll set goes to the next image with its pipes still
+    /// registered: closing it here would unregister every pipe one by one (about a
+    /// microsecond each) inside the pause, and the next image would register them again.
+    fn hand_off(mut self, prepared: oneshot::Sender<Option<OwnedFd>>) {
         let mut files = Vec::with_capacity(self.slots.len());
         for slot in self.slots.drain(..).flatten() {
             files.extend(slot.file.release_for_handoff());
         }
-        let _ = prepared.send(());
+        // Our command eventfd closes at exec, which unregisters it by itself; taken out
+        // now so that a restore after a failed exec does not get its wake-ups.
+        let _ = self.epoll.delete(self.wake.as_fd());
+        let _ = prepared.send(Some(self.epoll.0));
         drop(files);
     }
 
