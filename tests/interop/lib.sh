@@ -84,21 +84,46 @@ lock_lines() {
     awk -v id="$id" '{ for (i = 1; i <= NF; i++) if ($i == id) { print; next } }' /proc/locks
 }
 
-# has_byte0_write_lock FILE PID: a POSIX WRITE lock on bytes [0,0] of FILE held by PID.
+# ofd_lock_lines PID FILE: the lock lines of PID's open files (/proc/PID/fdinfo)
+# that refer to FILE's inode. Our virtlockd holds leases as open-file-description
+# locks, which /proc/locks shows with pid -1; fdinfo ties them to the holder's fd.
+ofd_lock_lines() {
+    local pid=$1 f=$2 id
+    [[ -e $f ]] || return 0
+    id=$(proc_locks_id "$f") || return 0
+    cat /proc/"$pid"/fdinfo/* 2>/dev/null |
+        awk -v id="$id" '/^lock:/ && / OFDLCK / { for (i = 1; i <= NF; i++) if ($i == id) { print; next } }'
+}
+
+# has_byte0_write_lock FILE PID: a WRITE lock on bytes [0,0] of FILE held by PID,
+# either a POSIX lock (libvirt's daemon) or an OFD lock on one of PID's fds (ours).
 has_byte0_write_lock() {
     local f=$1 pid=$2
     lock_lines "$f" | awk -v pid="$pid" '
         { # "N: POSIX  ADVISORY  WRITE PID MAJ:MIN:INO START END" (blocked waiters have "->")
           if ($2 == "->") next
           if ($2 == "POSIX" && $4 == "WRITE" && $5 == pid && $7 == "0" && $8 == "0") found = 1 }
+        END { exit !found }' && return 0
+    ofd_lock_lines "$pid" "$f" | awk '
+        { # "lock: N: OFDLCK ADVISORY WRITE -1 MAJ:MIN:INO START END"
+          if ($3 == "OFDLCK" && $5 == "WRITE" && $8 == "0" && $9 == "0") found = 1 }
         END { exit !found }'
 }
 
-# no_lock_by FILE PID: FILE is gone, or no lock on it is held by PID.
+# no_lock_by FILE PID: FILE is gone, or no lock on it is held by PID (POSIX or OFD).
 no_lock_by() {
     local f=$1 pid=$2
     [[ -e $f ]] || return 0
-    ! lock_lines "$f" | awk -v pid="$pid" '$5 == pid { f = 1 } END { exit !f }'
+    ! lock_lines "$f" | awk -v pid="$pid" '$5 == pid { f = 1 } END { exit !f }' &&
+        [[ -z $(ofd_lock_lines "$pid" "$f") ]]
+}
+
+# holds_any_lock PID: PID holds some lock (a POSIX lock in its name, or an OFD lock on
+# one of its fds).
+holds_any_lock() {
+    local pid=$1
+    grep -q " $pid " /proc/locks && return 0
+    cat /proc/"$pid"/fdinfo/* 2>/dev/null | grep -q '^lock:.* OFDLCK '
 }
 
 # ---------------------------------------------------------------- guest image

@@ -372,8 +372,8 @@ shutdown_case() { # shutdown_case IMPL VARIANT(preserve|plain)
     start_bg "S-$impl-$v-vhctl-lease" vhctl lease --socket /run/libvirt/virtlockd-sock \
         --lockspace $S_LOCKSPACE --disk res-$v -- sleep 600
     holders+=("$BG_PID")
-    wait_until 10 "log pipe and lease held" bash -c \
-        "ls -l /proc/$LOGD_PID/fd | grep -q shutdown-$v.log && grep -q ' $LOCKD_PID ' /proc/locks" ||
+    s_held() { ls -l /proc/"$LOGD_PID"/fd | grep -q "shutdown-$v.log" && holds_any_lock "$LOCKD_PID"; }
+    wait_until 10 "log pipe and lease held" s_held ||
         fail "S($impl $v): the vhctl clients did not get their log and lease"
     for d in "virtlogd $LOGD_PID" "virtlockd $LOCKD_PID"; do
         set -- $d
