@@ -105,7 +105,7 @@ start_container() { # start_container ROOT TAG [c]: with c, the root's own (C) d
     OUTER=$!
     wait_until 30 "container PID 1" bash -c "ps -o pid= --ppid $OUTER | grep -q ." || return 1
     LEADER=$(ps -o pid= --ppid "$OUTER" | tr -d ' ' | head -n1)
-    wait_until 60 "vh-test.target" bash -c "nsenter -t $LEADER -m -p -- systemctl is-active -q vh-test.target 2>/dev/null"
+    wait_until 180 "vh-test.target" bash -c "nsenter -t $LEADER -m -p -- systemctl is-active -q vh-test.target 2>/dev/null"
 }
 stop_container() {
     [[ -n $OUTER ]] || return 0
