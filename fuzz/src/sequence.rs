@@ -239,13 +239,15 @@ fn rewrite_payload(base: &Path, h: &Header, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// (major, minor, inode, is_write) of every POSIX lock this process holds.
+/// (major, minor, inode, is_write) of every byte-0 lock this process holds: POSIX locks
+/// (leases inherited from libvirt's daemon) and open-file-description locks (ours).
 ///
 /// Read from `/proc/self/fdinfo/*`, whose `lock:` lines are the locks this process
 /// holds on each open file, rather than from `/proc/locks`: that file lists every lock
 /// on the machine, and the kernel builds each page-sized read of it from the live list,
-/// so while other processes lock and unlock it shows entries twice or not at all. A
-/// POSIX lock needs an open descriptor, so scanning ours finds them all.
+/// so while other processes lock and unlock it shows entries twice or not at all. Both
+/// kinds need an open descriptor, so scanning ours finds them all (an OFD lock shows on
+/// the descriptor that owns it, with pid -1).
 fn kernel_locks() -> Vec<(u32, u32, u64, bool)> {
     let me = std::process::id().to_string();
     let mut out = std::collections::BTreeSet::new();
@@ -262,12 +264,14 @@ fn kernel_locks() -> Vec<(u32, u32, u64, bool)> {
             let Some(lock) = line.strip_prefix("lock:") else {
                 continue;
             };
-            // "N: POSIX  ADVISORY  WRITE pid maj:min:ino start end"
+            // "N: POSIX  ADVISORY  WRITE pid maj:min:ino start end", or OFDLCK with pid -1
             let f: Vec<&str> = lock.split_whitespace().collect();
-            if f.len() < 8 || f[1] != "POSIX" {
+            if f.len() < 8 || (f[1] != "POSIX" && f[1] != "OFDLCK") {
                 continue;
             }
-            assert_eq!(f[4], me, "a lock of another process in our fdinfo: {line}");
+            if f[1] == "POSIX" {
+                assert_eq!(f[4], me, "a lock of another process in our fdinfo: {line}");
+            }
             let dev: Vec<&str> = f[5].split(':').collect();
             let (Some(maj), Some(min), Some(ino)) = (
                 dev.first().and_then(|d| u32::from_str_radix(d, 16).ok()),
