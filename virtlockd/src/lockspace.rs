@@ -1144,20 +1144,23 @@ impl LockSpaces {
 
     /// CREATE_RESOURCE: refused while the resource (or its file, under any name) is held.
     pub fn begin_create(&mut self, key: &str, name: &str) -> Result<Begin, RpcError> {
-        let Some(ls) = self.for_call(key, name)? else {
-            return Ok(Begin::Wait);
-        };
-        if ls.resources.contains_key(name) {
-            return Err(busy(name));
-        }
-        ls.check_name(name)?;
-        let path = ls.resource_path(name);
-        Ok(Begin::Work(self.job(key, name, JobKind::Create(path))))
+        self.begin_file_op(key, name, JobKind::Create)
     }
 
     /// DELETE_RESOURCE: refused while held, like create. In the default lockspace this
     /// deletes the named path itself.
     pub fn begin_delete(&mut self, key: &str, name: &str) -> Result<Begin, RpcError> {
+        self.begin_file_op(key, name, JobKind::Delete)
+    }
+
+    /// The checks CREATE and DELETE share (not held under this name, a valid name), then
+    /// the job that `kind` makes of the resource's path.
+    fn begin_file_op(
+        &mut self,
+        key: &str,
+        name: &str,
+        kind: fn(PathBuf) -> JobKind,
+    ) -> Result<Begin, RpcError> {
         let Some(ls) = self.for_call(key, name)? else {
             return Ok(Begin::Wait);
         };
@@ -1166,7 +1169,7 @@ impl LockSpaces {
         }
         ls.check_name(name)?;
         let path = ls.resource_path(name);
-        Ok(Begin::Work(self.job(key, name, JobKind::Delete(path))))
+        Ok(Begin::Work(self.job(key, name, kind(path))))
     }
 
     /// Ends the pending state of a job that never finished.
