@@ -4,8 +4,9 @@
 //! |---|---|
 //! | [`protocol`] | program 0x87539319: argument and reply types of the four procedures (`vh_proto::log`) |
 //! | [`rotating_file`] | size-capped log file with `.0..N` backups, and the reader across them |
+//! | [`log_file`] | one open log: its pipe, its file, its limits, owner and counters |
 //! | [`handler`] | the open log files keyed by path, and the RPC operations on them |
-//! | [`pump`] | the thread that moves pipe data into the files, coalescing wake-ups |
+//! | [`pump`] | the thread that moves pipe data into the files, coalescing wake-ups; reports closed logs to the handler through a callback |
 //! | [`program`] | RPC dispatch of the four procedures onto the handler |
 //! | [`inspect`] | our operator program: what logs are open, their counters, following one |
 //! | [`cleaner`] | 11.3's daily deletion of log chains older than `max_age_days` |
@@ -17,6 +18,7 @@ pub mod daemon;
 pub mod follow;
 pub mod handler;
 pub mod inspect;
+pub mod log_file;
 pub mod program;
 pub mod pump;
 pub mod rotating_file;

@@ -20,7 +20,7 @@
 //! and bounded by [`MAX_COALESCE`]. An isolated line is handled at once: the sleep comes
 //! after a round, never before it.
 
-use crate::handler::{LogFile, LogHandler, Pumped, DRAIN_READS};
+use crate::log_file::{LogFile, Pumped, DRAIN_READS};
 use nix::errno::Errno;
 use nix::poll::{ppoll, PollFd, PollFlags};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -29,7 +29,7 @@ use nix::sys::time::TimeSpec;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -102,18 +102,22 @@ struct Running {
     handoff: Option<HandoffAcks>,
 }
 
+/// How the pump reports a log it closed (EOF, a failure, a pipe it cannot watch) to
+/// whoever keeps the table of open logs: upward, so the pump never holds the handler.
+pub(crate) type OnClosed = Arc<dyn Fn(&Arc<LogFile>) + Send + Sync>;
+
 /// Handle on the pump thread. The thread starts with the handler and can be stopped and
 /// started again (a failed re-exec restores the logs into the same process).
 pub(crate) struct Pump {
     running: Mutex<Option<Running>>,
-    handler: Weak<LogHandler>,
+    on_closed: OnClosed,
 }
 
 impl Pump {
-    pub(crate) fn new(handler: Weak<LogHandler>) -> Self {
+    pub(crate) fn new(on_closed: OnClosed) -> Self {
         Pump {
             running: Mutex::new(None),
-            handler,
+            on_closed,
         }
     }
 
@@ -230,8 +234,8 @@ impl Pump {
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new().name("log-pump".into()).spawn({
             let wake = wake.clone();
-            let handler = self.handler.clone();
-            move || Thread::new(epoll, wake, rx, handler).run()
+            let on_closed = self.on_closed.clone();
+            move || Thread::new(epoll, wake, rx, on_closed).run()
         })?;
         Ok(Running {
             epoll_fd,
@@ -291,7 +295,7 @@ struct Thread {
     epoll: Epoll,
     wake: Arc<EventFd>,
     rx: Receiver<Cmd>,
-    handler: Weak<LogHandler>,
+    on_closed: OnClosed,
     /// Pipes by fd number (token - 1): fds are small and dense, so lookups never scan.
     slots: Vec<Option<Slot>>,
     /// Capacity added by enlarging pipes, counted against [`ENLARGE_BUDGET`].
@@ -300,12 +304,12 @@ struct Thread {
 }
 
 impl Thread {
-    fn new(epoll: Epoll, wake: Arc<EventFd>, rx: Receiver<Cmd>, handler: Weak<LogHandler>) -> Self {
+    fn new(epoll: Epoll, wake: Arc<EventFd>, rx: Receiver<Cmd>, on_closed: OnClosed) -> Self {
         Thread {
             epoll,
             wake,
             rx,
-            handler,
+            on_closed,
             slots: Vec::new(),
             enlarged: 0,
             coalesce: Duration::ZERO,
@@ -521,9 +525,7 @@ impl Thread {
             Ok(()) | Err(Errno::EEXIST) => {}
             Err(e) => {
                 error!(path = %file.path.display(), "cannot watch log pipe: {e}");
-                if let Some(h) = self.handler.upgrade() {
-                    h.close(&file);
-                }
+                (self.on_closed)(&file);
                 return;
             }
         }
@@ -543,9 +545,7 @@ impl Thread {
         self.enlarged = self
             .enlarged
             .saturating_sub(slot.capacity.saturating_sub(DEFAULT_PIPE));
-        if let Some(h) = self.handler.upgrade() {
-            h.close(&slot.file);
-        }
+        (self.on_closed)(&slot.file);
     }
 
     /// Raises a busy pipe to [`BIG_PIPE`] if the budget allows. Failure is harmless: the

@@ -1,0 +1,331 @@
+//! One open log: its pipe, its file and what it counts. Below both the handler (which
+//! keeps the table of open logs and answers the RPCs) and the pump (which moves the
+//! bytes): neither reaches into the other, and the walk of a log write goes downward,
+//! handler or pump → log file → rotating file.
+//!
+//! Reads from a pipe always happen under the file's lock, together with the append, so
+//! the pump and a synchronous drain (every RPC on an open log drains its pipe first)
+//! can never reorder data, and a re-exec hand-off finds every byte either in the file or
+//! still in the pipe.
+
+use crate::follow::Followers;
+use crate::rotating_file::{RotatingFileWriter, SpliceStop, PIPE_CHUNK};
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tracing::{debug, error, warn};
+
+/// Log files are private to root (or the session user).
+pub(crate) const LOG_MODE: u32 = 0o600;
+/// One pipe read: two default pipe buffers.
+const READ_BUF: usize = 128 * 1024;
+/// Reads one drain may make: twice the largest pipe we make (1 MiB) in 128 KiB reads.
+pub(crate) const DRAIN_READS: usize = 16;
+/// Most one splice(2) moves: a whole enlarged pipe.
+const SPLICE_MAX: usize = 1 << 20;
+
+thread_local! {
+    static READ_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_BUF].into_boxed_slice());
+}
+
+/// Rotation settings from the config file.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_size: u64,
+    pub max_backups: u64,
+}
+
+/// Who a log file belongs to; kept only for the re-exec state and for operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogOwner {
+    pub driver: String,
+    pub domname: String,
+    pub domuuid: [u8; 16],
+}
+
+pub(crate) struct LogFile {
+    pub(crate) path: PathBuf,
+    pub(crate) owner: LogOwner,
+    /// Our read end, blocking (see [`Self::read_pipe`]). It is never close-on-exec
+    /// while the log is in the table: the only program virtlogd ever executes is its
+    /// own next image, which must inherit it, and a thousand logs would otherwise cost
+    /// two thousand syscalls of re-exec downtime (clearing the flag before exec,
+    /// setting it after).
+    pub(crate) pipe: OwnedFd,
+    /// `None` for a log restored across re-exec that nobody has touched yet: the file is
+    /// reopened on first use, under this lock, so the new image serves before it has
+    /// opened a thousand files.
+    writer: Mutex<Option<RotatingFileWriter>>,
+    limits: Limits,
+    closed: AtomicBool,
+    /// The pipe had to be made O_NONBLOCK (a kernel without RWF_NOWAIT for pipes).
+    nonblocking: AtomicBool,
+    /// Bytes read from the pipe that could not be written (disk full, I/O error).
+    /// Changed only under the writer lock.
+    dropped: AtomicU64,
+    /// Operator counters: those carried across re-exec, plus this image's.
+    carried: LogCounters,
+    /// The writer's own counts, copied after each use of it (so the counters can be
+    /// read while a write hangs, and after the hand-off took the writer away).
+    written: AtomicU64,
+    rotations: AtomicU64,
+    /// Every byte ever dropped (`dropped` is only the ones not reported yet).
+    dropped_total: AtomicU64,
+    /// Sockets that receive what is written, as it is (see `follow.rs`).
+    pub(crate) followers: Arc<Followers>,
+}
+
+/// A log's operator counters (the metrics), kept across re-exec; the inspect
+/// program's LOG_METRICS reply carries them, hence their home in `vh-proto`.
+pub use vh_proto::inspect::LogCounters;
+
+/// What one pump pass found in the pipe.
+pub(crate) enum Pumped {
+    /// Pipe empty for now.
+    Empty,
+    /// Read budget used up; more may be waiting.
+    More,
+    /// Writer side closed, or a read/append failure: close the log.
+    Done(Option<io::Error>),
+}
+
+impl LogFile {
+    /// Runs `f` on the writer under the file lock, reopening the file first if this log
+    /// came across a re-exec and has not been touched since.
+    pub(crate) fn with_writer<R>(
+        &self,
+        f: impl FnOnce(&mut RotatingFileWriter) -> R,
+    ) -> io::Result<R> {
+        let mut slot = self
+            .writer
+            .lock()
+            .map_err(|_| io::Error::other("log file lock poisoned"))?;
+        if slot.is_none() {
+            let backups = usize::try_from(self.limits.max_backups).unwrap_or(usize::MAX);
+            let mut w = RotatingFileWriter::open(
+                self.path.clone(),
+                self.limits.max_size,
+                backups,
+                false,
+                LOG_MODE,
+            )?;
+            w.set_tap(self.followers.clone());
+            *slot = Some(w);
+        }
+        let w = slot
+            .as_mut()
+            .ok_or_else(|| io::Error::other("log writer missing"))?;
+        let r = f(w);
+        self.written.store(w.bytes_written(), Ordering::Relaxed);
+        self.rotations.store(w.rollovers(), Ordering::Relaxed);
+        Ok(r)
+    }
+
+    /// The counters as of the last use of the writer.
+    pub(crate) fn counters(&self) -> LogCounters {
+        LogCounters {
+            written: self.carried.written + self.written.load(Ordering::Relaxed),
+            dropped: self.carried.dropped + self.dropped_total.load(Ordering::Relaxed),
+            rotations: self.carried.rotations + self.rotations.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn new(
+        path: PathBuf,
+        owner: LogOwner,
+        pipe: OwnedFd,
+        writer: Option<RotatingFileWriter>,
+        limits: Limits,
+        carried: LogCounters,
+    ) -> Self {
+        let followers = Followers::new();
+        let writer = writer.map(|mut w| {
+            w.set_tap(followers.clone());
+            w
+        });
+        LogFile {
+            path,
+            owner,
+            pipe,
+            writer: Mutex::new(writer),
+            limits,
+            closed: AtomicBool::new(false),
+            nonblocking: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+            carried,
+            written: AtomicU64::new(0),
+            rotations: AtomicU64::new(0),
+            dropped_total: AtomicU64::new(0),
+            followers,
+        }
+    }
+
+    /// Re-exec (on the pump thread): takes the file out, for the caller to close. The
+    /// pipe is handed over blocking, as libvirt's pipes are (its event handler reads
+    /// once per wake-up, and the next image may be the C daemon); it already is,
+    /// unless this kernel made us fall back to O_NONBLOCK (see [`Self::read_pipe`]).
+    pub(crate) fn release_for_handoff(&self) -> Option<RotatingFileWriter> {
+        let mut slot = self.writer.lock().ok()?;
+        if self.nonblocking.swap(false, Ordering::Relaxed) {
+            if let Err(e) = set_blocking(&self.pipe) {
+                warn!(path = %self.path.display(), "cannot make log pipe blocking: {e}");
+            }
+        }
+        slot.take()
+    }
+
+    /// One read of the pipe that never waits. The pipe itself stays blocking (as
+    /// libvirt makes it, so a re-exec hands it over untouched): the read asks for
+    /// RWF_NOWAIT instead, which pipes honour since Linux 5.x. A kernel that refuses
+    /// it gets O_NONBLOCK on this pipe once (the hand-off then clears it again).
+    fn read_pipe(&self, buf: &mut [u8]) -> nix::Result<usize> {
+        use nix::errno::Errno;
+        let fd = self.pipe.as_raw_fd();
+        if !self.nonblocking.load(Ordering::Relaxed) {
+            let iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            // SAFETY: `iov` describes `buf`, which is exclusively borrowed and valid for
+            // writes of `buf.len()` bytes for the whole call; offset -1 means "no
+            // offset" (a pipe has none).
+            let n = unsafe { libc::preadv2(fd, &iov, 1, -1, libc::RWF_NOWAIT) };
+            match Errno::result(n) {
+                Ok(n) => return Ok(n as usize),
+                Err(Errno::EOPNOTSUPP | Errno::EINVAL | Errno::ENOSYS) => {
+                    set_nonblocking(&self.pipe).map_err(|_| Errno::last())?;
+                    self.nonblocking.store(true, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        nix::unistd::read(fd, buf)
+    }
+
+    /// Moves up to `max_reads` reads from the pipe into the file, under the file lock.
+    /// Also returns how many bytes it moved.
+    pub(crate) fn pump(&self, max_reads: usize) -> (Pumped, usize) {
+        self.with_writer(|w| self.pump_locked(w, max_reads))
+            .unwrap_or_else(|e| (Pumped::Done(Some(e)), 0))
+    }
+
+    /// The pump thread's pass over a busy pipe: bulk data goes by splice(2) while the
+    /// file has room; the bytes around a rollover, and everything after a failure (a
+    /// full disk included, so the loss accounting stays in one place), by read.
+    pub(crate) fn pump_spliced(&self, max_calls: usize) -> (Pumped, usize) {
+        self.with_writer(|w| self.pump_spliced_locked(w, max_calls))
+            .unwrap_or_else(|e| (Pumped::Done(Some(e)), 0))
+    }
+
+    fn pump_spliced_locked(&self, w: &mut RotatingFileWriter, max_calls: usize) -> (Pumped, usize) {
+        if self.dropped.load(Ordering::Relaxed) == 0 {
+            match w.splice_batch(self.pipe.as_fd(), max_calls, SPLICE_MAX) {
+                Ok((SpliceStop::Empty, n)) => return (Pumped::Empty, n),
+                Ok((SpliceStop::Eof, n)) => return (Pumped::Done(None), n),
+                Ok((SpliceStop::Budget, n)) => return (Pumped::More, n),
+                Ok((SpliceStop::Rollover, n)) => {
+                    let (p, m) = self.pump_locked(w, max_calls);
+                    return (p, n + m);
+                }
+                Err(e) => debug!(path = %self.path.display(), "splice: {e}; reading instead"),
+            }
+        }
+        self.pump_locked(w, max_calls)
+    }
+
+    fn pump_locked(&self, w: &mut RotatingFileWriter, max_reads: usize) -> (Pumped, usize) {
+        let mut moved = 0;
+        let outcome = READ_BUFFER.with(|b| {
+            let mut buf = b.borrow_mut();
+            for _ in 0..max_reads {
+                match self.read_pipe(&mut buf[..]) {
+                    Ok(0) => return Pumped::Done(None),
+                    Ok(n) => {
+                        moved += n;
+                        self.deliver(w, &buf[..n]);
+                        // A pipe read returns everything present up to the buffer size,
+                        // so a short one emptied the pipe: skip the read that would only
+                        // say EAGAIN (one syscall of ~5 per wake-up). Any later write
+                        // raises a new readiness event, so clearing readiness is safe.
+                        if n < buf.len() {
+                            return Pumped::Empty;
+                        }
+                    }
+                    Err(nix::errno::Errno::EAGAIN) => return Pumped::Empty,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Pumped::Done(Some(e.into())),
+                }
+            }
+            Pumped::More
+        });
+        (outcome, moved)
+    }
+
+    /// Moves what the pipe holds into the file (before an RPC looks at the file). EOF or
+    /// a read error is left for the pump thread to act on. Bounded: a pipe holds at most
+    /// 1 MiB, so this takes everything written before the call, yet a guest that keeps
+    /// writing cannot hold the RPC (and the file lock) forever.
+    pub(crate) fn drain_locked(&self, w: &mut RotatingFileWriter) {
+        self.pump_locked(w, DRAIN_READS);
+    }
+}
+
+impl LogFile {
+    /// Marks the log closed; true only for the first call (the one that must take it
+    /// out of the table). Followers get EOF now, not when the last reference goes.
+    pub(crate) fn mark_closed(&self) -> bool {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.followers.clear();
+        true
+    }
+
+    /// Appends pipe data. A failed write never closes the pipe (libvirt 9.0 closes it,
+    /// so QEMU gets EPIPE and everything after a full disk is lost): the data that
+    /// cannot be written is counted and dropped, and once the file takes writes again
+    /// a marker line says how much is missing.
+    fn deliver(&self, w: &mut RotatingFileWriter, data: &[u8]) {
+        let dropped = self.dropped.load(Ordering::Relaxed);
+        if dropped > 0 {
+            let note = format!(
+                "virtlogd: {dropped} bytes of output were lost: the log could not be written\n"
+            );
+            if w.append(note.as_bytes()).is_err() {
+                self.dropped.fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.dropped_total
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                return;
+            }
+            self.dropped.store(0, Ordering::Relaxed);
+            warn!(path = %self.path.display(), "log writable again after losing {dropped} bytes");
+        }
+        if let Err(e) = w.append_in_chunks(data, PIPE_CHUNK) {
+            if dropped == 0 {
+                error!(path = %self.path.display(), "cannot write log: {e}; dropping output until it can be written");
+            }
+            // Exactly what did not reach the file.
+            let lost = data.len().saturating_sub(e.written);
+            self.dropped.fetch_add(lost as u64, Ordering::Relaxed);
+            self.dropped_total.fetch_add(lost as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Clears O_NONBLOCK with one syscall (see [`set_nonblocking`]).
+fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(OFlag::empty()))?;
+    Ok(())
+}
+
+/// Sets O_NONBLOCK with one syscall: F_SETFL only touches O_APPEND, O_ASYNC, O_DIRECT,
+/// O_NOATIME and O_NONBLOCK, and a log pipe's read end has none of the others.
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    Ok(())
+}
