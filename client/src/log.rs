@@ -168,7 +168,5 @@ impl LogManager {
 }
 
 pub(crate) fn set_cloexec(fd: &OwnedFd) -> std::io::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
-    Ok(())
+    vh_proto::fdpass::set_cloexec(fd.as_raw_fd())
 }

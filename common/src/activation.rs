@@ -128,14 +128,7 @@ pub struct Activation {
     entries: Vec<(String, VecDeque<OwnedFd>)>,
 }
 
-/// Sets or clears FD_CLOEXEC on a raw descriptor.
-fn set_cloexec(fd: RawFd) -> io::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-    let flags = fcntl(fd, FcntlArg::F_GETFD).map_err(io::Error::from)?;
-    let flags = FdFlag::from_bits_truncate(flags) | FdFlag::FD_CLOEXEC;
-    fcntl(fd, FcntlArg::F_SETFD(flags)).map_err(io::Error::from)?;
-    Ok(())
-}
+use vh_proto::fdpass::set_cloexec;
 
 impl Activation {
     /// Reads the activation variables of this process.

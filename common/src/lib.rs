@@ -2,7 +2,7 @@
 //!
 //! | module | job |
 //! |---|---|
-//! | [`xdr`], [`error`], [`protocol`], [`fdpass`], [`paths`], [`manual`] | re-exported from `vh-proto` (XDR, error struct, messages, fd passing, socket paths, `--help` and man pages) |
+//! | [`xdr`], [`error`], [`protocol`], [`fdpass`], [`paths`], [`manual`] | re-exported from `vh-proto` (XDR, error struct, messages, fd passing and close-on-exec, socket paths, `--help` and man pages) |
 //! | [`connection`] | reading and writing whole frames (and their fds) on a unix stream socket |
 //! | [`server`] | listeners, clients, program dispatch, limits, peer-uid checks |
 //! | [`config`] | libvirt's `virConf` file syntax and typed daemon settings |
@@ -12,7 +12,7 @@
 //! | [`fdstore`] | systemd's fd store as a crash safety net: stored fds, state slots, resume |
 //! | [`logging`] | log_level / log_filters / log_outputs driving `tracing` |
 //! | [`daemon`] | the daemon front-end: start-up, sockets, signals, `--timeout`, re-exec |
-//! | [`restart`] | the re-exec state file (libvirt 9.0's JSON) and fd inheritance |
+//! | [`restart`] | the re-exec state file's shared part: framing, servers, clients, sockets, the located-error walker, file I/O (each daemon's `state.rs` has its own part) |
 //! | [`inspect`] | the program shell of our operator-only "VHIP" program (both daemons) |
 //! | [`admin`] | libvirt's admin program (0x06900690): servers, clients, limits, logging |
 

@@ -2,7 +2,9 @@
 //! 9.0 and 11.3 write. Whatever parses must write back to a document that parses to
 //! the same state.
 
-use vh_common::restart::{self, LockdState, LogdState};
+use virtlockd::state::LockdState;
+use virtlogd::state::LogdState;
+use vh_common::restart;
 
 pub fn parse(data: &[u8]) {
     // The daemons read the file as UTF-8 and refuse anything else.

@@ -1,13 +1,16 @@
 //! File-descriptor passing exactly as libvirt does it: every fd travels in its own
 //! `sendmsg` carrying one data byte (0x00) and one SCM_RIGHTS control message with one
 //! int. libvirt's receiver rejects several fds in one cmsg, so we never batch them.
+//!
+//! Also the close-on-exec switches ([`clear_cloexec`], [`set_cloexec`]): which fds a
+//! re-exec hands to the next image is the other half of moving descriptors around.
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use rustix::io::Errno;
 use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 /// Sends one fd on a (non-blocking) unix stream socket. `WouldBlock` means: wait for
 /// writability and call again; nothing was sent.
@@ -77,6 +80,30 @@ pub fn recv_fd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
             format!("{n} fds in one message (libvirt sends one per message)"),
         )),
     }
+}
+
+fn update_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    // FD_CLOEXEC is the only fd flag Linux has, so no F_GETFD first: one syscall per fd
+    // matters at re-exec with thousands of pipes and clients. It also fails (EBADF) on
+    // an fd that is not open.
+    let flags = if on {
+        FdFlag::FD_CLOEXEC
+    } else {
+        FdFlag::empty()
+    };
+    fcntl(fd, FcntlArg::F_SETFD(flags)).map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Lets `fd` survive exec (clears FD_CLOEXEC).
+pub fn clear_cloexec(fd: RawFd) -> io::Result<()> {
+    update_cloexec(fd, false)
+}
+
+/// Closes `fd` on exec (sets FD_CLOEXEC), as is done again after restoring.
+pub fn set_cloexec(fd: RawFd) -> io::Result<()> {
+    update_cloexec(fd, true)
 }
 
 #[cfg(test)]
@@ -175,5 +202,21 @@ mod tests {
         drop(a);
         let e = recv_fd(b.as_fd()).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN));
+    }
+
+    #[test]
+    fn cloexec_can_be_cleared_and_set() {
+        let f = tempfile::tempfile().unwrap();
+        let fd = f.as_raw_fd();
+        let is_set = |fd| {
+            let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).unwrap();
+            nix::fcntl::FdFlag::from_bits_truncate(flags).contains(nix::fcntl::FdFlag::FD_CLOEXEC)
+        };
+        assert!(is_set(fd));
+        clear_cloexec(fd).unwrap();
+        assert!(!is_set(fd));
+        set_cloexec(fd).unwrap();
+        assert!(is_set(fd));
+        assert!(clear_cloexec(-1).is_err());
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::lockspace::{LockSpace, LockSpaces};
 use crate::program::{LockHooks, LockProgram};
+use crate::state::{LockdState, LockspaceState, ResourceState};
 use crate::table::LockTable;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use tracing::{error, warn};
 use vh_common::config::DaemonConfig;
 use vh_common::daemon::{adopt_inheritable_fds, App, Daemon};
 use vh_common::paths::{DaemonKind, Mode};
-use vh_common::restart::{DaemonState, LockdState, LockspaceState, ResourceState};
+use vh_common::restart::DaemonState;
 use vh_common::server::{ClientHooks, Program, RunState};
 
 pub struct LockDaemonApp {
@@ -121,7 +122,7 @@ impl App for LockDaemonApp {
                 // Fds parked on held files stay open across the exec (closing one would
                 // drop its file's lock); the new process never learns of them.
                 for fd in s.parked_fds() {
-                    if let Err(e) = vh_common::restart::clear_cloexec(fd) {
+                    if let Err(e) = vh_proto::fdpass::clear_cloexec(fd) {
                         error!("cannot keep parked fd {fd} across exec: {e}");
                     }
                 }

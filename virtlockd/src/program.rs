@@ -16,6 +16,7 @@
 //! are free.
 
 use crate::protocol::{self as p, proc_};
+use crate::state::LockClientPrivate;
 use crate::table::LockTable;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,6 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 use uuid::Uuid;
 use vh_common::error::{code, domain, RpcError};
-use vh_common::restart::LockClientPrivate;
 use vh_common::server::{
     CallContext, ClientHooks, ClientInfo, DispatchError, Dispatched, Private, Program, Reply,
     RunState,

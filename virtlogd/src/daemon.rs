@@ -4,6 +4,7 @@
 use crate::cleaner;
 use crate::handler::{HandedOffLog, Limits, LogCounters, LogHandler, LogOwner};
 use crate::program::LogProgram;
+use crate::state::{LogFileState, LogHandlerState, LogdState};
 use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
@@ -14,7 +15,7 @@ use uuid::Uuid;
 use vh_common::config::DaemonConfig;
 use vh_common::daemon::{adopt_fd, adopt_inheritable_fds, App, Daemon};
 use vh_common::paths::{DaemonKind, Mode};
-use vh_common::restart::{DaemonState, LogFileState, LogHandlerState, LogdState};
+use vh_common::restart::DaemonState;
 use vh_common::server::{ClientHooks, NoHooks, Program, RunState};
 
 pub struct LogDaemon {

@@ -314,7 +314,7 @@ impl LogHandler {
             }
             // Inheritable only once in the table (see `LogFile::pipe`), so the state
             // document names every pipe that can reach the next image.
-            vh_common::restart::clear_cloexec(file.pipe.as_raw_fd())?;
+            vh_proto::fdpass::clear_cloexec(file.pipe.as_raw_fd())?;
             files.insert(path, file.clone());
         }
         if let Err(e) = self.pump.add(file.clone()) {

@@ -11,7 +11,8 @@
 //! | [`inspect`] | our operator program: what logs are open, their counters, following one |
 //! | [`cleaner`] | 11.3's daily deletion of log chains older than `max_age_days` |
 //! | [`follow`] | the sockets that receive a log's bytes as they are written |
-//! | [`daemon`] | virtlogd's part of the daemon front-end and of the re-exec state |
+//! | [`daemon`] | virtlogd's part of the daemon front-end: the handler behind the server, hand-off and restore |
+//! | [`state`] | virtlogd's part of the re-exec state document (`handler`) and the whole document |
 
 pub mod cleaner;
 pub mod daemon;
@@ -22,6 +23,7 @@ pub mod log_file;
 pub mod program;
 pub mod pump;
 pub mod rotating_file;
+pub mod state;
 
 // The program's wire types live in `vh-proto`, shared with the client; this path stays.
 pub use vh_proto::log as protocol;

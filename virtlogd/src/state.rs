@@ -1,0 +1,568 @@
+//! virtlogd's part of the re-exec state document (libvirt keeps its
+//! `virLogHandlerPreExecRestart` beside the log handler for the same reason): the
+//! `handler` object with the open log files, and the whole document
+//! `{ daemon, magic, handler }`. The shared parts (servers, services, sockets,
+//! clients, the framing and the file's I/O) are `vh_common::restart`'s.
+//!
+//! Writing is serde's derive: field order is libvirt's key order, and the 9.0 and 11.3
+//! fixtures come back byte for byte. Reading has two paths. The common one is serde's
+//! derive too, straight into these types (a `Value` tree of a thousand logs costs about
+//! a millisecond of re-exec downtime to build and another to walk). A document it
+//! refuses goes through the shared walker (`vh_common::restart::Obj`), which stays
+//! hand-written: its messages name the key and where it sat ("Missing domuuid data in
+//! JSON document (in handler.files[1])"), which the daemon logs and the tests check,
+//! and serde's own ("missing field `domuuid` at line 40 column 5") are not those; it
+//! also takes the older shapes libvirt takes (`servers` as an array, or absent).
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+use std::os::unix::io::RawFd;
+use uuid::Uuid;
+use vh_common::restart::{
+    self, index, magic_of, objects, parse_text, pretty_doc, root, DaemonState, Obj, RestartError,
+    COUNTERS_KEY,
+};
+
+type Result<T> = std::result::Result<T, RestartError>;
+
+/// Name of virtlogd's own server in the `servers` object.
+pub const VIRTLOGD_SERVER: &str = "virtlogd";
+
+/// One open domain log: the read end of its pipe and where it is written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogFileState {
+    pub pipefd: RawFd,
+    pub path: String,
+    pub driver: String,
+    pub domname: String,
+    #[serde(with = "restart::uuid_text")]
+    pub domuuid: Uuid,
+}
+
+impl LogFileState {
+    pub fn from_value(value: &Value) -> Result<Self> {
+        Self::parse(&Obj::new(value, "file", String::from("file"))?)
+    }
+
+    pub fn parse(o: &Obj<'_>) -> Result<Self> {
+        let path = o.str("path")?.to_string();
+        let driver = o.str("driver")?.to_string();
+        let domname = o.str("domname")?.to_string();
+        let domuuid = o.uuid("domuuid")?;
+        let pipefd = o.i32("pipefd")?;
+        Ok(LogFileState {
+            pipefd,
+            path,
+            driver,
+            domname,
+            domuuid,
+        })
+    }
+}
+
+/// virtlogd's `handler`: the open log files.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LogHandlerState {
+    pub files: Vec<LogFileState>,
+    /// Ours only (`pumpfd`, which libvirt ignores): the log pump's epoll set, with every
+    /// pipe of `files` still registered under the token `pipefd + 1`. Handing it over
+    /// spares the old image tearing down, and the new one rebuilding, one registration
+    /// per log inside the re-exec pause. A C image that gets it only holds one idle fd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pumpfd: Option<RawFd>,
+}
+
+impl LogHandlerState {
+    pub fn from_value(value: &Value) -> Result<Self> {
+        Self::parse(&Obj::new(value, "handler", String::from("handler"))?)
+    }
+
+    pub fn parse(o: &Obj<'_>) -> Result<Self> {
+        let at = o.child_at("files");
+        let files = objects(o.array("files")?, "files", &o.at)?
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                LogFileState::parse(&Obj {
+                    map: f.map,
+                    at: index(&at, i),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let pumpfd = if o.has("pumpfd") {
+            Some(o.i32("pumpfd")?)
+        } else {
+            None
+        };
+        Ok(LogHandlerState { files, pumpfd })
+    }
+}
+
+/// virtlogd's whole state document: `{ daemon, magic, handler }`.
+///
+/// Written by serde's derive, in libvirt's key order (the order of the fields).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LogdState {
+    pub daemon: DaemonState,
+    /// The writer's pid as a decimal string.
+    pub magic: String,
+    pub handler: LogHandlerState,
+    /// Our daemons' own counters (operator metrics), under [`COUNTERS_KEY`]; libvirt 9.0
+    /// reads only the keys it knows, so the C daemon ignores it.
+    #[serde(rename = "vhCounters", skip_serializing_if = "Option::is_none")]
+    pub counters: Option<Value>,
+}
+
+impl LogdState {
+    /// Parses a state document's text.
+    pub fn parse(text: &str) -> Result<Self> {
+        if let Some(doc) = Self::parse_fast(text) {
+            return Ok(doc);
+        }
+        Self::from_value(&parse_text(text)?)
+    }
+
+    /// The common case, read straight into typed rows: the file list grows with the
+    /// guests, and a `Value` tree of a thousand entries costs about a millisecond of
+    /// re-exec downtime to build and another to walk. Anything unusual (a wrong type, a
+    /// duplicate key, a bad UUID) gives `None`, and the `Value` walk then reports it
+    /// precisely; a document both paths accept gives the same result from either.
+    fn parse_fast(text: &str) -> Option<Self> {
+        // The `daemon` object is the shared walker's (its old shapes and its checks).
+        #[derive(Deserialize)]
+        struct Doc {
+            daemon: Value,
+            magic: String,
+            handler: LogHandlerState,
+            #[serde(rename = "vhCounters", default)]
+            counters: Option<Value>,
+        }
+        let doc: Doc = serde_json::from_str(text).ok()?;
+        let daemon = DaemonState::from_value(&doc.daemon, VIRTLOGD_SERVER).ok()?;
+        Some(LogdState {
+            daemon,
+            magic: doc.magic,
+            handler: doc.handler,
+            counters: doc.counters,
+        })
+    }
+
+    pub fn from_value(value: &Value) -> Result<Self> {
+        let o = root(value)?;
+        let magic = magic_of(&o)?;
+        let daemon = o.object("daemon")?;
+        let daemon = DaemonState::parse(&daemon, VIRTLOGD_SERVER)?;
+        let handler = LogHandlerState::parse(&o.object("handler")?)?;
+        Ok(LogdState {
+            daemon,
+            magic,
+            handler,
+            counters: o.get(COUNTERS_KEY).cloned(),
+        })
+    }
+
+    /// The document as a `Value` (same keys and order as the text).
+    pub fn to_value(&self) -> Value {
+        // Cannot fail: every map key is a string.
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+
+    /// The document as libvirt writes it: pretty-printed, keys in libvirt's order.
+    pub fn to_json_string(&self) -> String {
+        pretty_doc(self)
+    }
+
+    /// Every descriptor that must survive the exec: sockets and log pipe read ends.
+    pub fn inherited_fds(&self) -> Vec<RawFd> {
+        let mut out = self.daemon.inherited_fds();
+        out.extend(self.handler.files.iter().map(|f| f.pipefd));
+        out
+    }
+}
+
+/// serde's entry point reads like [`LogdState::parse`] does on a `Value`: through the
+/// walker, with its located errors.
+impl<'de> Deserialize<'de> for LogdState {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        Self::from_value(&value).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+    use vh_common::restart::test_support::{keys, remove, server_json, set, value};
+    use vh_common::restart::{take_state_file, tmp_path, write_state_file, SocketState};
+
+    const LOGD_FIXTURE: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fixtures/virtlogd-9.0-restart-exec.json"
+    ));
+
+    // ---- libvirt 11.3 (Debian 13) ------------------------------------------------------
+
+    const LOGD_11_3: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fixtures/virtlogd-11.3-restart-exec.json"
+    ));
+
+    fn logd_doc_with_daemon(daemon: Value) -> Value {
+        json!({ "daemon": daemon, "magic": "42", "handler": { "files": [] } })
+    }
+
+    // ---- fixtures -------------------------------------------------------------------
+
+    /// The typed fast path and the `Value` walk agree; what the fast path cannot take
+    /// still gets the walk's precise error.
+    #[test]
+    fn logd_fast_parse_agrees_with_value_walk() {
+        let walk = LogdState::from_value(&parse_text(LOGD_FIXTURE).unwrap()).unwrap();
+        assert_eq!(LogdState::parse_fast(LOGD_FIXTURE), Some(walk.clone()));
+        let text = walk.to_json_string();
+        assert_eq!(LogdState::parse_fast(&text), Some(walk));
+        let bad = LOGD_FIXTURE.replacen("\"domuuid\": \"", "\"domuuid\": \"x", 1);
+        assert!(LogdState::parse_fast(&bad).is_none());
+        let e = LogdState::parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("domuuid"), "{e}");
+    }
+
+    /// Our `pumpfd` key: absent from libvirt's documents (None, and not written back),
+    /// carried by both parsers when present.
+    #[test]
+    fn logd_pumpfd_is_optional_and_round_trips() {
+        let st = LogdState::parse(LOGD_FIXTURE).unwrap();
+        assert_eq!(st.handler.pumpfd, None);
+        assert!(!st.to_json_string().contains("pumpfd"));
+        let mut with = st.clone();
+        with.handler.pumpfd = Some(17);
+        let text = with.to_json_string();
+        assert!(text.contains("pumpfd"), "{text}");
+        assert_eq!(LogdState::parse_fast(&text), Some(with.clone()));
+        assert_eq!(
+            LogdState::from_value(&parse_text(&text).unwrap()).unwrap(),
+            with
+        );
+        let mut bad = parse_text(&text).unwrap();
+        bad["handler"]["pumpfd"] = json!("x");
+        assert!(LogdState::from_value(&bad).is_err());
+    }
+
+    #[test]
+    fn parses_virtlogd_fixture() {
+        let st = LogdState::parse(LOGD_FIXTURE).unwrap();
+        assert_eq!(st.magic, "3412");
+        let names: Vec<&str> = st.daemon.servers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["admin", "virtlogd"]);
+
+        let admin = st.daemon.server("admin").unwrap();
+        assert_eq!(admin.max_clients, 5000);
+        assert_eq!(admin.max_anonymous_clients, 5000);
+        assert_eq!(admin.next_client_id, 1);
+        assert_eq!(admin.services[0].socks[0], SocketState::listener(7, true));
+
+        let main = st.daemon.server("virtlogd").unwrap();
+        assert_eq!(main.min_workers, 0);
+        assert_eq!(main.max_workers, 0);
+        assert_eq!(main.priority_workers, 0);
+        assert_eq!(main.max_clients, 1024);
+        assert_eq!(main.keepalive_interval, -1);
+        assert_eq!(main.keepalive_count, 0);
+        assert_eq!(main.next_client_id, 3);
+        assert_eq!(main.services.len(), 1);
+        assert_eq!(main.services[0].auth, 0);
+        assert!(!main.services[0].readonly);
+        assert_eq!(main.services[0].nrequests_client_max, 1);
+        assert_eq!(main.services[0].socks, vec![SocketState::listener(6, true)]);
+        assert!(main.clients.is_empty());
+
+        let uuid = Uuid::parse_str("15a86c6d-fcf3-40f8-b104-5c2672d633a0").unwrap();
+        assert_eq!(
+            st.handler.files,
+            vec![
+                LogFileState {
+                    pipefd: 12,
+                    path: "/var/log/libvirt/qemu/t1-serial.log".into(),
+                    driver: "qemu".into(),
+                    domname: "t1".into(),
+                    domuuid: uuid,
+                },
+                LogFileState {
+                    pipefd: 13,
+                    path: "/var/log/libvirt/qemu/t1.log".into(),
+                    driver: "qemu".into(),
+                    domname: "t1".into(),
+                    domuuid: uuid,
+                },
+            ]
+        );
+        assert_eq!(st.inherited_fds(), vec![7, 6, 12, 13]);
+    }
+
+    /// Our counters ride in their own top-level key: both parse paths keep it, the
+    /// document without it (libvirt's) has none, and writing puts it back.
+    #[test]
+    fn counters_key_round_trips() {
+        let plain = LogdState::parse(LOGD_FIXTURE).unwrap();
+        assert_eq!(plain.counters, None);
+        let mut doc = plain.clone();
+        doc.counters = Some(serde_json::json!({"logs": {"/x": {"written": 5}}}));
+        let text = doc.to_json_string();
+        assert!(text.contains(COUNTERS_KEY));
+        assert_eq!(LogdState::parse_fast(&text), Some(doc.clone()));
+        let walk = LogdState::from_value(&parse_text(&text).unwrap()).unwrap();
+        assert_eq!(walk, doc);
+    }
+
+    #[test]
+    fn virtlogd_fixture_round_trips_with_same_values_and_key_order() {
+        let st = LogdState::parse(LOGD_FIXTURE).unwrap();
+        let written = st.to_json_string();
+        assert_eq!(LogdState::parse(&written).unwrap(), st);
+        let ours = value(&written);
+        let theirs = value(LOGD_FIXTURE);
+        assert_eq!(ours, theirs);
+        assert_eq!(keys(&ours), keys(&theirs));
+        // serde entry points agree with the hand-written ones.
+        let via_serde: LogdState = serde_json::from_str(LOGD_FIXTURE).unwrap();
+        assert_eq!(via_serde, st);
+        assert_eq!(serde_json::to_value(&st).unwrap(), theirs);
+    }
+
+    /// 11.3's virtlogd document (empty arrays as `[]`, the QEMU driver's "QEMU" name)
+    /// restores, and what we write from it is 11.3's text byte for byte: serde_json's
+    /// pretty layout is json-c's `PRETTY | SPACED` one for these documents.
+    #[test]
+    fn virtlogd_11_3_fixture_restores_and_is_written_back_identically() {
+        let st = LogdState::parse(LOGD_11_3).unwrap();
+        assert_eq!(st.magic, "28453");
+        assert_eq!(
+            LogdState::from_value(&parse_text(LOGD_11_3).unwrap()).unwrap(),
+            st
+        );
+        let main = st.daemon.server("virtlogd").unwrap();
+        assert_eq!(main.next_client_id, 9);
+        assert!(main.clients.is_empty());
+        assert_eq!(main.services[0].socks, vec![SocketState::listener(4, true)]);
+        let drivers: Vec<(&str, i32)> = st
+            .handler
+            .files
+            .iter()
+            .map(|f| (f.driver.as_str(), f.pipefd))
+            .collect();
+        assert_eq!(drivers, [("qemu", 11), ("QEMU", 12)]);
+        assert_eq!(st.inherited_fds(), vec![5, 4, 11, 12]);
+        assert_eq!(st.to_json_string(), LOGD_11_3);
+    }
+
+    #[test]
+    fn written_document_uses_libvirt_types_and_layout() {
+        let logd = LogdState::parse(LOGD_FIXTURE).unwrap().to_value();
+        let top: Vec<&String> = logd.as_object().unwrap().keys().collect();
+        assert_eq!(top, ["daemon", "magic", "handler"]);
+    }
+
+    // ---- compatibility paths ---------------------------------------------------------
+
+    #[test]
+    fn servers_as_array_maps_to_own_name() {
+        let doc = logd_doc_with_daemon(json!({ "servers": [ server_json() ] }));
+        let st = LogdState::from_value(&doc).unwrap();
+        assert_eq!(st.daemon.servers.len(), 1);
+        assert_eq!(st.daemon.servers[0].0, "virtlogd");
+        assert_eq!(st.daemon.servers[0].1.next_client_id, 5);
+        // Written back in the current shape.
+        let v = st.to_value();
+        assert!(v["daemon"]["servers"]["virtlogd"].is_object());
+    }
+
+    #[test]
+    fn servers_array_with_two_elements_is_an_error() {
+        let doc = logd_doc_with_daemon(json!({ "servers": [ server_json(), server_json() ] }));
+        let e = LogdState::from_value(&doc).unwrap_err();
+        assert!(matches!(e, RestartError::Invalid { .. }), "{e}");
+        assert!(e.to_string().contains("Server count 2"), "{e}");
+    }
+
+    #[test]
+    fn servers_missing_means_daemon_is_the_server() {
+        let doc = logd_doc_with_daemon(server_json());
+        let st = LogdState::from_value(&doc).unwrap();
+        assert_eq!(st.daemon.servers.len(), 1);
+        assert_eq!(st.daemon.servers[0].0, "virtlogd");
+        assert_eq!(st.daemon.server("virtlogd").unwrap().clients[0].id, 4);
+        assert!(st.daemon.server("admin").is_none());
+    }
+
+    #[test]
+    fn servers_with_wrong_type_or_unknown_name_is_an_error() {
+        let doc = logd_doc_with_daemon(json!({ "servers": null }));
+        let e = LogdState::from_value(&doc).unwrap_err();
+        assert!(matches!(e, RestartError::Malformed { ref key, .. } if key == "servers"));
+
+        let doc = logd_doc_with_daemon(json!({ "servers": {
+            "virtlogd": server_json(), "libvirtd": server_json() } }));
+        let e = LogdState::from_value(&doc).unwrap_err();
+        assert!(
+            e.to_string().contains("Unexpected server name 'libvirtd'"),
+            "{e}"
+        );
+
+        // virtlockd's name is not acceptable to virtlogd.
+        let doc = logd_doc_with_daemon(json!({ "servers": { "virtlockd": server_json() } }));
+        assert!(LogdState::from_value(&doc).is_err());
+
+        // Only an admin server: the daemon's own is missing.
+        let doc = logd_doc_with_daemon(json!({ "servers": { "admin": server_json() } }));
+        let e = LogdState::from_value(&doc).unwrap_err();
+        assert!(e.to_string().contains("No server named 'virtlogd'"), "{e}");
+    }
+
+    #[test]
+    fn no_admin_server_is_fine() {
+        let mut doc = value(LOGD_FIXTURE);
+        remove(&mut doc, "/daemon/servers", "admin");
+        let st = LogdState::from_value(&doc).unwrap();
+        assert!(st.daemon.server("admin").is_none());
+        assert!(st.daemon.server("virtlogd").is_some());
+    }
+
+    // ---- required keys ---------------------------------------------------------------
+
+    fn assert_missing_logd(pointer: &str, key: &str) {
+        let mut doc = value(LOGD_FIXTURE);
+        remove(&mut doc, pointer, key);
+        let e = LogdState::from_value(&doc).unwrap_err();
+        assert!(
+            matches!(e, RestartError::Missing { key: ref k, .. } if k == key),
+            "{pointer} {key}: {e:?}"
+        );
+        assert!(e.to_string().contains(key), "{e}");
+    }
+
+    #[test]
+    fn missing_required_keys_are_named() {
+        for key in [
+            "min_workers",
+            "max_workers",
+            "priority_workers",
+            "max_clients",
+            "keepaliveInterval",
+            "keepaliveCount",
+            "services",
+            "clients",
+        ] {
+            assert_missing_logd("/daemon/servers/virtlogd", key);
+        }
+        for key in ["auth", "readonly", "nrequests_client_max", "socks"] {
+            assert_missing_logd("/daemon/servers/virtlogd/services/0", key);
+        }
+        for key in ["fd", "pid", "errfd", "isClient"] {
+            assert_missing_logd("/daemon/servers/admin/services/0/socks/0", key);
+        }
+        for key in ["pipefd", "path", "driver", "domname", "domuuid"] {
+            assert_missing_logd("/handler/files/1", key);
+        }
+        assert_missing_logd("", "daemon");
+        assert_missing_logd("", "handler");
+        assert_missing_logd("/handler", "files");
+    }
+
+    #[test]
+    fn missing_key_error_says_where() {
+        let mut doc = value(LOGD_FIXTURE);
+        remove(
+            &mut doc,
+            "/daemon/servers/virtlogd/services/0/socks/0",
+            "isClient",
+        );
+        let e = LogdState::from_value(&doc).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Missing isClient data in JSON document \
+             (in daemon.servers.virtlogd.services[0].socks[0])"
+        );
+    }
+
+    #[test]
+    fn missing_or_non_string_magic() {
+        let mut doc = value(LOGD_FIXTURE);
+        remove(&mut doc, "", "magic");
+        assert!(matches!(
+            LogdState::from_value(&doc),
+            Err(RestartError::MissingMagic)
+        ));
+    }
+
+    #[test]
+    fn wrong_types_are_malformed() {
+        let cases: &[(&str, &str, Value)] = &[
+            (
+                "/daemon/servers/virtlogd/services/0/socks/0",
+                "isClient",
+                json!(0),
+            ),
+            (
+                "/daemon/servers/virtlogd/services/0/socks/0",
+                "fd",
+                json!("6"),
+            ),
+            (
+                "/daemon/servers/virtlogd/services/0",
+                "readonly",
+                json!("false"),
+            ),
+            ("/daemon/servers/virtlogd", "max_clients", json!(-1)),
+            ("/daemon/servers/virtlogd", "services", json!({})),
+            ("/handler/files/0", "domuuid", json!("xyz")),
+            ("/handler/files/0", "pipefd", json!(4294967296u64)),
+            ("/handler", "files", json!(null)),
+        ];
+        for (pointer, key, bad) in cases {
+            let mut doc = value(LOGD_FIXTURE);
+            set(&mut doc, pointer, key, bad.clone());
+            let e = LogdState::from_value(&doc).unwrap_err();
+            assert!(
+                matches!(e, RestartError::Malformed { key: ref k, .. } if k == key),
+                "{pointer} {key}: {e:?}"
+            );
+        }
+        assert!(LogdState::parse("[]").is_err());
+        assert!(matches!(LogdState::parse("{"), Err(RestartError::Parse(_))));
+    }
+
+    #[test]
+    fn take_matching_magic_returns_text_and_unlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("virtlogd-restart-exec.json");
+        fs::write(&p, LOGD_FIXTURE).unwrap();
+        let text = take_state_file(&p, 3412).unwrap().unwrap();
+        assert_eq!(text, LOGD_FIXTURE);
+        assert!(!p.exists());
+        assert!(LogdState::parse(&text).is_ok());
+    }
+
+    #[test]
+    fn write_state_file_is_atomic_and_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("virtlogd-restart-exec.json");
+        fs::write(&p, "old contents that are longer than the new ones").unwrap();
+        fs::write(tmp_path(&p), "stale tmp").unwrap();
+        fs::set_permissions(tmp_path(&p), fs::Permissions::from_mode(0o666)).unwrap();
+
+        let st = LogdState::parse(LOGD_FIXTURE).unwrap();
+        write_state_file(&p, &st.to_json_string()).unwrap();
+        assert_eq!(fs::read_to_string(&p).unwrap(), st.to_json_string());
+        assert!(!tmp_path(&p).exists());
+        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o077, 0, "mode {mode:o}");
+        assert_eq!(mode & !0o700, 0, "mode {mode:o}");
+
+        // And the new image takes it back.
+        let text = take_state_file(&p, 3412).unwrap().unwrap();
+        assert_eq!(LogdState::parse(&text).unwrap(), st);
+    }
+}
