@@ -4,6 +4,15 @@
 //! Usage: `vh-bench all [--quick] [--dir WORKDIR] [--out DIR]` (run as root: each daemon
 //! runs in system mode in its own private mount namespace via `unshare -m`), and
 //! `vh-bench soak [--reexecs N] [logd|lockd]` (see soak.rs).
+//!
+//! | module | job |
+//! |---|---|
+//! | `daemon` | spawning a daemon (ours or the C one) in a private mount namespace; its counters |
+//! | `logd` | virtlogd load: log pipes fed by writer threads |
+//! | `lockd` | virtlockd load: owners doing ACQUIRE/RELEASE round trips |
+//! | `lockfs` | the filesystem the virtlockd benchmarks keep their lockspaces on |
+//! | `soak` | N re-execs of each daemon under load, counting what must never be lost |
+//! | `report` | RESULTS.md and the growth SVG |
 
 mod daemon;
 mod lockd;

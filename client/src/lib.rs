@@ -10,6 +10,14 @@
 //! | [`lease_name_for_path`] | the lockd plugin's indirect lease name (SHA-256 of the path) |
 //! | [`ClientError`] | transport, libvirt error (code/domain/message) or protocol errors |
 //! | [`inspect`] | the operator-only "VHIP" program on our daemons' admin sockets |
+//!
+//! | module | job |
+//! |---|---|
+//! | [`connect`] | the socket path, session-mode auto-spawn and the connect retries |
+//! | [`log`] | the log manager client (`log_manager.c`) |
+//! | [`lock`] | the lock manager client (the `lockd` plugin) and its lease names |
+//! | [`error`] | the client's error type |
+//! | [`inspect`] | the operator program's calls |
 
 pub mod connect;
 pub mod error;

@@ -12,6 +12,7 @@
 
 use crate::daemon::Daemon;
 use crate::error::{code, domain, RpcError};
+use crate::logging::LogError;
 use crate::server::{CallContext, ClientInfo, ClientLimits, DispatchError, Program, Reply, Server};
 use crate::xdr::{Decoder, Encoder, XdrError};
 use std::collections::BTreeMap;
@@ -97,9 +98,9 @@ pub trait AdminTarget: Send + Sync + 'static {
     /// Current filters (each followed by a space) and their number.
     fn log_filters(&self) -> (String, usize);
     /// Replaces the outputs; "" restores the default. `Err` is libvirt's message.
-    fn set_log_outputs(&self, outputs: &str) -> Result<(), String>;
+    fn set_log_outputs(&self, outputs: &str) -> Result<(), LogError>;
     /// Replaces the filters; "" clears them.
-    fn set_log_filters(&self, filters: &str) -> Result<(), String>;
+    fn set_log_filters(&self, filters: &str) -> Result<(), LogError>;
     /// The idle auto-shutdown timeout, 0 = never.
     fn set_timeout(&self, secs: u32);
     /// Quits the daemon (admin CONNECT_DAEMON_SHUTDOWN); the quit has begun on return.
@@ -126,11 +127,11 @@ impl AdminTarget for Daemon {
         }
         (s, filters.len())
     }
-    fn set_log_outputs(&self, outputs: &str) -> Result<(), String> {
-        self.log.set_outputs(outputs).map_err(|e| e.0)
+    fn set_log_outputs(&self, outputs: &str) -> Result<(), LogError> {
+        self.log.set_outputs(outputs)
     }
-    fn set_log_filters(&self, filters: &str) -> Result<(), String> {
-        self.log.set_filters(filters).map_err(|e| e.0)
+    fn set_log_filters(&self, filters: &str) -> Result<(), LogError> {
+        self.log.set_filters(filters)
     }
     fn set_timeout(&self, secs: u32) {
         Daemon::set_timeout(self, secs)
@@ -528,7 +529,42 @@ impl AdminProgram {
         }
     }
 
+    /// One call, routed to its procedure family.
     fn handle(
+        &self,
+        ctx: &mut CallContext<'_>,
+        proc_: i32,
+        d: &mut Decoder<'_>,
+    ) -> Result<Vec<u8>, DispatchError> {
+        match proc_ {
+            proc_::CONNECT_OPEN
+            | proc_::CONNECT_CLOSE
+            | proc_::CONNECT_GET_LIB_VERSION
+            | proc_::CONNECT_LIST_SERVERS
+            | proc_::CONNECT_LOOKUP_SERVER
+            | proc_::CONNECT_SET_DAEMON_TIMEOUT
+            | proc_::CONNECT_DAEMON_SHUTDOWN => self.connection(ctx, proc_, d),
+            proc_::SERVER_GET_THREADPOOL_PARAMETERS | proc_::SERVER_SET_THREADPOOL_PARAMETERS => {
+                self.threadpool(proc_, d)
+            }
+            proc_::SERVER_LIST_CLIENTS
+            | proc_::SERVER_LOOKUP_CLIENT
+            | proc_::CLIENT_GET_INFO
+            | proc_::CLIENT_CLOSE => self.clients(ctx, proc_, d),
+            proc_::SERVER_GET_CLIENT_LIMITS | proc_::SERVER_SET_CLIENT_LIMITS => {
+                self.client_limits(proc_, d)
+            }
+            proc_::CONNECT_GET_LOGGING_OUTPUTS
+            | proc_::CONNECT_GET_LOGGING_FILTERS
+            | proc_::CONNECT_SET_LOGGING_OUTPUTS
+            | proc_::CONNECT_SET_LOGGING_FILTERS => self.logging(proc_, d),
+            proc_::SERVER_UPDATE_TLS_FILES => self.tls(d),
+            _ => Err(DispatchError::UnknownProcedure),
+        }
+    }
+
+    /// The connection itself and the daemon as a whole: open, close, version, the server list, the idle timeout, shutdown.
+    fn connection(
         &self,
         ctx: &mut CallContext<'_>,
         proc_: i32,
@@ -567,6 +603,33 @@ impl AdminProgram {
                 let srv = self.server(&name, Lookup::Rpc)?;
                 e.string(srv.name());
             }
+            proc_::CONNECT_SET_DAEMON_TIMEOUT => {
+                let timeout = d.u32()?;
+                let flags = d.u32()?;
+                check_flags(flags, "adminConnectSetDaemonTimeout")?;
+                self.target()?.set_timeout(timeout);
+            }
+            proc_::CONNECT_DAEMON_SHUTDOWN => {
+                let flags = d.u32()?;
+                RpcError::check_flags(
+                    domain::ADMIN,
+                    "adminConnectDaemonShutdown",
+                    flags,
+                    DAEMON_SHUTDOWN_PRESERVE,
+                )?;
+                // The servers close before this returns: no reply goes out (as 11.3).
+                self.target()?
+                    .shutdown(flags & DAEMON_SHUTDOWN_PRESERVE != 0);
+            }
+            _ => return Err(DispatchError::UnknownProcedure),
+        }
+        Ok(e.into_inner())
+    }
+
+    /// A server's worker pool parameters (recorded, not applied: see [`Pool`]).
+    fn threadpool(&self, proc_: i32, d: &mut Decoder<'_>) -> Result<Vec<u8>, DispatchError> {
+        let e = Encoder::new();
+        match proc_ {
             proc_::SERVER_GET_THREADPOOL_PARAMETERS => {
                 let name = read_name(d)?;
                 let flags = d.u32()?;
@@ -634,6 +697,20 @@ impl AdminProgram {
                 }
                 self.set_pool(srv.name(), pool);
             }
+            _ => return Err(DispatchError::UnknownProcedure),
+        }
+        Ok(e.into_inner())
+    }
+
+    /// A server's clients: listing, lookup, information, closing one.
+    fn clients(
+        &self,
+        ctx: &mut CallContext<'_>,
+        proc_: i32,
+        d: &mut Decoder<'_>,
+    ) -> Result<Vec<u8>, DispatchError> {
+        let mut e = Encoder::new();
+        match proc_ {
             proc_::SERVER_LIST_CLIENTS => {
                 let name = read_name(d)?;
                 let need_results = d.u32()?;
@@ -695,6 +772,15 @@ impl AdminProgram {
                     srv.close_client(id);
                 }
             }
+            _ => return Err(DispatchError::UnknownProcedure),
+        }
+        Ok(e.into_inner())
+    }
+
+    /// A server's client limits.
+    fn client_limits(&self, proc_: i32, d: &mut Decoder<'_>) -> Result<Vec<u8>, DispatchError> {
+        let e = Encoder::new();
+        match proc_ {
             proc_::SERVER_GET_CLIENT_LIMITS => {
                 let name = read_name(d)?;
                 let flags = d.u32()?;
@@ -742,6 +828,15 @@ impl AdminProgram {
                     max_unauth: unauth,
                 });
             }
+            _ => return Err(DispatchError::UnknownProcedure),
+        }
+        Ok(e.into_inner())
+    }
+
+    /// The daemon's logging outputs and filters.
+    fn logging(&self, proc_: i32, d: &mut Decoder<'_>) -> Result<Vec<u8>, DispatchError> {
+        let mut e = Encoder::new();
+        match proc_ {
             proc_::CONNECT_GET_LOGGING_OUTPUTS => {
                 let flags = d.u32()?;
                 check_flags(flags, "adminConnectGetLoggingOutputs")?;
@@ -779,40 +874,26 @@ impl AdminProgram {
                 } else {
                     t.set_log_filters(&s)
                 };
-                r.map_err(|m| RpcError::new(code::INVALID_ARG, domain::NONE, m))?;
-            }
-            proc_::SERVER_UPDATE_TLS_FILES => {
-                let name = read_name(d)?;
-                let flags = d.u32()?;
-                self.server(&name, Lookup::Rpc)?;
-                check_flags(flags, "adminServerUpdateTlsFiles")?;
-                return Err(RpcError::internal(
-                    domain::RPC,
-                    "no tls service found, unable to update tls files",
-                )
-                .into());
-            }
-            proc_::CONNECT_SET_DAEMON_TIMEOUT => {
-                let timeout = d.u32()?;
-                let flags = d.u32()?;
-                check_flags(flags, "adminConnectSetDaemonTimeout")?;
-                self.target()?.set_timeout(timeout);
-            }
-            proc_::CONNECT_DAEMON_SHUTDOWN => {
-                let flags = d.u32()?;
-                RpcError::check_flags(
-                    domain::ADMIN,
-                    "adminConnectDaemonShutdown",
-                    flags,
-                    DAEMON_SHUTDOWN_PRESERVE,
-                )?;
-                // The servers close before this returns: no reply goes out (as 11.3).
-                self.target()?
-                    .shutdown(flags & DAEMON_SHUTDOWN_PRESERVE != 0);
+                // libvirt's text without the "invalid argument: " the code adds.
+                r.map_err(|e| RpcError::new(code::INVALID_ARG, domain::NONE, e.0))?;
             }
             _ => return Err(DispatchError::UnknownProcedure),
         }
         Ok(e.into_inner())
+    }
+
+    /// SERVER_UPDATE_TLS_FILES: there is no TLS service, so always an error, as
+    /// libvirt's (once the server and flags are checked).
+    fn tls(&self, d: &mut Decoder<'_>) -> Result<Vec<u8>, DispatchError> {
+        let name = read_name(d)?;
+        let flags = d.u32()?;
+        self.server(&name, Lookup::Rpc)?;
+        check_flags(flags, "adminServerUpdateTlsFiles")?;
+        Err(RpcError::internal(
+            domain::RPC,
+            "no tls service found, unable to update tls files",
+        )
+        .into())
     }
 }
 
@@ -866,9 +947,9 @@ mod tests {
             let n = f.split(' ').filter(|s| !s.is_empty()).count();
             (f, n)
         }
-        fn set_log_outputs(&self, o: &str) -> Result<(), String> {
+        fn set_log_outputs(&self, o: &str) -> Result<(), LogError> {
             if !o.is_empty() && !o.contains(':') {
-                return Err(format!("Malformed format for log output '{o}'"));
+                return Err(LogError(format!("Malformed format for log output '{o}'")));
             }
             *self.outputs.lock().unwrap() = if o.is_empty() {
                 "3:stderr".into()
@@ -877,7 +958,7 @@ mod tests {
             };
             Ok(())
         }
-        fn set_log_filters(&self, f: &str) -> Result<(), String> {
+        fn set_log_filters(&self, f: &str) -> Result<(), LogError> {
             *self.filters.lock().unwrap() = f.into();
             Ok(())
         }

@@ -19,6 +19,17 @@ use std::os::fd::{AsFd, OwnedFd};
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 
+/// Why a frame a previous image had half read cannot be carried on with.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    #[error(transparent)]
+    Frame(#[from] protocol::FrameError),
+    #[error("carried {carried} body bytes of a {total}-byte body")]
+    BodyTooLong { carried: usize, total: usize },
+    #[error("{0} carried fds the frame does not announce")]
+    UnannouncedFds(usize),
+}
+
 /// One received message with its fds.
 #[derive(Debug)]
 pub struct Incoming {
@@ -111,7 +122,7 @@ impl FrameReader {
             self.len_got += n;
             if self.len_got == 4 {
                 let len = protocol::check_length(u32::from_be_bytes(self.len_buf))
-                    .map_err(|e| Step::End(ReadEnd::Broken(e)))?;
+                    .map_err(|e| Step::End(ReadEnd::Broken(e.to_string())))?;
                 self.total = len - protocol::LEN_WORD;
             }
             return Ok(None);
@@ -142,8 +153,8 @@ impl FrameReader {
         let raw = match &self.raw {
             Some(r) => r.clone(),
             None => {
-                let r =
-                    protocol::parse_body(&self.body).map_err(|e| Step::End(ReadEnd::Broken(e)))?;
+                let r = protocol::parse_body(&self.body)
+                    .map_err(|e| Step::End(ReadEnd::Broken(e.to_string())))?;
                 self.raw = Some(r.clone());
                 r
             }
@@ -178,7 +189,7 @@ impl FrameReader {
     }
 
     /// A reader that carries on with a frame a previous image had started.
-    pub fn resume(bytes: &[u8], fds: Vec<OwnedFd>) -> Result<FrameReader, String> {
+    pub fn resume(bytes: &[u8], fds: Vec<OwnedFd>) -> Result<FrameReader, ResumeError> {
         let mut r = FrameReader::default();
         let (word, body) = bytes.split_at(bytes.len().min(4));
         r.len_buf[..word.len()].copy_from_slice(word);
@@ -187,11 +198,10 @@ impl FrameReader {
             r.total = protocol::check_length(u32::from_be_bytes(r.len_buf))? - protocol::LEN_WORD;
         }
         if body.len() > r.total {
-            return Err(format!(
-                "carried {} body bytes of a {}-byte body",
-                body.len(),
-                r.total
-            ));
+            return Err(ResumeError::BodyTooLong {
+                carried: body.len(),
+                total: r.total,
+            });
         }
         r.body = body.to_vec();
         r.filled = body.len();
@@ -200,10 +210,7 @@ impl FrameReader {
                 .then(|| protocol::parse_body(&r.body))
                 .transpose()?;
             if raw.as_ref().map_or(0, |m| m.nfds) < fds.len() {
-                return Err(format!(
-                    "{} carried fds the frame does not announce",
-                    fds.len()
-                ));
+                return Err(ResumeError::UnannouncedFds(fds.len()));
             }
             r.raw = raw;
         }

@@ -154,13 +154,17 @@ pub trait App: Send + Sync + Sized + 'static {
     /// The whole state document, parsed.
     type State: Send + 'static;
     /// Parses a state document.
-    fn parse_state(text: &str) -> Result<Self::State, String>;
+    fn parse_state(text: &str) -> Result<Self::State, restart::RestartError>;
     /// The document's `magic` (see [`restart::restart_magic`]).
     fn state_magic(state: &Self::State) -> &str;
     /// Restores the daemon-specific part of a document; returns its generic part.
     /// `in_place` is true after a failed exec: whatever `handoff` did not move out of
     /// the app is still live and must not be adopted a second time.
-    fn restore(&self, state: Self::State, in_place: bool) -> Result<DaemonState, String>;
+    fn restore(
+        &self,
+        state: Self::State,
+        in_place: bool,
+    ) -> Result<DaemonState, restart::RestoreError>;
     /// Clean stop: release what a stop releases.
     fn shutdown(&self) -> impl Future<Output = ()> + Send;
 }

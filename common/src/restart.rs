@@ -95,6 +95,19 @@ impl RestartError {
     }
 }
 
+/// Why a daemon could not restore its part of a state document it understood.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// A refusal the daemon words as an RPC error (a poisoned table, a bad limit).
+    #[error(transparent)]
+    Rpc(#[from] vh_proto::error::RpcError),
+    /// A table the restore must fill is unusable: its lock was poisoned.
+    #[error("{0} poisoned")]
+    Poisoned(&'static str),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
 type Result<T> = std::result::Result<T, RestartError>;
 
 /// The `magic` value for a process: its pid as a decimal string.

@@ -66,12 +66,24 @@ pub trait ClientHooks: Send + Sync + 'static {
     /// The client is gone for good (not on hand-off).
     fn client_closed(&self, _info: &ClientInfo, _private: Private) {}
     /// The `privateData` object of the re-exec state.
-    fn save_private(&self, _private: &Private) -> Result<serde_json::Value, String> {
+    fn save_private(&self, _private: &Private) -> Result<serde_json::Value, PrivateDataError> {
         Ok(serde_json::json!({}))
     }
-    fn restore_private(&self, _v: &serde_json::Value) -> Result<Private, String> {
+    fn restore_private(&self, _v: &serde_json::Value) -> Result<Private, PrivateDataError> {
         Ok(Box::new(()))
     }
+}
+
+/// Why a client's `privateData` could not be saved or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivateDataError {
+    /// The client's private state is not what the program gives its clients (`{0}`
+    /// names the program's kind of client).
+    #[error("{0} client state missing")]
+    Missing(&'static str),
+    /// The `privateData` object could not be read.
+    #[error(transparent)]
+    Document(#[from] crate::restart::RestartError),
 }
 
 /// The default hooks: no private state (virtlogd, admin).

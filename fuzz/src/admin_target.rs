@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 use vh_common::admin::AdminTarget;
+use vh_common::logging::LogError;
 use vh_common::server::Server;
 
 #[derive(Default)]
@@ -38,16 +39,16 @@ impl AdminTarget for FakeDaemon {
     fn log_filters(&self) -> (String, usize) {
         get(&self.filters)
     }
-    fn set_log_outputs(&self, outputs: &str) -> Result<(), String> {
+    fn set_log_outputs(&self, outputs: &str) -> Result<(), LogError> {
         // The real parser, so its errors are exercised too.
-        vh_common::logging::parse_outputs(outputs).map_err(|e| e.0)?;
+        vh_common::logging::parse_outputs(outputs)?;
         if let Ok(mut o) = self.outputs.lock() {
             *o = outputs.to_string();
         }
         Ok(())
     }
-    fn set_log_filters(&self, filters: &str) -> Result<(), String> {
-        vh_common::logging::parse_filters(filters).map_err(|e| e.0)?;
+    fn set_log_filters(&self, filters: &str) -> Result<(), LogError> {
+        vh_common::logging::parse_filters(filters)?;
         if let Ok(mut f) = self.filters.lock() {
             *f = filters.to_string();
         }

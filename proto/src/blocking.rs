@@ -29,6 +29,13 @@ pub enum CallError {
     Protocol(String),
 }
 
+impl CallError {
+    /// A reply frame that could not be taken.
+    fn frame(e: message::FrameError) -> Self {
+        CallError::Protocol(e.to_string())
+    }
+}
+
 pub struct Client {
     stream: StdStream,
     prog: u32,
@@ -90,10 +97,10 @@ impl Client {
 pub fn read_reply(stream: &mut StdStream) -> Result<CallReply, CallError> {
     let mut lw = [0u8; 4];
     stream.read_exact(&mut lw)?;
-    let len = message::check_length(u32::from_be_bytes(lw)).map_err(CallError::Protocol)?;
+    let len = message::check_length(u32::from_be_bytes(lw)).map_err(CallError::frame)?;
     let mut body = vec![0u8; len - 4];
     stream.read_exact(&mut body)?;
-    let raw = message::parse_body(&body).map_err(CallError::Protocol)?;
+    let raw = message::parse_body(&body).map_err(CallError::frame)?;
     let mut fds = Vec::new();
     for _ in 0..raw.nfds {
         fds.push(fdpass::recv_fd(stream.as_fd())?);

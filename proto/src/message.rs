@@ -90,17 +90,32 @@ impl Header {
     }
 }
 
+/// Why a received frame cannot be taken: the connection is closed without a reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("packet {0} bytes received from server too small")]
+    TooSmall(usize),
+    #[error("packet {0} bytes received from server too large")]
+    TooLarge(usize),
+    #[error("cannot decode header: {0}")]
+    Header(XdrError),
+    #[error("cannot decode fd count: {0}")]
+    FdCount(XdrError),
+    #[error("Too many FDs to receive ({0} > {NUM_FDS_MAX})")]
+    TooManyFds(usize),
+}
+
 /// Checks a received length word. `Err` means: close the connection without a reply,
 /// which is what libvirt does for both too-small and too-large frames.
-pub fn check_length(len: u32) -> Result<usize, String> {
+pub fn check_length(len: u32) -> Result<usize, FrameError> {
     let len = len as usize;
     if len < LEN_WORD + HEADER_LEN {
         // libvirt accepts 4..27 at this point and then fails to decode the header;
         // the outcome (connection closed, nothing sent) is the same.
-        return Err(format!("packet {len} bytes received from server too small"));
+        return Err(FrameError::TooSmall(len));
     }
     if len - LEN_WORD > MESSAGE_MAX {
-        return Err(format!("packet {len} bytes received from server too large"));
+        return Err(FrameError::TooLarge(len));
     }
     Ok(len)
 }
@@ -153,16 +168,14 @@ pub struct RawMessage {
 }
 
 /// Parses the header (and nfds) of a message body. `Err` means close the connection.
-pub fn parse_body(body: &[u8]) -> Result<RawMessage, String> {
+pub fn parse_body(body: &[u8]) -> Result<RawMessage, FrameError> {
     let mut d = Decoder::new(body);
-    let header = Header::decode(&mut d).map_err(|e| format!("cannot decode header: {e}"))?;
+    let header = Header::decode(&mut d).map_err(FrameError::Header)?;
     let mut nfds = 0;
     if header.has_fds() {
-        let n = d
-            .u32()
-            .map_err(|e| format!("cannot decode fd count: {e}"))? as usize;
+        let n = d.u32().map_err(FrameError::FdCount)? as usize;
         if n > NUM_FDS_MAX {
-            return Err(format!("Too many FDs to receive ({n} > {NUM_FDS_MAX})"));
+            return Err(FrameError::TooManyFds(n));
         }
         nfds = n;
     }

@@ -519,7 +519,8 @@ impl Conn {
         let mut bytes = vec![0u8; len];
         bytes[..4].copy_from_slice(&lw);
         read_exact_classified(&mut self.stream, &mut bytes[4..])?;
-        let raw = vh_common::protocol::parse_body(&bytes[4..]).map_err(RecvEnd::Other)?;
+        let raw = vh_common::protocol::parse_body(&bytes[4..])
+            .map_err(|e| RecvEnd::Other(e.to_string()))?;
         let mut fds = Vec::new();
         for _ in 0..raw.nfds {
             match vh_common::fdpass::recv_fd(self.stream.as_fd()) {

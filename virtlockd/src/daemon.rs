@@ -13,7 +13,7 @@ use tracing::{error, warn};
 use vh_common::config::DaemonConfig;
 use vh_common::daemon::{adopt_inheritable_fds, App, Daemon};
 use vh_common::paths::{DaemonKind, Mode};
-use vh_common::restart::DaemonState;
+use vh_common::restart::{DaemonState, RestartError, RestoreError};
 use vh_common::server::{ClientHooks, Program, RunState};
 
 pub struct LockDaemonApp {
@@ -154,15 +154,15 @@ impl App for LockDaemonApp {
 
     type State = LockdState;
 
-    fn parse_state(text: &str) -> Result<LockdState, String> {
-        LockdState::parse(text).map_err(|e| e.to_string())
+    fn parse_state(text: &str) -> Result<LockdState, RestartError> {
+        LockdState::parse(text)
     }
 
     fn state_magic(state: &LockdState) -> &str {
         &state.magic
     }
 
-    fn restore(&self, doc: LockdState, in_place: bool) -> Result<DaemonState, String> {
+    fn restore(&self, doc: LockdState, in_place: bool) -> Result<DaemonState, RestoreError> {
         if !in_place {
             let carried = doc
                 .counters
@@ -172,7 +172,7 @@ impl App for LockDaemonApp {
                 .unwrap_or(0);
             self.daemon.add_lease_losses(carried);
         }
-        let mut spaces = self.daemon.spaces().map_err(|e| e.to_string())?;
+        let mut spaces = self.daemon.spaces()?;
         if in_place {
             // The exec failed: the lockspaces never left; just close their fds on exec
             // again.

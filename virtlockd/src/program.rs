@@ -25,8 +25,8 @@ use tracing::{info, warn};
 use uuid::Uuid;
 use vh_common::error::{code, domain, RpcError};
 use vh_common::server::{
-    CallContext, ClientHooks, ClientInfo, DispatchError, Dispatched, Private, Program, Reply,
-    RunState,
+    CallContext, ClientHooks, ClientInfo, DispatchError, Dispatched, Private, PrivateDataError,
+    Program, Reply, RunState,
 };
 use vh_common::xdr::Decoder;
 
@@ -357,10 +357,10 @@ impl ClientHooks for LockHooks {
         }
     }
 
-    fn save_private(&self, private: &Private) -> Result<serde_json::Value, String> {
+    fn save_private(&self, private: &Private) -> Result<serde_json::Value, PrivateDataError> {
         let c = private
             .downcast_ref::<LockClient>()
-            .ok_or("lock client state missing")?;
+            .ok_or(PrivateDataError::Missing("lock"))?;
         // libvirt refuses to save an unregistered client; we save it with an empty name
         // rather than fail the whole re-exec.
         Ok(LockClientPrivate {
@@ -373,8 +373,8 @@ impl ClientHooks for LockHooks {
         .to_value())
     }
 
-    fn restore_private(&self, v: &serde_json::Value) -> Result<Private, String> {
-        let p = LockClientPrivate::from_value(v).map_err(|e| e.to_string())?;
+    fn restore_private(&self, v: &serde_json::Value) -> Result<Private, PrivateDataError> {
+        let p = LockClientPrivate::from_value(v)?;
         Ok(Box::new(LockClient {
             restricted: p.restricted,
             owner_id: p.owner_id,

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use vh_common::config::DaemonConfig;
 use vh_common::daemon::{adopt_fd, adopt_inheritable_fds, App, Daemon};
 use vh_common::paths::{DaemonKind, Mode};
-use vh_common::restart::DaemonState;
+use vh_common::restart::{DaemonState, RestartError, RestoreError};
 use vh_common::server::{ClientHooks, NoHooks, Program, RunState};
 
 pub struct LogDaemon {
@@ -58,14 +58,20 @@ fn clean_once(handler: &LogHandler, settings: &cleaner::Settings) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    let open = handler.open_paths();
+    let open = match handler.open_paths() {
+        Ok(open) => open,
+        // Which chains are open is unknown: delete nothing.
+        Err(e) => return warn!("log cleaner pass skipped: {e}"),
+    };
     // Per expired chain, with opens held off: only the open logs whose file name starts
     // with the chain's can be in it.
     let gate = |chain: &std::path::Path, delete: &mut dyn FnMut()| {
         handler.without_opens(|| {
             let name = chain.file_name().map(|n| n.as_bytes()).unwrap_or_default();
-            let candidates: Vec<PathBuf> = handler
-                .open_paths()
+            let Ok(open) = handler.open_paths() else {
+                return;
+            };
+            let candidates: Vec<PathBuf> = open
                 .into_iter()
                 .filter(|p| {
                     p.file_name()
@@ -185,8 +191,8 @@ impl App for LogDaemon {
 
     type State = LogdState;
 
-    fn parse_state(text: &str) -> Result<LogdState, String> {
-        LogdState::parse(text).map_err(|e| e.to_string())
+    fn parse_state(text: &str) -> Result<LogdState, RestartError> {
+        LogdState::parse(text)
     }
 
     fn state_magic(state: &LogdState) -> &str {
@@ -194,7 +200,7 @@ impl App for LogDaemon {
     }
 
     /// The handler gave every file away at hand-off, so `in_place` changes nothing here.
-    fn restore(&self, doc: LogdState, _in_place: bool) -> Result<DaemonState, String> {
+    fn restore(&self, doc: LogdState, _in_place: bool) -> Result<DaemonState, RestoreError> {
         // Log pipes arrive inheritable and stay so (see `LogFile::pipe`).
         let fds: Vec<RawFd> = doc.handler.files.iter().map(|f| f.pipefd).collect();
         let carried = doc

@@ -21,9 +21,10 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use tracing::{debug, error, warn};
 use vh_common::error::{code, domain, errno_of, RpcError};
+use vh_common::restart::RestoreError;
 
 // The log's own types, at their old paths too.
 pub use crate::log_file::{Limits, LogCounters, LogOwner};
@@ -188,19 +189,25 @@ impl LogHandler {
 
     fn check_backups(&self) -> Result<usize, RpcError> {
         crate::rotating_file::max_backups(self.limits.max_backups)
-            .map_err(|text| RpcError::new(code::CONFIG_UNSUPPORTED, domain::NONE, text))
+            .map_err(|e| RpcError::new(code::CONFIG_UNSUPPORTED, domain::NONE, e.to_string()))
     }
 
     fn lookup(&self, path: &Path) -> Option<Arc<LogFile>> {
         self.files.lock().ok().and_then(|f| f.get(path).cloned())
     }
 
-    /// The paths of the open logs (the cleaner keeps their chains).
-    pub fn open_paths(&self) -> Vec<PathBuf> {
+    /// The table of open logs. A poisoned lock (a panic while it was held) is an error
+    /// for the caller to report, never an empty table: the cleaner would take every
+    /// open log's chain for a closed one.
+    fn table(&self) -> Result<MutexGuard<'_, HashMap<PathBuf, Arc<LogFile>>>, RpcError> {
         self.files
             .lock()
-            .map(|f| f.keys().cloned().collect())
-            .unwrap_or_default()
+            .map_err(|_| RpcError::internal(domain::LOGGING, "log table poisoned"))
+    }
+
+    /// The paths of the open logs (the cleaner keeps their chains).
+    pub fn open_paths(&self) -> Result<Vec<PathBuf>, RpcError> {
+        Ok(self.table()?.keys().cloned().collect())
     }
 
     /// Runs `f` with no open in progress or starting (the log cleaner's deletion of one
@@ -210,17 +217,14 @@ impl LogHandler {
         f()
     }
 
-    /// Number of open log files (session-mode shutdown inhibitions).
+    /// Number of open log files (session-mode shutdown inhibitions). A poisoned table
+    /// still counts what it holds (an idle daemon must not quit with logs open).
     pub fn nfiles(&self) -> usize {
-        self.files.lock().map(|f| f.len()).unwrap_or(0)
+        self.files.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
 
-    pub fn list(&self) -> Vec<LogFileInfo> {
-        let files: Vec<Arc<LogFile>> = self
-            .files
-            .lock()
-            .map(|f| f.values().cloned().collect())
-            .unwrap_or_default();
+    pub fn list(&self) -> Result<Vec<LogFileInfo>, RpcError> {
+        let files: Vec<Arc<LogFile>> = self.table()?.values().cloned().collect();
         let mut out: Vec<LogFileInfo> = files
             .iter()
             .filter_map(|f| {
@@ -234,7 +238,7 @@ impl LogHandler {
             })
             .collect();
         out.sort_by(|a, b| a.path.cmp(&b.path));
-        out
+        Ok(out)
     }
 
     /// DOMAIN_OPEN_LOG_FILE: returns (inode, offset, write end of the pipe).
@@ -332,18 +336,14 @@ impl LogHandler {
     /// Every open log's counters, sorted by path (operator metrics). A log restored
     /// across re-exec and not touched since reports what it carried.
     /// Also gives how many follow each log.
-    pub fn counters(&self) -> Vec<(PathBuf, LogCounters, usize)> {
+    pub fn counters(&self) -> Result<Vec<(PathBuf, LogCounters, usize)>, RpcError> {
         let mut out: Vec<(PathBuf, LogCounters, usize)> = self
-            .files
-            .lock()
-            .map(|f| {
-                f.values()
-                    .map(|l| (l.path.clone(), l.counters(), l.followers.count()))
-                    .collect()
-            })
-            .unwrap_or_default();
+            .table()?
+            .values()
+            .map(|l| (l.path.clone(), l.counters(), l.followers.count()))
+            .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        Ok(out)
     }
 
     /// Adds `sock` as a follower of the open log at `path` (see `follow.rs`). Returns
@@ -469,12 +469,15 @@ impl LogHandler {
             }
             None => None,
         };
-        let logs: Vec<Arc<LogFile>> = match self.files.lock() {
-            Ok(mut f) => {
-                self.handed_off.store(true, Ordering::Release);
-                f.drain().map(|(_, v)| v).collect()
-            }
-            Err(_) => Vec::new(),
+        // A poisoned table is still the list of pipes the next image needs: handed
+        // over as it is, rather than dropping every log from the document.
+        let logs: Vec<Arc<LogFile>> = {
+            let mut f = self.files.lock().unwrap_or_else(|e| {
+                error!("log table poisoned; handing over what it holds");
+                e.into_inner()
+            });
+            self.handed_off.store(true, Ordering::Release);
+            f.drain().map(|(_, v)| v).collect()
         };
         // Follower sockets are not handed over: their streams end here (and the logs
         // are forgotten, not dropped, after a failed exec).
@@ -498,14 +501,14 @@ impl LogHandler {
         self: &Arc<Self>,
         logs: Vec<HandedOffLog>,
         epoll: Option<OwnedFd>,
-    ) -> Result<(), String> {
-        self.check_backups().map_err(|e| e.to_string())?;
+    ) -> Result<(), RestoreError> {
+        self.check_backups()?;
         let mut files = Vec::with_capacity(logs.len());
         {
             let mut table = self
                 .files
                 .lock()
-                .map_err(|_| "log table poisoned".to_string())?;
+                .map_err(|_| RestoreError::Poisoned("log table"))?;
             self.handed_off.store(false, Ordering::Release);
             table.reserve(logs.len());
             for log in logs {
@@ -525,7 +528,7 @@ impl LogHandler {
                 files.push(file);
             }
         }
-        self.pump.add_many(files, epoll).map_err(|e| e.to_string())
+        Ok(self.pump.add_many(files, epoll)?)
     }
 }
 

@@ -16,9 +16,9 @@ pub use vh_proto::inspect::{
 };
 
 /// The open logs, sorted by path.
-pub fn list_logs(handler: &LogHandler) -> Vec<LogEntry> {
-    handler
-        .list()
+pub fn list_logs(handler: &LogHandler) -> Result<Vec<LogEntry>, RpcError> {
+    Ok(handler
+        .list()?
         .into_iter()
         .map(|f| LogEntry {
             path: f.path.as_os_str().as_bytes().to_vec(),
@@ -28,20 +28,20 @@ pub fn list_logs(handler: &LogHandler) -> Vec<LogEntry> {
             inode: f.inode,
             offset: f.offset,
         })
-        .collect()
+        .collect())
 }
 
 /// Every open log's counters.
-pub fn log_metrics(handler: &LogHandler) -> Vec<LogMetric> {
-    handler
-        .counters()
+pub fn log_metrics(handler: &LogHandler) -> Result<Vec<LogMetric>, RpcError> {
+    Ok(handler
+        .counters()?
         .into_iter()
         .map(|(p, counters, followers)| LogMetric {
             path: p.as_os_str().as_bytes().to_vec(),
             counters,
             followers: u32::try_from(followers).unwrap_or(u32::MAX),
         })
-        .collect()
+        .collect())
 }
 
 fn follow(handler: &LogHandler, args: &[u8]) -> Result<Reply, RpcError> {
@@ -72,14 +72,14 @@ impl Inspect for LogHandler {
     const PROCEDURES: &'static [(i32, Procedure<Self>)] = &[
         (proc_::LIST_LOGS, |handler, _args| {
             // Off the workers: a log's lock may be held by a write that hangs.
-            let logs = crate::program::off_worker(|| list_logs(handler));
+            let logs = crate::program::off_worker(|| list_logs(handler))?;
             Ok(Reply::payload(LogEntry::encode_list(&logs)))
         }),
         // Counters are atomics: no file lock, nothing that can block.
         (proc_::LOG_METRICS, |handler, _args| {
             Ok(Reply::payload(LogMetric::encode_list(&log_metrics(
                 handler,
-            ))))
+            )?)))
         }),
         // Off the workers: it takes the log's lock (and may reopen its file).
         (proc_::FOLLOW_LOG, |handler, args| {

@@ -43,19 +43,22 @@ const NEWLINE_WINDOW: usize = 80;
 
 /// libvirt rejects more than [`MAX_MAX_BACKUP`] backups, with this text; callers report
 /// it as `VIR_ERR_CONFIG_UNSUPPORTED` (67). The one place that checks the limit.
-pub fn max_backups(requested: u64) -> Result<usize, String> {
+pub fn max_backups(requested: u64) -> Result<usize, TooManyBackups> {
     match usize::try_from(requested) {
         Ok(n) if n <= MAX_MAX_BACKUP => Ok(n),
-        _ => Err(format!(
-            "Max backup {requested} must be less than or equal to {MAX_MAX_BACKUP}"
-        )),
+        _ => Err(TooManyBackups(requested)),
     }
 }
+
+/// More backups asked for than libvirt allows (see [`max_backups`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("Max backup {0} must be less than or equal to {MAX_MAX_BACKUP}")]
+pub struct TooManyBackups(pub u64);
 
 fn check_max_backups(max_backups: usize) -> io::Result<()> {
     self::max_backups(max_backups as u64)
         .map(drop)
-        .map_err(|text| io::Error::new(io::ErrorKind::InvalidInput, text))
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
 }
 
 /// `path.index`, built from raw bytes so non-UTF-8 paths survive.
