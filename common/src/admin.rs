@@ -494,6 +494,9 @@ fn client_info_params(c: &ClientInfo) -> Vec<TypedParam> {
     v
 }
 
+/// A procedure family's answer: the reply payload, or the error reply.
+type Handled = Result<Vec<u8>, DispatchError>;
+
 impl AdminProgram {
     pub fn new(target: Weak<dyn AdminTarget>) -> Self {
         AdminProgram {
@@ -530,46 +533,26 @@ impl AdminProgram {
     }
 
     /// One call, routed to its procedure family.
-    fn handle(
-        &self,
-        ctx: &mut CallContext<'_>,
-        proc_: i32,
-        d: &mut Decoder<'_>,
-    ) -> Result<Vec<u8>, DispatchError> {
+    fn handle(&self, ctx: &mut CallContext<'_>, proc_: i32, d: &mut Decoder<'_>) -> Handled {
+        // The families are runs of libvirt's procedure numbers (fixed by the protocol).
+        use proc_::*;
         match proc_ {
-            proc_::CONNECT_OPEN
-            | proc_::CONNECT_CLOSE
-            | proc_::CONNECT_GET_LIB_VERSION
-            | proc_::CONNECT_LIST_SERVERS
-            | proc_::CONNECT_LOOKUP_SERVER
-            | proc_::CONNECT_SET_DAEMON_TIMEOUT
-            | proc_::CONNECT_DAEMON_SHUTDOWN => self.connection(ctx, proc_, d),
-            proc_::SERVER_GET_THREADPOOL_PARAMETERS | proc_::SERVER_SET_THREADPOOL_PARAMETERS => {
+            CONNECT_OPEN..=CONNECT_LOOKUP_SERVER => self.connection(ctx, proc_, d),
+            CONNECT_SET_DAEMON_TIMEOUT..=CONNECT_DAEMON_SHUTDOWN => self.connection(ctx, proc_, d),
+            SERVER_GET_THREADPOOL_PARAMETERS..=SERVER_SET_THREADPOOL_PARAMETERS => {
                 self.threadpool(proc_, d)
             }
-            proc_::SERVER_LIST_CLIENTS
-            | proc_::SERVER_LOOKUP_CLIENT
-            | proc_::CLIENT_GET_INFO
-            | proc_::CLIENT_CLOSE => self.clients(ctx, proc_, d),
-            proc_::SERVER_GET_CLIENT_LIMITS | proc_::SERVER_SET_CLIENT_LIMITS => {
-                self.client_limits(proc_, d)
-            }
-            proc_::CONNECT_GET_LOGGING_OUTPUTS
-            | proc_::CONNECT_GET_LOGGING_FILTERS
-            | proc_::CONNECT_SET_LOGGING_OUTPUTS
-            | proc_::CONNECT_SET_LOGGING_FILTERS => self.logging(proc_, d),
-            proc_::SERVER_UPDATE_TLS_FILES => self.tls(d),
+            SERVER_LIST_CLIENTS..=CLIENT_CLOSE => self.clients(ctx, proc_, d),
+            SERVER_GET_CLIENT_LIMITS..=SERVER_SET_CLIENT_LIMITS => self.client_limits(proc_, d),
+            CONNECT_GET_LOGGING_OUTPUTS..=CONNECT_SET_LOGGING_FILTERS => self.logging(proc_, d),
+            SERVER_UPDATE_TLS_FILES => self.tls(d),
             _ => Err(DispatchError::UnknownProcedure),
         }
     }
 
-    /// The connection itself and the daemon as a whole: open, close, version, the server list, the idle timeout, shutdown.
-    fn connection(
-        &self,
-        ctx: &mut CallContext<'_>,
-        proc_: i32,
-        d: &mut Decoder<'_>,
-    ) -> Result<Vec<u8>, DispatchError> {
+    /// The connection itself and the daemon as a whole: open, close, version, the
+    /// server list, the idle timeout, shutdown.
+    fn connection(&self, ctx: &mut CallContext<'_>, proc_: i32, d: &mut Decoder<'_>) -> Handled {
         let mut e = Encoder::new();
         match proc_ {
             proc_::CONNECT_OPEN => {
@@ -627,7 +610,7 @@ impl AdminProgram {
     }
 
     /// A server's worker pool parameters (recorded, not applied: see [`Pool`]).
-    fn threadpool(&self, proc_: i32, d: &mut Decoder<'_>) -> Result<Vec<u8>, DispatchError> {
+    fn threadpool(&self, proc_: i32, d: &mut Decoder<'_>) -> Handled {
         let e = Encoder::new();
         match proc_ {
             proc_::SERVER_GET_THREADPOOL_PARAMETERS => {
@@ -703,12 +686,7 @@ impl AdminProgram {
     }
 
     /// A server's clients: listing, lookup, information, closing one.
-    fn clients(
-        &self,
-        ctx: &mut CallContext<'_>,
-        proc_: i32,
-        d: &mut Decoder<'_>,
-    ) -> Result<Vec<u8>, DispatchError> {
+    fn clients(&self, ctx: &mut CallContext<'_>, proc_: i32, d: &mut Decoder<'_>) -> Handled {
         let mut e = Encoder::new();
         match proc_ {
             proc_::SERVER_LIST_CLIENTS => {
@@ -778,7 +756,7 @@ impl AdminProgram {
     }
 
     /// A server's client limits.
-    fn client_limits(&self, proc_: i32, d: &mut Decoder<'_>) -> Result<Vec<u8>, DispatchError> {
+    fn client_limits(&self, proc_: i32, d: &mut Decoder<'_>) -> Handled {
         let e = Encoder::new();
         match proc_ {
             proc_::SERVER_GET_CLIENT_LIMITS => {
@@ -834,7 +812,7 @@ impl AdminProgram {
     }
 
     /// The daemon's logging outputs and filters.
-    fn logging(&self, proc_: i32, d: &mut Decoder<'_>) -> Result<Vec<u8>, DispatchError> {
+    fn logging(&self, proc_: i32, d: &mut Decoder<'_>) -> Handled {
         let mut e = Encoder::new();
         match proc_ {
             proc_::CONNECT_GET_LOGGING_OUTPUTS => {
@@ -884,7 +862,7 @@ impl AdminProgram {
 
     /// SERVER_UPDATE_TLS_FILES: there is no TLS service, so always an error, as
     /// libvirt's (once the server and flags are checked).
-    fn tls(&self, d: &mut Decoder<'_>) -> Result<Vec<u8>, DispatchError> {
+    fn tls(&self, d: &mut Decoder<'_>) -> Handled {
         let name = read_name(d)?;
         let flags = d.u32()?;
         self.server(&name, Lookup::Rpc)?;

@@ -921,6 +921,47 @@ pub fn magic_of(o: &Obj<'_>) -> Result<String> {
 /// so a document carrying it still restores into the C daemons.
 pub const COUNTERS_KEY: &str = "vhCounters";
 
+/// A daemon's whole state document (virtlogd's `LogdState`, virtlockd's `LockdState`):
+/// its two readers, and what both write the same way.
+pub trait StateDocument: Serialize + Sized {
+    /// The common case, read straight into typed rows by serde's derive. Anything
+    /// unusual (a wrong type, a duplicate key, an older shape) gives `None`, and the
+    /// walk then reports it precisely; a document both paths accept gives the same
+    /// result from either.
+    fn parse_fast(text: &str) -> Option<Self>;
+
+    /// The walk over a parsed `Value`, with located errors.
+    fn from_value(value: &Value) -> Result<Self>;
+
+    /// Parses a state document's text.
+    fn parse(text: &str) -> Result<Self> {
+        if let Some(doc) = Self::parse_fast(text) {
+            return Ok(doc);
+        }
+        Self::from_value(&parse_text(text)?)
+    }
+
+    /// The document as a `Value` (same keys and order as the text).
+    fn to_value(&self) -> Value {
+        // Cannot fail: every map key is a string.
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+
+    /// The document as libvirt writes it: pretty-printed, keys in libvirt's order.
+    fn to_json_string(&self) -> String {
+        pretty_doc(self)
+    }
+}
+
+/// serde's entry point for a whole document: through the walk, with its located errors
+/// (a document's `Deserialize` calls this).
+pub fn deserialize_document<'de, D: Deserializer<'de>, T: StateDocument>(
+    deserializer: D,
+) -> std::result::Result<T, D::Error> {
+    let value = Value::deserialize(deserializer)?;
+    T::from_value(&value).map_err(serde::de::Error::custom)
+}
+
 /// A UUID as the state document writes it (lowercase, hyphenated) and reads it (any
 /// form `Uuid::parse_str` takes), for serde's `with` attribute.
 pub mod uuid_text {
@@ -1096,7 +1137,36 @@ pub use vh_proto::fdpass::{clear_cloexec, set_cloexec};
 #[cfg(any(test, feature = "test-support"))]
 #[allow(clippy::expect_used, clippy::unwrap_used)]
 pub mod test_support {
+    use super::{RestartError, StateDocument};
     use serde_json::{json, Value};
+
+    /// The keys every SERVER object must have.
+    pub const SERVER_KEYS: [&str; 8] = [
+        "min_workers",
+        "max_workers",
+        "priority_workers",
+        "max_clients",
+        "keepaliveInterval",
+        "keepaliveCount",
+        "services",
+        "clients",
+    ];
+
+    /// `fixture` without `key` at `pointer` is refused, the error naming the key.
+    pub fn assert_missing<T: StateDocument + std::fmt::Debug>(
+        fixture: &str,
+        pointer: &str,
+        key: &str,
+    ) {
+        let mut doc = value(fixture);
+        remove(&mut doc, pointer, key);
+        let e = T::from_value(&doc).unwrap_err();
+        assert!(
+            matches!(e, RestartError::Missing { key: ref k, .. } if k == key),
+            "{pointer} {key}: {e:?}"
+        );
+        assert!(e.to_string().contains(key), "{e}");
+    }
 
     pub fn value(text: &str) -> Value {
         serde_json::from_str(text).expect("fixture is JSON")

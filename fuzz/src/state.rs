@@ -3,7 +3,7 @@
 //! the same state.
 
 use virtlockd::state::LockdState;
-use virtlogd::state::LogdState;
+use virtlogd::state::{LogdState, StateDocument};
 use vh_common::restart;
 
 pub fn parse(data: &[u8]) {

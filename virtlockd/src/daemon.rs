@@ -3,7 +3,7 @@
 
 use crate::lockspace::{LockSpace, LockSpaces};
 use crate::program::{LockHooks, LockProgram};
-use crate::state::{LockdState, LockspaceState, ResourceState};
+use crate::state::{LockdState, LockspaceState, ResourceState, StateDocument};
 use crate::table::LockTable;
 use std::os::fd::RawFd;
 use std::path::PathBuf;

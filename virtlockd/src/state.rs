@@ -18,9 +18,11 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 use std::os::unix::io::RawFd;
 use uuid::Uuid;
+// Whole-document calls (`parse`, `to_json_string`, ...) are the trait's.
+pub use vh_common::restart::StateDocument;
 use vh_common::restart::{
-    index, magic_of, malformed, missing, objects, parse_text, pretty_doc, root, ClientState,
-    DaemonState, Obj, RestartError, COUNTERS_KEY,
+    index, magic_of, malformed, missing, objects, root, ClientState, DaemonState, Obj,
+    RestartError, COUNTERS_KEY,
 };
 
 type Result<T> = std::result::Result<T, RestartError>;
@@ -203,20 +205,10 @@ pub struct LockdState {
     pub counters: Option<Value>,
 }
 
-impl LockdState {
-    /// Parses a state document's text.
-    pub fn parse(text: &str) -> Result<Self> {
-        if let Some(doc) = Self::parse_fast(text) {
-            return Ok(doc);
-        }
-        Self::from_value(&parse_text(text)?)
-    }
-
-    /// The common case, read straight into typed rows (as virtlogd's does):
-    /// a `Value` tree of 10,000 leases cost about 15 ms of the re-exec pause to build,
-    /// walk and free. Anything unusual (a wrong type, a duplicate key, the pre-2015
-    /// `server` key) gives `None`, and the `Value` walk then reports it precisely; a
-    /// document both paths accept gives the same result from either.
+impl StateDocument for LockdState {
+    /// A `Value` tree of 10,000 leases cost about 15 ms of the re-exec pause to build,
+    /// walk and free. The pre-2015 `server` key also gives `None` (see
+    /// [`StateDocument::parse_fast`]).
     fn parse_fast(text: &str) -> Option<Self> {
         // The `daemon` object is the shared walker's (its old shapes and its checks).
         #[derive(Deserialize)]
@@ -244,23 +236,7 @@ impl LockdState {
         })
     }
 
-    /// The lock server's clients must carry a complete owner record.
-    fn check_clients(daemon: &DaemonState) -> Result<()> {
-        if let Some(srv) = daemon.server(VIRTLOCKD_SERVER) {
-            for (i, c) in srv.clients.iter().enumerate() {
-                let v = &c.private_data;
-                let po = Obj::new(
-                    v,
-                    "privateData",
-                    format!("daemon.servers.{VIRTLOCKD_SERVER}.clients[{i}].privateData"),
-                )?;
-                LockClientPrivate::parse(&po)?;
-            }
-        }
-        Ok(())
-    }
-
-    pub fn from_value(value: &Value) -> Result<Self> {
+    fn from_value(value: &Value) -> Result<Self> {
         let o = root(value)?;
         let magic = magic_of(&o)?;
         let default_lockspace = LockspaceState::parse(&o.object("defaultLockspace")?)?;
@@ -301,16 +277,23 @@ impl LockdState {
             counters: o.get(COUNTERS_KEY).cloned(),
         })
     }
+}
 
-    /// The document as a `Value` (same keys and order as the text).
-    pub fn to_value(&self) -> Value {
-        // Cannot fail: every map key is a string.
-        serde_json::to_value(self).unwrap_or(Value::Null)
-    }
-
-    /// The document as libvirt writes it: pretty-printed, keys in libvirt's order.
-    pub fn to_json_string(&self) -> String {
-        pretty_doc(self)
+impl LockdState {
+    /// The lock server's clients must carry a complete owner record.
+    fn check_clients(daemon: &DaemonState) -> Result<()> {
+        if let Some(srv) = daemon.server(VIRTLOCKD_SERVER) {
+            for (i, c) in srv.clients.iter().enumerate() {
+                let v = &c.private_data;
+                let po = Obj::new(
+                    v,
+                    "privateData",
+                    format!("daemon.servers.{VIRTLOCKD_SERVER}.clients[{i}].privateData"),
+                )?;
+                LockClientPrivate::parse(&po)?;
+            }
+        }
+        Ok(())
     }
 
     /// Every descriptor that must survive the exec: sockets and locked resource files.
@@ -323,12 +306,9 @@ impl LockdState {
     }
 }
 
-/// serde's entry point reads like [`LockdState::parse`] does on a `Value`: through the
-/// walker, with its located errors.
 impl<'de> Deserialize<'de> for LockdState {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        let value = Value::deserialize(deserializer)?;
-        Self::from_value(&value).map_err(serde::de::Error::custom)
+        vh_common::restart::deserialize_document(deserializer)
     }
 }
 
@@ -336,8 +316,8 @@ impl<'de> Deserialize<'de> for LockdState {
 mod tests {
     use super::*;
     use serde_json::json;
-    use vh_common::restart::test_support::{keys, remove, set, value};
-    use vh_common::restart::SocketState;
+    use vh_common::restart::test_support::{assert_missing, keys, remove, set, value, SERVER_KEYS};
+    use vh_common::restart::{parse_text, SocketState};
     const LOCKD_FIXTURE: &str = include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../fixtures/virtlockd-9.0-restart-exec.json"
@@ -527,28 +507,12 @@ mod tests {
     }
 
     fn assert_missing_lockd(pointer: &str, key: &str) {
-        let mut doc = value(LOCKD_FIXTURE);
-        remove(&mut doc, pointer, key);
-        let e = LockdState::from_value(&doc).unwrap_err();
-        assert!(
-            matches!(e, RestartError::Missing { key: ref k, .. } if k == key),
-            "{pointer} {key}: {e:?}"
-        );
-        assert!(e.to_string().contains(key), "{e}");
+        assert_missing::<LockdState>(LOCKD_FIXTURE, pointer, key);
     }
 
     #[test]
     fn missing_required_keys_are_named() {
-        for key in [
-            "min_workers",
-            "max_workers",
-            "priority_workers",
-            "max_clients",
-            "keepaliveInterval",
-            "keepaliveCount",
-            "services",
-            "clients",
-        ] {
+        for key in SERVER_KEYS {
             assert_missing_lockd("/daemon/servers/admin", key);
         }
         for key in ["fd", "pid", "errfd", "isClient"] {

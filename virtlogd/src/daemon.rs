@@ -4,7 +4,7 @@
 use crate::cleaner;
 use crate::handler::{HandedOffLog, Limits, LogCounters, LogHandler, LogOwner};
 use crate::program::LogProgram;
-use crate::state::{LogFileState, LogHandlerState, LogdState};
+use crate::state::{LogFileState, LogHandlerState, LogdState, StateDocument};
 use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;

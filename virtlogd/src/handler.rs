@@ -220,7 +220,10 @@ impl LogHandler {
     /// Number of open log files (session-mode shutdown inhibitions). A poisoned table
     /// still counts what it holds (an idle daemon must not quit with logs open).
     pub fn nfiles(&self) -> usize {
-        self.files.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.files
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     pub fn list(&self) -> Result<Vec<LogFileInfo>, RpcError> {

@@ -18,9 +18,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 use std::os::unix::io::RawFd;
 use uuid::Uuid;
+// Whole-document calls (`parse`, `to_json_string`, ...) are the trait's.
+pub use vh_common::restart::StateDocument;
 use vh_common::restart::{
-    self, index, magic_of, objects, parse_text, pretty_doc, root, DaemonState, Obj, RestartError,
-    COUNTERS_KEY,
+    self, index, magic_of, objects, root, DaemonState, Obj, RestartError, COUNTERS_KEY,
 };
 
 type Result<T> = std::result::Result<T, RestartError>;
@@ -113,20 +114,10 @@ pub struct LogdState {
     pub counters: Option<Value>,
 }
 
-impl LogdState {
-    /// Parses a state document's text.
-    pub fn parse(text: &str) -> Result<Self> {
-        if let Some(doc) = Self::parse_fast(text) {
-            return Ok(doc);
-        }
-        Self::from_value(&parse_text(text)?)
-    }
-
-    /// The common case, read straight into typed rows: the file list grows with the
-    /// guests, and a `Value` tree of a thousand entries costs about a millisecond of
-    /// re-exec downtime to build and another to walk. Anything unusual (a wrong type, a
-    /// duplicate key, a bad UUID) gives `None`, and the `Value` walk then reports it
-    /// precisely; a document both paths accept gives the same result from either.
+impl StateDocument for LogdState {
+    /// The file list grows with the guests, and a `Value` tree of a thousand entries
+    /// costs about a millisecond of re-exec downtime to build and another to walk.
+    /// A bad UUID also gives `None` (see [`StateDocument::parse_fast`]).
     fn parse_fast(text: &str) -> Option<Self> {
         // The `daemon` object is the shared walker's (its old shapes and its checks).
         #[derive(Deserialize)]
@@ -147,7 +138,7 @@ impl LogdState {
         })
     }
 
-    pub fn from_value(value: &Value) -> Result<Self> {
+    fn from_value(value: &Value) -> Result<Self> {
         let o = root(value)?;
         let magic = magic_of(&o)?;
         let daemon = o.object("daemon")?;
@@ -160,18 +151,9 @@ impl LogdState {
             counters: o.get(COUNTERS_KEY).cloned(),
         })
     }
+}
 
-    /// The document as a `Value` (same keys and order as the text).
-    pub fn to_value(&self) -> Value {
-        // Cannot fail: every map key is a string.
-        serde_json::to_value(self).unwrap_or(Value::Null)
-    }
-
-    /// The document as libvirt writes it: pretty-printed, keys in libvirt's order.
-    pub fn to_json_string(&self) -> String {
-        pretty_doc(self)
-    }
-
+impl LogdState {
     /// Every descriptor that must survive the exec: sockets and log pipe read ends.
     pub fn inherited_fds(&self) -> Vec<RawFd> {
         let mut out = self.daemon.inherited_fds();
@@ -180,12 +162,9 @@ impl LogdState {
     }
 }
 
-/// serde's entry point reads like [`LogdState::parse`] does on a `Value`: through the
-/// walker, with its located errors.
 impl<'de> Deserialize<'de> for LogdState {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        let value = Value::deserialize(deserializer)?;
-        Self::from_value(&value).map_err(serde::de::Error::custom)
+        restart::deserialize_document(deserializer)
     }
 }
 
@@ -195,8 +174,14 @@ mod tests {
     use serde_json::json;
     use std::fs;
     use std::os::unix::fs::PermissionsExt;
-    use vh_common::restart::test_support::{keys, remove, server_json, set, value};
-    use vh_common::restart::{take_state_file, tmp_path, write_state_file, SocketState};
+    use vh_common::restart::test_support::{
+        assert_missing, keys, remove, server_json, set, value, SERVER_KEYS,
+    };
+    // Whole-document calls (`parse`, `to_json_string`, ...) are the trait's.
+    pub use vh_common::restart::StateDocument;
+    use vh_common::restart::{
+        parse_text, take_state_file, tmp_path, write_state_file, SocketState,
+    };
 
     const LOGD_FIXTURE: &str = include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -433,28 +418,12 @@ mod tests {
     // ---- required keys ---------------------------------------------------------------
 
     fn assert_missing_logd(pointer: &str, key: &str) {
-        let mut doc = value(LOGD_FIXTURE);
-        remove(&mut doc, pointer, key);
-        let e = LogdState::from_value(&doc).unwrap_err();
-        assert!(
-            matches!(e, RestartError::Missing { key: ref k, .. } if k == key),
-            "{pointer} {key}: {e:?}"
-        );
-        assert!(e.to_string().contains(key), "{e}");
+        assert_missing::<LogdState>(LOGD_FIXTURE, pointer, key);
     }
 
     #[test]
     fn missing_required_keys_are_named() {
-        for key in [
-            "min_workers",
-            "max_workers",
-            "priority_workers",
-            "max_clients",
-            "keepaliveInterval",
-            "keepaliveCount",
-            "services",
-            "clients",
-        ] {
+        for key in SERVER_KEYS {
             assert_missing_logd("/daemon/servers/virtlogd", key);
         }
         for key in ["auth", "readonly", "nrequests_client_max", "socks"] {
