@@ -1,11 +1,12 @@
 //! Spawning a daemon (ours or libvirt's C one) in system mode inside a private mount
-//! namespace, and reading its counters from /proc.
+//! namespace, and reading its counters from /proc. Finding the binaries, the namespace
+//! and the stop are the test kit's (`vh-testkit`), as for the tests.
 
 use std::fs;
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 pub type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -18,9 +19,13 @@ pub enum Kind {
 
 impl Kind {
     pub fn name(self) -> &'static str {
+        self.service().name()
+    }
+
+    fn service(self) -> vh_testkit::Service {
         match self {
-            Kind::Logd => "virtlogd",
-            Kind::Lockd => "virtlockd",
+            Kind::Logd => vh_testkit::Service::Virtlogd,
+            Kind::Lockd => vh_testkit::Service::Virtlockd,
         }
     }
 }
@@ -40,7 +45,8 @@ impl Impl {
     }
 }
 
-/// Where the binaries live.
+/// Where the binaries live: ours in `ours_dir` (the kit's [`vh_testkit::bin_dir`]),
+/// the C ones where the kit finds them.
 #[derive(Debug, Clone)]
 pub struct Bins {
     pub ours_dir: PathBuf,
@@ -49,13 +55,13 @@ pub struct Bins {
 impl Bins {
     pub fn path(&self, kind: Kind, imp: Impl) -> PathBuf {
         match imp {
-            Impl::C => PathBuf::from("/usr/sbin").join(kind.name()),
+            Impl::C => vh_testkit::locate(vh_testkit::DaemonKind::C, kind.service()),
             Impl::Ours => self.ours_dir.join(kind.name()),
         }
     }
 }
 
-/// A running daemon; killed (SIGTERM, then SIGKILL) and reaped on drop.
+/// A running daemon; stopped on drop by the kit's one policy ([`vh_testkit::stop`]).
 pub struct Daemon {
     child: Child,
     pub pid: i32,
@@ -91,14 +97,11 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(work.join(format!("{}-{}.stderr", kind.name(), tag(imp))))?;
-        let script = format!(
-            "mount -t tmpfs tmpfs /run && exec {} -f {}",
-            bin.display(),
-            conf.display()
-        );
         let t0 = Instant::now();
-        let child = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        let child = vh_testkit::Launch::new(&bin)
+            .command()
+            .arg("-f")
+            .arg(&conf)
             .stdin(Stdio::null())
             .stdout(errlog.try_clone()?)
             .stderr(errlog)
@@ -212,19 +215,7 @@ fn stat_fields(pid: i32) -> Res<Vec<String>> {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if !self.alive() {
-            return;
-        }
-        let _ = self.signal(libc::SIGTERM);
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(5) {
-            if !self.alive() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        vh_testkit::stop(&mut self.child);
     }
 }
 

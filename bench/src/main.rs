@@ -2,7 +2,7 @@
 //! writes bench/RESULTS.md and bench/growth.svg.
 //!
 //! Usage: `vh-bench all [--quick] [--dir WORKDIR] [--out DIR]` (run as root: each daemon
-//! runs in system mode in its own private mount namespace via `unshare -m`), and
+//! runs in system mode in its own private mount namespace, set up by `vh-testkit`), and
 //! `vh-bench soak [--reexecs N] [logd|lockd]` (see soak.rs).
 //!
 //! | module | job |
@@ -545,7 +545,7 @@ fn run_all(cx: &Ctx, rows: &mut Vec<Row>, series: &mut Vec<Series>) -> Res<()> {
         }
         rows.push(Row::ratio(
             kind.name(),
-            "start-up to socket-ready (spawn incl. unshare+mount+sh), ms",
+            "start-up to socket-ready (spawn incl. unshare+mount), ms",
             st,
             "—",
             0.0,
@@ -878,7 +878,9 @@ fn real_main() -> Res<()> {
     }
     std::fs::create_dir_all(work.join("data"))?;
     let cx = Ctx {
-        bins: Bins { ours_dir },
+        bins: Bins {
+            ours_dir: vh_testkit::bin_dir(),
+        },
         work: work.clone(),
         sz: {
             let mut sz = if quick { Sizes::quick() } else { Sizes::full() };

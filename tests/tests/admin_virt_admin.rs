@@ -15,18 +15,9 @@ use std::time::{Duration, Instant};
 
 const VIRT_ADMIN: &str = "/usr/bin/virt-admin";
 
-/// Where our binaries are: next to the test executable's profile directory.
+/// Where our binaries are (the kit's one way to find them).
 fn our_bin(name: &str) -> PathBuf {
-    if let Some(d) = std::env::var_os("VH_BIN_DIR") {
-        return PathBuf::from(d).join(name);
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable outside target/<profile>/deps");
-    dir.join(name)
+    vh_testkit::bin_dir().join(name)
 }
 
 fn require(p: &Path, hint: &str) {
@@ -41,18 +32,14 @@ struct Daemon {
 
 impl Daemon {
     fn spawn(bin: &Path, name: &'static str) -> Daemon {
-        // `exec` keeps the pid, so the child's pid is the daemon's.
-        let script = format!(
-            "mount --make-rprivate / && mount -t tmpfs tmpfs /run && exec '{}'",
-            bin.display()
-        );
-        let child = Command::new("unshare")
-            .args(["-m", "sh", "-c", &script])
+        // The child's pid is the daemon's (the namespace is set up before its exec).
+        let child = vh_testkit::Launch::new(bin)
+            .command()
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("cannot run unshare");
+            .expect("cannot start the daemon");
         let d = Daemon { child, name };
         let deadline = Instant::now() + Duration::from_secs(15);
         while !(d.sock(true).exists() && d.sock(false).exists()) {
@@ -136,24 +123,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on the pid of a child we spawned and have not yet reaped.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) => return,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                _ => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    return;
-                }
-            }
-        }
+        vh_testkit::stop(&mut self.child);
     }
 }
 

@@ -14,15 +14,8 @@ use vh_client::{lease_name_for_path, ClientError, LockManager, LogManager, LogPo
 
 // ---- helpers -------------------------------------------------------------------------
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
-        .join("debug")
-}
-
 fn our_bin(name: &str) -> PathBuf {
-    let p = target_dir().join(name);
+    let p = vh_testkit::bin_dir().join(name);
     assert!(
         p.exists(),
         "{} is missing: run `cargo build --workspace` first",
@@ -49,14 +42,7 @@ struct Daemon {
 
 impl Daemon {
     fn start(bin: &Path, name: &'static str, config: Option<&Path>) -> Daemon {
-        assert!(
-            Path::new("/usr/bin/unshare").exists(),
-            "unshare (util-linux) is missing"
-        );
-        let mut cmd = Command::new("unshare");
-        cmd.args(["-m", "--propagation", "private", "sh", "-c"])
-            .arg("mount -t tmpfs tmpfs /run && exec \"$0\" \"$@\"")
-            .arg(bin);
+        let mut cmd = vh_testkit::Launch::new(bin).command();
         if let Some(c) = config {
             cmd.arg("-f").arg(c);
         }
@@ -65,7 +51,7 @@ impl Daemon {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("spawn unshare");
+            .expect("start the daemon");
         let d = Daemon { child, name };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !d.socket().exists() {
@@ -92,19 +78,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        // SAFETY: kill() on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        vh_testkit::stop(&mut self.child);
     }
 }
 

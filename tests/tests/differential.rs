@@ -175,14 +175,6 @@ impl PairConn {
     }
 }
 
-fn log_call(proc_: i32, serial: u32, args: &[u8]) -> Vec<u8> {
-    call_frame(LOG, 1, proc_, serial, args)
-}
-
-fn lock_call(proc_: i32, serial: u32, args: &[u8]) -> Vec<u8> {
-    call_frame(LOCK, 1, proc_, serial, args)
-}
-
 fn with_type(
     prog: u32,
     proc_: i32,

@@ -77,10 +77,6 @@ impl Bed {
     }
 }
 
-fn lock_call(proc_: i32, serial: u32, args: &[u8]) -> Vec<u8> {
-    call_frame(lk::PROGRAM, lk::VERSION, proc_, serial, args)
-}
-
 /// A lock connection of one host, registered for a (fake) owner pid: libvirtd's
 /// acquire/release connection, whose close releases nothing.
 struct Client {

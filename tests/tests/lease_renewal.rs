@@ -12,10 +12,6 @@ use std::path::Path;
 use vh_tests::*;
 use virtlockd::protocol as lk;
 
-fn lock_call(proc_: i32, serial: u32, args: &[u8]) -> Vec<u8> {
-    call_frame(lk::PROGRAM, lk::VERSION, proc_, serial, args)
-}
-
 /// A real owner process holding `name` exclusively over its own connection.
 fn owner_holding(d: &Daemon, ls: &str, name: &str) -> OwnerChild {
     let mut o = OwnerChild::connect_living(&d.sock(), 600);

@@ -26,26 +26,14 @@ use vh_tests::*;
 use virtlockd::inspect::{self, LockEntry};
 use virtlockd::protocol as lk;
 
-fn lock_call(proc_: i32, serial: u32, args: &[u8]) -> Vec<u8> {
-    call_frame(lk::PROGRAM, lk::VERSION, proc_, serial, args)
-}
-
 #[track_caller]
 fn ok(conn: &mut Conn, bytes: &[u8], what: &str) {
-    let f = conn.roundtrip(bytes, what);
-    assert_eq!(
-        f.header.status,
-        status::OK,
-        "{what}: {}",
-        describe(&f.bytes)
-    );
+    expect_ok(&conn.roundtrip(bytes, what), what);
 }
 
 #[track_caller]
 fn err(conn: &mut Conn, bytes: &[u8], what: &str) -> RpcError {
-    let f = conn.roundtrip(bytes, what);
-    f.error()
-        .unwrap_or_else(|| panic!("{what}: expected an error, got {}", describe(&f.bytes)))
+    expect_error(&conn.roundtrip(bytes, what), what)
 }
 
 /// A connection registered as owner `pid` (a fake pid: never a real process).

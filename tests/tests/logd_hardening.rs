@@ -19,13 +19,8 @@ use vh_common::xdr::{Decoder, Encoder};
 use vh_tests::*;
 use virtlogd::protocol as lg;
 
-const LOG: u32 = lg::PROGRAM;
 const UUID: [u8; 16] = [0x42; 16];
 const QEMU_DIR: &str = "/var/log/libvirt/qemu";
-
-fn log_call(proc_: i32, serial: u32, args: &[u8]) -> Vec<u8> {
-    call_frame(LOG, 1, proc_, serial, args)
-}
 
 fn open_call(path: &[u8], flags: u32) -> Vec<u8> {
     let mut e = Encoder::new();
@@ -85,22 +80,6 @@ fn read_data(f: &Frame) -> Vec<u8> {
     Decoder::new(f.payload())
         .string_lossless(usize::MAX)
         .unwrap_or_else(|e| panic!("ReadLogFile reply: {e}: {}", describe(&f.bytes)))
-}
-
-#[track_caller]
-fn expect_ok(f: &Frame, what: &str) {
-    assert_eq!(
-        f.header.status,
-        status::OK,
-        "{what}: {}",
-        describe(&f.bytes)
-    );
-}
-
-#[track_caller]
-fn expect_error(f: &Frame, what: &str) -> RpcError {
-    f.error()
-        .unwrap_or_else(|| panic!("{what}: expected an error, got {}", describe(&f.bytes)))
 }
 
 fn write_fd(fd: &OwnedFd, data: &[u8]) {

@@ -57,16 +57,7 @@ fn require_root() {
 /// Our binaries: next to this test's `deps/` directory (target/<profile>/), or in
 /// $VH_BIN_DIR.
 fn our_bin(name: &str) -> PathBuf {
-    let dir = match std::env::var_os("VH_BIN_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => {
-            let exe = std::env::current_exe().expect("current_exe");
-            exe.parent()
-                .and_then(Path::parent)
-                .expect("test binary lives in target/<profile>/deps")
-                .to_path_buf()
-        }
-    };
+    let dir = vh_testkit::bin_dir();
     let p = dir.join(name);
     assert!(
         p.is_file(),
@@ -137,10 +128,8 @@ impl Daemon {
     fn start(name: &'static str, argv0: &Path, conf: &Path, dir: &Path) -> Daemon {
         let stderr_path = dir.join(format!("{name}.stderr"));
         let err = File::create(&stderr_path).expect("stderr file");
-        let child = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sh", "-c"])
-            .arg("mount -t tmpfs tmpfs /run && exec \"$0\" \"$@\"")
-            .arg(argv0)
+        let child = vh_testkit::Launch::new(argv0)
+            .command()
             .arg("-f")
             .arg(conf)
             .env("LIBVIRT_LOG_OUTPUTS", "3:stderr")
@@ -152,7 +141,7 @@ impl Daemon {
             .stdout(Stdio::null())
             .stderr(err)
             .spawn()
-            .expect("spawn unshare");
+            .expect("start the daemon");
         let pid = child.id() as i32;
         let mut d = Daemon {
             name,
@@ -277,18 +266,7 @@ impl Drop for Daemon {
         if std::env::var_os("VH_SHOW_STDERR").is_some() {
             eprintln!("--- {} stderr:\n{}---", self.name, self.stderr());
         }
-        if let Ok(None) = self.child.try_wait() {
-            self.signal(nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                thread::sleep(Duration::from_millis(10));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        vh_testkit::stop(&mut self.child);
     }
 }
 
