@@ -240,20 +240,18 @@ fn session_daemon_on_fresh_account(service: Service) {
     fs::set_permissions(&run, fs::Permissions::from_mode(0o700)).unwrap();
     // A tmpfs on /run hides any journald socket, so the default output is the file
     // in ~/.cache/libvirt, whose directory the fresh account does not have.
-    let out = Command::new("unshare")
-        .args(["-m", "--propagation", "private", "sh", "-c"])
-        .arg(
-            "mount -t tmpfs tmpfs /run && exec setpriv --reuid=65534 --regid=65534 \
-             --clear-groups \"$0\" -d",
-        )
+    let out = Launch::new("/usr/bin/setpriv")
+        .command()
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(&bin)
+        .arg("-d")
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env("HOME", &home)
         .env("XDG_RUNTIME_DIR", &run)
         .stdin(Stdio::null())
         .output()
-        .expect("run unshare");
+        .expect("run setpriv");
     let pid_file = run.join(format!("libvirt/{name}.pid"));
     let daemon = fs::read_to_string(&pid_file)
         .ok()
@@ -435,14 +433,14 @@ fn server_json(listener_fd: RawFd, clients: &[(u64, RawFd)]) -> serde_json::Valu
     })
 }
 
-/// Fd numbers the hand-made document uses; high enough that neither the shell nor the
-/// daemon's own start-up opens them.
+/// Fd numbers the hand-made document uses; high enough that the daemon's own start-up
+/// does not open them.
 const CLIENT_FD: RawFd = 40;
 const MAIN_FD: RawFd = 42;
 const ADMIN_FD: RawFd = 43;
 
 /// Starts our virtlogd as if re-executed: its state file (magic = its pid, filled in by
-/// the shell that execs it) names `CLIENT_FD` for clients 1 and 2.
+/// the child before it execs the daemon) names `CLIENT_FD` for clients 1 and 2.
 fn spawn_restored(tmp: &Path, client: OwnedFd, main: OwnedFd, admin: OwnedFd) -> Child {
     let doc = serde_json::json!({
         "daemon": {"servers": {
@@ -452,21 +450,19 @@ fn spawn_restored(tmp: &Path, client: OwnedFd, main: OwnedFd, admin: OwnedFd) ->
         "magic": "@PID@",
         "handler": {"files": []},
     });
-    let template = tmp.join("state.json");
-    fs::write(&template, doc.to_string()).unwrap();
+    let text = doc.to_string();
+    let (head, tail) = text
+        .split_once("@PID@")
+        .expect("the template names the pid");
+    let (head, tail) = (head.as_bytes().to_vec(), tail.as_bytes().to_vec());
     let conf = tmp.join("virtlogd.conf");
     fs::write(&conf, "").unwrap();
     let stderr = fs::File::create(tmp.join("stderr")).unwrap();
     let srcs = [client.as_raw_fd(), main.as_raw_fd(), admin.as_raw_fd()];
-    let mut cmd = Command::new("unshare");
-    cmd.args(["-m", "--propagation", "private", "sh", "-c"])
-        .arg(
-            "mount -t tmpfs tmpfs /run && mount -t tmpfs tmpfs /var/log/libvirt && \
-             sed \"s/@PID@/$$/\" \"$1\" > /run/virtlogd-restart-exec.json && \
-             exec \"$0\" -f \"$2\"",
-        )
-        .arg(binary(DaemonKind::Ours, Service::Virtlogd))
-        .arg(&template)
+    let mut cmd = Launch::new(binary(DaemonKind::Ours, Service::Virtlogd))
+        .tmpfs("/var/log/libvirt")
+        .command();
+    cmd.arg("-f")
         .arg(&conf)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -479,10 +475,12 @@ fn spawn_restored(tmp: &Path, client: OwnedFd, main: OwnedFd, admin: OwnedFd) ->
     ] {
         cmd.env_remove(v);
     }
-    // SAFETY: only fcntl(F_DUPFD), dup2 and close, all async-signal-safe, on fds that
-    // stay open in the parent for the whole spawn.
+    // SAFETY: only getpid, open, write, fcntl(F_DUPFD), dup2 and close, all
+    // async-signal-safe, on buffers built before the fork and fds that stay open in the
+    // parent for the whole spawn. Runs after the kit's hook, in the new namespace.
     unsafe {
         cmd.pre_exec(move || {
+            write_with_pid(c"/run/virtlogd-restart-exec.json", &head, &tail)?;
             let mut high = [0; 3];
             // Out of the way first, so a source numbered like a target is not clobbered.
             for (h, &s) in high.iter_mut().zip(&srcs) {
@@ -501,9 +499,49 @@ fn spawn_restored(tmp: &Path, client: OwnedFd, main: OwnedFd, admin: OwnedFd) ->
             Ok(())
         });
     }
-    let child = cmd.spawn().expect("spawn unshare");
+    let child = cmd.spawn().expect("spawn virtlogd");
     drop((client, main, admin));
     child
+}
+
+/// Writes `head`, this process's pid in decimal, then `tail` to `path` (between fork
+/// and exec: system calls only, no allocation).
+///
+/// # Safety
+/// To be called in a forked child before exec.
+unsafe fn write_with_pid(path: &std::ffi::CStr, head: &[u8], tail: &[u8]) -> std::io::Result<()> {
+    let err = std::io::Error::last_os_error;
+    let mut digits = [0u8; 10];
+    let mut n = libc::getpid() as u32;
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let fd = libc::open(
+        path.as_ptr(),
+        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
+        0o600,
+    );
+    if fd < 0 {
+        return Err(err());
+    }
+    for mut part in [head, &digits[at..], tail] {
+        while !part.is_empty() {
+            let w = libc::write(fd, part.as_ptr().cast(), part.len());
+            if w < 0 {
+                libc::close(fd);
+                return Err(err());
+            }
+            part = &part[w as usize..];
+        }
+    }
+    libc::close(fd);
+    Ok(())
 }
 
 #[test]

@@ -328,17 +328,17 @@ fn run_with_config(service: Service, conf: &str) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("bad.conf");
     fs::write(&path, conf).expect("write config");
-    let out = Command::new("unshare")
-        .args(["-m", "--propagation", "private", "sh", "-c"])
-        .arg("mount -t tmpfs tmpfs /run && exec \"$0\" -f \"$1\" --timeout 1")
-        .arg(bin_dir().join(service.name()))
+    let out = vh_testkit::Launch::new(bin_dir().join(service.name()))
+        .command()
+        .arg("-f")
         .arg(&path)
+        .args(["--timeout", "1"])
         .env_remove("NOTIFY_SOCKET")
         .env_remove("LISTEN_PID")
         .env_remove("LISTEN_FDS")
         .stdin(Stdio::null())
         .output()
-        .expect("run unshare");
+        .expect("run the daemon");
     let err = String::from_utf8_lossy(&out.stderr).replace(path.to_str().expect("utf-8"), "F");
     (out.status.code(), err)
 }
