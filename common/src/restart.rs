@@ -253,6 +253,27 @@ impl<'a> Obj<'a> {
         let v = self.req(key)?;
         Obj::new(v, key, self.child_at(key))
     }
+
+    /// The array `key`, every element an object, each read by `parse` at its own
+    /// location (`<here>.key[i]`). A non-object element is reported before any element
+    /// is read, against this object, as `key[i]`.
+    pub fn each<T>(
+        &self,
+        key: &str,
+        mut parse: impl FnMut(&Obj<'a>) -> Result<T>,
+    ) -> Result<Vec<T>> {
+        let at = self.child_at(key);
+        objects(self.array(key)?, key, &self.at)?
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                parse(&Obj {
+                    map: o.map,
+                    at: index(&at, i),
+                })
+            })
+            .collect()
+    }
 }
 
 /// Elements of an array that must all be objects.
@@ -431,17 +452,7 @@ impl ServiceState {
         let auth = o.i32("auth")?;
         let readonly = o.bool("readonly")?;
         let nrequests_client_max = o.u32("nrequests_client_max")?;
-        let socks_at = o.child_at("socks");
-        let socks = objects(o.array("socks")?, "socks", &o.at)?
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                SocketState::parse(&Obj {
-                    map: s.map,
-                    at: index(&socks_at, i),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let socks = o.each("socks", SocketState::parse)?;
         Ok(ServiceState {
             auth,
             readonly,
@@ -692,30 +703,8 @@ impl ServerState {
             }
         };
 
-        let services_at = o.child_at("services");
-        let services = objects(o.array("services")?, "services", &o.at)?
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                ServiceState::parse(&Obj {
-                    map: s.map,
-                    at: index(&services_at, i),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-
-        let clients_at = o.child_at("clients");
-        let mut clients = Vec::new();
-        for (i, c) in objects(o.array("clients")?, "clients", &o.at)?
-            .iter()
-            .enumerate()
-        {
-            let c = Obj {
-                map: c.map,
-                at: index(&clients_at, i),
-            };
-            clients.push(ClientState::parse(&c, &mut next_client_id)?);
-        }
+        let services = o.each("services", ServiceState::parse)?;
+        let clients = o.each("clients", |c| ClientState::parse(c, &mut next_client_id))?;
 
         Ok(ServerState {
             min_workers,

@@ -21,8 +21,7 @@ use uuid::Uuid;
 // Whole-document calls (`parse`, `to_json_string`, ...) are the trait's.
 pub use vh_common::restart::StateDocument;
 use vh_common::restart::{
-    index, magic_of, malformed, missing, objects, root, ClientState, DaemonState, Obj,
-    RestartError, COUNTERS_KEY,
+    magic_of, malformed, missing, root, ClientState, DaemonState, Obj, RestartError, COUNTERS_KEY,
 };
 
 type Result<T> = std::result::Result<T, RestartError>;
@@ -126,27 +125,24 @@ impl ResourceState {
     }
 
     pub fn parse(o: &Obj<'_>) -> Result<Self> {
-        let name = o.str("name")?.to_string();
-        let path = o.str("path")?.to_string();
-        let fd = o.i32("fd")?;
-        let lock_held = o.bool("lockHeld")?;
-        let flags = o.u32("flags")?;
-        let owners = o
-            .array("owners")?
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                v.as_u64()
-                    .ok_or_else(|| malformed(&format!("owners[{i}]"), &o.at, "an unsigned integer"))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        // Read in libvirt's key order (the fields' order): the first bad key is the one
+        // reported.
         Ok(ResourceState {
-            name,
-            path,
-            fd,
-            lock_held,
-            flags,
-            owners,
+            name: o.str("name")?.to_string(),
+            path: o.str("path")?.to_string(),
+            fd: o.i32("fd")?,
+            lock_held: o.bool("lockHeld")?,
+            flags: o.u32("flags")?,
+            owners: o
+                .array("owners")?
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.as_u64().ok_or_else(|| {
+                        malformed(&format!("owners[{i}]"), &o.at, "an unsigned integer")
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
         })
     }
 }
@@ -171,17 +167,7 @@ impl LockspaceState {
         } else {
             None
         };
-        let at = o.child_at("resources");
-        let resources = objects(o.array("resources")?, "resources", &o.at)?
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                ResourceState::parse(&Obj {
-                    map: r.map,
-                    at: index(&at, i),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let resources = o.each("resources", ResourceState::parse)?;
         Ok(LockspaceState {
             directory,
             resources,
@@ -241,22 +227,13 @@ impl StateDocument for LockdState {
         let magic = magic_of(&o)?;
         let default_lockspace = LockspaceState::parse(&o.object("defaultLockspace")?)?;
 
-        let at = o.child_at("lockspaces");
-        let mut lockspaces = Vec::new();
-        for (i, l) in objects(o.array("lockspaces")?, "lockspaces", &o.at)?
-            .iter()
-            .enumerate()
-        {
-            let lo = Obj {
-                map: l.map,
-                at: index(&at, i),
-            };
-            let ls = LockspaceState::parse(&lo)?;
+        let lockspaces = o.each("lockspaces", |lo| {
+            let ls = LockspaceState::parse(lo)?;
             if ls.directory.is_none() {
                 return Err(missing("directory", &lo.at));
             }
-            lockspaces.push(ls);
-        }
+            Ok(ls)
+        })?;
 
         // Pre-2015 daemons wrote one `server` object instead of `daemon`.
         let daemon = if o.has("daemon") {

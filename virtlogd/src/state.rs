@@ -20,9 +20,7 @@ use std::os::unix::io::RawFd;
 use uuid::Uuid;
 // Whole-document calls (`parse`, `to_json_string`, ...) are the trait's.
 pub use vh_common::restart::StateDocument;
-use vh_common::restart::{
-    self, index, magic_of, objects, root, DaemonState, Obj, RestartError, COUNTERS_KEY,
-};
+use vh_common::restart::{self, magic_of, root, DaemonState, Obj, RestartError, COUNTERS_KEY};
 
 type Result<T> = std::result::Result<T, RestartError>;
 
@@ -79,17 +77,7 @@ impl LogHandlerState {
     }
 
     pub fn parse(o: &Obj<'_>) -> Result<Self> {
-        let at = o.child_at("files");
-        let files = objects(o.array("files")?, "files", &o.at)?
-            .iter()
-            .enumerate()
-            .map(|(i, f)| {
-                LogFileState::parse(&Obj {
-                    map: f.map,
-                    at: index(&at, i),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let files = o.each("files", LogFileState::parse)?;
         let pumpfd = if o.has("pumpfd") {
             Some(o.i32("pumpfd")?)
         } else {
