@@ -523,7 +523,8 @@ fn partition_without_fencing_overlaps() {
 }
 
 /// Renewal under a long write load on the volume from both hosts, without a partition:
-/// no owner is killed, no lease counts as lost.
+/// renewal keeps running (host B sees A's heartbeat change), no owner is killed, no lease
+/// counts as lost.
 #[test]
 #[ignore = "needs the GlusterFS bed: run tests/gluster/run.sh"]
 fn no_fencing_under_io_load() {
@@ -538,6 +539,29 @@ fn no_fencing_under_io_load() {
     let owner = owner_holding(&da, &ls_a, "busy-disk");
     let pid = owner.pid();
     let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    // A's heartbeat as host B reads it, sampled through the load: renewal must keep
+    // running (a test that only saw no kill would pass with renewal stalled or off).
+    let heartbeats = {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+        let hb = bed.path("B", &format!("{rel}/.virtlockd-renew.{}", host.trim()));
+        let want = format!("lease=busy-disk exclusive owners={pid}\n");
+        std::thread::spawn(move || {
+            let mut seen = std::collections::BTreeSet::new();
+            while std::time::Instant::now() < end {
+                if let Ok(t) = std::fs::read_to_string(&hb) {
+                    if t.contains(&want) {
+                        seen.extend(
+                            t.lines()
+                                .find(|l| l.starts_with("renewed="))
+                                .map(String::from),
+                        );
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+            seen.len()
+        })
+    };
     let writers: Vec<_> = ["A", "B"]
         .into_iter()
         .map(|h| {
@@ -560,6 +584,13 @@ fn no_fencing_under_io_load() {
         })
         .collect();
     let rounds: Vec<u32> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let renewals = heartbeats.join().unwrap();
+    assert!(
+        renewals > 1,
+        "A's heartbeat (listing the lease) changed {renewals} time(s) during the load: \
+         renewal did not run:\n{}",
+        da.stderr()
+    );
     assert!(
         !is_dead(pid),
         "the owner was killed without a partition:\n{}",
@@ -571,7 +602,10 @@ fn no_fencing_under_io_load() {
         !log.contains("lease lost") && !log.contains("no lease renewal"),
         "a lease counted as lost under load:\n{log}"
     );
-    eprintln!("{secs}s of load: {rounds:?} x 64 MiB written (+fsync) via A and B");
+    eprintln!(
+        "{secs}s of load: {rounds:?} x 64 MiB written (+fsync) via A and B; {renewals} \
+         distinct heartbeats listing the lease seen from B"
+    );
     drop(owner);
 }
 
