@@ -41,7 +41,7 @@ use vh_common::xdr::Encoder;
 use virtlockd::protocol as kp;
 
 const USAGE: &str = "vh-bench fence [--trials N] [--renew-interval S] [--renew-timeout S] \
-                     [--hold S] [--out DIR]";
+                     [--hold S] [--settle S] [--out DIR]";
 
 /// Owner pids registered by the bench's own (non-owner) connections: above the kernel's
 /// pid range, so that no daemon ever kills a process for them.
@@ -65,6 +65,8 @@ struct Opts {
     renew_interval: u64,
     renew_timeout: u64,
     hold: Duration,
+    /// How long the lease is held before the cut.
+    settle: Duration,
     out: PathBuf,
 }
 
@@ -88,6 +90,7 @@ pub fn main(args: &[String]) -> Res<()> {
         renew_interval: 1,
         renew_timeout: 4,
         hold: Duration::from_secs(10),
+        settle: Duration::from_secs(2),
         out,
     };
     let mut it = args.iter();
@@ -101,6 +104,7 @@ pub fn main(args: &[String]) -> Res<()> {
             "--renew-interval" => o.renew_interval = val()?.parse()?,
             "--renew-timeout" => o.renew_timeout = val()?.parse()?,
             "--hold" => o.hold = Duration::from_secs_f64(val()?.parse()?),
+            "--settle" => o.settle = Duration::from_secs_f64(val()?.parse()?),
             "--out" => o.out = PathBuf::from(val()?),
             "-h" | "--help" => {
                 println!("usage: {USAGE}");
@@ -736,7 +740,7 @@ fn trial(o: &Opts, bed: &Bed, p: &mut Pair, n: usize) -> Res<Trial> {
         }
     }
     // Steady state: the lease held for a while, as a running guest's is.
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(o.settle);
 
     let t0 = Instant::now();
     bed.run("cut", Some("A"))?;
@@ -935,9 +939,11 @@ fn report(r: &Report) -> String {
         o.renew_interval, o.renew_timeout
     ));
     md.push_str(&format!(
-        "* A trial watches A's owner for {:.0} s after B acquired; a C owner still running \
-         then is reported as an open overlap (in production it lasts until the owner exits \
-         by itself). Then the link heals.\n\n",
+        "* A's owner holds the lease for {:.1} s before the cut (`--settle`). A trial \
+         watches A's owner for {:.0} s after B acquired; a C owner still running then is \
+         reported as an open overlap (in production it lasts until the owner exits by \
+         itself). Then the link heals.\n\n",
+        o.settle.as_secs_f64(),
         o.hold.as_secs_f64()
     ));
 
