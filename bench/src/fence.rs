@@ -743,7 +743,10 @@ fn trial(o: &Opts, bed: &Bed, p: &mut Pair, n: usize) -> Res<Trial> {
     std::thread::sleep(o.settle);
 
     let t0 = Instant::now();
-    bed.run("cut", Some("A"))?;
+    if let Err(e) = bed.run("cut", Some("A")) {
+        watch.finish();
+        return Err(e);
+    }
     let cut = Instant::now();
     let cut_ms = (cut - t0).as_secs_f64() * 1e3;
     let acquired = loop {
