@@ -3,7 +3,8 @@
 //!
 //! Usage: `vh-bench all [--quick] [--dir WORKDIR] [--out DIR]` (run as root: each daemon
 //! runs in system mode in its own private mount namespace, set up by `vh-testkit`), and
-//! `vh-bench soak [--reexecs N] [logd|lockd]` (see soak.rs).
+//! `vh-bench soak [--reexecs N] [logd|lockd]` (see soak.rs), and `vh-bench fence`
+//! (fencing across hosts on the GlusterFS bed, see fence.rs).
 //!
 //! | module | job |
 //! |---|---|
@@ -12,9 +13,11 @@
 //! | `lockd` | virtlockd load: owners doing ACQUIRE/RELEASE round trips |
 //! | `lockfs` | the filesystem the virtlockd benchmarks keep their lockspaces on |
 //! | `soak` | N re-execs of each daemon under load, counting what must never be lost |
+//! | `fence` | fencing across two hosts on the GlusterFS bed |
 //! | `report` | RESULTS.md and the growth SVG |
 
 mod daemon;
+mod fence;
 mod lockd;
 mod lockfs;
 mod logd;
@@ -819,6 +822,9 @@ fn real_main() -> Res<()> {
         let path = PathBuf::from(args.get(2).ok_or("copy PATH rw|splice")?);
         return logd::copy_main(&path, args.get(3).map_or("rw", String::as_str));
     }
+    if args.get(1).map(String::as_str) == Some("fence") {
+        return fence::main(&args[2..]);
+    }
     let mut quick = false;
     // Unique per run, so that two runs on one machine never wipe each other's files.
     let mut work = PathBuf::from(format!("/var/tmp/vh-bench-work-{}", std::process::id()));
@@ -849,6 +855,7 @@ fn real_main() -> Res<()> {
             "-h" | "--help" => {
                 println!("usage: vh-bench all [--quick] [--dir WORKDIR] [--out DIR] [--keep]");
                 println!("       vh-bench soak [--reexecs N] [logd|lockd]");
+                println!("       vh-bench fence --help (GlusterFS bed; writes FENCING.md)");
                 return Ok(());
             }
             other => return Err(format!("unknown argument {other:?} (try --help)").into()),
