@@ -1,4 +1,6 @@
-//! libvirt's `virConf` file syntax and the typed settings of the two daemons.
+//! libvirt's `virConf` file syntax and the typed keys both daemons read (`log_*`,
+//! `max_clients`, `admin_max_clients`); each daemon declares and validates its own keys
+//! in its crate's `config.rs` through [`DaemonKeys`].
 //!
 //! The parser follows the behaviour of libvirt 9.0 (`virtlogd.md` §5.2) with 11.3's
 //! one change: `name = value` statements ended by a newline or `;`, `#` comments,
@@ -422,19 +424,27 @@ pub fn read_file(path: &Path) -> Result<Conf, ConfigError> {
     parse(&shown, &content)
 }
 
-/// Which daemon's keys to read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeySet {
-    /// virtlogd: the log keys, client limits, `max_size`, `max_backups` and 11.3's
-    /// `max_age_days` and `log_root`.
-    Log,
-    /// virtlockd: the log keys and client limits (`max_size`/`max_backups` ignored).
-    Lock,
+/// A daemon's own keys (virtlogd's `max_size` and cleaner keys, virtlockd's lease keys),
+/// declared, defaulted and validated in that daemon's crate; common reads only the keys
+/// both daemons share and calls this for the rest.
+pub trait DaemonKeys: Sized + Default {
+    /// Reads the daemon's keys from a parsed file over their defaults, in libvirt's order
+    /// (so the first bad key is the one reported). Called after the shared keys: a bad
+    /// shared key is reported before a bad daemon key, as libvirt does.
+    fn from_conf(conf: &Conf) -> Result<Self, ConfigError>;
 }
 
-/// The typed settings of `virtlogd.conf` / `virtlockd.conf`.
+/// No keys of its own: the shared keys alone.
+impl DaemonKeys for () {
+    fn from_conf(_conf: &Conf) -> Result<(), ConfigError> {
+        Ok(())
+    }
+}
+
+/// The typed settings of `virtlogd.conf` / `virtlockd.conf`: the keys both daemons read
+/// and `K`, the daemon's own.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DaemonConfig {
+pub struct DaemonConfig<K = ()> {
     /// 0 = not set (library default 3); 1 debug .. 4 error. Validated by `logging`.
     pub log_level: u32,
     /// `log_filters`, unvalidated.
@@ -445,77 +455,11 @@ pub struct DaemonConfig {
     pub max_clients: u32,
     /// Admin socket connection limit.
     pub admin_max_clients: u32,
-    /// virtlogd rollover size in bytes (0 disables rollover).
-    pub max_size: u64,
-    /// virtlogd number of backups kept.
-    pub max_backups: u64,
-    /// virtlogd (11.3): days after their last change that log chains are deleted;
-    /// 0 = never (the cleaner does not run).
-    pub max_age_days: u64,
-    /// virtlogd (11.3): the directory the cleaner walks.
-    pub log_root: String,
-    /// virtlockd: lease renewal and fencing (not a libvirt 9.0 setting).
-    pub lease: LeaseConfig,
+    /// The daemon's own keys.
+    pub own: K,
 }
 
-/// What virtlockd does when it can no longer prove it still holds a lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LeaseLossAction {
-    /// SIGKILL every owner process holding a lease in the lockspace.
-    #[default]
-    Kill,
-    /// Log (and count) only.
-    None,
-}
-
-/// `lease_renew_interval`, `lease_renew_timeout` and `lease_loss_action` of virtlockd.conf.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct LeaseConfig {
-    /// Seconds between renewals of each lockspace holding leases; 0 = renewal off.
-    pub renew_interval: u64,
-    /// Seconds without a successful renewal after which the leases count as lost.
-    pub renew_timeout: u64,
-    pub loss_action: LeaseLossAction,
-}
-
-impl LeaseConfig {
-    fn from_conf(conf: &Conf) -> Result<LeaseConfig, ConfigError> {
-        let mut l = LeaseConfig::default();
-        let max = 86_400;
-        if let Some(v) = conf.get_unsigned("lease_renew_interval", max)? {
-            l.renew_interval = v;
-        }
-        // Three missed renewals by default.
-        l.renew_timeout = conf
-            .get_unsigned("lease_renew_timeout", max)?
-            .unwrap_or(3 * l.renew_interval);
-        if let Some(v) = conf.get_string("lease_loss_action")? {
-            l.loss_action = match v.as_str() {
-                "kill" => LeaseLossAction::Kill,
-                "none" => LeaseLossAction::None,
-                _ => {
-                    return Err(ConfigError::Internal(format!(
-                        "{}: lease_loss_action must be \"kill\" or \"none\", not \"{v}\"",
-                        conf.filename
-                    )))
-                }
-            };
-        }
-        if l.renew_interval > 0 && l.renew_timeout <= l.renew_interval {
-            return Err(ConfigError::Internal(format!(
-                "{}: lease_renew_timeout ({}) must be larger than lease_renew_interval ({})",
-                conf.filename, l.renew_timeout, l.renew_interval
-            )));
-        }
-        Ok(l)
-    }
-}
-
-/// 11.3's `log_root` default (`LOCALSTATEDIR "/log/libvirt/"`, trailing slash included:
-/// it shows in the paths the cleaner builds).
-pub const DEFAULT_LOG_ROOT: &str = "/var/log/libvirt/";
-
-impl Default for DaemonConfig {
+impl<K: Default> Default for DaemonConfig<K> {
     fn default() -> Self {
         DaemonConfig {
             log_level: 0,
@@ -523,21 +467,17 @@ impl Default for DaemonConfig {
             log_outputs: None,
             max_clients: 1024,
             admin_max_clients: 5000,
-            max_size: 2_097_152,
-            max_backups: 3,
-            max_age_days: 0,
-            log_root: DEFAULT_LOG_ROOT.to_string(),
-            lease: LeaseConfig::default(),
+            own: K::default(),
         }
     }
 }
 
-impl DaemonConfig {
-    /// Applies the keys of `keys` from a parsed file over the defaults, in
-    /// libvirt's order (so the first bad key is the one reported).
-    pub fn from_conf(conf: &Conf, keys: KeySet) -> Result<DaemonConfig, ConfigError> {
-        let mut c = DaemonConfig::default();
+impl<K: DaemonKeys> DaemonConfig<K> {
+    /// Applies the shared keys, then the daemon's own, from a parsed file over the
+    /// defaults, in libvirt's order (so the first bad key is the one reported).
+    pub fn from_conf(conf: &Conf) -> Result<DaemonConfig<K>, ConfigError> {
         let uint = u64::from(u32::MAX);
+        let mut c = DaemonConfig::<()>::default();
         if let Some(v) = conf.get_unsigned("log_level", uint)? {
             c.log_level = v as u32;
         }
@@ -553,31 +493,40 @@ impl DaemonConfig {
         if let Some(v) = conf.get_unsigned("admin_max_clients", uint)? {
             c.admin_max_clients = v as u32;
         }
-        if keys == KeySet::Log {
-            if let Some(v) = conf.get_unsigned("max_size", u64::MAX)? {
-                c.max_size = v;
-            }
-            if let Some(v) = conf.get_unsigned("max_backups", u64::MAX)? {
-                c.max_backups = v;
-            }
-            if let Some(v) = conf.get_unsigned("max_age_days", u64::MAX)? {
-                c.max_age_days = v;
-            }
-            if let Some(v) = conf.get_string("log_root")? {
-                c.log_root = v;
-            }
+        Ok(c.with_own(K::from_conf(conf)?))
+    }
+}
+
+impl<K> DaemonConfig<K> {
+    /// The same shared keys with other own keys.
+    pub fn with_own<O>(self, own: O) -> DaemonConfig<O> {
+        DaemonConfig {
+            log_level: self.log_level,
+            log_filters: self.log_filters,
+            log_outputs: self.log_outputs,
+            max_clients: self.max_clients,
+            admin_max_clients: self.admin_max_clients,
+            own,
         }
-        if keys == KeySet::Lock {
-            c.lease = LeaseConfig::from_conf(conf)?;
+    }
+
+    /// The shared keys alone (what the front-end keeps).
+    pub fn shared(&self) -> DaemonConfig {
+        DaemonConfig {
+            log_level: self.log_level,
+            log_filters: self.log_filters.clone(),
+            log_outputs: self.log_outputs.clone(),
+            max_clients: self.max_clients,
+            admin_max_clients: self.admin_max_clients,
+            own: (),
         }
-        Ok(c)
     }
 }
 
 /// Loads the daemon configuration. With `explicit == false` (the implicit
 /// default path) a missing file yields the defaults; with `explicit == true`
 /// (`-f FILE`) a missing file is an error.
-pub fn load(path: &Path, explicit: bool, keys: KeySet) -> Result<DaemonConfig, ConfigError> {
+pub fn load<K: DaemonKeys>(path: &Path, explicit: bool) -> Result<DaemonConfig<K>, ConfigError> {
     if !explicit {
         // libvirt checks access(R_OK) and only skips on ENOENT.
         if let Err(e) = nix::unistd::access(path, nix::unistd::AccessFlags::R_OK) {
@@ -587,7 +536,7 @@ pub fn load(path: &Path, explicit: bool, keys: KeySet) -> Result<DaemonConfig, C
         }
     }
     let conf = read_file(path)?;
-    DaemonConfig::from_conf(&conf, keys)
+    DaemonConfig::from_conf(&conf)
 }
 
 #[cfg(test)]
@@ -703,13 +652,6 @@ mod tests {
     }
 
     #[test]
-    fn first_duplicate_wins() {
-        let c = p("max_size=100\nmax_size=200\n").unwrap();
-        let d = DaemonConfig::from_conf(&c, KeySet::Log).unwrap();
-        assert_eq!(d.max_size, 100);
-    }
-
-    #[test]
     fn syntax_errors() {
         let pre = "configuration file syntax error: t.conf:";
         assert_eq!(err("a 1"), format!("{pre}1: expecting an assignment"));
@@ -752,219 +694,5 @@ mod tests {
         // Deeply nested lists are refused rather than overflowing the stack.
         let deep = format!("a = {}", "[".repeat(10_000));
         assert!(err(&deep).starts_with(pre));
-    }
-
-    #[test]
-    fn typed_defaults_and_values() {
-        assert_eq!(
-            DaemonConfig::default(),
-            DaemonConfig {
-                log_level: 0,
-                log_filters: None,
-                log_outputs: None,
-                max_clients: 1024,
-                admin_max_clients: 5000,
-                max_size: 2097152,
-                max_backups: 3,
-                max_age_days: 0,
-                log_root: "/var/log/libvirt/".into(),
-                lease: LeaseConfig::default(),
-            }
-        );
-        let c = p(
-            "log_level = 1\nlog_filters=\"1:rpc\"\nlog_outputs='1:stderr'\n\
-                   max_clients=7\nadmin_max_clients=8\nmax_size=9\nmax_backups=10\nunknown=[1]\n\
-                   max_age_days=11\nlog_root='/srv/logs'",
-        )
-        .unwrap();
-        let d = DaemonConfig::from_conf(&c, KeySet::Log).unwrap();
-        assert_eq!(
-            d,
-            DaemonConfig {
-                log_level: 1,
-                log_filters: Some("1:rpc".into()),
-                log_outputs: Some("1:stderr".into()),
-                max_clients: 7,
-                admin_max_clients: 8,
-                max_size: 9,
-                max_backups: 10,
-                max_age_days: 11,
-                log_root: "/srv/logs".into(),
-                lease: LeaseConfig::default(),
-            }
-        );
-        let l = DaemonConfig::from_conf(&c, KeySet::Lock).unwrap();
-        assert_eq!(l.max_size, 2097152);
-        assert_eq!(l.max_backups, 3);
-        assert_eq!(l.max_clients, 7);
-        assert_eq!(l.max_age_days, 0);
-        assert_eq!(l.log_root, DEFAULT_LOG_ROOT);
-        // virtlockd ignores bad max_size (and the cleaner keys) entirely.
-        let c = p("max_size = 'x'\nmax_age_days = -1\nlog_root = 3").unwrap();
-        assert!(DaemonConfig::from_conf(&c, KeySet::Lock).is_ok());
-    }
-
-    #[test]
-    fn lease_keys() {
-        let l = |s: &str| DaemonConfig::from_conf(&p(s).unwrap(), KeySet::Lock).map(|c| c.lease);
-        assert_eq!(l("").unwrap(), LeaseConfig::default());
-        assert_eq!(
-            l("").unwrap().renew_interval,
-            0,
-            "renewal is off by default"
-        );
-        let on = l("lease_renew_interval = 2").unwrap();
-        assert_eq!(
-            (on.renew_timeout, on.loss_action),
-            (6, LeaseLossAction::Kill)
-        );
-        let none =
-            l("lease_renew_interval=1\nlease_renew_timeout=4\nlease_loss_action='none'").unwrap();
-        assert_eq!(
-            (none.renew_timeout, none.loss_action),
-            (4, LeaseLossAction::None)
-        );
-        assert!(l("lease_loss_action = 'reboot'").is_err());
-        assert!(l("lease_renew_interval = 5\nlease_renew_timeout = 5").is_err());
-        // virtlogd does not read them.
-        let c = p("lease_loss_action = 'reboot'").unwrap();
-        assert!(DaemonConfig::from_conf(&c, KeySet::Log).is_ok());
-    }
-
-    #[test]
-    fn type_errors() {
-        let e = |s: &str| {
-            DaemonConfig::from_conf(&p(s).unwrap(), KeySet::Log)
-                .unwrap_err()
-                .to_string()
-        };
-        assert_eq!(
-            e("max_size = -1"),
-            "internal error: t.conf: expected an unsigned integer for 'max_size' parameter"
-        );
-        assert_eq!(
-            e("max_size = \"10\""),
-            "internal error: t.conf: expected an unsigned integer for 'max_size' parameter"
-        );
-        assert_eq!(
-            e("log_filters = 3"),
-            "internal error: t.conf: expected a string for 'log_filters' parameter"
-        );
-        assert_eq!(
-            e("log_outputs = [\"1:stderr\"]"),
-            "internal error: t.conf: expected a string for 'log_outputs' parameter"
-        );
-        assert_eq!(
-            e("max_clients = 4294967296"),
-            "internal error: t.conf: value for 'max_clients' parameter must be in range 0:4294967295"
-        );
-        // 11.3's texts for the cleaner keys (max_age_days is a size_t, log_root a string).
-        assert_eq!(
-            e("max_age_days = -1"),
-            "internal error: t.conf: expected an unsigned integer for 'max_age_days' parameter"
-        );
-        assert_eq!(
-            e("max_age_days = '3'"),
-            "internal error: t.conf: expected an unsigned integer for 'max_age_days' parameter"
-        );
-        assert_eq!(
-            e("log_root = 1"),
-            "internal error: t.conf: expected a string for 'log_root' parameter"
-        );
-        // 11.3's order: max_backups before max_age_days before log_root.
-        assert_eq!(
-            e("log_root = 1\nmax_age_days = -1\nmax_backups = -1"),
-            "internal error: t.conf: expected an unsigned integer for 'max_backups' parameter"
-        );
-        // libvirt's order: log_level is checked before max_size.
-        assert_eq!(
-            e("max_size=-1\nlog_level='x'"),
-            "internal error: t.conf: expected an unsigned integer for 'log_level' parameter"
-        );
-    }
-
-    #[test]
-    fn load_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let missing = dir.path().join("nonexistent.conf");
-        assert_eq!(
-            load(&missing, false, KeySet::Log).unwrap(),
-            DaemonConfig::default()
-        );
-        let e = load(&missing, true, KeySet::Log).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            format!(
-                "Failed to open file '{}': No such file or directory",
-                missing.display()
-            )
-        );
-        assert_eq!(
-            e.load_failure_message(&missing),
-            format!(
-                "Can't load config file: Failed to open file '{0}': No such file or directory: {0}",
-                missing.display()
-            )
-        );
-
-        let f = dir.path().join("v.conf");
-        std::fs::write(&f, "max_backups = 5\n").unwrap();
-        assert_eq!(load(&f, true, KeySet::Log).unwrap().max_backups, 5);
-        assert_eq!(load(&f, false, KeySet::Log).unwrap().max_backups, 5);
-
-        std::fs::write(&f, "max_backups = \n").unwrap();
-        assert_eq!(
-            load(&f, false, KeySet::Log).unwrap_err().to_string(),
-            format!(
-                "configuration file syntax error: {}:1: expecting a value",
-                f.display()
-            )
-        );
-
-        // Exactly 10 MiB is accepted, one byte more is not.
-        let mut big = vec![b' '; MAX_CONFIG_FILE_SIZE as usize];
-        big[0] = b'#';
-        std::fs::write(&f, &big).unwrap();
-        assert!(load(&f, true, KeySet::Log).is_ok());
-        big.push(b'\n');
-        std::fs::write(&f, &big).unwrap();
-        assert_eq!(
-            load(&f, true, KeySet::Log).unwrap_err().to_string(),
-            format!(
-                "Failed to read file '{}': Argument list too long",
-                f.display()
-            )
-        );
-    }
-
-    /// The documented defaults are the ones the daemons use, and every documented key
-    /// is one the config parser reads (a wrong type is an error naming it).
-    #[test]
-    fn config_keys_match_the_parser() {
-        let d = DaemonConfig::default();
-        let default = |n: &str| {
-            crate::manual::CONFIG_KEYS
-                .iter()
-                .find(|k| k.name == n)
-                .unwrap()
-                .default
-        };
-        assert_eq!(default("max_size"), d.max_size.to_string());
-        assert_eq!(default("max_backups"), d.max_backups.to_string());
-        assert_eq!(default("max_clients"), d.max_clients.to_string());
-        assert_eq!(
-            default("admin_max_clients"),
-            d.admin_max_clients.to_string()
-        );
-        for k in crate::manual::CONFIG_KEYS {
-            let bad = if k.default.starts_with('"') {
-                format!("{} = 1\n", k.name)
-            } else {
-                format!("{} = \"x\"\n", k.name)
-            };
-            let conf = parse("t.conf", bad.as_bytes()).unwrap();
-            let e = DaemonConfig::from_conf(&conf, KeySet::Log).unwrap_err();
-            assert!(e.to_string().contains(k.name), "{}: {e}", k.name);
-        }
     }
 }

@@ -23,7 +23,7 @@
 
 use crate::activation::{self, Activation};
 use crate::cli::{self, CliAction, Options};
-use crate::config::{self, DaemonConfig, KeySet};
+use crate::config::{self, DaemonConfig, DaemonKeys};
 use crate::logging::{self, LogHandle, LogInputs};
 use crate::paths::{DaemonKind, DaemonPaths, Mode};
 use crate::pidfile::PidFile;
@@ -65,6 +65,7 @@ pub struct Daemon {
     pub kind: DaemonKind,
     pub mode: Mode,
     pub paths: DaemonPaths,
+    /// The keys both daemons read (the app's own keys went to [`App::new`]).
     pub config: DaemonConfig,
     pub options: Options,
     /// Run-time control of the daemon's own logging (admin program).
@@ -131,9 +132,11 @@ pub trait App: Send + Sync + Sized + 'static {
     /// of work under one table lock, so extra threads only add hand-offs and lock
     /// contention, and one loop serves clients in arrival order (as 9.0 does).
     const SINGLE_THREADED: bool = false;
+    /// The daemon's own config keys, declared and validated in its crate.
+    type Keys: DaemonKeys + Send + 'static;
 
     /// Builds the daemon-specific state, before the servers exist.
-    fn new(config: &DaemonConfig, mode: Mode, run: watch::Receiver<RunState>) -> Self;
+    fn new(config: &DaemonConfig<Self::Keys>, mode: Mode, run: watch::Receiver<RunState>) -> Self;
     /// Hooks of the main server's clients.
     fn hooks(&self) -> Arc<dyn ClientHooks>;
     /// Programs served on the main server.
@@ -199,15 +202,11 @@ pub fn main<A: App>() -> i32 {
             return exit::INIT;
         }
     };
-    let keys = match A::KIND {
-        DaemonKind::Logd => KeySet::Log,
-        DaemonKind::Lockd => KeySet::Lock,
-    };
     let (cfg_path, explicit) = match &opts.config {
         Some(p) => (p.clone(), true),
         None => (paths.config_file.clone(), false),
     };
-    let config = match config::load(&cfg_path, explicit, keys) {
+    let config = match config::load::<A::Keys>(&cfg_path, explicit) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{}", e.load_failure_message(&cfg_path));
@@ -333,7 +332,7 @@ async fn run<A: App>(
     options: Options,
     mode: Mode,
     paths: DaemonPaths,
-    config: DaemonConfig,
+    config: DaemonConfig<A::Keys>,
     log: LogHandle,
     state: Option<A::State>,
     mut status_pipe: Option<OwnedFd>,
@@ -371,7 +370,7 @@ async fn run<A: App>(
         quit_requested: tokio::sync::Notify::new(),
         quitting: AtomicBool::new(false),
         paths,
-        config,
+        config: config.shared(),
         options,
         log,
         main,

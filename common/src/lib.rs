@@ -5,7 +5,7 @@
 //! | [`xdr`], [`error`], [`protocol`], [`fdpass`], [`paths`], [`manual`] | re-exported from `vh-proto` (XDR, error struct, messages, fd passing and close-on-exec, socket paths, `--help` and man pages) |
 //! | [`connection`] | reading and writing whole frames (and their fds) on a unix stream socket |
 //! | [`server`] | listeners, clients, program dispatch, limits, peer-uid checks |
-//! | [`config`] | libvirt's `virConf` file syntax and typed daemon settings |
+//! | [`config`] | libvirt's `virConf` file syntax and the typed keys both daemons share; each daemon's own keys are its crate's `config.rs` (`DaemonKeys`) |
 //! | [`cli`] | the daemons' shared command line |
 //! | [`pidfile`] | the fcntl-locked pid file |
 //! | [`activation`] | systemd socket activation (LISTEN_FDS) and sd_notify |

@@ -375,11 +375,11 @@ impl LogInputs {
     /// Fills in the environment variables, the tty and journald checks
     /// from the running process.
     #[allow(clippy::too_many_arguments)]
-    pub fn from_process(
+    pub fn from_process<K>(
         daemon: DaemonKind,
         mode: Mode,
         default_log_file: PathBuf,
-        config: &crate::config::DaemonConfig,
+        config: &crate::config::DaemonConfig<K>,
         verbose: bool,
         daemonize: bool,
     ) -> LogInputs {

@@ -1,7 +1,7 @@
 //! The virConf parser, the typed settings of both daemons, and the log filter and
 //! output syntaxes those settings carry.
 
-use vh_common::config::{self, DaemonConfig, KeySet};
+use vh_common::config::{self, DaemonConfig, DaemonKeys};
 use vh_common::logging;
 
 pub fn parse(data: &[u8]) {
@@ -14,8 +14,11 @@ pub fn parse(data: &[u8]) {
             return;
         }
     };
-    for keys in [KeySet::Log, KeySet::Lock] {
-        if let Ok(c) = DaemonConfig::from_conf(&conf, keys) {
+    // Each daemon's own keys; the shared ones are read by both.
+    let _ = virtlogd::config::LogdKeys::from_conf(&conf);
+    let _ = virtlockd::config::LeaseConfig::from_conf(&conf);
+    {
+        if let Ok(c) = DaemonConfig::<()>::from_conf(&conf) {
             if let Some(f) = &c.log_filters {
                 if let Ok(v) = logging::parse_filters(f) {
                     let _ = logging::format_filters(&v);

@@ -4,7 +4,7 @@
 //! * [`DAEMON_OPTIONS`] is the daemons' option list: `cli::usage` prints libvirt 9.0's
 //!   `--help` from it, [`daemon_page`] the OPTIONS section of virtlogd(8)/virtlockd(8).
 //! * [`CONFIG_KEYS`] are the config file's keys, with their defaults (a unit test checks
-//!   them against `vh_common::config::DaemonConfig`).
+//!   them against the parsers of `vh_common::config` and `virtlogd::config`).
 //! * The deliberate differences from libvirt 9.0 are the README's own list, read at
 //!   build time ([`differences`]).
 //! * [`Page`] is a man page; [`Page::roff`] renders it for man(1), [`Page::help`] as

@@ -1,6 +1,7 @@
 //! virtlockd's part of the daemon front-end: the lockspaces behind the main server, and
 //! the `defaultLockspace` / `lockspaces` sections of the re-exec state.
 
+use crate::config::LeaseConfig;
 use crate::lockspace::{LockSpace, LockSpaces};
 use crate::program::{LockHooks, LockProgram};
 use crate::state::{LockdState, LockspaceState, ResourceState, StateDocument};
@@ -82,10 +83,15 @@ fn restore_lockspace(st: &LockspaceState) -> LockSpace {
 impl App for LockDaemonApp {
     const KIND: DaemonKind = DaemonKind::Lockd;
     const SINGLE_THREADED: bool = true;
+    type Keys = LeaseConfig;
 
-    fn new(config: &DaemonConfig, _mode: Mode, run: watch::Receiver<RunState>) -> Self {
+    fn new(
+        config: &DaemonConfig<LeaseConfig>,
+        _mode: Mode,
+        run: watch::Receiver<RunState>,
+    ) -> Self {
         let daemon = LockTable::new(LockSpaces::new());
-        crate::renewal::start(daemon.clone(), config.lease);
+        crate::renewal::start(daemon.clone(), config.own);
         LockDaemonApp { daemon, run }
     }
 

@@ -10,8 +10,10 @@
 //! | [`state`] | virtlockd's part of the re-exec state document (lockspaces, lock clients' private data) and the whole document |
 //! | [`inspect`] | our operator program: what resources are held |
 //! | [`program`] | RPC dispatch: owner registration, restriction, checks in 9.0's order |
+//! | [`config`] | virtlockd's own keys of `virtlockd.conf` (lease renewal and fencing) |
 //! | [`renewal`] | lease renewal across hosts and fencing of owners whose leases are lost |
 
+pub mod config;
 pub mod daemon;
 pub mod inspect;
 pub mod lease_lock;

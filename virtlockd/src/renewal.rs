@@ -60,6 +60,7 @@
 //! file (host, daemon pid, owner name, uuid and pid, since when). libvirt's C daemon
 //! ignores lease file contents, and nothing here reads them: lock semantics are unchanged.
 
+use crate::config::{LeaseConfig, LeaseLossAction};
 use crate::lease_lock::LockKind;
 use crate::lockspace::{FileId, LockSpaces};
 use crate::table::LockTable;
@@ -76,7 +77,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{error, info, warn};
-use vh_common::config::{LeaseConfig, LeaseLossAction};
 
 /// Counters since start (or re-exec).
 #[derive(Debug, Default)]

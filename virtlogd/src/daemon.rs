@@ -2,6 +2,7 @@
 //! the `handler` section of the re-exec state, and the daily log cleaner's timer.
 
 use crate::cleaner;
+use crate::config::LogdKeys;
 use crate::handler::{HandedOffLog, Limits, LogCounters, LogHandler, LogOwner};
 use crate::program::LogProgram;
 use crate::state::{LogFileState, LogHandlerState, LogdState, StateDocument};
@@ -25,7 +26,7 @@ pub struct LogDaemon {
 
 /// 11.3's cleaner timer: when `max_age_days` > 0, a pass 24 h after start and every
 /// 24 h after that, each on a blocking thread (it walks and unlinks files).
-fn schedule_cleaner(handler: &Arc<LogHandler>, config: &DaemonConfig) {
+fn schedule_cleaner(handler: &Arc<LogHandler>, config: &LogdKeys) {
     let settings = cleaner::Settings {
         max_age_days: config.max_age_days,
         max_backups: config.max_backups,
@@ -91,8 +92,14 @@ fn clean_once(handler: &LogHandler, settings: &cleaner::Settings) {
 
 impl App for LogDaemon {
     const KIND: DaemonKind = DaemonKind::Logd;
+    type Keys = LogdKeys;
 
-    fn new(config: &DaemonConfig, mode: Mode, mut run: watch::Receiver<RunState>) -> Self {
+    fn new(
+        config: &DaemonConfig<LogdKeys>,
+        mode: Mode,
+        mut run: watch::Receiver<RunState>,
+    ) -> Self {
+        let config = &config.own;
         let handler = LogHandler::new(Limits {
             max_size: config.max_size,
             max_backups: config.max_backups,
@@ -307,10 +314,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn cleaner_runs_24h_after_start_then_daily() {
         let t = tempfile::tempdir().unwrap();
-        let config = DaemonConfig {
+        let config = LogdKeys {
             max_age_days: 2,
             log_root: t.path().to_str().unwrap().to_string(),
-            ..DaemonConfig::default()
+            ..LogdKeys::default()
         };
         let handler = LogHandler::new(Limits {
             max_size: config.max_size,

@@ -9,12 +9,14 @@
 //! | [`pump`] | the thread that moves pipe data into the files, coalescing wake-ups; reports closed logs to the handler through a callback |
 //! | [`program`] | RPC dispatch of the four procedures onto the handler |
 //! | [`inspect`] | our operator program: what logs are open, their counters, following one |
+//! | [`config`] | virtlogd's own keys of `virtlogd.conf` (`max_size`, `max_backups`, the cleaner's `max_age_days`, `log_root`) |
 //! | [`cleaner`] | 11.3's daily deletion of log chains older than `max_age_days` |
 //! | [`follow`] | the sockets that receive a log's bytes as they are written |
 //! | [`daemon`] | virtlogd's part of the daemon front-end: the handler behind the server, hand-off and restore |
 //! | [`state`] | virtlogd's part of the re-exec state document (`handler`) and the whole document |
 
 pub mod cleaner;
+pub mod config;
 pub mod daemon;
 pub mod follow;
 pub mod handler;
