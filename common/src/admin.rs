@@ -13,7 +13,9 @@
 use crate::daemon::Daemon;
 use crate::error::{code, domain, RpcError};
 use crate::logging::LogError;
-use crate::server::{CallContext, ClientInfo, ClientLimits, DispatchError, Program, Reply, Server};
+use crate::server::{
+    lock_table, CallContext, ClientInfo, ClientLimits, DispatchError, Program, Reply, Server,
+};
 use crate::xdr::{Decoder, Encoder, XdrError};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -519,17 +521,16 @@ impl AdminProgram {
     }
 
     fn pool(&self, server: &str) -> Pool {
-        self.pools
-            .lock()
-            .ok()
-            .and_then(|p| p.get(server).copied())
+        // A poisoned map still holds the pools set before (see `lock_table`); reading it
+        // as empty would report and then store libvirt's defaults over them.
+        lock_table(&self.pools)
+            .get(server)
+            .copied()
             .unwrap_or_default()
     }
 
     fn set_pool(&self, server: &str, pool: Pool) {
-        if let Ok(mut p) = self.pools.lock() {
-            p.insert(server.to_string(), pool);
-        }
+        lock_table(&self.pools).insert(server.to_string(), pool);
     }
 
     /// One call, routed to its procedure family.

@@ -27,7 +27,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Notify};
@@ -255,6 +255,15 @@ pub struct Server {
     service_infos: Mutex<Vec<ServiceInfo>>,
 }
 
+/// Locks one of the server's (or the admin program's) tables, recovering it if a panic
+/// poisoned it. Recovery, not an empty table: every critical section on these tables is
+/// one insert, remove, push or read, so a panicking holder leaves them whole, and
+/// reading a poisoned client table as empty would let a re-exec or `--timeout` think the
+/// server drained and the client limit admit anyone.
+pub(crate) fn lock_table<T>(table: &Mutex<T>) -> MutexGuard<'_, T> {
+    table.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 fn now_epoch() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -324,43 +333,34 @@ impl Server {
     }
 
     pub fn nclients(&self) -> usize {
-        self.clients.lock().map(|c| c.len()).unwrap_or(0)
+        lock_table(&self.clients).len()
     }
 
     /// Snapshot of the connected clients, in id (= accept) order.
     pub fn clients(&self) -> Vec<ClientInfo> {
-        self.clients
-            .lock()
-            .map(|c| c.values().map(|e| e.info.clone()).collect())
-            .unwrap_or_default()
+        lock_table(&self.clients)
+            .values()
+            .map(|e| e.info.clone())
+            .collect()
     }
 
     pub fn client(&self, id: u64) -> Option<ClientInfo> {
-        self.clients
-            .lock()
-            .ok()
-            .and_then(|c| c.get(&id).map(|e| e.info.clone()))
+        lock_table(&self.clients).get(&id).map(|e| e.info.clone())
     }
 
     /// Asks a client's task to close the connection (admin CLIENT_CLOSE).
     pub fn close_client(&self, id: u64) -> bool {
-        match self.clients.lock() {
-            Ok(c) => match c.get(&id) {
-                Some(e) => {
-                    e.close.notify_one();
-                    true
-                }
-                None => false,
-            },
-            Err(_) => false,
+        match lock_table(&self.clients).get(&id) {
+            Some(e) => {
+                e.close.notify_one();
+                true
+            }
+            None => false,
         }
     }
 
     pub fn services(&self) -> Vec<ServiceInfo> {
-        self.service_infos
-            .lock()
-            .map(|v| v.clone())
-            .unwrap_or_default()
+        lock_table(&self.service_infos).clone()
     }
 
     /// Waits until the client set or the limits change.
@@ -390,27 +390,15 @@ impl Server {
 
     pub fn take_handed_off(&self) -> (Vec<HandedOffService>, Vec<HandedOffClient>) {
         // Services are re-added (with their info) when they are restored.
-        if let Ok(mut v) = self.service_infos.lock() {
-            v.clear();
-        }
-        let s = self
-            .handed_off_services
-            .lock()
-            .map(|mut v| std::mem::take(&mut *v))
-            .unwrap_or_default();
-        let c = self
-            .handed_off_clients
-            .lock()
-            .map(|mut v| std::mem::take(&mut *v))
-            .unwrap_or_default();
+        lock_table(&self.service_infos).clear();
+        let s = std::mem::take(&mut *lock_table(&self.handed_off_services));
+        let c = std::mem::take(&mut *lock_table(&self.handed_off_clients));
         (s, c)
     }
 
     /// Starts serving a listening socket.
     pub fn add_service(self: &Arc<Self>, listener: UnixListener, info: ServiceInfo) {
-        if let Ok(mut v) = self.service_infos.lock() {
-            v.push(info.clone());
-        }
+        lock_table(&self.service_infos).push(info.clone());
         self.services_live.fetch_add(1, Ordering::AcqRel);
         let me = self.clone();
         tokio::spawn(async move { me.accept_loop(listener, info).await });
@@ -466,12 +454,10 @@ impl Server {
         match end {
             RunState::Handoff => match listener.into_std() {
                 Ok(l) => {
-                    if let Ok(mut v) = self.handed_off_services.lock() {
-                        v.push(HandedOffService {
-                            info,
-                            fd: OwnedFd::from(l),
-                        });
-                    }
+                    lock_table(&self.handed_off_services).push(HandedOffService {
+                        info,
+                        fd: OwnedFd::from(l),
+                    });
                 }
                 Err(e) => warn!(server = %self.name, "cannot hand off listener: {e}"),
             },
@@ -587,15 +573,13 @@ impl Server {
         outbox: Outbox,
     ) {
         let close = Arc::new(Notify::new());
-        if let Ok(mut c) = self.clients.lock() {
-            c.insert(
-                info.id,
-                ClientEntry {
-                    info: info.clone(),
-                    close: close.clone(),
-                },
-            );
-        }
+        lock_table(&self.clients).insert(
+            info.id,
+            ClientEntry {
+                info: info.clone(),
+                close: close.clone(),
+            },
+        );
         self.changed.notify_waiters();
         let me = self.clone();
         tokio::spawn(async move {
@@ -706,14 +690,12 @@ impl Server {
                             pending.output.len()
                         );
                     }
-                    if let Ok(mut v) = self.handed_off_clients.lock() {
-                        v.push(HandedOffClient {
-                            info,
-                            fd: OwnedFd::from(s),
-                            private: saved,
-                            pending,
-                        });
-                    }
+                    lock_table(&self.handed_off_clients).push(HandedOffClient {
+                        info,
+                        fd: OwnedFd::from(s),
+                        private: saved,
+                        pending,
+                    });
                 }
                 Err(e) => warn!(server = %self.name, "cannot hand off client: {e}"),
             }
@@ -724,9 +706,7 @@ impl Server {
         }
         // Only now, once a handed-off client is in `handed_off_clients`: a re-exec
         // takes that list as soon as no client is left here, and must not miss it.
-        if let Ok(mut c) = self.clients.lock() {
-            c.remove(&id);
-        }
+        lock_table(&self.clients).remove(&id);
         self.changed.notify_waiters();
     }
 
