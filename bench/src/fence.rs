@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use vh_common::connection::blocking::{CallError, Client};
 use vh_common::error::code;
 use vh_common::xdr::Encoder;
+use vh_testkit::Launch;
 use virtlockd::protocol as kp;
 
 const USAGE: &str = "vh-bench fence [--trials N] [--renew-interval S] [--renew-timeout S] \
@@ -326,13 +327,13 @@ impl HostDaemon {
         )?;
         let stderr = work.join(format!("virtlockd-{tag}.stderr"));
         let log = fs::File::create(&stderr)?;
-        let script = format!(
-            "mount -t tmpfs tmpfs /run && hostname vhg-{host} && exec {} -f {}",
-            bin.display(),
-            conf.display()
-        );
-        let child = Command::new("unshare")
-            .args(["-m", "-u", "--propagation", "private", "sh", "-c", &script])
+        // Private mounts with a fresh /run, and a hostname of its own: set up in the
+        // child before exec by the kit (no shell line).
+        let child = Launch::new(&bin)
+            .hostname(format!("vhg-{host}"))
+            .command()
+            .arg("-f")
+            .arg(&conf)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

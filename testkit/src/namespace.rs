@@ -1,9 +1,11 @@
-//! A private mount namespace for one daemon, set up in the child between fork and exec:
-//! no shell and no `unshare(1)`, so no command line is ever built by pasting paths.
+//! A private mount namespace (and, if asked, UTS namespace) for one daemon, set up in the
+//! child between fork and exec: no shell and no `unshare(1)`, so no command line is ever
+//! built by pasting paths.
 //!
 //! The child unshares its mount namespace, makes every mount in it private (nothing
 //! mounted here reaches the host), mounts a fresh tmpfs on `/run` and on each directory
-//! asked for, creates the directories asked for, and execs the daemon itself: the
+//! asked for, creates the directories asked for, sets its own hostname if asked (in its
+//! own UTS namespace, so the host's stays), and execs the daemon itself: the
 //! child's pid *is* the daemon's pid, and the test reaches the daemon's world through
 //! `/proc/<pid>/root`.
 
@@ -20,6 +22,7 @@ pub struct Launch {
     bin: PathBuf,
     tmpfs: Vec<PathBuf>,
     mkdirs: Vec<PathBuf>,
+    hostname: Option<String>,
 }
 
 impl Launch {
@@ -29,7 +32,15 @@ impl Launch {
             bin: bin.into(),
             tmpfs: vec![PathBuf::from("/run")],
             mkdirs: Vec::new(),
+            hostname: None,
         }
+    }
+
+    /// Also a UTS namespace of its own, with this hostname (what a daemon names its
+    /// host by, e.g. virtlockd's lease heartbeats, differs from the host's).
+    pub fn hostname(mut self, name: impl Into<String>) -> Self {
+        self.hostname = Some(name.into());
+        self
     }
 
     /// Also a fresh tmpfs on `dir` (which must exist on the host: an empty mount point
@@ -50,7 +61,7 @@ impl Launch {
     /// adds arguments, environment and stdio.
     ///
     /// # Panics
-    /// On a path with a NUL byte (none of ours has one).
+    /// On a path or hostname with a NUL byte (none of ours has one).
     pub fn command(&self) -> Command {
         let c = |p: &PathBuf| {
             CString::new(p.as_os_str().as_bytes())
@@ -59,19 +70,29 @@ impl Launch {
         // Built before the fork: the child only makes system calls.
         let mounts: Vec<CString> = self.tmpfs.iter().map(c).collect();
         let dirs: Vec<CString> = self.mkdirs.iter().map(c).collect();
+        let hostname: Option<Vec<u8>> = self.hostname.as_ref().map(|h| {
+            if h.as_bytes().contains(&0) {
+                panic!("hostname with a NUL byte: {h:?}");
+            }
+            h.as_bytes().to_vec()
+        });
         let mut cmd = Command::new(&self.bin);
         // SAFETY: the hook runs in the forked child before exec and only calls
-        // unshare(2), mount(2) and mkdir(2) on C strings built before the fork; it
-        // allocates nothing and takes no lock.
+        // unshare(2), mount(2), mkdir(2) and sethostname(2) on buffers built before the
+        // fork; it allocates nothing and takes no lock.
         unsafe {
-            cmd.pre_exec(move || enter_namespace(&mounts, &dirs));
+            cmd.pre_exec(move || enter_namespace(&mounts, &dirs, hostname.as_deref()));
         }
         cmd
     }
 }
 
 /// The child's side of [`Launch::command`].
-fn enter_namespace(mounts: &[CString], dirs: &[CString]) -> io::Result<()> {
+fn enter_namespace(
+    mounts: &[CString],
+    dirs: &[CString],
+    hostname: Option<&[u8]>,
+) -> io::Result<()> {
     let check = |rc: libc::c_int| {
         if rc == 0 {
             Ok(())
@@ -81,7 +102,12 @@ fn enter_namespace(mounts: &[CString], dirs: &[CString]) -> io::Result<()> {
     };
     // SAFETY: plain system calls on NUL-terminated strings that outlive them.
     unsafe {
-        check(libc::unshare(libc::CLONE_NEWNS))?;
+        let uts = if hostname.is_some() {
+            libc::CLONE_NEWUTS
+        } else {
+            0
+        };
+        check(libc::unshare(libc::CLONE_NEWNS | uts))?;
         check(libc::mount(
             c"none".as_ptr(),
             c"/".as_ptr(),
@@ -106,6 +132,32 @@ fn enter_namespace(mounts: &[CString], dirs: &[CString]) -> io::Result<()> {
                 }
             }
         }
+        if let Some(h) = hostname {
+            check(libc::sethostname(h.as_ptr().cast(), h.len()))?;
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Launch;
+
+    /// The hostname is the child's own: set in its UTS namespace before exec, the host's
+    /// unchanged. Needs root (unshare), as every namespace test does.
+    #[test]
+    fn hostname_is_set_in_the_child_only() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        let out = Launch::new("/bin/hostname")
+            .hostname("vh-kit-uts")
+            .command()
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "vh-kit-uts");
+        assert_eq!(
+            std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(),
+            host
+        );
+    }
 }
