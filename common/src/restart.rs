@@ -301,6 +301,23 @@ pub fn root(value: &Value) -> Result<Obj<'_>> {
     }
 }
 
+/// A state object the walker reads: its keys from an [`Obj`] (`parse`, what [`Obj::each`]
+/// and [`Obj::object`] callers use), or on its own from a bare `Value`, its location in
+/// errors then being its [`FromObj::NAME`].
+pub trait FromObj: Sized {
+    /// The object's name at the top of a walk (`sock`, `service`, `resource`, ...).
+    const NAME: &'static str;
+
+    /// Reads the object's keys in libvirt's order (the first bad key is the one
+    /// reported).
+    fn parse(o: &Obj<'_>) -> Result<Self>;
+
+    /// Reads a bare object.
+    fn from_value(value: &Value) -> Result<Self> {
+        Self::parse(&Obj::new(value, Self::NAME, String::from(Self::NAME))?)
+    }
+}
+
 pub fn parse_text(text: &str) -> Result<Value> {
     serde_json::from_str(text).map_err(|e| RestartError::Parse(e.to_string()))
 }
@@ -363,6 +380,30 @@ pub struct SocketState {
     pub unlink_unix: bool,
 }
 
+impl FromObj for SocketState {
+    const NAME: &'static str = "sock";
+
+    fn parse(o: &Obj<'_>) -> Result<Self> {
+        let fd = o.i32("fd")?;
+        let pid = o.i32("pid")?;
+        let errfd = o.i32("errfd")?;
+        let is_client = o.bool("isClient")?;
+        // libvirt falls back to the default both when the key is absent and when it is
+        // not a boolean.
+        let unlink_unix = o
+            .get("unlinkUNIX")
+            .and_then(Value::as_bool)
+            .unwrap_or(!is_client);
+        Ok(SocketState {
+            fd,
+            errfd,
+            pid,
+            is_client,
+            unlink_unix,
+        })
+    }
+}
+
 impl SocketState {
     /// A listening socket (`unlink_unix`: whether we bound it ourselves).
     pub fn listener(fd: RawFd, unlink_unix: bool) -> Self {
@@ -384,30 +425,6 @@ impl SocketState {
             is_client: true,
             unlink_unix: false,
         }
-    }
-
-    pub fn from_value(value: &Value) -> Result<Self> {
-        Self::parse(&Obj::new(value, "sock", String::from("sock"))?)
-    }
-
-    fn parse(o: &Obj<'_>) -> Result<Self> {
-        let fd = o.i32("fd")?;
-        let pid = o.i32("pid")?;
-        let errfd = o.i32("errfd")?;
-        let is_client = o.bool("isClient")?;
-        // libvirt falls back to the default both when the key is absent and when it is
-        // not a boolean.
-        let unlink_unix = o
-            .get("unlinkUNIX")
-            .and_then(Value::as_bool)
-            .unwrap_or(!is_client);
-        Ok(SocketState {
-            fd,
-            errfd,
-            pid,
-            is_client,
-            unlink_unix,
-        })
     }
 
     pub fn to_value(&self) -> Value {
@@ -443,10 +460,8 @@ pub struct ServiceState {
     pub socks: Vec<SocketState>,
 }
 
-impl ServiceState {
-    pub fn from_value(value: &Value) -> Result<Self> {
-        Self::parse(&Obj::new(value, "service", String::from("service"))?)
-    }
+impl FromObj for ServiceState {
+    const NAME: &'static str = "service";
 
     fn parse(o: &Obj<'_>) -> Result<Self> {
         let auth = o.i32("auth")?;
@@ -460,7 +475,9 @@ impl ServiceState {
             socks,
         })
     }
+}
 
+impl ServiceState {
     pub fn to_value(&self) -> Value {
         let mut m = Map::new();
         m.insert("auth".into(), self.auth.into());
@@ -666,10 +683,8 @@ pub struct ServerState {
     pub clients: Vec<ClientState>,
 }
 
-impl ServerState {
-    pub fn from_value(value: &Value) -> Result<Self> {
-        Self::parse(&Obj::new(value, "server", String::from("server"))?)
-    }
+impl FromObj for ServerState {
+    const NAME: &'static str = "server";
 
     fn parse(o: &Obj<'_>) -> Result<Self> {
         let min_workers = o.u32("min_workers")?;
@@ -719,7 +734,9 @@ impl ServerState {
             clients,
         })
     }
+}
 
+impl ServerState {
     pub fn to_value(&self) -> Value {
         let mut m = Map::new();
         m.insert("min_workers".into(), self.min_workers.into());

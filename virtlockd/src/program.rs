@@ -16,7 +16,7 @@
 //! are free.
 
 use crate::protocol::{self as p, proc_};
-use crate::state::LockClientPrivate;
+use crate::state::{FromObj, LockClientPrivate};
 use crate::table::LockTable;
 use std::sync::Arc;
 use std::time::Duration;

@@ -18,11 +18,12 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 use std::os::unix::io::RawFd;
 use uuid::Uuid;
-// Whole-document calls (`parse`, `to_json_string`, ...) are the trait's.
-pub use vh_common::restart::StateDocument;
+// Whole-document calls (`parse`, `to_json_string`, ...) are the trait's, and so are one
+// object's (`parse`, `from_value`).
 use vh_common::restart::{
     magic_of, malformed, missing, root, ClientState, DaemonState, Obj, RestartError, COUNTERS_KEY,
 };
+pub use vh_common::restart::{FromObj, StateDocument};
 
 type Result<T> = std::result::Result<T, RestartError>;
 
@@ -47,16 +48,10 @@ pub struct LockClientPrivate {
     pub owner_uuid: Uuid,
 }
 
-impl LockClientPrivate {
-    pub fn from_value(value: &Value) -> Result<Self> {
-        Self::parse(&Obj::new(
-            value,
-            "privateData",
-            String::from("privateData"),
-        )?)
-    }
+impl FromObj for LockClientPrivate {
+    const NAME: &'static str = "privateData";
 
-    pub fn parse(o: &Obj<'_>) -> Result<Self> {
+    fn parse(o: &Obj<'_>) -> Result<Self> {
         Ok(LockClientPrivate {
             restricted: o.bool("restricted")?,
             owner_pid: o.u32("ownerPid")?,
@@ -65,7 +60,9 @@ impl LockClientPrivate {
             owner_uuid: o.uuid("ownerUUID")?,
         })
     }
+}
 
+impl LockClientPrivate {
     pub fn to_value(&self) -> Value {
         let mut m = Map::new();
         m.insert("restricted".into(), self.restricted.into());
@@ -119,12 +116,10 @@ pub struct ResourceState {
     pub owners: Vec<u64>,
 }
 
-impl ResourceState {
-    pub fn from_value(value: &Value) -> Result<Self> {
-        Self::parse(&Obj::new(value, "resource", String::from("resource"))?)
-    }
+impl FromObj for ResourceState {
+    const NAME: &'static str = "resource";
 
-    pub fn parse(o: &Obj<'_>) -> Result<Self> {
+    fn parse(o: &Obj<'_>) -> Result<Self> {
         // Read in libvirt's key order (the fields' order): the first bad key is the one
         // reported.
         Ok(ResourceState {
@@ -156,12 +151,10 @@ pub struct LockspaceState {
     pub resources: Vec<ResourceState>,
 }
 
-impl LockspaceState {
-    pub fn from_value(value: &Value) -> Result<Self> {
-        Self::parse(&Obj::new(value, "lockspace", String::from("lockspace"))?)
-    }
+impl FromObj for LockspaceState {
+    const NAME: &'static str = "lockspace";
 
-    pub fn parse(o: &Obj<'_>) -> Result<Self> {
+    fn parse(o: &Obj<'_>) -> Result<Self> {
         let directory = if o.has("directory") {
             Some(o.str("directory")?.to_string())
         } else {

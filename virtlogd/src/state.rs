@@ -18,9 +18,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 use std::os::unix::io::RawFd;
 use uuid::Uuid;
-// Whole-document calls (`parse`, `to_json_string`, ...) are the trait's.
-pub use vh_common::restart::StateDocument;
+// Whole-document calls (`parse`, `to_json_string`, ...) are the trait's, and so are one
+// object's (`parse`, `from_value`).
 use vh_common::restart::{self, magic_of, root, DaemonState, Obj, RestartError, COUNTERS_KEY};
+pub use vh_common::restart::{FromObj, StateDocument};
 
 type Result<T> = std::result::Result<T, RestartError>;
 
@@ -38,12 +39,10 @@ pub struct LogFileState {
     pub domuuid: Uuid,
 }
 
-impl LogFileState {
-    pub fn from_value(value: &Value) -> Result<Self> {
-        Self::parse(&Obj::new(value, "file", String::from("file"))?)
-    }
+impl FromObj for LogFileState {
+    const NAME: &'static str = "file";
 
-    pub fn parse(o: &Obj<'_>) -> Result<Self> {
+    fn parse(o: &Obj<'_>) -> Result<Self> {
         let path = o.str("path")?.to_string();
         let driver = o.str("driver")?.to_string();
         let domname = o.str("domname")?.to_string();
@@ -71,12 +70,10 @@ pub struct LogHandlerState {
     pub pumpfd: Option<RawFd>,
 }
 
-impl LogHandlerState {
-    pub fn from_value(value: &Value) -> Result<Self> {
-        Self::parse(&Obj::new(value, "handler", String::from("handler"))?)
-    }
+impl FromObj for LogHandlerState {
+    const NAME: &'static str = "handler";
 
-    pub fn parse(o: &Obj<'_>) -> Result<Self> {
+    fn parse(o: &Obj<'_>) -> Result<Self> {
         let files = o.each("files", LogFileState::parse)?;
         let pumpfd = if o.has("pumpfd") {
             Some(o.i32("pumpfd")?)
