@@ -1,111 +1,21 @@
 //! Errors of the client library: transport, the daemon's libvirt error, or a reply we
 //! could not make sense of.
-
-use std::io;
-use vh_proto::blocking::CallError;
-use vh_proto::error::{code, RpcError};
-use vh_proto::xdr::XdrError;
+//!
+//! One type with the blocking connection's (`vh_proto::blocking::CallError`): a client
+//! call is a blocking call, and its failures are that call's, so there is no second enum
+//! to convert into. Its classification (`is_busy`, `code`, `message`, ...) is there too.
 
 /// What a client call can fail with.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// Connecting, spawning the daemon, or reading/writing the socket failed.
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    /// The daemon answered with a libvirt error; code, domain and message are libvirt's.
-    #[error("{0}")]
-    Remote(RpcError),
-    /// The reply did not match the protocol (wrong fd count, undecodable payload...).
-    #[error("protocol error: {0}")]
-    Protocol(String),
-}
+pub use vh_proto::blocking::CallError as ClientError;
 
 pub type Result<T> = std::result::Result<T, ClientError>;
-
-impl From<CallError> for ClientError {
-    fn from(e: CallError) -> Self {
-        match e {
-            CallError::Io(e) => ClientError::Io(e),
-            CallError::Remote(e) => ClientError::Remote(e),
-            CallError::Protocol(s) => ClientError::Protocol(s),
-        }
-    }
-}
-
-impl From<XdrError> for ClientError {
-    fn from(e: XdrError) -> Self {
-        ClientError::Protocol(format!("undecodable reply: {e}"))
-    }
-}
-
-impl ClientError {
-    /// The libvirt error, when the daemon sent one.
-    pub fn remote(&self) -> Option<&RpcError> {
-        match self {
-            ClientError::Remote(e) => Some(e),
-            _ => None,
-        }
-    }
-
-    /// libvirt's `virErrorNumber` (`VIR_ERR_*`), when the daemon sent an error.
-    pub fn code(&self) -> Option<i32> {
-        self.remote().map(|e| e.code)
-    }
-
-    /// libvirt's `virErrorDomain` (`VIR_FROM_*`), when the daemon sent an error.
-    pub fn domain(&self) -> Option<i32> {
-        self.remote().map(|e| e.domain)
-    }
-
-    /// The daemon's message, or this error's text.
-    pub fn message(&self) -> String {
-        match self {
-            ClientError::Remote(e) => e.message().to_string(),
-            other => other.to_string(),
-        }
-    }
-
-    /// A lease held by someone else (`VIR_ERR_RESOURCE_BUSY`), or a log path another
-    /// client already has open (system error with errno EBUSY).
-    pub fn is_busy(&self) -> bool {
-        match self {
-            ClientError::Remote(e) => {
-                e.code == code::RESOURCE_BUSY
-                    || (e.code == code::SYSTEM_ERROR && e.int1 == libc::EBUSY)
-            }
-            _ => false,
-        }
-    }
-
-    /// The daemon's socket does not exist or nobody listens on it.
-    pub fn is_not_running(&self) -> bool {
-        match self {
-            ClientError::Io(e) => matches!(
-                e.raw_os_error(),
-                Some(libc::ENOENT) | Some(libc::ECONNREFUSED)
-            ),
-            _ => false,
-        }
-    }
-
-    /// The daemon does not serve the program or procedure (e.g. the inspect program on
-    /// a libvirt C daemon).
-    pub fn is_unsupported(&self) -> bool {
-        match self {
-            ClientError::Remote(e) => {
-                e.code == code::RPC
-                    && (e.message().starts_with("Cannot find program")
-                        || e.message().starts_with("unknown procedure"))
-            }
-            _ => false,
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io;
     use vh_proto::error::domain;
+    use vh_proto::error::{code, RpcError};
 
     #[test]
     fn busy_classification() {
