@@ -61,6 +61,18 @@ impl Bins {
     }
 }
 
+/// Starts a daemon `launch` describes with `-f conf`, its stdout and stderr into `log`.
+pub fn launch(launch: vh_testkit::Launch, conf: &Path, log: fs::File) -> io::Result<Child> {
+    launch
+        .command()
+        .arg("-f")
+        .arg(conf)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+}
+
 /// A running daemon; stopped on drop by the kit's one policy ([`vh_testkit::stop`]).
 pub struct Daemon {
     child: Child,
@@ -98,14 +110,7 @@ impl Daemon {
             .append(true)
             .open(work.join(format!("{}-{}.stderr", kind.name(), tag(imp))))?;
         let t0 = Instant::now();
-        let child = vh_testkit::Launch::new(&bin)
-            .command()
-            .arg("-f")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(errlog.try_clone()?)
-            .stderr(errlog)
-            .spawn()?;
+        let child = launch(vh_testkit::Launch::new(&bin), &conf, errlog)?;
         let pid = child.id() as i32;
         let mut d = Daemon {
             child,

@@ -329,15 +329,11 @@ impl HostDaemon {
         let log = fs::File::create(&stderr)?;
         // Private mounts with a fresh /run, and a hostname of its own: set up in the
         // child before exec by the kit (no shell line).
-        let child = Launch::new(&bin)
-            .hostname(format!("vhg-{host}"))
-            .command()
-            .arg("-f")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
+        let child = crate::daemon::launch(
+            Launch::new(&bin).hostname(format!("vhg-{host}")),
+            &conf,
+            log,
+        )?;
         let mut d = HostDaemon {
             pid: child.id(),
             child,
