@@ -1209,9 +1209,20 @@ pub struct LogdState {
     pub magic: String,
     pub handler: LogHandlerState,
     /// Our daemons' own counters (operator metrics), under [`COUNTERS_KEY`]; libvirt 9.0
-    /// reads only the keys it knows, so the C daemon ignores it.
+    /// reads only the keys it knows, so the C daemon ignores it. Written by images
+    /// before [`LogdState::log_counters`]; still read from them.
     pub counters: Option<Value>,
+    /// Ours only, under [`LOG_COUNTERS_KEY`]: each log's counters (written, dropped,
+    /// rotations), one row per entry of `handler.files`, in the same order. Rows of
+    /// numbers rather than an object keyed by path: with ten thousand logs the object
+    /// was a tree of 40,000 JSON values to build and drop in the old image and to
+    /// parse in the new one, about as much of the re-exec pause as all the rest.
+    pub log_counters: Option<Vec<[u64; 3]>>,
 }
+
+/// Top-level key of the rows of [`LogdState::log_counters`] (ignored by libvirt, as
+/// [`COUNTERS_KEY`] is).
+pub const LOG_COUNTERS_KEY: &str = "vhLogCounters";
 
 /// Top-level key of the re-exec document holding our counters (see
 /// [`LogdState::counters`]). libvirt 9.0 looks its keys up by name and never lists an
@@ -1240,6 +1251,8 @@ impl LogdState {
             handler: Handler,
             #[serde(rename = "vhCounters", default)]
             counters: Option<Value>,
+            #[serde(rename = "vhLogCounters", default)]
+            log_counters: Option<Vec<[u64; 3]>>,
         }
         #[derive(Deserialize)]
         struct Handler {
@@ -1280,6 +1293,7 @@ impl LogdState {
                 pumpfd: doc.handler.pumpfd,
             },
             counters: doc.counters,
+            log_counters: doc.log_counters,
         })
     }
 
@@ -1289,11 +1303,17 @@ impl LogdState {
         let daemon = o.object("daemon")?;
         let daemon = DaemonState::parse(&daemon, VIRTLOGD_SERVER)?;
         let handler = LogHandlerState::parse(&o.object("handler")?)?;
+        // Metrics only: rows that are not rows of three numbers are dropped, never
+        // a reason to refuse the document.
+        let log_counters = o
+            .get(LOG_COUNTERS_KEY)
+            .and_then(|v| serde_json::from_value::<Vec<[u64; 3]>>(v.clone()).ok());
         Ok(LogdState {
             daemon,
             magic,
             handler,
             counters: o.get(COUNTERS_KEY).cloned(),
+            log_counters,
         })
     }
 
@@ -1313,12 +1333,16 @@ impl LogdState {
 impl Serialize for LogdState {
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let mut m = serializer.serialize_map(Some(3 + usize::from(self.counters.is_some())))?;
+        let extra = usize::from(self.counters.is_some()) + usize::from(self.log_counters.is_some());
+        let mut m = serializer.serialize_map(Some(3 + extra))?;
         m.serialize_entry("daemon", &self.daemon)?;
         m.serialize_entry("magic", &self.magic)?;
         m.serialize_entry("handler", &self.handler)?;
         if let Some(c) = &self.counters {
             m.serialize_entry(COUNTERS_KEY, c)?;
+        }
+        if let Some(rows) = &self.log_counters {
+            m.serialize_entry(LOG_COUNTERS_KEY, rows)?;
         }
         m.end()
     }
@@ -1870,6 +1894,15 @@ mod tests {
         assert_eq!(LogdState::parse_fast(&text), Some(doc.clone()));
         let walk = LogdState::from_value(&parse_text(&text).unwrap()).unwrap();
         assert_eq!(walk, doc);
+        // The rows, one per file, by both paths; rows that are not rows are dropped.
+        doc.log_counters = Some(vec![[1, 2, 3], [4, 0, u64::MAX]]);
+        let text = doc.to_json_string();
+        assert!(text.contains(LOG_COUNTERS_KEY));
+        assert_eq!(LogdState::parse_fast(&text), Some(doc.clone()));
+        let walk = LogdState::from_value(&parse_text(&text).unwrap()).unwrap();
+        assert_eq!(walk, doc);
+        let bad = text.replace("18446744073709551615", "\"x\"");
+        assert_eq!(LogdState::parse(&bad).unwrap().log_counters, None);
         let mut lockd = LockdState::parse(LOCKD_FIXTURE).unwrap();
         assert_eq!(lockd.counters, None);
         lockd.counters = Some(serde_json::json!({"leaseLosses": 3}));
