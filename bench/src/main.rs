@@ -201,10 +201,14 @@ fn settle() {
 /// `one logd c|ours N` (1 pipe × N MiB), `one logd c|ours eight N` (8 pipes × N MiB),
 /// `one logd c|ours small N` (N lines over 1000 pipes), `one logd c|ours reexec N`
 /// (re-exec downtime with N open pipes), `one logd c|ours ref N` (the pipe→file
-/// reference copier, N MiB; the daemon idles), `one lockd c|ours N [SECS]` (N owners),
+/// reference copier, N MiB; the daemon idles), `one logd c|ours latency N` (write → file
+/// with N busy pipes), `one logd c|ours growth N` (the growth phase's pair of loads on N
+/// pipes, three times), `one logd c|ours hold N SECS` (N logs held open for SECS, to look
+/// at the daemon), `one lockd c|ours N [SECS]` (N owners),
 /// `one lockd c|ours reexec N` (re-exec downtime with N leases).
 fn one(cx: &Ctx, args: &[String]) -> Res<()> {
-    const USAGE: &str = "one logd|lockd c|ours [eight|small|reexec] N [SECS]";
+    const USAGE: &str =
+        "one logd|lockd c|ours [eight|small|reexec|ref|latency|growth|hold] N [SECS]";
     let kind = match args.first().map(String::as_str) {
         Some("logd") => Kind::Logd,
         Some("lockd") => Kind::Lockd,
