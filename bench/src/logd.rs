@@ -174,19 +174,21 @@ pub fn bulk(d: &Daemon, dir: &Path, npipes: usize, per_pipe: u64, writers: usize
     let t0 = Instant::now();
     let handles: Vec<_> = groups
         .into_iter()
-        .map(|mut g| {
+        .enumerate()
+        .map(|(w, mut g)| {
             thread::spawn(move || -> std::io::Result<()> {
                 let buf = chunk();
                 let mut left: Vec<u64> = vec![per_pipe; g.len()];
                 let mut active = g.len();
                 while active > 0 {
                     active = 0;
-                    for (f, l) in g.iter_mut().zip(left.iter_mut()) {
+                    for (j, (f, l)) in g.iter_mut().zip(left.iter_mut()).enumerate() {
                         if *l == 0 {
                             continue;
                         }
                         let n = (*l).min(CHUNK as u64) as usize;
-                        f.write_all(&buf[..n])?;
+                        f.write_all(&buf[..n])
+                            .map_err(|e| on_pipe(e, w, j, writers.max(1)))?;
                         *l -= n as u64;
                         active += 1;
                     }
@@ -208,6 +210,18 @@ pub fn bulk(d: &Daemon, dir: &Path, npipes: usize, per_pipe: u64, writers: usize
         peak_rss_kib: sampler.finish(),
         open_secs,
     })
+}
+
+/// A writer's failure, naming the log (its pipe's index in the test's numbering).
+fn on_pipe(e: std::io::Error, writer: usize, nth: usize, writers: usize) -> std::io::Error {
+    std::io::Error::new(
+        e.kind(),
+        format!(
+            "writing log pipe {} (vm{}.log): {e}",
+            nth * writers + writer,
+            nth * writers + writer
+        ),
+    )
 }
 
 struct Rng(u64);
@@ -249,7 +263,8 @@ pub fn small(d: &Daemon, dir: &Path, npipes: usize, lines: usize) -> Res<Flow> {
                 for _ in 0..per {
                     let r = rng.next();
                     let i = (r % g.len() as u64) as usize;
-                    g[i].write_all(&line)?;
+                    g[i].write_all(&line)
+                        .map_err(|e| on_pipe(e, w, i, writers))?;
                     if (r >> 32) & 15 == 0 {
                         thread::sleep(Duration::from_micros((r >> 40) % 500));
                     }

@@ -161,10 +161,42 @@ fn per_impl<T>(
     for r in 0..reps {
         for (k, d) in daemons.iter().enumerate() {
             settle();
-            out[k].push(f(d, r)?);
+            let v = f(d, r).map_err(|e| failure(cx, d, r, e))?;
+            out[k].push(v);
         }
     }
     Ok(out)
+}
+
+/// A failed repetition's error, with which daemon it was and the end of that daemon's
+/// stderr (a run that fails keeps its work directory, see `real_main`, but the error
+/// line is what reaches RESULTS.md).
+fn failure(
+    cx: &Ctx,
+    d: &Daemon,
+    rep: usize,
+    e: Box<dyn std::error::Error>,
+) -> Box<dyn std::error::Error> {
+    let alive = std::path::Path::new(&format!("/proc/{}/auxv", d.pid)).exists();
+    let log = cx
+        .work
+        .join(format!("{}-{}.stderr", d.kind.name(), daemon::tag(d.imp)));
+    let tail: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .rev()
+        .take(5)
+        .map(str::to_owned)
+        .collect();
+    format!(
+        "{} {} (pid {}, {}), repetition {rep}: {e}; its stderr ends: {:?}",
+        d.imp.label(),
+        d.kind.name(),
+        d.pid,
+        if alive { "still running" } else { "gone" },
+        tail.into_iter().rev().collect::<Vec<_>>()
+    )
+    .into()
 }
 
 /// Flushes dirty pages left by the previous test, so that background writeback does not
@@ -181,10 +213,14 @@ fn settle() {
 /// `one logd c|ours N` (1 pipe × N MiB), `one logd c|ours eight N` (8 pipes × N MiB),
 /// `one logd c|ours small N` (N lines over 1000 pipes), `one logd c|ours reexec N`
 /// (re-exec downtime with N open pipes), `one logd c|ours ref N` (the pipe→file
-/// reference copier, N MiB; the daemon idles), `one lockd c|ours N [SECS]` (N owners),
+/// reference copier, N MiB; the daemon idles), `one logd c|ours latency N` (write → file
+/// with N busy pipes), `one logd c|ours growth N` (the growth phase's pair of loads on N
+/// pipes, three times), `one logd c|ours hold N SECS` (N logs held open for SECS, to look
+/// at the daemon), `one lockd c|ours N [SECS]` (N owners),
 /// `one lockd c|ours reexec N` (re-exec downtime with N leases).
 fn one(cx: &Ctx, args: &[String]) -> Res<()> {
-    const USAGE: &str = "one logd|lockd c|ours [eight|small|reexec] N [SECS]";
+    const USAGE: &str =
+        "one logd|lockd c|ours [eight|small|reexec|ref|latency|growth|hold] N [SECS]";
     let kind = match args.first().map(String::as_str) {
         Some("logd") => Kind::Logd,
         Some("lockd") => Kind::Lockd,
@@ -196,7 +232,9 @@ fn one(cx: &Ctx, args: &[String]) -> Res<()> {
         _ => return Err(USAGE.into()),
     };
     let (mode, rest) = match args.get(2).map(String::as_str) {
-        Some(m @ ("eight" | "small" | "reexec" | "ref" | "latency")) => (m, &args[3..]),
+        Some(m @ ("eight" | "small" | "reexec" | "ref" | "latency" | "growth" | "hold")) => {
+            (m, &args[3..])
+        }
         _ => ("", &args[2..]),
     };
     let n: usize = rest.first().ok_or(USAGE)?.parse()?;
@@ -219,6 +257,23 @@ fn one(cx: &Ctx, args: &[String]) -> Res<()> {
         ),
         (Kind::Logd, "latency") => println!("{:?}", logd::latency(&d, &dir, n, 300)?),
         (Kind::Logd, "small") => println!("{:?}", logd::small(&d, &dir, 1000, n)?),
+        (Kind::Logd, "growth") => {
+            // The growth phase's pair of loads on N pipes, three times in a row.
+            let per =
+                (cx.sz.growth_bytes / n as u64 / logd::CHUNK as u64).max(1) * logd::CHUNK as u64;
+            for _ in 0..3 {
+                println!("{:?}", logd::bulk(&d, &dir, n, per, n.min(4))?);
+                settle();
+                println!("{:?}", logd::small(&d, &dir, n, cx.sz.growth_small_lines)?);
+                settle();
+            }
+        }
+        (Kind::Logd, "hold") => {
+            // N open logs held for SECS seconds (to look at the daemon meanwhile).
+            let _pipes = logd::hold_pipes(&d, &dir, n)?;
+            println!("holding {n} logs, rss {} KiB", d.rss_kib()?);
+            std::thread::sleep(Duration::from_secs_f64(secs));
+        }
         (Kind::Logd, "reexec") => {
             let _pipes = logd::hold_pipes(&d, &dir, n)?;
             println!("downtime {:.2} ms", reexec_downtime(&d, logd::ping)?);
@@ -961,8 +1016,10 @@ fn real_main() -> Res<()> {
         out.join(name).display()
     ));
     drop(cx); // unmounts the lockspaces' filesystem
-    if !keep {
+    if !keep && res.is_ok() {
         let _ = std::fs::remove_dir_all(&work);
+    } else if res.is_err() {
+        progress(&format!("work directory kept: {}", work.display()));
     }
     res
 }

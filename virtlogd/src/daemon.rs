@@ -143,32 +143,26 @@ impl App for LogDaemon {
 
     async fn handoff(&self, daemon: DaemonState, magic: String) -> (String, Vec<RawFd>) {
         let handoff = self.handler.begin_handoff().await;
-        // Our counters ride in a key of their own, which libvirt 9.0 ignores.
-        let mut counters = serde_json::Map::new();
-        for l in handoff.logs() {
-            if let Some(path) = l.path.to_str() {
-                counters.insert(path.to_owned(), counters_to_json(&l.counters));
-            }
-        }
         // Open refuses paths that are not UTF-8 (a JSON string cannot carry them); one
         // that got here all the same is left out rather than named lossily, which
-        // would make the next image write to a different file.
-        let files = handoff
-            .logs()
-            .filter_map(|l| {
-                let Some(path) = l.path.to_str() else {
-                    error!(path = ?l.path, "log path is not UTF-8; not handed over");
-                    return None;
-                };
-                Some(LogFileState {
-                    pipefd: l.pipe,
-                    path: path.to_owned(),
-                    driver: l.owner.driver.clone(),
-                    domname: l.owner.domname.clone(),
-                    domuuid: Uuid::from_bytes(l.owner.domuuid),
-                })
-            })
-            .collect();
+        // would make the next image write to a different file. Our counters ride in a
+        // key of their own, which libvirt 9.0 ignores: one row per file, in order.
+        let mut files = Vec::new();
+        let mut rows = Vec::new();
+        for l in handoff.logs() {
+            let Some(path) = l.path.to_str() else {
+                error!(path = ?l.path, "log path is not UTF-8; not handed over");
+                continue;
+            };
+            files.push(LogFileState {
+                pipefd: l.pipe,
+                path: path.to_owned(),
+                driver: l.owner.driver.clone(),
+                domname: l.owner.domname.clone(),
+                domuuid: Uuid::from_bytes(l.owner.domuuid),
+            });
+            rows.push([l.counters.written, l.counters.dropped, l.counters.rotations]);
+        }
         // Written while the pump thread takes the files out of the logs and closes them;
         // the pump's epoll set is named before it is handed back (its number is final).
         let pumpfd = handoff.pump_fd();
@@ -176,7 +170,8 @@ impl App for LogDaemon {
             daemon,
             magic,
             handler: LogHandlerState { files, pumpfd },
-            counters: Some(serde_json::json!({ "logs": counters })),
+            counters: None,
+            log_counters: Some(rows),
         };
         let mut text = doc.to_json_string();
         let epoll = handoff.finish().await;
@@ -207,14 +202,21 @@ impl App for LogDaemon {
     }
 
     /// The handler gave every file away at hand-off, so `in_place` changes nothing here.
-    fn restore(&self, doc: LogdState, _in_place: bool) -> Result<DaemonState, RestoreError> {
+    fn restore(&self, mut doc: LogdState, _in_place: bool) -> Result<DaemonState, RestoreError> {
         // Log pipes arrive inheritable and stay so (see `LogFile::pipe`).
         let fds: Vec<RawFd> = doc.handler.files.iter().map(|f| f.pipefd).collect();
+        // An image before the rows wrote an object keyed by path.
         let carried = doc
             .counters
             .as_ref()
             .and_then(|c| c.get("logs"))
             .and_then(|l| l.as_object());
+        let rows = doc
+            .log_counters
+            .take()
+            .filter(|r| r.len() == doc.handler.files.len())
+            .map(Vec::into_iter);
+        let mut rows = rows.into_iter().flatten();
         let polled = adopt_inheritable_fds(&fds);
         // The previous pump's epoll set (ours only; see `LogHandlerState::pumpfd`),
         // adopted after the pipes: a number that is also a pipe's is not an epoll set.
@@ -229,6 +231,7 @@ impl App for LogDaemon {
         });
         let mut logs = Vec::with_capacity(fds.len());
         for (f, pipe) in doc.handler.files.into_iter().zip(polled) {
+            let row = rows.next();
             let pipe = match pipe {
                 Ok(fd) => fd,
                 Err(e) => {
@@ -236,10 +239,17 @@ impl App for LogDaemon {
                     continue;
                 }
             };
-            let counters = carried
-                .and_then(|c| c.get(&f.path))
-                .map(counters_from_json)
-                .unwrap_or_default();
+            let counters = match row {
+                Some([written, dropped, rotations]) => LogCounters {
+                    written,
+                    dropped,
+                    rotations,
+                },
+                None => carried
+                    .and_then(|c| c.get(&f.path))
+                    .map(counters_from_json)
+                    .unwrap_or_default(),
+            };
             logs.push(HandedOffLog {
                 counters,
                 pipe,
@@ -263,14 +273,6 @@ impl App for LogDaemon {
         let handler = self.handler.clone();
         let _ = tokio::task::spawn_blocking(move || handler.shutdown()).await;
     }
-}
-
-fn counters_to_json(c: &LogCounters) -> serde_json::Value {
-    serde_json::json!({
-        "written": c.written,
-        "dropped": c.dropped,
-        "rotations": c.rotations,
-    })
 }
 
 /// A missing or malformed figure counts from zero: counters must never stop a restore.

@@ -94,10 +94,22 @@ pub struct LogdState {
     pub magic: String,
     pub handler: LogHandlerState,
     /// Our daemons' own counters (operator metrics), under [`COUNTERS_KEY`]; libvirt 9.0
-    /// reads only the keys it knows, so the C daemon ignores it.
+    /// reads only the keys it knows, so the C daemon ignores it. Written by images
+    /// before [`LogdState::log_counters`]; still read from them.
     #[serde(rename = "vhCounters", skip_serializing_if = "Option::is_none")]
     pub counters: Option<Value>,
+    /// Ours only, under [`LOG_COUNTERS_KEY`]: each log's counters (written, dropped,
+    /// rotations), one row per entry of `handler.files`, in the same order. Rows of
+    /// numbers rather than an object keyed by path: with ten thousand logs the object
+    /// was a tree of 40,000 JSON values to build and drop in the old image and to
+    /// parse in the new one, about as much of the re-exec pause as all the rest.
+    #[serde(rename = "vhLogCounters", skip_serializing_if = "Option::is_none")]
+    pub log_counters: Option<Vec<[u64; 3]>>,
 }
+
+/// Top-level key of the rows of [`LogdState::log_counters`] (ignored by libvirt, as
+/// [`COUNTERS_KEY`] is).
+pub const LOG_COUNTERS_KEY: &str = "vhLogCounters";
 
 impl StateDocument for LogdState {
     /// The file list grows with the guests, and a `Value` tree of a thousand entries
@@ -112,6 +124,8 @@ impl StateDocument for LogdState {
             handler: LogHandlerState,
             #[serde(rename = "vhCounters", default)]
             counters: Option<Value>,
+            #[serde(rename = "vhLogCounters", default)]
+            log_counters: Option<Vec<[u64; 3]>>,
         }
         let doc: Doc = serde_json::from_str(text).ok()?;
         let daemon = DaemonState::from_value(&doc.daemon, VIRTLOGD_SERVER).ok()?;
@@ -120,6 +134,7 @@ impl StateDocument for LogdState {
             magic: doc.magic,
             handler: doc.handler,
             counters: doc.counters,
+            log_counters: doc.log_counters,
         })
     }
 
@@ -129,11 +144,17 @@ impl StateDocument for LogdState {
         let daemon = o.object("daemon")?;
         let daemon = DaemonState::parse(&daemon, VIRTLOGD_SERVER)?;
         let handler = LogHandlerState::parse(&o.object("handler")?)?;
+        // Metrics only: rows that are not rows of three numbers are dropped, never
+        // a reason to refuse the document.
+        let log_counters = o
+            .get(LOG_COUNTERS_KEY)
+            .and_then(|v| serde_json::from_value::<Vec<[u64; 3]>>(v.clone()).ok());
         Ok(LogdState {
             daemon,
             magic,
             handler,
             counters: o.get(COUNTERS_KEY).cloned(),
+            log_counters,
         })
     }
 }
@@ -285,6 +306,15 @@ mod tests {
         assert_eq!(LogdState::parse_fast(&text), Some(doc.clone()));
         let walk = LogdState::from_value(&parse_text(&text).unwrap()).unwrap();
         assert_eq!(walk, doc);
+        // The rows, one per file, by both paths; rows that are not rows are dropped.
+        doc.log_counters = Some(vec![[1, 2, 3], [4, 0, u64::MAX]]);
+        let text = doc.to_json_string();
+        assert!(text.contains(LOG_COUNTERS_KEY));
+        assert_eq!(LogdState::parse_fast(&text), Some(doc.clone()));
+        let walk = LogdState::from_value(&parse_text(&text).unwrap()).unwrap();
+        assert_eq!(walk, doc);
+        let bad = text.replace("18446744073709551615", "\"x\"");
+        assert_eq!(LogdState::parse(&bad).unwrap().log_counters, None);
     }
 
     #[test]
