@@ -361,6 +361,8 @@ pub struct Resumed {
     pub stale: Vec<String>,
     /// Names the document uses whose fd the store did not give back.
     pub missing: Vec<String>,
+    /// Name → number of every stored fd now open at its recorded number.
+    pub table: HashMap<String, RawFd>,
 }
 
 /// Moves stored fds to the numbers the document recorded for their names. `passed` are
@@ -463,11 +465,16 @@ pub fn take_stored() -> Result<Option<Resumed>, String> {
         gen: slots.gen,
     };
     let (stale, missing) = place(ours, &table).map_err(|e| format!("placing stored fds: {e}"))?;
+    let mut table = table;
+    for name in &missing {
+        table.remove(name);
+    }
     Ok(Some(Resumed {
         doc,
         slots,
         stale,
         missing,
+        table,
     }))
 }
 

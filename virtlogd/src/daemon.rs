@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 use uuid::Uuid;
 use vh_common::config::DaemonConfig;
 use vh_common::daemon::{adopt_fd, adopt_inheritable_fds, App, Daemon};
+use vh_common::fdstore_keeper::{FdKind, SnapshotSink};
 use vh_common::paths::{DaemonKind, Mode};
 use vh_common::restart::{DaemonState, LogFileState, LogHandlerState, LogdState};
 use vh_common::server::{ClientHooks, NoHooks, Program, RunState};
@@ -248,6 +249,38 @@ impl App for LogDaemon {
     async fn shutdown(&self) {
         let handler = self.handler.clone();
         let _ = tokio::task::spawn_blocking(move || handler.shutdown()).await;
+    }
+
+    /// The document `handoff` writes, from the live table: no pump epoll set (the
+    /// next image after a crash starts its own) and no carried I/O.
+    fn snapshot(&self, daemon: DaemonState, magic: String, keep: &mut SnapshotSink<'_>) {
+        let (logs, _held) = self.handler.snapshot();
+        let mut counters = serde_json::Map::new();
+        let mut fds = Vec::with_capacity(logs.len());
+        let mut files = Vec::with_capacity(logs.len());
+        for (pipe, path, owner, c) in logs {
+            // Open refuses paths that are not UTF-8 (see `handoff`).
+            let Some(path) = path.to_str() else { continue };
+            counters.insert(path.to_owned(), counters_to_json(&c));
+            fds.push((pipe, FdKind::Log));
+            files.push(LogFileState {
+                pipefd: pipe,
+                path: path.to_owned(),
+                driver: owner.driver,
+                domname: owner.domname,
+                domuuid: Uuid::from_bytes(owner.domuuid),
+            });
+        }
+        let doc = LogdState {
+            daemon,
+            magic,
+            handler: LogHandlerState {
+                files,
+                pumpfd: None,
+            },
+            counters: Some(serde_json::json!({ "logs": counters })),
+        };
+        keep(&fds, &doc.to_json_string());
     }
 }
 

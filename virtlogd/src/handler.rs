@@ -222,6 +222,13 @@ impl LogFile {
     /// Moves up to `max_reads` reads from the pipe into the file, under the file lock.
     /// Also returns how many bytes it moved.
     pub(crate) fn pump(&self, max_reads: usize) -> (Pumped, usize) {
+        // With the fd store on, a crash between a read and its write would lose the
+        // bytes read (the pipe keeps only what nobody took): splice(2) takes from the
+        // pipe exactly what reached the file. (It falls back to reads around a
+        // rollover, after a failed write, or while someone follows the log.)
+        if vh_common::fdstore_keeper::active() {
+            return self.pump_spliced(max_reads);
+        }
         self.with_writer(|w| self.pump_locked(w, max_reads))
             .unwrap_or_else(|e| (Pumped::Done(Some(e)), 0))
     }
@@ -318,6 +325,9 @@ impl LogFile {
         }
     }
 }
+
+/// Keeps logs (and so their pipes) alive; see [`LogHandler::snapshot`].
+pub struct LogsHeld(#[allow(dead_code)] Vec<Arc<LogFile>>);
 
 /// A log file as it is handed over across re-exec.
 #[derive(Debug)]
@@ -577,6 +587,7 @@ impl LogHandler {
             // document names every pipe that can reach the next image.
             vh_common::restart::clear_cloexec(file.pipe.as_raw_fd())?;
             files.insert(path, file.clone());
+            vh_common::fdstore_keeper::touch();
         }
         if let Err(e) = self.pump.add(file.clone()) {
             self.close(&file);
@@ -592,12 +603,38 @@ impl LogHandler {
         }
         // Followers get EOF now, not when the last reference to the log goes.
         file.followers.clear();
+        // The fd store's copy of the pipe goes once a snapshot without it is written.
+        vh_common::fdstore_keeper::closing(file.pipe.as_raw_fd());
+        vh_common::fdstore_keeper::touch_soon();
         if let Ok(mut files) = self.files.lock() {
             if files.get(&file.path).is_some_and(|f| Arc::ptr_eq(f, file)) {
                 files.remove(&file.path);
             }
         }
         debug!(path = %file.path.display(), "log closed");
+    }
+
+    /// With the fd store on: every open log as the state document records it (read end,
+    /// path, owner, counters), and a guard keeping their pipes open while the caller
+    /// stores them.
+    pub fn snapshot(&self) -> (Vec<(RawFd, PathBuf, LogOwner, LogCounters)>, LogsHeld) {
+        let files: Vec<Arc<LogFile>> = self
+            .files
+            .lock()
+            .map(|f| f.values().cloned().collect())
+            .unwrap_or_default();
+        let logs = files
+            .iter()
+            .map(|f| {
+                (
+                    f.pipe.as_raw_fd(),
+                    f.path.clone(),
+                    f.owner.clone(),
+                    f.counters(),
+                )
+            })
+            .collect();
+        (logs, LogsHeld(files))
     }
 
     /// Every open log's counters, sorted by path (operator metrics). A log restored
