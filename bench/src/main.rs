@@ -6,6 +6,7 @@
 //! `vh-bench soak [--reexecs N] [logd|lockd]` (see soak.rs).
 
 mod daemon;
+mod fdstore;
 mod lockd;
 mod lockfs;
 mod logd;
@@ -806,6 +807,10 @@ fn main() {
 
 fn real_main() -> Res<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("fdstore") {
+        let exe = std::env::current_exe()?;
+        return fdstore::main(&args[2..], exe.parent().ok_or("no exe dir")?);
+    }
     if args.get(1).map(String::as_str) == Some("copy") {
         let path = PathBuf::from(args.get(2).ok_or("copy PATH rw|splice")?);
         return logd::copy_main(&path, args.get(3).map_or("rw", String::as_str));
@@ -840,6 +845,7 @@ fn real_main() -> Res<()> {
             "-h" | "--help" => {
                 println!("usage: vh-bench all [--quick] [--dir WORKDIR] [--out DIR] [--keep]");
                 println!("       vh-bench soak [--reexecs N] [logd|lockd]");
+                println!("       vh-bench fdstore [--leases N] [--logs M] [--reps R] [--out FILE]");
                 return Ok(());
             }
             other => return Err(format!("unknown argument {other:?} (try --help)").into()),

@@ -17,11 +17,14 @@
 # lines) and PASSes on having measured it.
 # Needs: systemd-container (systemd-nspawn), util-linux (nsenter), python3, root, and
 # target/debug/{virtlogd,virtlockd,crash-peer} (cargo build --workspace).
-# Usage: tests/systemd-crash/run.sh [N_LEASES [N_LOGS [LINES]]]   (1000 100 4000)
+# Usage: tests/systemd-crash/run.sh [N_LEASES [N_LOGS [LINES]]]   (1000 100 6000)
 set -u
+# The owner may be gone when we write to its fifo (9.0 kills it on stop): an EPIPE, not
+# the end of this script.
+trap '' PIPE
 N=${1:-1000}
 NLOGS=${2:-100}
-LINES=${3:-4000}
+LINES=${3:-6000}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BIN=${BIN:-$ROOT/target/debug}
 FAILS=0
@@ -139,6 +142,15 @@ logs_run() {
     echo "$tag virtlogd SIGKILL #$round (pid $pid): SubState=$(show virtlogd.service SubState)"
     if [ "$kind" = ours ]; then
       wait_active virtlogd.service || fail "$tag virtlogd not restarted after SIGKILL #$round"
+      [ $round = 1 ] || continue
+      # A re-exec while the lines flow: the store is emptied and filled again.
+      local st0; st0=$(show virtlogd.service NFileDescriptorStore)
+      SC reload virtlogd.service
+      sleep 2
+      local st1; st1=$(show virtlogd.service NFileDescriptorStore)
+      echo "$tag systemctl reload virtlogd (re-exec): store $st0 -> $st1 fds"
+      [ "$st1" = "$st0" ] && [ "$st0" -ge "$NLOGS" ] && pass "$tag virtlogd re-exec: the new image stores every pipe again" \
+        || fail "$tag virtlogd re-exec: store $st0 -> $st1 fds"
     fi
   done
   sleep 2
@@ -150,7 +162,7 @@ logs_run() {
   echo "$tag writers: $done; files: $res (of $((NLOGS * LINES)) lines)"
   if [ "$kind" = ours ]; then
     [ "$res" = "lines ok=$((NLOGS * LINES)) missing=0 duplicated=0 out_of_order=0" ] \
-      && pass "$tag logs: 3 SIGKILLs + restart of virtlogd, $NLOGS logs x $LINES lines: every line exactly once, in order" \
+      && pass "$tag logs: 3 SIGKILLs, a reload and a restart of virtlogd, $NLOGS logs x $LINES lines: every line exactly once, in order" \
       || fail "$tag logs: $res; $done"
     [ "$done" = "done written=$((NLOGS * LINES)) epipe=0" ] || fail "$tag a writer's pipe broke: $done"
   else
@@ -215,6 +227,36 @@ lease_run() {
   check_after "systemctl restart"
   [ "$kind" = c ] && pass "$tag baseline leases measured"
   if [ "$kind" = ours ]; then
+    # SIGUSR1 re-exec (systemctl reload): the old image empties the store before the
+    # exec, the new one stores everything again before READY; a crash after it loses
+    # nothing either.
+    local before_reload; before_reload=$(show virtlockd.service NFileDescriptorStore)
+    SC reload virtlockd.service
+    sleep 2
+    local after_reload; after_reload=$(show virtlockd.service NFileDescriptorStore)
+    echo "$tag systemctl reload (re-exec ours -> ours): store $before_reload -> $after_reload fds"
+    [ "$after_reload" = "$before_reload" ] && pass "$tag re-exec: the new image stores everything again" \
+      || fail "$tag re-exec: store held $before_reload fds before, $after_reload after"
+    IN kill -KILL "$(show virtlockd.service MainPID)"
+    sleep 0.3
+    n=$(lockable)
+    [ "$n" = "$rel" ] && pass "$tag SIGKILL after the re-exec: every unreleased lease held while down" \
+      || fail "$tag SIGKILL after the re-exec: $n lockable, $rel released"
+    wait_active virtlockd.service || fail "$tag virtlockd not restarted after the re-exec's SIGKILL"
+    check_after "the re-exec and a SIGKILL"
+    # Re-exec into libvirt 9.0's C daemon: nothing of ours may stay in the store (C
+    # releases a lease by closing its fd; a stored copy would keep the OFD lock).
+    install -m 0755 /usr/sbin/virtlockd "$S/virtlockd"
+    SC reload virtlockd.service
+    sleep 2
+    local c_store; c_store=$(show virtlockd.service NFileDescriptorStore)
+    [ "$c_store" = 0 ] && pass "$tag re-exec into the C daemon leaves nothing in the store" \
+      || fail "$tag re-exec into the C daemon: the store still holds $c_store fds"
+    check_after "the re-exec into the C daemon"
+    n=$(lockable)
+    [ "$n" = "$rel" ] && pass "$tag the C daemon's release really frees the lease; the rest stay held ($n free, $rel released)" \
+      || fail "$tag after the C daemon's release: $n lockable, $rel released"
+    install -m 0755 "$BIN/virtlockd" "$S/virtlockd"
     SC stop virtlockd.service virtlockd.socket virtlockd-admin.socket
     n=$(lockable)
     [ "$n" = "$N" ] && pass "$tag systemctl stop (252 empties the store) frees every lease, as 9.0's stop does" \

@@ -226,7 +226,12 @@ impl App for LockDaemonApp {
             counters: Some(counters),
         };
         let kinds: Vec<(RawFd, FdKind)> = fds.into_iter().map(|fd| (fd, FdKind::Lease)).collect();
-        keep(&kinds, &doc.to_json_string());
+        // Compact, unlike the re-exec file (only our next image reads it): less to
+        // write and hash per change.
+        match serde_json::to_string(&doc) {
+            Ok(text) => keep(&kinds, &text),
+            Err(e) => error!("cannot serialise the fd store snapshot: {e}"),
+        }
         drop(s);
     }
 

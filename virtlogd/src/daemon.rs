@@ -252,16 +252,16 @@ impl App for LogDaemon {
     }
 
     /// The document `handoff` writes, from the live table: no pump epoll set (the
-    /// next image after a crash starts its own) and no carried I/O.
+    /// next image after a crash starts its own), no carried I/O, and no counters: they
+    /// change with every byte, so a snapshot's would be stale anyway, and they were
+    /// half of each snapshot's cost (a crash restarts them from zero).
     fn snapshot(&self, daemon: DaemonState, magic: String, keep: &mut SnapshotSink<'_>) {
         let (logs, _held) = self.handler.snapshot();
-        let mut counters = serde_json::Map::new();
         let mut fds = Vec::with_capacity(logs.len());
         let mut files = Vec::with_capacity(logs.len());
-        for (pipe, path, owner, c) in logs {
+        for (pipe, path, owner) in logs {
             // Open refuses paths that are not UTF-8 (see `handoff`).
             let Some(path) = path.to_str() else { continue };
-            counters.insert(path.to_owned(), counters_to_json(&c));
             fds.push((pipe, FdKind::Log));
             files.push(LogFileState {
                 pipefd: pipe,
@@ -278,9 +278,13 @@ impl App for LogDaemon {
                 files,
                 pumpfd: None,
             },
-            counters: Some(serde_json::json!({ "logs": counters })),
+            counters: None,
         };
-        keep(&fds, &doc.to_json_string());
+        // Compact, unlike the re-exec file (only our next image reads it).
+        match serde_json::to_string(&doc) {
+            Ok(text) => keep(&fds, &text),
+            Err(e) => error!("cannot serialise the fd store snapshot: {e}"),
+        }
     }
 }
 

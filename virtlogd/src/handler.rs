@@ -290,7 +290,12 @@ impl LogFile {
     /// 1 MiB, so this takes everything written before the call, yet a guest that keeps
     /// writing cannot hold the RPC (and the file lock) forever.
     fn drain_locked(&self, w: &mut RotatingFileWriter) {
-        self.pump_locked(w, DRAIN_READS);
+        // Spliced with the fd store on, for the reason given in `pump`.
+        if vh_common::fdstore_keeper::active() {
+            self.pump_spliced_locked(w, DRAIN_READS);
+        } else {
+            self.pump_locked(w, DRAIN_READS);
+        }
     }
 }
 
@@ -615,9 +620,8 @@ impl LogHandler {
     }
 
     /// With the fd store on: every open log as the state document records it (read end,
-    /// path, owner, counters), and a guard keeping their pipes open while the caller
-    /// stores them.
-    pub fn snapshot(&self) -> (Vec<(RawFd, PathBuf, LogOwner, LogCounters)>, LogsHeld) {
+    /// path, owner), and a guard keeping their pipes open while the caller stores them.
+    pub fn snapshot(&self) -> (Vec<(RawFd, PathBuf, LogOwner)>, LogsHeld) {
         let files: Vec<Arc<LogFile>> = self
             .files
             .lock()
@@ -625,14 +629,7 @@ impl LogHandler {
             .unwrap_or_default();
         let logs = files
             .iter()
-            .map(|f| {
-                (
-                    f.pipe.as_raw_fd(),
-                    f.path.clone(),
-                    f.owner.clone(),
-                    f.counters(),
-                )
-            })
+            .map(|f| (f.pipe.as_raw_fd(), f.path.clone(), f.owner.clone()))
             .collect();
         (logs, LogsHeld(files))
     }
