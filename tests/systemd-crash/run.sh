@@ -33,7 +33,7 @@ pass() { echo "PASS $*"; }
 command -v systemd-nspawn >/dev/null || { fail "systemd-nspawn missing (apt-get install systemd-container)"; exit 1; }
 command -v nsenter >/dev/null || { fail "nsenter missing (util-linux)"; exit 1; }
 command -v python3 >/dev/null || { fail "python3 missing"; exit 1; }
-for b in virtlogd virtlockd crash-peer; do
+for b in virtlogd virtlockd crash-peer vhctl; do
   [ -x "$BIN/$b" ] || { fail "$BIN/$b missing (cargo build --workspace)"; exit 1; }
 done
 for b in /usr/sbin/virtlogd /usr/sbin/virtlockd /usr/lib/systemd/system/virtlockd.service; do
@@ -102,7 +102,7 @@ setup() {
   local kind=$1 u=$W/$1/units
   S=$W/$kind/shared
   mkdir -p "$S/leases" "$S/logs" "$u"
-  install -m 0755 "$BIN/crash-peer" "$S/crash-peer"
+  install -m 0755 "$BIN/crash-peer" "$BIN/vhctl" "$S/"
   mkfifo "$S/ctl"
   # The empty volatile /etc would make systemd-firstboot wait for a keypress.
   ln -s /dev/null "$u/systemd-firstboot.service"
@@ -132,7 +132,13 @@ logs_run() {
   IN "$S/crash-peer" logs $lsock "$S/logs" "$NLOGS" "$LINES" > "$S/logs.out" 2>&1 &
   local writer=$!
   wait_for "$S/logs.out" "opened $NLOGS" 60 || { fail "$tag logs: could not open $NLOGS logs: $(head -3 "$S/logs.out")"; return; }
-  [ "$kind" = ours ] && echo "$tag virtlogd holds $(show virtlogd.service NFileDescriptorStore) fds in the store with $NLOGS logs open"
+  if [ "$kind" = ours ]; then
+    sleep 1
+    local st; st=$(show virtlogd.service NFileDescriptorStore)
+    # The pipes, 2 listeners, 2 state slots (libvirtd's connection is closed).
+    [ "$st" = $((NLOGS + 4)) ] && pass "$tag virtlogd keeps $st fds in the store with $NLOGS logs open" \
+      || fail "$tag virtlogd keeps $st fds in the store with $NLOGS logs open, want $((NLOGS + 4))"
+  fi
   for round in 1 2 3; do
     sleep 2
     local pid; pid=$(show virtlogd.service MainPID)
@@ -180,7 +186,19 @@ lease_run() {
   local owner=$!
   exec 7> "$S/ctl"
   wait_for "$S/owner.out" "held $N" 120 || { fail "$tag owner could not take $N leases: $(tail -3 "$S/owner.out")"; exec 7>&-; return; }
-  [ "$kind" = ours ] && echo "$tag virtlockd holds $(show virtlockd.service NFileDescriptorStore) fds in the store with $N leases"
+  if [ "$kind" = ours ]; then
+    sleep 1
+    local st; st=$(show virtlockd.service NFileDescriptorStore)
+    # The leases, 2 listeners, the owner's connection, 2 state slots.
+    [ "$st" = $((N + 5)) ] && pass "$tag virtlockd keeps $st fds in the store with $N leases" \
+      || fail "$tag virtlockd keeps $st fds in the store with $N leases, want $((N + 5))"
+    local vs; vs=$(IN "$S/vhctl" status --system --locks | grep 'fd store')
+    echo "$tag vhctl status: $vs"
+    # vhctl's own admin connections are clients too, stored while they last: +0..2.
+    local vn; vn=$(echo "$vs" | sed -n 's/.*fd store: on, \([0-9]*\) fd(s) held there.*/\1/p')
+    [ -n "$vn" ] && [ "$vn" -ge "$st" ] && [ "$vn" -le $((st + 2)) ] && pass "$tag vhctl status shows the store on with $vn fds (systemd: $st)" \
+      || fail "$tag vhctl status: '$vs', want on with $st fds"
+  fi
   local n; n=$(lockable)
   [ "$n" = 0 ] || fail "$tag $n of $N leases free while virtlockd runs"
   local rel=0
@@ -230,13 +248,14 @@ lease_run() {
     # SIGUSR1 re-exec (systemctl reload): the old image empties the store before the
     # exec, the new one stores everything again before READY; a crash after it loses
     # nothing either.
-    local before_reload; before_reload=$(show virtlockd.service NFileDescriptorStore)
+    # Held leases, 2 listeners, the owner's connection, 2 state slots.
+    local want=$((N - rel + 5))
     SC reload virtlockd.service
     sleep 2
     local after_reload; after_reload=$(show virtlockd.service NFileDescriptorStore)
-    echo "$tag systemctl reload (re-exec ours -> ours): store $before_reload -> $after_reload fds"
-    [ "$after_reload" = "$before_reload" ] && pass "$tag re-exec: the new image stores everything again" \
-      || fail "$tag re-exec: store held $before_reload fds before, $after_reload after"
+    echo "$tag systemctl reload (re-exec ours -> ours): store holds $after_reload fds after it"
+    [ "$after_reload" = "$want" ] && pass "$tag re-exec: the new image stores everything again ($want fds)" \
+      || fail "$tag re-exec: store holds $after_reload fds, want $want"
     IN kill -KILL "$(show virtlockd.service MainPID)"
     sleep 0.3
     n=$(lockable)
