@@ -346,6 +346,11 @@ impl Keeper {
         CHANGES.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// The newest whole snapshot body (tests, diagnostics).
+    pub fn latest(&self) -> Option<(u64, Vec<u8>)> {
+        self.inner.lock().ok()?.slots.latest()
+    }
+
     pub fn stats(&self) -> KeeperStats {
         self.inner
             .lock()
