@@ -3,10 +3,13 @@
 //!
 //! Usage: `vh-bench all [--quick] [--dir WORKDIR] [--out DIR]` (run as root: each daemon
 //! runs in system mode in its own private mount namespace via `unshare -m`), and
-//! `vh-bench soak [--reexecs N] [logd|lockd]` (see soak.rs).
+//! `vh-bench soak [--reexecs N] [logd|lockd]` (see soak.rs), `vh-bench fence`
+//! (fencing across hosts on the GlusterFS bed, see fence.rs), and `vh-bench fdstore`
+//! (what systemd's fd store costs, see fdstore.rs).
 
 mod daemon;
 mod fdstore;
+mod fence;
 mod lockd;
 mod lockfs;
 mod logd;
@@ -815,6 +818,9 @@ fn real_main() -> Res<()> {
         let path = PathBuf::from(args.get(2).ok_or("copy PATH rw|splice")?);
         return logd::copy_main(&path, args.get(3).map_or("rw", String::as_str));
     }
+    if args.get(1).map(String::as_str) == Some("fence") {
+        return fence::main(&args[2..]);
+    }
     let mut quick = false;
     // Unique per run, so that two runs on one machine never wipe each other's files.
     let mut work = PathBuf::from(format!("/var/tmp/vh-bench-work-{}", std::process::id()));
@@ -845,6 +851,7 @@ fn real_main() -> Res<()> {
             "-h" | "--help" => {
                 println!("usage: vh-bench all [--quick] [--dir WORKDIR] [--out DIR] [--keep]");
                 println!("       vh-bench soak [--reexecs N] [logd|lockd]");
+                println!("       vh-bench fence --help (GlusterFS bed; writes FENCING.md)");
                 println!("       vh-bench fdstore [--leases N] [--logs M] [--reps R] [--out FILE]");
                 return Ok(());
             }

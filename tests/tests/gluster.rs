@@ -522,8 +522,97 @@ fn partition_without_fencing_overlaps() {
     }
 }
 
+/// A lease lost while its owner runs on (`lease_loss_action = "none"`): host A is cut,
+/// the brick drops A's lock, host B takes the lease; after the heal A's owner exits and A's
+/// daemon releases the lease. That release must leave B's lease file alone (deleting it
+/// would let a third party create and lock a new file under the same name: two holders of
+/// one disk); A's daemon warns and counts the loss.
+#[test]
+#[ignore = "needs the GlusterFS bed: run tests/gluster/run.sh"]
+fn release_of_a_lost_lease_leaves_the_other_hosts_file() {
+    let bed = Bed::get();
+    let rel = bed.fresh("lost-release");
+    let da = Daemon::spawn(
+        DaemonKind::Ours,
+        Service::Virtlockd,
+        &format!("{RENEWAL}lease_loss_action = \"none\"\n"),
+    );
+    let db = Daemon::spawn(DaemonKind::Ours, Service::Virtlockd, "");
+    let ls_a = bed.path("A", &rel);
+    let mut cb = Client::new(&db, &bed.path("B", &rel), 0x7fff_0e02, "host B");
+    let mut owner = owner_holding(&da, &ls_a, "disk");
+    let pid = owner.pid();
+    cb.refused("disk", false);
+    let cut = std::time::Instant::now();
+    bed_script("cut", "A");
+    loop {
+        match cb.acquire("disk", false) {
+            None => break,
+            Some(e) if e.code == code::RESOURCE_BUSY => {}
+            Some(e) => panic!("host B acquire: {e:?}"),
+        }
+        assert!(
+            cut.elapsed() < std::time::Duration::from_secs(120),
+            "host B never got the lease after A's link was cut"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    eprintln!(
+        "B acquired {:.1}s after the cut",
+        cut.elapsed().as_secs_f64()
+    );
+    assert!(!is_dead(pid), "lease_loss_action=none killed A's owner");
+    let b_file = bed.path("B", &format!("{rel}/disk"));
+    let b_ino =
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&b_file).expect("B's lease file"));
+    bed_script("heal", "A");
+    bed.wait_usable("A");
+    // A's owner exits after the heal: A's daemon releases the lease it lost.
+    owner.exit();
+    let released = std::time::Instant::now();
+    let warned = |log: &str| log.contains("is no longer ours");
+    while b_file.exists() && !warned(&da.stderr()) {
+        assert!(
+            released.elapsed() < std::time::Duration::from_secs(120),
+            "A's daemon never released the lost lease:\n{}",
+            da.stderr()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let md = std::fs::metadata(&b_file).unwrap_or_else(|e| {
+        panic!(
+            "A's release deleted B's lease file ({e}); A's daemon said:\n{}",
+            da.stderr()
+        )
+    });
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&md),
+        b_ino,
+        "B's lease file was replaced"
+    );
+    // Still B's: nobody else gets it, from either host.
+    let mut ca = Client::new(&da, &ls_a, 0x7fff_0e03, "host A after heal");
+    ca.refused("disk", false);
+    let mut cb2 = Client::new(
+        &db,
+        &bed.path("B", &rel),
+        0x7fff_0e04,
+        "host B, other owner",
+    );
+    cb2.refused("disk", false);
+    let log = da.stderr();
+    assert!(warned(&log), "A's daemon log:\n{log}");
+    eprintln!(
+        "A's release of the lost lease, {:.1}s after its owner exited, left B's file: {}",
+        released.elapsed().as_secs_f64(),
+        log.lines().find(|l| warned(l)).unwrap_or_default()
+    );
+    cb.release("disk");
+}
+
 /// Renewal under a long write load on the volume from both hosts, without a partition:
-/// no owner is killed, no lease counts as lost.
+/// renewal keeps running (host B sees A's heartbeat change), no owner is killed, no lease
+/// counts as lost.
 #[test]
 #[ignore = "needs the GlusterFS bed: run tests/gluster/run.sh"]
 fn no_fencing_under_io_load() {
@@ -538,6 +627,29 @@ fn no_fencing_under_io_load() {
     let owner = owner_holding(&da, &ls_a, "busy-disk");
     let pid = owner.pid();
     let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    // A's heartbeat as host B reads it, sampled through the load: renewal must keep
+    // running (a test that only saw no kill would pass with renewal stalled or off).
+    let heartbeats = {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+        let hb = bed.path("B", &format!("{rel}/.virtlockd-renew.{}", host.trim()));
+        let want = format!("lease=busy-disk exclusive owners={pid}\n");
+        std::thread::spawn(move || {
+            let mut seen = std::collections::BTreeSet::new();
+            while std::time::Instant::now() < end {
+                if let Ok(t) = std::fs::read_to_string(&hb) {
+                    if t.contains(&want) {
+                        seen.extend(
+                            t.lines()
+                                .find(|l| l.starts_with("renewed="))
+                                .map(String::from),
+                        );
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+            seen.len()
+        })
+    };
     let writers: Vec<_> = ["A", "B"]
         .into_iter()
         .map(|h| {
@@ -560,6 +672,13 @@ fn no_fencing_under_io_load() {
         })
         .collect();
     let rounds: Vec<u32> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let renewals = heartbeats.join().unwrap();
+    assert!(
+        renewals > 1,
+        "A's heartbeat (listing the lease) changed {renewals} time(s) during the load: \
+         renewal did not run:\n{}",
+        da.stderr()
+    );
     assert!(
         !is_dead(pid),
         "the owner was killed without a partition:\n{}",
@@ -571,7 +690,10 @@ fn no_fencing_under_io_load() {
         !log.contains("lease lost") && !log.contains("no lease renewal"),
         "a lease counted as lost under load:\n{log}"
     );
-    eprintln!("{secs}s of load: {rounds:?} x 64 MiB written (+fsync) via A and B");
+    eprintln!(
+        "{secs}s of load: {rounds:?} x 64 MiB written (+fsync) via A and B; {renewals} \
+         distinct heartbeats listing the lease seen from B"
+    );
     drop(owner);
 }
 

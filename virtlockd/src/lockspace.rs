@@ -68,7 +68,9 @@
 //! * The AUTOCREATE open/lock/re-check loop gives up after [`AUTOCREATE_MAX_ATTEMPTS`] lost
 //!   races (9.0 loops forever).
 //! * When the last owner of an AUTOCREATE resource releases it, the lock file is unlinked only
-//!   if `path` still names the file we hold locked (9.0 unlinks whatever is there).
+//!   if our exclusive lock on it is re-asserted first (a lease lost to another host leaves
+//!   its file alone) and `path` still names the file we hold locked (9.0 unlinks whatever is
+//!   there, and an exclusive lease's file without checking its lock).
 
 use crate::lease_lock::{self, LockKind};
 use nix::errno::Errno;
@@ -224,8 +226,9 @@ fn set_inheritable(fd: RawFd, inherit: bool) -> Result<(), RpcError> {
 
 impl Drop for Resource {
     /// Dropping a resource releases it: for a held AUTOCREATE resource the lock file is
-    /// unlinked *before* the fd is closed (a shared one only if the lock can first be
-    /// upgraded to exclusive, i.e. nobody else still shares it); closing the fd drops the lock.
+    /// unlinked *before* the fd is closed, and only if the lock can first be re-asserted as
+    /// exclusive (still ours, and for a shared one, nobody else still shares it); closing
+    /// the fd drops the lock.
     /// Blocking work: the table drops resources on the blocking pool.
     fn drop(&mut self) {
         self.unlink_if_last();
@@ -244,14 +247,31 @@ impl Resource {
         if !(self.lock_held && self.is_autocreate()) {
             return;
         }
-        if self.is_shared() {
-            if let Err(e) = lease_lock::relock(self.fd.as_raw_fd(), false, self.kind) {
+        // Only the holder of the exclusive lock may delete the file. `lock_held` says we
+        // took the lock, not that we still hold it: shared storage drops a partitioned
+        // host's locks and another host may hold the lease now; deleting its file would
+        // let a third party create and lock a new one under the same name (two holders of
+        // one disk). Converting to (or re-asserting) exclusive on our own fd proves it in
+        // one fcntl: a no-op on a lock still ours (OFD, or POSIX inherited from C: our own
+        // POSIX lock never conflicts with us), refused while anyone else holds the file,
+        // and for a shared lease the check that nobody else still shares it. If the lock
+        // was lost and nobody holds it, this takes it again, and deleting is then ours.
+        if let Err(e) = lease_lock::relock(self.fd.as_raw_fd(), false, self.kind) {
+            if self.is_shared() && matches!(e, Errno::EAGAIN | Errno::EACCES) {
                 tracing::debug!(
                     path = %self.path.display(),
                     "could not upgrade shared lease to exclusive ({e}), not deleting"
                 );
-                return;
+            } else {
+                let n = crate::renewal::note_lost_at_release();
+                tracing::warn!(
+                    path = %self.path.display(),
+                    losses = n,
+                    "lease {} is no longer ours ({e}): lost while held, the file is left to its holder",
+                    self.name
+                );
             }
+            return;
         }
         if let Some(id) = self.file_id {
             if FileId::of_path(&self.path) != Some(id) {
@@ -1861,6 +1881,98 @@ mod tests {
         fs::write(&f, b"someone else's").unwrap();
         ls.release("foo", 1).unwrap();
         assert!(f.exists());
+    }
+
+    /// A lease lost while held (the shared storage dropped our lock during a partition)
+    /// and taken by another host: neither its release nor its owner's exit (nor fencing,
+    /// which ends in the same release) may delete the file the other host now holds.
+    /// The loss is simulated by unlocking our fd behind the lockspace's back and letting
+    /// another process lock the file, which is what the lock server then sees.
+    #[test]
+    fn autocreate_release_of_a_lost_lease_leaves_the_file_to_its_holder() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (_t, d) = testdir();
+        let mut ls = Ls::dir(&d);
+        let lost = || crate::renewal::stats().lost_at_release.load(Relaxed);
+        let before = lost();
+        let cases = [
+            ("released", ACQUIRE_AUTOCREATE, 1),
+            ("owner-exit", ACQUIRE_AUTOCREATE, 2),
+            ("shared", ACQUIRE_SHARED | ACQUIRE_AUTOCREATE, 3),
+        ];
+        for (name, flags, owner) in cases {
+            let f = d.join(name);
+            ls.acquire(name, owner, flags).unwrap();
+            {
+                let r = ls.get(name).unwrap();
+                assert_eq!(r.lock_kind(), LockKind::Ofd);
+                lease_lock::unlock(r.raw_fd(), r.lock_kind()).unwrap();
+            }
+            let other_host = Holder::new(&f, libc::F_WRLCK);
+            if owner == 2 {
+                assert!(ls.release_owner(owner));
+            } else {
+                ls.release(name, owner).unwrap();
+            }
+            assert!(ls.get(name).is_none(), "{name}: released all the same");
+            assert!(f.exists(), "{name}: the other holder's file was deleted");
+            assert!(
+                !other_can_lock(&f, libc::F_RDLCK),
+                "{name}: still locked by its holder"
+            );
+            drop(other_host);
+        }
+        // The two exclusive ones count as losses (a shared lease cannot tell a loss from
+        // another sharer; its file stays either way).
+        assert!(lost() >= before + 2);
+        assert_eq!(fds_into(&d), 0);
+        // Still held: deleted as before (one more fcntl, the re-assert).
+        ls.acquire("kept", 1, ACQUIRE_AUTOCREATE).unwrap();
+        ls.release("kept", 1).unwrap();
+        assert!(!d.join("kept").exists());
+    }
+
+    /// The same for an exclusive lease inherited from libvirt's C daemon (a POSIX lock,
+    /// see `lease_lock`): re-asserted as POSIX, deleted while ours, left once lost.
+    #[test]
+    fn release_of_an_inherited_posix_lease_checks_it_too() {
+        let (_t, d) = testdir();
+        let mut ls = Ls::dir(&d);
+        for (name, lose) in [("kept", false), ("lost", true)] {
+            let f = d.join(name);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&f)
+                .unwrap();
+            fcntl(file.as_raw_fd(), FcntlArg::F_SETLK(&flock(libc::F_WRLCK))).unwrap();
+            ls.restore_resource(
+                name.into(),
+                f.clone(),
+                file.into(),
+                true,
+                ACQUIRE_AUTOCREATE,
+                vec![7],
+            )
+            .unwrap();
+            let raw = {
+                let r = ls.get(name).unwrap();
+                assert_eq!(r.lock_kind(), LockKind::Posix);
+                r.raw_fd()
+            };
+            let other_host = lose.then(|| {
+                lease_lock::unlock(raw, LockKind::Posix).unwrap();
+                Holder::new(&f, libc::F_WRLCK)
+            });
+            assert!(ls.release_owner(7));
+            assert_eq!(f.exists(), lose, "{name}");
+            if other_host.is_some() {
+                assert!(!other_can_lock(&f, libc::F_RDLCK), "still its holder's");
+            }
+        }
     }
 
     // ---- names and aliases ----

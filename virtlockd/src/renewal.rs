@@ -9,7 +9,8 @@
 //! leases, we prove that the storage still answers and that our locks are still ours; when
 //! that has not succeeded for `lease_renew_timeout` seconds, or a lock is found lost, every
 //! owner process holding a lease there is SIGKILLed (`lease_loss_action = "kill"`) or the
-//! loss is only logged (`"none"`). Every loss is logged and counted ([`stats`]).
+//! loss is only logged (`"none"`). Every loss is logged and counted ([`stats`]), and so is
+//! a release that finds its lease lost: it leaves the file to its new holder.
 //!
 //! # How a lock is proven ours
 //!
@@ -88,6 +89,9 @@ pub struct Stats {
     pub losses: AtomicU64,
     /// Owner processes sent SIGKILL.
     pub kills: AtomicU64,
+    /// Releases that found their lease lost (another holder) and left its file alone;
+    /// each is a loss too.
+    pub lost_at_release: AtomicU64,
 }
 
 static STATS: Stats = Stats {
@@ -95,11 +99,19 @@ static STATS: Stats = Stats {
     failures: AtomicU64::new(0),
     losses: AtomicU64::new(0),
     kills: AtomicU64::new(0),
+    lost_at_release: AtomicU64::new(0),
 };
 
 /// The renewal counters.
 pub fn stats() -> &'static Stats {
     &STATS
+}
+
+/// Counts a lease that its release found lost (see `lockspace`: its file is not deleted),
+/// whether or not renewal is on or had already declared it. Returns the losses so far.
+pub fn note_lost_at_release() -> u64 {
+    STATS.lost_at_release.fetch_add(1, Ordering::Relaxed);
+    STATS.losses.fetch_add(1, Ordering::Relaxed) + 1
 }
 
 /// Who registered as an owner pid: for the holder record only.
