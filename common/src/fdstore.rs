@@ -41,9 +41,9 @@
 //! **State.** Two memfds, slots A and B, are stored once at start. Each update writes
 //! the whole document into the slot *not* holding the newest generation: its header is
 //! zeroed first, then the body written, then a header carrying the generation, the
-//! length and an FNV-1a hash of the body. A crash at any instant leaves at least one
-//! slot with a complete header that matches its body; a start takes the valid slot with
-//! the highest generation. The store never has to be touched per update (the memfds
+//! length and a hash of the body (FNV-1a over 64-bit words). A crash at any instant
+//! leaves at least one slot with a complete header that matches its body; a start takes
+//! the valid slot with the highest generation. The store never has to be touched per update (the memfds
 //! are shared files: what we write is what systemd holds), so an update costs one
 //! document serialisation and three `pwrite`s. Before the document comes a table of
 //! `fd <number> <name>` lines: the fd numbers the document uses, and under which
