@@ -342,7 +342,8 @@ impl StateSlots {
         // Generations alternate between the slots: odd in A, even in B.
         let slot = &self.slots[gen.is_multiple_of(2) as usize];
         slot.write_all_at(&[0u8; HEADER], 0)?;
-        slot.set_len((HEADER + body.len()) as u64)?;
+        // No truncation: the header says how long the body is, and a slot that shrank
+        // and grew again on every change would free and fault in its pages each time.
         slot.write_all_at(body, HEADER as u64)?;
         let mut hdr = [0u8; HEADER];
         hdr[..8].copy_from_slice(MAGIC);
@@ -364,10 +365,14 @@ impl StateSlots {
 }
 
 /// A snapshot body: the fd table, a blank line, the state document.
-pub fn snapshot_body(fds: &[(RawFd, String)], doc: &str) -> Vec<u8> {
+pub fn snapshot_body<'a>(
+    fds: impl ExactSizeIterator<Item = (RawFd, &'a str)>,
+    doc: &str,
+) -> Vec<u8> {
+    use std::fmt::Write;
     let mut out = String::with_capacity(doc.len() + fds.len() * 24 + 1);
     for (fd, name) in fds {
-        out.push_str(&format!("fd {fd} {name}\n"));
+        let _ = writeln!(out, "fd {fd} {name}");
     }
     out.push('\n');
     out.push_str(doc);
@@ -644,12 +649,12 @@ mod tests {
 
     #[test]
     fn snapshot_round_trip() {
-        let body = snapshot_body(&[(12, "vh-log-1".into()), (7, "vh-lease-2".into())], "{}");
+        let body = snapshot_body([(12, "vh-log-1"), (7, "vh-lease-2")].into_iter(), "{}");
         let (map, doc) = parse_snapshot(&body).unwrap();
         assert_eq!(doc, "{}");
         assert_eq!(map["vh-log-1"], 12);
         assert_eq!(map["vh-lease-2"], 7);
-        let (map, doc) = parse_snapshot(&snapshot_body(&[], "{\"a\":1}")).unwrap();
+        let (map, doc) = parse_snapshot(&snapshot_body(std::iter::empty(), "{\"a\":1}")).unwrap();
         assert!(map.is_empty());
         assert_eq!(doc, "{\"a\":1}");
         assert!(parse_snapshot(b"fd x y\n\n{}").is_err());

@@ -243,7 +243,6 @@ impl Keeper {
                 inner.gone.push(name);
             }
         }
-        let mut table = Vec::with_capacity(fds.len());
         let mut listed = HashSet::with_capacity(fds.len());
         let mut fresh = 0;
         for (fd, kind) in fds {
@@ -251,42 +250,37 @@ impl Keeper {
                 warn!("fd {fd} is named twice in the state; stored once");
                 continue;
             }
-            let known = inner.by_fd.get(fd).filter(|n| kind.matches(n)).cloned();
-            let name = match known {
-                Some(n) => n,
-                None => {
-                    if let Some(old) = inner.by_fd.remove(fd) {
-                        inner.gone.push(old);
-                    }
-                    let serial = inner.serial;
-                    inner.serial += 1;
-                    let name = kind.name(serial);
-                    // SAFETY: the caller keeps `fd` open for this whole call (see above).
-                    let b = unsafe { BorrowedFd::borrow_raw(*fd) };
-                    if let Err(e) = self.store.store(&name, b, kind.poll()) {
-                        // Left out of the table: a restart then misses this one item.
-                        warn!("cannot store fd {fd} as {name}: {e}");
-                        continue;
-                    }
-                    fresh += 1;
-                    inner.by_fd.insert(*fd, name.clone());
-                    name
-                }
-            };
-            table.push((*fd, name));
+            if inner.by_fd.get(fd).is_some_and(|n| kind.matches(n)) {
+                continue;
+            }
+            if let Some(old) = inner.by_fd.remove(fd) {
+                inner.gone.push(old);
+            }
+            let serial = inner.serial;
+            inner.serial += 1;
+            let name = kind.name(serial);
+            // SAFETY: the caller keeps `fd` open for this whole call (see above).
+            let b = unsafe { BorrowedFd::borrow_raw(*fd) };
+            if let Err(e) = self.store.store(&name, b, kind.poll()) {
+                // Left out of the table: a restart then misses this one item.
+                warn!("cannot store fd {fd} as {name}: {e}");
+                continue;
+            }
+            fresh += 1;
+            inner.by_fd.insert(*fd, name);
         }
-        if inner.by_fd.len() > table.len() {
-            let mut dropped = Vec::new();
-            inner.by_fd.retain(|fd, name| {
-                let keep = listed.contains(fd);
-                if !keep {
-                    dropped.push(std::mem::take(name));
-                }
-                keep
-            });
-            inner.gone.extend(dropped);
-        }
-        let body = snapshot_body(&table, doc);
+        // Stored fds the document no longer names.
+        let mut dropped = Vec::new();
+        inner.by_fd.retain(|fd, name| {
+            let keep = listed.contains(fd);
+            if !keep {
+                dropped.push(std::mem::take(name));
+            }
+            keep
+        });
+        inner.gone.extend(dropped);
+        // The table is exactly what is stored now and named by the document.
+        let body = snapshot_body(inner.by_fd.iter().map(|(fd, n)| (*fd, n.as_str())), doc);
         inner.slots.write(&body)?;
         inner.written = seen_changes;
         inner.snapshots += 1;
@@ -299,7 +293,7 @@ impl Keeper {
             }
         }
         debug!(
-            fds = table.len(),
+            fds = inner.by_fd.len(),
             fresh,
             bytes = body.len(),
             "fd store snapshot"
