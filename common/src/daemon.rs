@@ -172,6 +172,13 @@ pub trait App: Send + Sync + Sized + 'static {
     fn restore(&self, state: Self::State, in_place: bool) -> Result<DaemonState, String>;
     /// Clean stop: release what a stop releases.
     fn shutdown(&self) -> impl Future<Output = ()> + Send;
+    /// With the fd store on, a SIGTERM leaves everything in the store (see `run`); this
+    /// runs first, for what must not wait in the store without us (virtlogd drains its
+    /// pipes into the files, so that a stop, which empties the store, loses no more than
+    /// a stop without it). It must close and release nothing.
+    fn before_store_exit(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
     /// With the fd store on: builds the whole state document as [`Self::handoff`]
     /// would, without handing anything off, and calls `keep` with it and the fds the
     /// app's part names, while holding whatever keeps those fds open (see
@@ -525,6 +532,8 @@ async fn run<A: App>(
                     // holds it all. A restart resumes from it; a stop on systemd 252
                     // empties the store, which closes every pipe and frees every lease,
                     // as 9.0's stop does.
+                    commit(&daemon, &*app, k);
+                    app.before_store_exit().await;
                     commit(&daemon, &*app, k);
                     info!("leaving everything in the fd store");
                     return STORE_KEPT;

@@ -88,13 +88,14 @@
 //! read and its write would lose the bytes read.
 //!
 //! **SIGTERM.** `systemctl restart` is a SIGTERM followed by a start, and must lose
-//! nothing: with the store on, SIGTERM writes a last snapshot and exits 0 at once,
-//! closing, releasing and killing nothing (the store holds it all; QEMU's pipes and
-//! connections stay open). What happens next is systemd's: `restart` (and
-//! `Restart=on-failure` after a crash) starts us with the store; `stop` on 252 empties
-//! it, which closes every pipe and frees every lease. Unlike the stop without the
-//! store (and 9.0's), no lease owner is killed first and whatever sits in a pipe is
-//! not drained: stop virtlockd only with no guest running. SIGINT, SIGQUIT, the idle
+//! nothing: with the store on, SIGTERM writes a last snapshot, lets the app do what
+//! must not wait in the store (`App::before_store_exit`: virtlogd drains its pipes into
+//! the files) and exits 0, closing, releasing and killing nothing (the store holds it
+//! all; QEMU's pipes and connections stay open). What happens next is systemd's:
+//! `restart` (and `Restart=on-failure` after a crash) starts us with the store; `stop`
+//! on 252 empties it, which closes every pipe and frees every lease. Unlike the stop
+//! without the store (and 9.0's), no lease owner is killed first: stop virtlockd only
+//! with no guest running. SIGINT, SIGQUIT, the idle
 //! timeout and admin shutdown quit as without the store.
 //!
 //! **Stop + start.** On systemd 252 a `stop` followed by a `start` empties the store

@@ -251,6 +251,14 @@ impl App for LogDaemon {
         let _ = tokio::task::spawn_blocking(move || handler.shutdown()).await;
     }
 
+    /// Drains every pipe into its file and stops the pump; the logs stay in the table
+    /// and their pipes open (the store keeps them for the next start). Spliced, so a
+    /// SIGKILL meanwhile loses nothing either.
+    async fn before_store_exit(&self) {
+        let handler = self.handler.clone();
+        let _ = tokio::task::spawn_blocking(move || handler.shutdown()).await;
+    }
+
     /// The document `handoff` writes, from the live table: no pump epoll set (the
     /// next image after a crash starts its own), no carried I/O, and no counters: they
     /// change with every byte, so a snapshot's would be stale anyway, and they were
