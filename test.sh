@@ -56,7 +56,8 @@ stage interop11 tests/interop11/run.sh
 stage systemd tests/systemd/run.sh
 # Cross-host leases and fencing on a real GlusterFS volume (brings its bed up and down).
 stage gluster tests/gluster/run.sh
-# Crash survival (issue 15): fd store + OFD leases under a real systemd 252 (nspawn).
+# Crash survival (issue 15): both daemons with the fd store under a real systemd 252
+# (nspawn): SIGKILL, restart, reload; then 9.0's C daemons with Debian's units (baseline).
 stage systemd-crash tests/systemd-crash/run.sh
 # OFD vs POSIX byte-0 locks across two GlusterFS clients.
 stage ofd-gluster tests/ofd-gluster/run.sh

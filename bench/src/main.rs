@@ -3,8 +3,9 @@
 //!
 //! Usage: `vh-bench all [--quick] [--dir WORKDIR] [--out DIR]` (run as root: each daemon
 //! runs in system mode in its own private mount namespace, set up by `vh-testkit`), and
-//! `vh-bench soak [--reexecs N] [logd|lockd]` (see soak.rs), and `vh-bench fence`
-//! (fencing across hosts on the GlusterFS bed, see fence.rs).
+//! `vh-bench soak [--reexecs N] [logd|lockd]` (see soak.rs), `vh-bench fence`
+//! (fencing across hosts on the GlusterFS bed, see fence.rs), and `vh-bench fdstore`
+//! (what systemd's fd store costs, see fdstore.rs).
 //!
 //! | module | job |
 //! |---|---|
@@ -14,9 +15,11 @@
 //! | `lockfs` | the filesystem the virtlockd benchmarks keep their lockspaces on |
 //! | `soak` | N re-execs of each daemon under load, counting what must never be lost |
 //! | `fence` | fencing across two hosts on the GlusterFS bed |
+//! | `fdstore` | the cost of keeping systemd's fd store current, store on vs off |
 //! | `report` | RESULTS.md and the growth SVG |
 
 mod daemon;
+mod fdstore;
 mod fence;
 mod lockd;
 mod lockfs;
@@ -873,6 +876,10 @@ fn main() {
 
 fn real_main() -> Res<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("fdstore") {
+        let exe = std::env::current_exe()?;
+        return fdstore::main(&args[2..], exe.parent().ok_or("no exe dir")?);
+    }
     if args.get(1).map(String::as_str) == Some("copy") {
         let path = PathBuf::from(args.get(2).ok_or("copy PATH rw|splice")?);
         return logd::copy_main(&path, args.get(3).map_or("rw", String::as_str));
@@ -911,6 +918,7 @@ fn real_main() -> Res<()> {
                 println!("usage: vh-bench all [--quick] [--dir WORKDIR] [--out DIR] [--keep]");
                 println!("       vh-bench soak [--reexecs N] [logd|lockd]");
                 println!("       vh-bench fence --help (GlusterFS bed; writes FENCING.md)");
+                println!("       vh-bench fdstore [--leases N] [--logs M] [--reps R] [--out FILE]");
                 return Ok(());
             }
             other => return Err(format!("unknown argument {other:?} (try --help)").into()),

@@ -8,7 +8,7 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use vh_proto::blocking::Client;
 use vh_proto::inspect::{proc_, PROGRAM, VERSION};
-pub use vh_proto::inspect::{LockEntry, LockMetrics, LogEntry, LogMetric};
+pub use vh_proto::inspect::{FdStoreInfo, LockEntry, LockMetrics, LogEntry, LogMetric};
 use vh_proto::paths::DaemonKind;
 
 fn admin_client(kind: DaemonKind, target: &Target) -> Result<Client> {
@@ -32,6 +32,13 @@ pub fn list_locks(target: &Target) -> Result<Vec<LockEntry>> {
 pub fn log_metrics(target: &Target) -> Result<Vec<LogMetric>> {
     let reply = admin_client(DaemonKind::Logd, target)?.call(proc_::LOG_METRICS, &[])?;
     LogMetric::decode_list(&reply.payload).map_err(ClientError::from)
+}
+
+/// FD_STORE on `kind`'s admin socket: whether it keeps systemd's fd store, and how
+/// many fds it holds there.
+pub fn fd_store(kind: DaemonKind, target: &Target) -> Result<FdStoreInfo> {
+    let reply = admin_client(kind, target)?.call(proc_::FD_STORE, &[])?;
+    FdStoreInfo::decode(&reply.payload).map_err(ClientError::from)
 }
 
 /// LOCK_METRICS on virtlockd's admin socket.

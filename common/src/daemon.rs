@@ -24,6 +24,8 @@
 use crate::activation::{self, Activation};
 use crate::cli::{self, CliAction, Options};
 use crate::config::{self, DaemonConfig, DaemonKeys};
+use crate::fdstore::{self, FdStore};
+use crate::fdstore_keeper::{FdKind, Keeper, SnapshotSink};
 use crate::logging::{self, LogHandle, LogInputs};
 use crate::paths::{DaemonKind, DaemonPaths, Mode};
 use crate::pidfile::PidFile;
@@ -33,7 +35,7 @@ use crate::restart::{
 };
 use crate::server::{
     ClientHooks, ClientLimits, HandedOffClient, NoHooks, PendingIo, Program, RunState, Server,
-    ServiceInfo,
+    ServiceInfo, StoreHook,
 };
 use std::ffi::{CString, OsString};
 use std::future::Future;
@@ -79,6 +81,8 @@ pub struct Daemon {
     quit_requested: tokio::sync::Notify,
     /// The quit has begun (servers told to close); set once.
     quitting: AtomicBool,
+    /// Keeps systemd's fd store current, when it is on.
+    keeper: std::sync::OnceLock<Arc<Keeper>>,
 }
 
 impl Daemon {
@@ -122,6 +126,11 @@ impl Daemon {
 
     pub fn server(&self, name: &str) -> Option<&Arc<Server>> {
         self.servers().into_iter().find(|s| s.name() == name)
+    }
+
+    /// The fd store's figures, when the daemon keeps one (`vhctl status`).
+    pub fn fd_store(&self) -> Option<crate::fdstore_keeper::KeeperStats> {
+        self.keeper.get().map(|k| k.stats())
     }
 }
 
@@ -170,6 +179,18 @@ pub trait App: Send + Sync + Sized + 'static {
     ) -> Result<DaemonState, restart::RestoreError>;
     /// Clean stop: release what a stop releases.
     fn shutdown(&self) -> impl Future<Output = ()> + Send;
+    /// With the fd store on, a SIGTERM leaves everything in the store (see `run`); this
+    /// runs first, for what must not wait in the store without us (virtlogd drains its
+    /// pipes into the files, so that a stop, which empties the store, loses no more than
+    /// a stop without it). It must close and release nothing.
+    fn before_store_exit(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+    /// With the fd store on: builds the whole state document as [`Self::handoff`]
+    /// would, without handing anything off, and calls `keep` with it and the fds the
+    /// app's part names, while holding whatever keeps those fds open (see
+    /// `fdstore_keeper`).
+    fn snapshot(&self, daemon: DaemonState, magic: String, keep: &mut SnapshotSink<'_>);
 }
 
 /// Entry point of both binaries: returns the process exit code.
@@ -177,6 +198,17 @@ pub fn main<A: App>() -> i32 {
     // Before anything else (see the module doc): a reload arriving while we start
     // waits until we can act on it.
     hold_reloads();
+    // Then, before this process opens any file: the fds systemd kept for us go back to
+    // the numbers our last snapshot recorded (numbers above the soft limit need the
+    // raised one).
+    raise_nofile_limit();
+    let resumed = match fdstore::take_stored() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{}: cannot resume from the fd store: {e}", A::KIND.name());
+            return exit::INIT;
+        }
+    };
     let args: Vec<OsString> = std::env::args_os().collect();
     let opts = match cli::parse(A::KIND, &args) {
         Ok(CliAction::Run(o)) => o,
@@ -228,14 +260,35 @@ pub fn main<A: App>() -> i32 {
             return 1;
         }
     };
-    raise_nofile_limit();
     if let Err(e) = paths.create_run_dir() {
         error!("Unable to create rundir {}: {e}", paths.run_dir.display());
         return exit::RUNDIR;
     }
-    let state = match take_state::<A>(&paths.state_file) {
-        Ok(s) => s,
-        Err(code) => return code,
+    let (state, resumed) = match resumed {
+        // A crash or `systemctl restart`: the newest snapshot is a re-exec document
+        // (its magic names the dead process, so it is not checked).
+        Some(r) => {
+            info!(
+                "resuming from the fd store: {} fds, {} stale, {} missing",
+                r.table.len(),
+                r.stale.len(),
+                r.missing.len()
+            );
+            for name in &r.missing {
+                warn!("the fd store did not give back {name}; that item is lost");
+            }
+            match A::parse_state(&r.doc) {
+                Ok(s) => (Some(s), Some((r.slots, r.table, r.stale))),
+                Err(e) => {
+                    error!("cannot parse the state in the fd store: {e}");
+                    return exit::INIT;
+                }
+            }
+        }
+        None => match take_state::<A>(&paths.state_file) {
+            Ok(s) => (s, None),
+            Err(code) => return code,
+        },
     };
     // Daemonize only on a fresh start: after re-exec we already are the daemon.
     let mut status_pipe = None;
@@ -279,10 +332,34 @@ pub fn main<A: App>() -> i32 {
             return exit::INIT;
         }
     };
-    let code = rt.block_on(run::<A>(opts, mode, paths, config, log, state, status_pipe));
+    let code = rt.block_on(run::<A>(
+        opts,
+        mode,
+        paths,
+        config,
+        log,
+        (state, resumed),
+        status_pipe,
+    ));
     let _ = pidfile.release();
+    if code == STORE_KEPT {
+        // SIGTERM with the fd store on (see `run`): leave now, as a crash would, so
+        // that dropping the runtime runs no close of anything the store keeps.
+        std::process::exit(0);
+    }
     code
 }
+
+/// `run`'s result for a SIGTERM with the fd store on (exit 0, without a drain).
+const STORE_KEPT: i32 = -1;
+
+/// What a resume from the fd store hands the keeper: the slots, name → number, and
+/// stale names.
+type StoreResume = (
+    fdstore::StateSlots,
+    std::collections::HashMap<String, RawFd>,
+    Vec<String>,
+);
 
 /// Consumes the re-exec state file: the parsed state if it is meant for this process;
 /// `None` without a file or for a stale one (a fresh start); the exit code, once logged,
@@ -334,11 +411,11 @@ async fn run<A: App>(
     paths: DaemonPaths,
     config: DaemonConfig<A::Keys>,
     log: LogHandle,
-    state: Option<A::State>,
+    (state, resumed): (Option<A::State>, Option<StoreResume>),
     mut status_pipe: Option<OwnedFd>,
 ) -> i32 {
     let (run_tx, run_rx) = watch::channel(RunState::Running);
-    let app = A::new(&config, mode, run_rx.clone());
+    let app = Arc::new(A::new(&config, mode, run_rx.clone()));
     let own_uid = nix::unistd::geteuid().as_raw();
     // System mode: only root may talk to us; session mode: only our own user.
     let main_uid = if mode.is_privileged() { 0 } else { own_uid };
@@ -376,6 +453,7 @@ async fn run<A: App>(
         main,
         admin,
         run_tx,
+        keeper: std::sync::OnceLock::new(),
     });
     // Handlers first, as libvirt does: the sockets serve as soon as they are adopted,
     // and a SIGUSR1 sent once a client got an answer must not meet the default action
@@ -400,6 +478,9 @@ async fn run<A: App>(
         daemon.admin.add_program(p);
     }
     let restarted = state.is_some();
+    // The store's hooks go in before any client exists (a restored client's private
+    // state is saved as it is adopted).
+    let keeper = start_keeper(&daemon, &app, resumed);
     let setup = match state {
         Some(state) => restore::<A>(&daemon, &app, state, false),
         None => listen(&daemon),
@@ -411,6 +492,12 @@ async fn run<A: App>(
     }
     if restarted {
         info!("restarted in place from the re-exec state");
+    }
+    if let Some(k) = &keeper {
+        // Everything is restored or set up: store it all before READY.
+        k.go();
+        commit(&daemon, &*app, k);
+        info!("keeping {} fds in systemd's fd store", k.stats().stored);
     }
     // Everything is served and the SIGUSR1 stream is registered: a reload that came
     // while we started is delivered now and re-execs once more.
@@ -439,7 +526,23 @@ async fn run<A: App>(
     loop {
         let timeout = daemon.timeout();
         tokio::select! {
-            _ = sigterm.recv() => { info!("SIGTERM received"); break }
+            _ = sigterm.recv() => {
+                info!("SIGTERM received");
+                if let Some(k) = &keeper {
+                    // `systemctl restart` (and stop) send SIGTERM. With the store on it
+                    // keeps everything: the last snapshot is written and the process
+                    // leaves without closing, releasing or killing anything; the store
+                    // holds it all. A restart resumes from it; a stop on systemd 252
+                    // empties the store, which closes every pipe and frees every lease,
+                    // as 9.0's stop does.
+                    commit(&daemon, &*app, k);
+                    app.before_store_exit().await;
+                    commit(&daemon, &*app, k);
+                    info!("leaving everything in the fd store");
+                    return STORE_KEPT;
+                }
+                break
+            }
             _ = sigint.recv() => { info!("SIGINT received"); break }
             _ = sigquit.recv() => { info!("SIGQUIT received"); break }
             _ = daemon.quit_requested.notified() => { info!("daemon-shutdown requested"); break }
@@ -785,6 +888,111 @@ async fn servers_drained(daemon: &Daemon, within: Duration) -> bool {
     tokio::time::timeout(within, both).await.is_ok()
 }
 
+/// Starts keeping the fd store when it is on: the keeper, the servers' hooks and the
+/// background snapshot task (changes no reply waits for). Snapshots start with
+/// [`Keeper::go`].
+fn start_keeper<A: App>(
+    daemon: &Arc<Daemon>,
+    app: &Arc<A>,
+    resumed: Option<StoreResume>,
+) -> Option<Arc<Keeper>> {
+    let store = FdStore::from_env()?;
+    let keeper = match Keeper::start(store, resumed) {
+        Ok(k) => k,
+        Err(e) => {
+            error!("cannot start keeping the fd store: {e}; running without it");
+            return None;
+        }
+    };
+    let _ = daemon.keeper.set(keeper.clone());
+    let hook: Arc<dyn StoreHook> = Arc::new(StoreCommit {
+        daemon: Arc::downgrade(daemon),
+        app: app.clone(),
+        keeper: keeper.clone(),
+    });
+    for server in daemon.servers() {
+        server.set_store_hook(hook.clone());
+    }
+    let (d, a, k) = (Arc::downgrade(daemon), app.clone(), keeper.clone());
+    tokio::spawn(async move {
+        loop {
+            crate::fdstore_keeper::soon().await;
+            let Some(d) = d.upgrade() else { return };
+            commit(&d, &*a, &k);
+        }
+    });
+    Some(keeper)
+}
+
+/// The servers' hook: a snapshot before each reply, if the call changed anything.
+struct StoreCommit<A: App> {
+    daemon: std::sync::Weak<Daemon>,
+    app: Arc<A>,
+    keeper: Arc<Keeper>,
+}
+
+impl<A: App> StoreHook for StoreCommit<A> {
+    fn after_call(&self) {
+        if let Some(d) = self.daemon.upgrade() {
+            commit(&d, &*self.app, &self.keeper);
+        }
+    }
+}
+
+/// Writes an fd store snapshot if one is due: the live servers' part of the document
+/// (listeners, clients with their saved private state), then the app's, stored and
+/// written by the keeper under the app's locks.
+fn commit<A: App>(daemon: &Daemon, app: &A, keeper: &Keeper) {
+    if !keeper.due() {
+        return;
+    }
+    let mut fds: Vec<(RawFd, FdKind)> = Vec::new();
+    let mut servers = Vec::new();
+    for server in daemon.servers() {
+        let name = server.name().to_string();
+        let services = server
+            .listener_fds()
+            .into_iter()
+            .map(|(fd, unlink)| {
+                fds.push((fd, FdKind::Listener(name.clone())));
+                ServiceState {
+                    auth: 0,
+                    readonly: false,
+                    nrequests_client_max: 1,
+                    socks: vec![SocketState::listener(fd, unlink)],
+                }
+            })
+            .collect();
+        let mut clients: Vec<ClientState> = server
+            .live_clients()
+            .into_iter()
+            .map(|c| {
+                fds.push((c.info.fd, FdKind::Client(name.clone(), c.info.id)));
+                ClientState {
+                    id: c.info.id,
+                    auth: 0,
+                    auth_pending: false,
+                    readonly: false,
+                    nrequests_max: 1,
+                    conn_time: c.info.conn_time,
+                    sock: SocketState::connection(c.info.fd),
+                    private_data: c.private,
+                    carry: None,
+                }
+            })
+            .collect();
+        clients.sort_by_key(|c| c.id);
+        servers.push((name, server_state(server, services, clients)));
+    }
+    let magic = restart::restart_magic(std::process::id());
+    app.snapshot(DaemonState { servers }, magic, &mut |app_fds, doc| {
+        fds.extend_from_slice(app_fds);
+        if let Err(e) = keeper.write(&fds, doc) {
+            error!("cannot write the fd store snapshot: {e}");
+        }
+    });
+}
+
 /// SIGUSR1: park everything, write the state, exec ourselves. Returns only if the exec
 /// failed, after restoring the daemon from the same state.
 async fn reexec<A: App>(daemon: &Arc<Daemon>, app: &A) {
@@ -826,7 +1034,15 @@ async fn reexec<A: App>(daemon: &Arc<Daemon>, app: &A) {
         }
     }
     let err = match restart::write_state_file(&daemon.paths.state_file, &text) {
-        Ok(()) => exec_self(&daemon.options),
+        Ok(()) => {
+            // The next image may be libvirt's C daemon: nothing of ours may stay in the
+            // store (a stored lease fd would keep its lock after C closes its copy).
+            // Our next image stores everything again before READY.
+            if let Some(k) = daemon.keeper.get() {
+                k.clear();
+            }
+            exec_self(&daemon.options)
+        }
         Err(e) => io::Error::other(format!(
             "cannot write {}: {e}",
             daemon.paths.state_file.display()
@@ -841,6 +1057,10 @@ async fn reexec<A: App>(daemon: &Arc<Daemon>, app: &A) {
         .and_then(|state| restore::<A>(daemon, app, state, true));
     if let Err((_, why)) = restored {
         error!("restoring after a failed exec: {why}");
+    }
+    if let Some(k) = daemon.keeper.get() {
+        k.resume_after_failed_exec();
+        commit(daemon, app, k);
     }
 }
 

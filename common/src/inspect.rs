@@ -10,7 +10,8 @@ pub use vh_proto::inspect::{proc_, PROGRAM, VERSION};
 /// How a daemon answers one inspect procedure: its arguments in, the reply out.
 pub type Procedure<T> = fn(&T, &[u8]) -> Result<Reply, RpcError>;
 
-/// What one daemon serves on the inspect program.
+/// What one daemon serves on the inspect program (besides FD_STORE, which the shell
+/// answers for both).
 pub trait Inspect: Send + Sync + 'static {
     /// The procedures this daemon answers, each with how (virtlogd: LIST_LOGS,
     /// LOG_METRICS, FOLLOW_LOG; virtlockd: LIST_LOCKS, LOCK_METRICS); any other is an
@@ -44,6 +45,10 @@ impl<T: Inspect> Program for InspectProgram<T> {
         proc_: i32,
         args: &[u8],
     ) -> Result<Reply, DispatchError> {
+        // Both daemons answer this one the same way, from the fd store's keeper.
+        if proc_ == proc_::FD_STORE {
+            return Ok(Reply::payload(crate::fdstore_keeper::info().encode()));
+        }
         let (_, answer) = T::PROCEDURES
             .iter()
             .find(|(p, _)| *p == proc_)

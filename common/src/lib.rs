@@ -10,6 +10,7 @@
 //! | [`pidfile`] | the fcntl-locked pid file |
 //! | [`activation`] | systemd socket activation (LISTEN_FDS) and sd_notify |
 //! | [`fdstore`] | systemd's fd store as a crash safety net: stored fds, state slots, resume |
+//! | [`fdstore_keeper`] | keeping the store current while the daemon runs |
 //! | [`logging`] | log_level / log_filters / log_outputs driving `tracing` |
 //! | [`daemon`] | the daemon front-end: start-up, sockets, signals, `--timeout`, re-exec |
 //! | [`restart`] | the re-exec state file's shared part: framing, servers, clients, sockets, the located-error walker, file I/O (each daemon's `state.rs` has its own part) |
@@ -23,6 +24,7 @@ pub mod config;
 pub mod connection;
 pub mod daemon;
 pub mod fdstore;
+pub mod fdstore_keeper;
 pub mod inspect;
 pub mod logging;
 pub mod pidfile;

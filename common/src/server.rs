@@ -181,6 +181,21 @@ pub struct ServiceInfo {
 struct ClientEntry {
     info: ClientInfo,
     close: Arc<Notify>,
+    /// The client's private state as last saved for the fd store (`{}` without it).
+    saved: serde_json::Value,
+}
+
+/// The fd store's hook into the servers (see `fdstore_keeper`): called after a call
+/// was dispatched and before its reply is written, so that a snapshot holding what the
+/// call changed exists before the client hears of it.
+pub trait StoreHook: Send + Sync + 'static {
+    fn after_call(&self);
+}
+
+/// What the fd store's snapshot needs of one live client.
+pub struct LiveClient {
+    pub info: ClientInfo,
+    pub private: serde_json::Value,
 }
 
 /// A client socket given back at hand-off, with what is needed to restore it.
@@ -253,6 +268,9 @@ pub struct Server {
     handed_off_clients: Mutex<Vec<HandedOffClient>>,
     handed_off_services: Mutex<Vec<HandedOffService>>,
     service_infos: Mutex<Vec<ServiceInfo>>,
+    /// Listening sockets being served: fd number and whether we unlink it on stop.
+    listener_fds: Mutex<Vec<(RawFd, bool)>>,
+    store_hook: std::sync::OnceLock<Arc<dyn StoreHook>>,
 }
 
 /// Locks one of the server's (or the admin program's) tables, recovering it if a panic
@@ -294,6 +312,8 @@ impl Server {
             handed_off_clients: Mutex::new(Vec::new()),
             handed_off_services: Mutex::new(Vec::new()),
             service_infos: Mutex::new(Vec::new()),
+            listener_fds: Mutex::new(Vec::new()),
+            store_hook: std::sync::OnceLock::new(),
         })
     }
 
@@ -396,15 +416,39 @@ impl Server {
         (s, c)
     }
 
+    /// Sets the fd store's hook (once, when the store is on).
+    pub fn set_store_hook(&self, hook: Arc<dyn StoreHook>) {
+        let _ = self.store_hook.set(hook);
+    }
+
+    /// The listening sockets being served (fd number, unlink on stop).
+    pub fn listener_fds(&self) -> Vec<(RawFd, bool)> {
+        lock_table(&self.listener_fds).clone()
+    }
+
+    /// The connected clients with their private state as last saved for the fd store.
+    pub fn live_clients(&self) -> Vec<LiveClient> {
+        lock_table(&self.clients)
+            .values()
+            .map(|e| LiveClient {
+                info: e.info.clone(),
+                private: e.saved.clone(),
+            })
+            .collect()
+    }
+
     /// Starts serving a listening socket.
     pub fn add_service(self: &Arc<Self>, listener: UnixListener, info: ServiceInfo) {
         lock_table(&self.service_infos).push(info.clone());
+        lock_table(&self.listener_fds).push((listener.as_raw_fd(), info.unlink_on_stop));
+        crate::fdstore_keeper::touch();
         self.services_live.fetch_add(1, Ordering::AcqRel);
         let me = self.clone();
         tokio::spawn(async move { me.accept_loop(listener, info).await });
     }
 
     async fn accept_loop(self: Arc<Self>, listener: UnixListener, info: ServiceInfo) {
+        let listener_fd = listener.as_raw_fd();
         let mut run = self.run.clone();
         let mut suspended = false;
         let end = loop {
@@ -451,6 +495,10 @@ impl Server {
                 _ = self.changed.notified() => {}
             }
         };
+        lock_table(&self.listener_fds).retain(|(fd, _)| *fd != listener_fd);
+        if end != RunState::Handoff {
+            crate::fdstore_keeper::closing(listener_fd);
+        }
         match end {
             RunState::Handoff => match listener.into_std() {
                 Ok(l) => {
@@ -573,13 +621,21 @@ impl Server {
         outbox: Outbox,
     ) {
         let close = Arc::new(Notify::new());
+        // A client restored across a restart carries its private state in the snapshot
+        // from the start (the first call saves it again).
+        let saved = match self.store_hook.get() {
+            Some(_) => self.hooks.save_private(&private).unwrap_or_default(),
+            None => serde_json::Value::Null,
+        };
         lock_table(&self.clients).insert(
             info.id,
             ClientEntry {
                 info: info.clone(),
                 close: close.clone(),
+                saved,
             },
         );
+        crate::fdstore_keeper::touch();
         self.changed.notify_waiters();
         let me = self.clone();
         tokio::spawn(async move {
@@ -650,6 +706,10 @@ impl Server {
             if !self.handle(&info, &mut private, msg, &mut outbox).await {
                 close_when_sent = true;
             }
+            if let Some(hook) = self.store_hook.get() {
+                self.save_for_store(&info, &private);
+                hook.after_call();
+            }
             // The reply usually goes out at once; only a full socket takes the select
             // above (and its waiter registrations) on the next turn.
             match outbox.try_flush(&stream) {
@@ -700,6 +760,7 @@ impl Server {
                 Err(e) => warn!(server = %self.name, "cannot hand off client: {e}"),
             }
         } else {
+            crate::fdstore_keeper::closing(stream.as_raw_fd());
             drop(stream);
             info!("{}: client closed", who(&self.name, &info));
             self.hooks.client_closed(&info, private);
@@ -707,7 +768,24 @@ impl Server {
         // Only now, once a handed-off client is in `handed_off_clients`: a re-exec
         // takes that list as soon as no client is left here, and must not miss it.
         lock_table(&self.clients).remove(&id);
+        if outcome != RunState::Handoff {
+            crate::fdstore_keeper::touch_soon();
+        }
         self.changed.notify_waiters();
+    }
+
+    /// Records the client's private state for the next fd store snapshot; a change
+    /// (an owner registered) makes one due.
+    fn save_for_store(&self, info: &ClientInfo, private: &Private) {
+        let Ok(saved) = self.hooks.save_private(private) else {
+            return;
+        };
+        if let Some(e) = lock_table(&self.clients).get_mut(&info.id) {
+            if e.saved != saved {
+                e.saved = saved;
+                crate::fdstore_keeper::touch();
+            }
+        }
     }
 
     /// Dispatches one message and queues what it produces. `false`: close once that is

@@ -25,6 +25,36 @@ pub mod proc_ {
     /// SOCK_SEQPACKET socket that streams what is written from that position on
     /// (records: `RECORD_*` below).
     pub const FOLLOW_LOG: i32 = 5;
+    /// Both daemons: `FdStoreInfo`, whether the daemon keeps systemd's fd store and how
+    /// many fds it holds there.
+    pub const FD_STORE: i32 = 6;
+}
+
+/// FD_STORE's reply: `{enabled bool, stored u64, snapshots u64}`. `stored` counts the
+/// fds the daemon keeps in systemd's store (its two state slots included);
+/// `snapshots` the state snapshots written since start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FdStoreInfo {
+    pub enabled: bool,
+    pub stored: u64,
+    pub snapshots: u64,
+}
+
+impl FdStoreInfo {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Encoder::new();
+        e.bool(self.enabled).u64(self.stored).u64(self.snapshots);
+        e.into_inner()
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, XdrError> {
+        let mut d = Decoder::new(buf);
+        Ok(FdStoreInfo {
+            enabled: d.bool()?,
+            stored: d.u64()?,
+            snapshots: d.u64()?,
+        })
+    }
 }
 
 /// Most entries a reply may carry (a bound for the decoder, not a daemon limit).

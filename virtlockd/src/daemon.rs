@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tracing::{error, warn};
 use vh_common::config::DaemonConfig;
 use vh_common::daemon::{adopt_inheritable_fds, App, Daemon};
+use vh_common::fdstore_keeper::{FdKind, SnapshotSink};
 use vh_common::paths::{DaemonKind, Mode};
 use vh_common::restart::{DaemonState, RestartError, RestoreError};
 use vh_common::server::{ClientHooks, Program, RunState};
@@ -204,6 +205,41 @@ impl App for LockDaemonApp {
         drop(spaces);
         self.daemon.classify_lockspaces();
         Ok(doc.daemon)
+    }
+
+    /// The document `handoff` writes, built and stored under the table lock, so no
+    /// lease fd it names is closed meanwhile.
+    fn snapshot(&self, daemon: DaemonState, magic: String, keep: &mut SnapshotSink<'_>) {
+        let s = match self.daemon.spaces() {
+            Ok(s) => s,
+            Err(e) => {
+                error!("{e}");
+                return;
+            }
+        };
+        let mut fds = Vec::new();
+        let default_lockspace = lockspace_state(s.default_lockspace(), &mut fds);
+        let mut lockspaces: Vec<LockspaceState> = s
+            .directories()
+            .map(|(_, ls)| lockspace_state(ls, &mut fds))
+            .collect();
+        lockspaces.sort_by(|a, b| a.directory.cmp(&b.directory));
+        let counters = serde_json::json!({ "leaseLosses": self.daemon.lease_losses() });
+        let doc = LockdState {
+            daemon,
+            default_lockspace,
+            lockspaces,
+            magic,
+            counters: Some(counters),
+        };
+        let kinds: Vec<(RawFd, FdKind)> = fds.into_iter().map(|fd| (fd, FdKind::Lease)).collect();
+        // Compact, unlike the re-exec file (only our next image reads it): less to
+        // write and hash per change.
+        match serde_json::to_string(&doc) {
+            Ok(text) => keep(&kinds, &text),
+            Err(e) => error!("cannot serialise the fd store snapshot: {e}"),
+        }
+        drop(s);
     }
 
     /// Waits for the owner kills (each at most ~3 s, all at once): the leases of a live

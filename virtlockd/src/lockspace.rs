@@ -237,6 +237,8 @@ impl Drop for Resource {
         if self.lock_held {
             let _ = lease_lock::unlock(self.fd.as_raw_fd(), self.kind);
         }
+        // The store's copy goes once a snapshot without this lease is written.
+        vh_common::fdstore_keeper::closing(self.fd.as_raw_fd());
     }
 }
 

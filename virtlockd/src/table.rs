@@ -110,7 +110,11 @@ impl LockTable {
             let finished = self.finished.notified();
             let step = begin(&mut *self.spaces()?)?;
             match step {
-                Begin::Done => return Ok(()),
+                Begin::Done => {
+                    // An owner added to or dropped from a held lease.
+                    vh_common::fdstore_keeper::touch();
+                    return Ok(());
+                }
                 Begin::Wait => finished.await,
                 Begin::Work(job) if job.runs_inline() => return self.run(job),
                 Begin::Work(job) => {
@@ -146,6 +150,8 @@ impl LockTable {
             }
         };
         self.finished.notify_waiters();
+        // Also after the closes of a hung-up owner, which no reply waits for.
+        vh_common::fdstore_keeper::touch_soon();
         r
     }
 
@@ -200,6 +206,7 @@ impl LockTable {
                 RpcError::internal(domain::LOCKSPACE, format!("lockspace job failed: {e}"))
             })??;
         if self.spaces()?.add(key, ls) {
+            vh_common::fdstore_keeper::touch();
             Ok(())
         } else {
             exists()
@@ -211,6 +218,8 @@ impl LockTable {
     /// whether `owner` held anything.
     pub fn release_owner(self: &Arc<Self>, owner: u32) -> bool {
         let (any, jobs) = self.spaces_always().release_owner(owner);
+        // Shared leases it held lose an owner without a job: the snapshot must say so.
+        vh_common::fdstore_keeper::touch_soon();
         // One task per resource: a close stuck on one file must not keep the others'.
         let rt = tokio::runtime::Handle::try_current();
         for job in jobs {

@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 use uuid::Uuid;
 use vh_common::config::DaemonConfig;
 use vh_common::daemon::{adopt_fd, adopt_inheritable_fds, App, Daemon};
+use vh_common::fdstore_keeper::{FdKind, SnapshotSink};
 use vh_common::paths::{DaemonKind, Mode};
 use vh_common::restart::{DaemonState, RestartError, RestoreError};
 use vh_common::server::{ClientHooks, NoHooks, Program, RunState};
@@ -272,6 +273,51 @@ impl App for LogDaemon {
     async fn shutdown(&self) {
         let handler = self.handler.clone();
         let _ = tokio::task::spawn_blocking(move || handler.shutdown()).await;
+    }
+
+    /// Drains every pipe into its file and stops the pump; the logs stay in the table
+    /// and their pipes open (the store keeps them for the next start). Spliced, so a
+    /// SIGKILL meanwhile loses nothing either.
+    async fn before_store_exit(&self) {
+        let handler = self.handler.clone();
+        let _ = tokio::task::spawn_blocking(move || handler.shutdown()).await;
+    }
+
+    /// The document `handoff` writes, from the live table: no pump epoll set (the
+    /// next image after a crash starts its own), no carried I/O, and no counters: they
+    /// change with every byte, so a snapshot's would be stale anyway, and they were
+    /// half of each snapshot's cost (a crash restarts them from zero).
+    fn snapshot(&self, daemon: DaemonState, magic: String, keep: &mut SnapshotSink<'_>) {
+        let (logs, _held) = self.handler.snapshot();
+        let mut fds = Vec::with_capacity(logs.len());
+        let mut files = Vec::with_capacity(logs.len());
+        for (pipe, path, owner) in logs {
+            // Open refuses paths that are not UTF-8 (see `handoff`).
+            let Some(path) = path.to_str() else { continue };
+            fds.push((pipe, FdKind::Log));
+            files.push(LogFileState {
+                pipefd: pipe,
+                path: path.to_owned(),
+                driver: owner.driver,
+                domname: owner.domname,
+                domuuid: Uuid::from_bytes(owner.domuuid),
+            });
+        }
+        let doc = LogdState {
+            daemon,
+            magic,
+            handler: LogHandlerState {
+                files,
+                pumpfd: None,
+            },
+            counters: None,
+            log_counters: None,
+        };
+        // Compact, unlike the re-exec file (only our next image reads it).
+        match serde_json::to_string(&doc) {
+            Ok(text) => keep(&fds, &text),
+            Err(e) => error!("cannot serialise the fd store snapshot: {e}"),
+        }
     }
 }
 

@@ -39,6 +39,9 @@ pub const READ_MAX: u64 = 4_194_304;
 /// without holding the handler.
 type LogTable = Arc<Mutex<HashMap<PathBuf, Arc<LogFile>>>>;
 
+/// Keeps logs (and so their pipes) alive; see [`LogHandler::snapshot`].
+pub struct LogsHeld(#[allow(dead_code)] Vec<Arc<LogFile>>);
+
 /// A log file as it is handed over across re-exec.
 #[derive(Debug)]
 pub struct HandedOffLog {
@@ -151,6 +154,9 @@ fn forget(files: &Mutex<HashMap<PathBuf, Arc<LogFile>>>, file: &Arc<LogFile>) {
     if !file.mark_closed() {
         return;
     }
+    // The fd store's copy of the pipe goes once a snapshot without it is written.
+    vh_common::fdstore_keeper::closing(file.pipe.as_raw_fd());
+    vh_common::fdstore_keeper::touch_soon();
     if let Ok(mut files) = files.lock() {
         if files.get(&file.path).is_some_and(|f| Arc::ptr_eq(f, file)) {
             files.remove(&file.path);
@@ -323,6 +329,7 @@ impl LogHandler {
             // document names every pipe that can reach the next image.
             vh_proto::fdpass::clear_cloexec(file.pipe.as_raw_fd())?;
             files.insert(path, file.clone());
+            vh_common::fdstore_keeper::touch();
         }
         if let Err(e) = self.pump.add(file.clone()) {
             self.close(&file);
@@ -334,6 +341,21 @@ impl LogHandler {
     /// Forgets a file: its pipe closes when the last reference goes.
     pub(crate) fn close(&self, file: &Arc<LogFile>) {
         forget(&self.files, file);
+    }
+
+    /// With the fd store on: every open log as the state document records it (read end,
+    /// path, owner), and a guard keeping their pipes open while the caller stores them.
+    pub fn snapshot(&self) -> (Vec<(RawFd, PathBuf, LogOwner)>, LogsHeld) {
+        let files: Vec<Arc<LogFile>> = self
+            .files
+            .lock()
+            .map(|f| f.values().cloned().collect())
+            .unwrap_or_default();
+        let logs = files
+            .iter()
+            .map(|f| (f.pipe.as_raw_fd(), f.path.clone(), f.owner.clone()))
+            .collect();
+        (logs, LogsHeld(files))
     }
 
     /// Every open log's counters, sorted by path (operator metrics). A log restored

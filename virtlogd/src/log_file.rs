@@ -208,6 +208,13 @@ impl LogFile {
     /// Moves up to `max_reads` reads from the pipe into the file, under the file lock.
     /// Also returns how many bytes it moved.
     pub(crate) fn pump(&self, max_reads: usize) -> (Pumped, usize) {
+        // With the fd store on, a crash between a read and its write would lose the
+        // bytes read (the pipe keeps only what nobody took): splice(2) takes from the
+        // pipe exactly what reached the file. (It falls back to reads around a
+        // rollover, after a failed write, or while someone follows the log.)
+        if vh_common::fdstore_keeper::active() {
+            return self.pump_spliced(max_reads);
+        }
         self.with_writer(|w| self.pump_locked(w, max_reads))
             .unwrap_or_else(|e| (Pumped::Done(Some(e)), 0))
     }
@@ -269,7 +276,12 @@ impl LogFile {
     /// 1 MiB, so this takes everything written before the call, yet a guest that keeps
     /// writing cannot hold the RPC (and the file lock) forever.
     pub(crate) fn drain_locked(&self, w: &mut RotatingFileWriter) {
-        self.pump_locked(w, DRAIN_READS);
+        // Spliced with the fd store on, for the reason given in `pump`.
+        if vh_common::fdstore_keeper::active() {
+            self.pump_spliced_locked(w, DRAIN_READS);
+        } else {
+            self.pump_locked(w, DRAIN_READS);
+        }
     }
 }
 

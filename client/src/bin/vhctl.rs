@@ -926,6 +926,7 @@ fn status(mut a: Args) -> Result<i32, Fail> {
         match inspect::list_logs(&logd) {
             Ok(list) => {
                 println!("virtlogd: {} open log(s)", list.len());
+                println!("  {}", store_line(DaemonKind::Logd, &logd));
                 for l in list {
                     println!(
                         "  {}\tdriver={} domain={} uuid={} inode={} offset={}",
@@ -945,6 +946,7 @@ fn status(mut a: Args) -> Result<i32, Fail> {
         match inspect::list_locks(&lockd) {
             Ok(list) => {
                 println!("virtlockd: {} held resource(s)", list.len());
+                println!("  {}", store_line(DaemonKind::Lockd, &lockd));
                 for l in list {
                     let owners: Vec<String> = l.owners.iter().map(u32::to_string).collect();
                     let ls = if l.lockspace.is_empty() {
@@ -965,6 +967,19 @@ fn status(mut a: Args) -> Result<i32, Fail> {
         }
     }
     Ok(if failed { EXIT_USAGE } else { EXIT_OK })
+}
+
+/// `fd store: ...` for `vhctl status` (a daemon of ours older than FD_STORE says so).
+fn store_line(kind: DaemonKind, target: &Target) -> String {
+    match inspect::fd_store(kind, target) {
+        Ok(i) if i.enabled => format!(
+            "fd store: on, {} fd(s) held there ({} snapshots written)",
+            i.stored, i.snapshots
+        ),
+        Ok(_) => "fd store: off".to_string(),
+        Err(e) if e.is_unsupported() => "fd store: unknown (daemon predates it)".to_string(),
+        Err(e) => format!("fd store: cannot ask: {}", e.message()),
+    }
 }
 
 /// The lock on byte 0 of `path` as another process sees it.
