@@ -456,13 +456,7 @@ fn other_can_lock(p: &Path) -> bool {
     let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(p) else {
         return true;
     };
-    let fl = libc::flock {
-        l_type: libc::F_WRLCK as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 0,
-        l_len: 1,
-        l_pid: 0,
-    };
+    let fl = virtlockd::lease_lock::byte0(libc::F_WRLCK);
     // A POSIX lock from this (other) process: refused while an OFD lock is held.
     nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_SETLK(&fl)).is_ok()
 }

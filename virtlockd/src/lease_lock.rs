@@ -54,7 +54,9 @@ pub enum LockKind {
     Posix,
 }
 
-fn byte0(l_type: i32) -> libc::flock {
+/// The lease's lock range, byte 0 of length 1, as a lock of `l_type` (`F_RDLCK`,
+/// `F_WRLCK`, `F_UNLCK`): also what a probe from another process asks for.
+pub fn byte0(l_type: i32) -> libc::flock {
     libc::flock {
         l_type: l_type as libc::c_short,
         l_whence: libc::SEEK_SET as libc::c_short,
