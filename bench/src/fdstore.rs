@@ -15,7 +15,7 @@
 use crate::daemon::Res;
 use std::collections::HashMap;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -81,35 +81,10 @@ impl Manager {
 }
 
 fn receive(sock: UnixDatagram, held: Arc<(Mutex<Held>, Condvar)>) {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    let mut buf = vec![0u8; 4096];
     loop {
-        let mut cmsg = nix::cmsg_space!([RawFd; 16]);
-        let mut iov = [io::IoSliceMut::new(&mut buf)];
-        let Ok(msg) = recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) else {
+        let Ok((text, fds)) = vh_testkit::recv_notify(&sock) else {
             return;
         };
-        let n = msg.bytes;
-        let fds: Vec<OwnedFd> = msg
-            .cmsgs()
-            .map(|c| {
-                c.flat_map(|c| match c {
-                    // SAFETY: just received with SCM_RIGHTS: new fds, ours alone.
-                    ControlMessageOwned::ScmRights(f) => f
-                        .into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-                        .collect(),
-                    _ => Vec::new(),
-                })
-                .collect()
-            })
-            .unwrap_or_default();
-        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
         let mut kv = HashMap::new();
         for l in text.lines() {
             if let Some((k, v)) = l.split_once('=') {

@@ -588,33 +588,19 @@ mod tests {
     /// What systemd receives: the text and the fd, as one datagram with SCM_RIGHTS.
     #[test]
     fn store_and_remove_messages() {
-        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");
         let rx = UnixDatagram::bind(&path).unwrap();
         let store = FdStore::at(path.as_os_str());
         let (r, _w) = nix::unistd::pipe().unwrap();
         store.store("vh-log-1", r.as_fd(), false).unwrap();
-        let mut buf = [0u8; 256];
-        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
-        let mut iov = [io::IoSliceMut::new(&mut buf)];
-        let msg =
-            recvmsg::<()>(rx.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty()).unwrap();
-        let n = msg.bytes;
-        let fds: Vec<RawFd> = msg
-            .cmsgs()
-            .unwrap()
-            .flat_map(|c| match c {
-                ControlMessageOwned::ScmRights(f) => f,
-                _ => Vec::new(),
-            })
-            .collect();
-        assert_eq!(&buf[..n], b"FDSTORE=1\nFDNAME=vh-log-1\nFDPOLL=0");
+        let (text, fds) = vh_testkit::recv_notify(&rx).unwrap();
+        assert_eq!(text, "FDSTORE=1\nFDNAME=vh-log-1\nFDPOLL=0");
         assert_eq!(fds.len(), 1);
-        // SAFETY: just received, ours alone.
-        drop(unsafe { OwnedFd::from_raw_fd(fds[0]) });
+        drop(fds);
 
         store.remove("vh-log-1").unwrap();
+        let mut buf = [0u8; 256];
         let n = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"FDSTOREREMOVE=1\nFDNAME=vh-log-1");
         assert!(store.store("bad:name", r.as_fd(), true).is_err());

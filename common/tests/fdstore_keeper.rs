@@ -11,33 +11,12 @@ mod keeper_order {
 
     /// The messages the store received so far: (text, number of fds).
     fn drain(rx: &UnixDatagram) -> Vec<(String, usize)> {
-        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
         rx.set_nonblocking(true).unwrap();
         let mut out = Vec::new();
-        loop {
-            let mut buf = [0u8; 512];
-            let mut cmsg = nix::cmsg_space!([RawFd; 4]);
-            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-            let Ok(msg) =
-                recvmsg::<()>(rx.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
-            else {
-                return out;
-            };
-            let n = msg.bytes;
-            let fds: Vec<RawFd> = msg
-                .cmsgs()
-                .unwrap()
-                .flat_map(|c| match c {
-                    ControlMessageOwned::ScmRights(f) => f,
-                    _ => Vec::new(),
-                })
-                .collect();
-            for fd in &fds {
-                // SAFETY: just received, ours alone.
-                drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(*fd) });
-            }
-            out.push((String::from_utf8_lossy(&buf[..n]).into_owned(), fds.len()));
+        while let Ok((text, fds)) = vh_testkit::recv_notify(rx) {
+            out.push((text, fds.len()));
         }
+        out
     }
 
     fn name_of(msg: &str) -> &str {

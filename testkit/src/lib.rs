@@ -6,6 +6,7 @@
 //! | [`namespace`] | a private mount namespace per daemon, set up between fork and exec (no shell) |
 //! | [`daemon`] | binary discovery (one way), [`Daemon::spawn`], readiness, the one stop policy |
 //! | [`conn`] | raw libvirt RPC: frame builders, [`Conn`], reply checks, [`describe`] |
+//! | [`notify`] | a stand-in for systemd's notify socket: [`recv_notify`] |
 //!
 //! Our binaries are looked up in `$VH_BIN_DIR` if set, else in the cargo target profile
 //! directory the running executable lives in (`target/debug/deps/x` → `target/debug`,
@@ -17,7 +18,9 @@
 pub mod conn;
 pub mod daemon;
 pub mod namespace;
+pub mod notify;
 
 pub use conn::*;
 pub use daemon::*;
 pub use namespace::Launch;
+pub use notify::recv_notify;
