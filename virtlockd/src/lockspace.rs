@@ -1388,6 +1388,19 @@ mod tests {
         (tmp, d)
     }
 
+    /// A lease file as a previous daemon left it open: read-write, created 0600 if
+    /// missing, never truncated.
+    fn open_lease_file(f: &Path) -> File {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(f)
+            .unwrap()
+    }
+
     fn flock(kind: i32) -> libc::flock {
         libc::flock {
             l_type: kind as libc::c_short,
@@ -1940,14 +1953,7 @@ mod tests {
         let mut ls = Ls::dir(&d);
         for (name, lose) in [("kept", false), ("lost", true)] {
             let f = d.join(name);
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&f)
-                .unwrap();
+            let file = open_lease_file(&f);
             fcntl(file.as_raw_fd(), FcntlArg::F_SETLK(&flock(libc::F_WRLCK))).unwrap();
             ls.restore_resource(
                 name.into(),
@@ -2312,14 +2318,7 @@ mod tests {
         let (_t, d) = testdir();
         let mut ls = Ls::dir(&d);
         let f = d.join("foo");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&f)
-            .unwrap();
+        let file = open_lease_file(&f);
         set_lock(file.as_raw_fd(), true).unwrap();
         set_cloexec(file.as_raw_fd(), false).unwrap();
         let fd: OwnedFd = file.into();
