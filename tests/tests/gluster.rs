@@ -290,6 +290,23 @@ fn is_dead(pid: u32) -> bool {
     }
 }
 
+/// One try of host B's at `name` after A's link was cut (at `cut`): true once B holds
+/// it. While A's lease still blocks it, waits 100 ms before the next try; fails the test
+/// 120 s after the cut.
+fn acquired_after_cut(cb: &mut Client, name: &str, cut: std::time::Instant) -> bool {
+    match cb.acquire(name, false) {
+        None => return true,
+        Some(e) if e.code == code::RESOURCE_BUSY => {}
+        Some(e) => panic!("host B acquire: {e:?}"),
+    }
+    assert!(
+        cut.elapsed() < std::time::Duration::from_secs(120),
+        "host B never got the lease after A's link was cut"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    false
+}
+
 /// A real owner process on `d` holding `name` exclusively over its own live connection
 /// (made from the owner process, so the daemon sees its pid as the peer; REGISTER with its
 /// own pid, as QEMU's inherited connection does). The test keeps the socket open (the
@@ -396,16 +413,9 @@ fn partition_fences_owner_before_other_host_acquires() {
                 cl.release("local-disk");
                 served_while_cut = true;
             }
-            match cb.acquire(&name, false) {
-                None => break std::time::Instant::now(),
-                Some(e) if e.code == code::RESOURCE_BUSY => {}
-                Some(e) => panic!("host B acquire: {e:?}"),
+            if acquired_after_cut(&mut cb, &name, cut) {
+                break std::time::Instant::now();
             }
-            assert!(
-                cut.elapsed() < std::time::Duration::from_secs(120),
-                "host B never got the lease after A's link was cut"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
         };
         let died = *dead_at.lock().unwrap();
         let died = died.unwrap_or_else(|| {
@@ -541,18 +551,7 @@ fn release_of_a_lost_lease_leaves_the_other_hosts_file() {
     cb.refused("disk", false);
     let cut = std::time::Instant::now();
     bed_script("cut", "A");
-    loop {
-        match cb.acquire("disk", false) {
-            None => break,
-            Some(e) if e.code == code::RESOURCE_BUSY => {}
-            Some(e) => panic!("host B acquire: {e:?}"),
-        }
-        assert!(
-            cut.elapsed() < std::time::Duration::from_secs(120),
-            "host B never got the lease after A's link was cut"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    while !acquired_after_cut(&mut cb, "disk", cut) {}
     eprintln!(
         "B acquired {:.1}s after the cut",
         cut.elapsed().as_secs_f64()
