@@ -17,11 +17,13 @@
 
 use std::io::{BufRead, Write};
 use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use vh_client::connect::Target;
 use vh_client::lock::{LockManager, Owner};
 use vh_client::log::LogManager;
+use vh_common::paths::DaemonKind;
 
 fn usage() -> ! {
     eprintln!("usage: crash-peer logs|check|owner|other ...");
@@ -62,6 +64,14 @@ fn main() {
     }
 }
 
+/// A connection to the daemon's socket `sock`; a failure is reported and ends the peer.
+fn connect(kind: DaemonKind, sock: &Path) -> UnixStream {
+    vh_client::connect::connect(kind, &Target::Socket(sock.into())).unwrap_or_else(|e| {
+        say(&format!("error connect: {e}"));
+        std::process::exit(1)
+    })
+}
+
 fn log_path(dir: &Path, i: usize) -> PathBuf {
     dir.join(format!("log-{i}.log"))
 }
@@ -71,16 +81,7 @@ fn line(i: usize, seq: usize) -> String {
 }
 
 fn logs(sock: &Path, dir: &Path, n: usize, lines: usize) {
-    let mut lm = LogManager::from_stream(
-        vh_client::connect::connect(
-            vh_common::paths::DaemonKind::Logd,
-            &Target::Socket(sock.into()),
-        )
-        .unwrap_or_else(|e| {
-            say(&format!("error connect: {e}"));
-            std::process::exit(1)
-        }),
-    );
+    let mut lm = LogManager::from_stream(connect(DaemonKind::Logd, sock));
     let mut pipes: Vec<OwnedFd> = Vec::with_capacity(n);
     for i in 0..n {
         let mut uuid = [0u8; 16];
@@ -163,16 +164,7 @@ fn check(dir: &Path, n: usize, lines: usize) {
 }
 
 fn lock_manager(sock: &Path) -> LockManager {
-    LockManager::from_stream(
-        vh_client::connect::connect(
-            vh_common::paths::DaemonKind::Lockd,
-            &Target::Socket(sock.into()),
-        )
-        .unwrap_or_else(|e| {
-            say(&format!("error connect: {e}"));
-            std::process::exit(1)
-        }),
-    )
+    LockManager::from_stream(connect(DaemonKind::Lockd, sock))
 }
 
 fn owner_of(pid: u32, tag: u8) -> Owner {
