@@ -156,6 +156,7 @@ impl Drop for MountNs {
 }
 
 struct Run {
+    kind: &'static str,
     bin: PathBuf,
     conf: PathBuf,
     store: bool,
@@ -173,6 +174,7 @@ impl Run {
             "log_level = 3\nlog_outputs = \"3:stderr\"\nmax_clients = 10000\n",
         )?;
         Ok(Run {
+            kind,
             bin: bins.join(kind),
             conf,
             store,
@@ -252,6 +254,16 @@ impl Run {
         Ok(t0.elapsed())
     }
 
+    /// A client of the daemon's RPC program, on its socket in the namespace.
+    fn client(&self) -> Res<Client> {
+        let (program, version) = if self.kind == "virtlockd" {
+            (virtlockd::protocol::PROGRAM, virtlockd::protocol::VERSION)
+        } else {
+            (virtlogd::protocol::PROGRAM, virtlogd::protocol::VERSION)
+        };
+        Ok(Client::connect(&self.ns.socket(self.kind), program, version)?)
+    }
+
     fn pid(&self) -> i32 {
         self.child.as_ref().map_or(0, |c| c.id() as i32)
     }
@@ -318,8 +330,58 @@ struct Figures {
     survived: Option<String>,
 }
 
+/// What a daemon's reps measure, each one sample per rep; medians in the end.
+#[derive(Default)]
+struct Samples {
+    startups: Vec<f64>,
+    per_change: Vec<f64>,
+    joins: Vec<f64>,
+    reexecs: Vec<f64>,
+    crashes: Vec<f64>,
+}
+
+impl Samples {
+    /// A fresh daemon of `kind`, started (the start-up sample).
+    fn start(&mut self, dir: &Path, bins: &Path, kind: &'static str, store: bool) -> Res<Run> {
+        let mut r = Run::new(dir, bins, kind, store)?;
+        self.startups.push(ms(r.spawn(Vec::new())?));
+        Ok(r)
+    }
+
+    /// After the load: the RSS, a re-exec, what the store then holds and, with the
+    /// store on, a crash resume. Whether it crashed (then the caller checks what
+    /// survived).
+    fn reexec_and_crash(&mut self, r: &mut Run, f: &mut Figures) -> Res<bool> {
+        f.rss_kib = f.rss_kib.max(r.rss_kib());
+        self.reexecs.push(ms(r.reexec()?));
+        // The store settles after the re-exec's READY (it stores before READY).
+        f.stored = r.mgr.stored();
+        if r.store {
+            self.crashes.push(ms(r.crash_resume()?));
+        }
+        Ok(r.store)
+    }
+
+    /// `f` with the medians.
+    fn medians(self, f: Figures) -> Figures {
+        Figures {
+            startup_ms: median(self.startups),
+            per_change_us: median(self.per_change),
+            per_join_us: median(self.joins),
+            reexec_ms: median(self.reexecs),
+            crash_ms: (!self.crashes.is_empty()).then(|| median(self.crashes)),
+            ..f
+        }
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// Microseconds per item of `n` done since `t0`.
+fn us_each(t0: Instant, n: usize) -> f64 {
+    t0.elapsed().as_secs_f64() * 1e6 / n as f64
 }
 
 /// The median of each figure over the runs (the fastest run is no better a guide on a
@@ -360,50 +422,31 @@ fn acquire_shared(c: &mut Client, dir: &str, name: &str) -> Res<()> {
 
 fn lockd(dir: &Path, bins: &Path, store: bool, n: usize, reps: usize) -> Res<Figures> {
     let mut f = Figures::default();
-    let mut startups = Vec::new();
-    let mut per = Vec::new();
-    let mut joins = Vec::new();
-    let mut reexecs = Vec::new();
-    let mut crashes = Vec::new();
+    let mut s = Samples::default();
     for rep in 0..reps {
-        let mut r = Run::new(dir, bins, "virtlockd", store)?;
-        startups.push(ms(r.spawn(Vec::new())?));
+        let mut r = s.start(dir, bins, "virtlockd", store)?;
         // On the namespace's tmpfs: the shared disk's file creation time varies by 20×
         // with other work, and would drown what the store adds.
         let lss = format!("/run/fdstore-leases-{rep}");
         let ls = PathBuf::from(format!("/proc/{}/root{lss}", r.ns.holder.id()));
         std::fs::create_dir_all(&ls)?;
-        let sock = r.ns.socket("virtlockd");
-        let mut c = Client::connect(
-            &sock,
-            virtlockd::protocol::PROGRAM,
-            virtlockd::protocol::VERSION,
-        )?;
+        let mut c = r.client()?;
         crate::lockd::create_lockspace(&mut c, Path::new(&lss))?;
         crate::lockd::register(&mut c, 7)?;
         let t0 = Instant::now();
         for i in 0..n {
             acquire_shared(&mut c, &lss, &format!("lease-{i}"))?;
         }
-        per.push(t0.elapsed().as_secs_f64() * 1e6 / n as f64);
-        let mut other = Client::connect(
-            &sock,
-            virtlockd::protocol::PROGRAM,
-            virtlockd::protocol::VERSION,
-        )?;
+        s.per_change.push(us_each(t0, n));
+        let mut other = r.client()?;
         crate::lockd::register(&mut other, 8)?;
         let t0 = Instant::now();
         for i in 0..n {
             acquire_shared(&mut other, &lss, &format!("lease-{i}"))?;
         }
-        joins.push(t0.elapsed().as_secs_f64() * 1e6 / n as f64);
+        s.joins.push(us_each(t0, n));
         drop(other);
-        f.rss_kib = f.rss_kib.max(r.rss_kib());
-        reexecs.push(ms(r.reexec()?));
-        // The store settles after the re-exec's READY (it stores before READY).
-        f.stored = r.mgr.stored();
-        if store {
-            crashes.push(ms(r.crash_resume()?));
+        if s.reexec_and_crash(&mut r, &mut f)? {
             // The owner's connection still works after the crash: a release succeeds.
             crate::lockd::release(&mut c, &lss, "lease-0")?;
             let free = (1..n)
@@ -419,12 +462,7 @@ fn lockd(dir: &Path, bins: &Path, store: bool, n: usize, reps: usize) -> Res<Fig
         drop(r);
         let _ = std::fs::remove_dir_all(&ls);
     }
-    f.startup_ms = median(startups);
-    f.per_change_us = median(per);
-    f.per_join_us = median(joins);
-    f.reexec_ms = median(reexecs);
-    f.crash_ms = (!crashes.is_empty()).then(|| median(crashes));
-    Ok(f)
+    Ok(s.medians(f))
 }
 
 fn other_can_lock(p: &Path) -> bool {
@@ -438,13 +476,9 @@ fn other_can_lock(p: &Path) -> bool {
 
 fn logd(dir: &Path, bins: &Path, store: bool, m: usize, reps: usize) -> Res<Figures> {
     let mut f = Figures::default();
-    let mut startups = Vec::new();
-    let mut per = Vec::new();
-    let mut reexecs = Vec::new();
-    let mut crashes = Vec::new();
+    let mut s = Samples::default();
     for rep in 0..reps {
-        let mut r = Run::new(dir, bins, "virtlogd", store)?;
-        startups.push(ms(r.spawn(Vec::new())?));
+        let mut r = s.start(dir, bins, "virtlogd", store)?;
         // On the namespace's tmpfs, as the leases.
         let inner = PathBuf::from(format!("/run/fdstore-logs-{rep}"));
         let logs = PathBuf::from(format!(
@@ -452,12 +486,7 @@ fn logd(dir: &Path, bins: &Path, store: bool, m: usize, reps: usize) -> Res<Figu
             r.ns.holder.id()
         ));
         std::fs::create_dir_all(&logs)?;
-        let sock = r.ns.socket("virtlogd");
-        let mut c = Client::connect(
-            &sock,
-            virtlogd::protocol::PROGRAM,
-            virtlogd::protocol::VERSION,
-        )?;
+        let mut c = r.client()?;
         let t0 = Instant::now();
         let mut pipes = Vec::with_capacity(m);
         for i in 0..m {
@@ -467,12 +496,8 @@ fn logd(dir: &Path, bins: &Path, store: bool, m: usize, reps: usize) -> Res<Figu
                 i,
             )?);
         }
-        per.push(t0.elapsed().as_secs_f64() * 1e6 / m as f64);
-        f.rss_kib = f.rss_kib.max(r.rss_kib());
-        reexecs.push(ms(r.reexec()?));
-        f.stored = r.mgr.stored();
-        if store {
-            crashes.push(ms(r.crash_resume()?));
+        s.per_change.push(us_each(t0, m));
+        if s.reexec_and_crash(&mut r, &mut f)? {
             // Every pipe still drains into its file after the crash.
             for p in &mut pipes {
                 p.write_all(b"after the crash\n")?;
@@ -500,11 +525,7 @@ fn logd(dir: &Path, bins: &Path, store: bool, m: usize, reps: usize) -> Res<Figu
         drop(r);
         let _ = std::fs::remove_dir_all(&logs);
     }
-    f.startup_ms = median(startups);
-    f.per_change_us = median(per);
-    f.reexec_ms = median(reexecs);
-    f.crash_ms = (!crashes.is_empty()).then(|| median(crashes));
-    Ok(f)
+    Ok(s.medians(f))
 }
 
 /// `vh-bench fdstore [--leases N] [--logs M] [--reps R] [--out FILE]`.
