@@ -261,7 +261,11 @@ impl Run {
         } else {
             (virtlogd::protocol::PROGRAM, virtlogd::protocol::VERSION)
         };
-        Ok(Client::connect(&self.ns.socket(self.kind), program, version)?)
+        Ok(Client::connect(
+            &self.ns.socket(self.kind),
+            program,
+            version,
+        )?)
     }
 
     fn pid(&self) -> i32 {
@@ -528,6 +532,14 @@ fn logd(dir: &Path, bins: &Path, store: bool, m: usize, reps: usize) -> Res<Figu
     Ok(s.medians(f))
 }
 
+/// A figure's table row: store off, on (to `digits` decimals) and on/off.
+fn ratio_row(md: &mut String, kind: &str, figure: &str, (off, on): (f64, f64), digits: usize) {
+    let ratio = if off > 0.0 { on / off } else { 0.0 };
+    md.push_str(&format!(
+        "| {kind} | {figure} | {off:.digits$} | {on:.digits$} | {ratio:.2} |\n"
+    ));
+}
+
 /// `vh-bench fdstore [--leases N] [--logs M] [--reps R] [--out FILE]`.
 pub fn main(args: &[String], bins: &Path) -> Res<()> {
     // SAFETY: geteuid has no preconditions.
@@ -585,39 +597,43 @@ fn run(args: &[String], bins: &Path, work: &Path) -> Res<()> {
     md.push_str("| daemon | figure | store off | store on | on/off |\n|---|---|---|---|---|\n");
     for (kind, what, count, p) in &rows {
         let (off, on) = (&p[0], &p[1]);
-        let ratio = |a: f64, b: f64| if a > 0.0 { b / a } else { 0.0 };
-        md.push_str(&format!(
-            "| {kind} | start-up to READY (ms) | {:.1} | {:.1} | {:.2} |\n",
-            off.startup_ms,
-            on.startup_ms,
-            ratio(off.startup_ms, on.startup_ms)
-        ));
-        md.push_str(&format!(
-            "| {kind} | per {what}, {count} in a row, on tmpfs (µs) | {:.0} | {:.0} | {:.2} |\n",
-            off.per_change_us,
-            on.per_change_us,
-            ratio(off.per_change_us, on.per_change_us)
-        ));
+        ratio_row(
+            &mut md,
+            kind,
+            "start-up to READY (ms)",
+            (off.startup_ms, on.startup_ms),
+            1,
+        );
+        ratio_row(
+            &mut md,
+            kind,
+            &format!("per {what}, {count} in a row, on tmpfs (µs)"),
+            (off.per_change_us, on.per_change_us),
+            0,
+        );
         if off.per_join_us > 0.0 {
-            md.push_str(&format!(
-                "| {kind} | per change with {count} held, no file work: a 2nd owner joins each shared lease (µs) | {:.0} | {:.0} | {:.2} |\n",
-                off.per_join_us,
-                on.per_join_us,
-                ratio(off.per_join_us, on.per_join_us)
-            ));
+            ratio_row(
+                &mut md,
+                kind,
+                &format!("per change with {count} held, no file work: a 2nd owner joins each shared lease (µs)"),
+                (off.per_join_us, on.per_join_us),
+                0,
+            );
         }
-        md.push_str(&format!(
-            "| {kind} | RSS holding {count} (KiB) | {} | {} | {:.2} |\n",
-            off.rss_kib,
-            on.rss_kib,
-            ratio(off.rss_kib as f64, on.rss_kib as f64)
-        ));
-        md.push_str(&format!(
-            "| {kind} | SIGUSR1 re-exec to READY with {count} held (ms) | {:.1} | {:.1} | {:.2} |\n",
-            off.reexec_ms,
-            on.reexec_ms,
-            ratio(off.reexec_ms, on.reexec_ms)
-        ));
+        ratio_row(
+            &mut md,
+            kind,
+            &format!("RSS holding {count} (KiB)"),
+            (off.rss_kib as f64, on.rss_kib as f64),
+            0,
+        );
+        ratio_row(
+            &mut md,
+            kind,
+            &format!("SIGUSR1 re-exec to READY with {count} held (ms)"),
+            (off.reexec_ms, on.reexec_ms),
+            1,
+        );
         md.push_str(&format!(
             "| {kind} | fds in the store after the re-exec | {} | {} | |\n",
             off.stored, on.stored
