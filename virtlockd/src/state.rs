@@ -286,7 +286,10 @@ impl<'de> Deserialize<'de> for LockdState {
 mod tests {
     use super::*;
     use serde_json::json;
-    use vh_common::restart::test_support::{assert_missing, keys, remove, set, value, SERVER_KEYS};
+    use vh_common::restart::test_support::{
+        assert_fast_parse_agrees, assert_missing, assert_round_trips_like_fixture, remove, set,
+        value, SERVER_KEYS,
+    };
     use vh_common::restart::{parse_text, SocketState};
     const LOCKD_FIXTURE: &str = include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -302,10 +305,7 @@ mod tests {
     #[test]
     fn lockd_fast_parse_agrees_with_value_walk() {
         for fixture in [LOCKD_FIXTURE, LOCKD_11_3] {
-            let walk = LockdState::from_value(&parse_text(fixture).unwrap()).unwrap();
-            assert_eq!(LockdState::parse_fast(fixture), Some(walk.clone()));
-            let text = walk.to_json_string();
-            assert_eq!(LockdState::parse_fast(&text), Some(walk));
+            assert_fast_parse_agrees::<LockdState>(fixture);
         }
         let mut bad = parse_text(LOCKD_FIXTURE).unwrap();
         bad["lockspaces"] = json!([{ "resources": [] }]);
@@ -377,15 +377,7 @@ mod tests {
 
     #[test]
     fn virtlockd_fixture_round_trips_with_same_values_and_key_order() {
-        let st = LockdState::parse(LOCKD_FIXTURE).unwrap();
-        let written = st.to_json_string();
-        assert_eq!(LockdState::parse(&written).unwrap(), st);
-        let ours = value(&written);
-        let theirs = value(LOCKD_FIXTURE);
-        assert_eq!(ours, theirs);
-        assert_eq!(keys(&ours), keys(&theirs));
-        let via_serde: LockdState = serde_json::from_str(LOCKD_FIXTURE).unwrap();
-        assert_eq!(via_serde, st);
+        assert_round_trips_like_fixture::<LockdState>(LOCKD_FIXTURE);
     }
 
     #[test]

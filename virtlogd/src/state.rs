@@ -181,7 +181,8 @@ mod tests {
     use std::fs;
     use std::os::unix::fs::PermissionsExt;
     use vh_common::restart::test_support::{
-        assert_missing, keys, remove, server_json, set, value, SERVER_KEYS,
+        assert_fast_parse_agrees, assert_missing, assert_round_trips_like_fixture, remove,
+        server_json, set, value, SERVER_KEYS,
     };
     // Whole-document calls (`parse`, `to_json_string`, ...) are the trait's.
     pub use vh_common::restart::StateDocument;
@@ -211,10 +212,7 @@ mod tests {
     /// still gets the walk's precise error.
     #[test]
     fn logd_fast_parse_agrees_with_value_walk() {
-        let walk = LogdState::from_value(&parse_text(LOGD_FIXTURE).unwrap()).unwrap();
-        assert_eq!(LogdState::parse_fast(LOGD_FIXTURE), Some(walk.clone()));
-        let text = walk.to_json_string();
-        assert_eq!(LogdState::parse_fast(&text), Some(walk));
+        assert_fast_parse_agrees::<LogdState>(LOGD_FIXTURE);
         let bad = LOGD_FIXTURE.replacen("\"domuuid\": \"", "\"domuuid\": \"x", 1);
         assert!(LogdState::parse_fast(&bad).is_none());
         let e = LogdState::parse(&bad).unwrap_err().to_string();
@@ -319,17 +317,9 @@ mod tests {
 
     #[test]
     fn virtlogd_fixture_round_trips_with_same_values_and_key_order() {
-        let st = LogdState::parse(LOGD_FIXTURE).unwrap();
-        let written = st.to_json_string();
-        assert_eq!(LogdState::parse(&written).unwrap(), st);
-        let ours = value(&written);
-        let theirs = value(LOGD_FIXTURE);
-        assert_eq!(ours, theirs);
-        assert_eq!(keys(&ours), keys(&theirs));
-        // serde entry points agree with the hand-written ones.
-        let via_serde: LogdState = serde_json::from_str(LOGD_FIXTURE).unwrap();
-        assert_eq!(via_serde, st);
-        assert_eq!(serde_json::to_value(&st).unwrap(), theirs);
+        let st = assert_round_trips_like_fixture::<LogdState>(LOGD_FIXTURE);
+        // serde's writing entry point agrees with the hand-written one too.
+        assert_eq!(serde_json::to_value(&st).unwrap(), value(LOGD_FIXTURE));
     }
 
     /// 11.3's virtlogd document (empty arrays as `[]`, the QEMU driver's "QEMU" name)
