@@ -81,6 +81,27 @@ fn restore_lockspace(st: &LockspaceState) -> LockSpace {
     ls
 }
 
+impl LockDaemonApp {
+    /// The state document around the lockspaces, as `handoff` and `snapshot` write it.
+    fn document(
+        &self,
+        daemon: DaemonState,
+        default_lockspace: LockspaceState,
+        lockspaces: Vec<LockspaceState>,
+        magic: String,
+    ) -> LockdState {
+        // Our counters ride in a key of their own, which libvirt 9.0 ignores.
+        let counters = serde_json::json!({ "leaseLosses": self.daemon.lease_losses() });
+        LockdState {
+            daemon,
+            default_lockspace,
+            lockspaces,
+            magic,
+            counters: Some(counters),
+        }
+    }
+}
+
 impl App for LockDaemonApp {
     const KIND: DaemonKind = DaemonKind::Lockd;
     const SINGLE_THREADED: bool = true;
@@ -147,15 +168,7 @@ impl App for LockDaemonApp {
                 )
             }
         };
-        // Our counters ride in a key of their own, which libvirt 9.0 ignores.
-        let counters = serde_json::json!({ "leaseLosses": self.daemon.lease_losses() });
-        let doc = LockdState {
-            daemon,
-            default_lockspace,
-            lockspaces,
-            magic,
-            counters: Some(counters),
-        };
+        let doc = self.document(daemon, default_lockspace, lockspaces, magic);
         (doc.to_json_string(), fds)
     }
 
@@ -224,14 +237,7 @@ impl App for LockDaemonApp {
             .map(|(_, ls)| lockspace_state(ls, &mut fds))
             .collect();
         lockspaces.sort_by(|a, b| a.directory.cmp(&b.directory));
-        let counters = serde_json::json!({ "leaseLosses": self.daemon.lease_losses() });
-        let doc = LockdState {
-            daemon,
-            default_lockspace,
-            lockspaces,
-            magic,
-            counters: Some(counters),
-        };
+        let doc = self.document(daemon, default_lockspace, lockspaces, magic);
         let kinds: Vec<(RawFd, FdKind)> = fds.into_iter().map(|fd| (fd, FdKind::Lease)).collect();
         // Compact, unlike the re-exec file (only our next image reads it): less to
         // write and hash per change.
