@@ -25,11 +25,7 @@
 
 use crate::daemon::{Bins, Impl, Res};
 use std::fs;
-use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -455,46 +451,15 @@ fn release(c: &mut Client, dir: &Path, name: &str) -> Res<()> {
 /// process (the daemon sees its pid as the peer) and registered with its pid. Our copy of
 /// the socket is closed on return, so the connection closes when the owner dies.
 fn spawn_owner(sock: &Path, ls: &Path, name: &str) -> Res<Child> {
-    // SAFETY: an all-zero sockaddr_un is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let path = sock.as_os_str().as_bytes();
-    if path.len() >= addr.sun_path.len() {
-        return Err(format!("socket path too long: {}", sock.display()).into());
+    let (mut child, conn) = vh_testkit::Sleeper {
+        secs: 3600,
+        keep_connection: true,
+        ignore_sigterm: false,
     }
-    for (d, s) in addr.sun_path.iter_mut().zip(path) {
-        *d = *s as libc::c_char;
-    }
-    // SAFETY: socket(2) with constant arguments; the fd is owned right below.
-    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error().into());
-    }
-    // SAFETY: `raw` is a fresh fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let mut cmd = Command::new("sleep");
-    cmd.arg("3600")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: between fork and exec only connect(2) and fcntl(2), both async-signal-safe,
-    // on an fd and an address prepared before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-            if libc::connect(raw, std::ptr::addr_of!(addr).cast(), len) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The owner keeps the connection across exec (clear its close-on-exec).
-            if libc::fcntl(raw, libc::F_SETFD, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn()?;
+    .spawn_connected(sock)
+    .map_err(|e| format!("owner connecting to {}: {e}", sock.display()))?;
     let setup = (|| -> Res<()> {
-        let mut c = client(UnixStream::from(fd))?;
+        let mut c = client(conn)?;
         create_lockspace(&mut c, ls)?;
         register(&mut c, child.id(), "vm-fence")?;
         Ok(resource(&mut c, kp::proc_::ACQUIRE_RESOURCE, ls, name)?)

@@ -7,6 +7,7 @@
 //! | [`daemon`] | binary discovery (one way), [`Daemon::spawn`], readiness, the one stop policy |
 //! | [`conn`] | raw libvirt RPC: frame builders, [`Conn`], reply checks, [`describe`] |
 //! | [`notify`] | a stand-in for systemd's notify socket: [`recv_notify`] |
+//! | [`peer`] | a child that connects itself to a daemon and sleeps: [`Sleeper`] |
 //!
 //! Our binaries are looked up in `$VH_BIN_DIR` if set, else in the cargo target profile
 //! directory the running executable lives in (`target/debug/deps/x` → `target/debug`,
@@ -19,8 +20,10 @@ pub mod conn;
 pub mod daemon;
 pub mod namespace;
 pub mod notify;
+pub mod peer;
 
 pub use conn::*;
 pub use daemon::*;
 pub use namespace::Launch;
 pub use notify::recv_notify;
+pub use peer::Sleeper;

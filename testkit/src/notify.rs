@@ -25,7 +25,10 @@ pub fn recv_notify(sock: &UnixDatagram) -> io::Result<(String, Vec<OwnedFd>)> {
     for c in msg.cmsgs().into_iter().flatten() {
         if let ControlMessageOwned::ScmRights(raw) = c {
             // SAFETY: just received with SCM_RIGHTS: new fds, ours alone.
-            fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
         }
     }
     Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), fds))

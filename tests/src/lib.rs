@@ -70,12 +70,8 @@
 //! keeps, so SO_PEERCRED names the child while the test drives the connection.
 
 use std::fs;
-use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 
 use vh_common::xdr::Decoder;
 
@@ -363,28 +359,12 @@ impl OwnerChild {
 
     /// [`OwnerChild::connect`] with a child that lives `secs` seconds.
     pub fn connect_living(sock: &Path, secs: u32) -> OwnerChild {
-        use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType, UnixAddr};
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .expect("socket");
-        let addr = UnixAddr::new(sock).expect("socket path too long");
-        let raw = fd.as_raw_fd();
-        let mut cmd = Command::new("sleep");
-        cmd.arg(secs.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // SAFETY: the hook only calls connect(2), which is async-signal-safe, on an fd
-        // and an address prepared before the fork.
-        unsafe {
-            cmd.pre_exec(move || nix::sys::socket::connect(raw, &addr).map_err(io::Error::from));
+        let (child, stream) = vh_testkit::Sleeper {
+            secs,
+            ..Default::default()
         }
-        let child = cmd.spawn().expect("spawn owner child (sleep)");
-        let stream = UnixStream::from(fd);
+        .spawn_connected(sock)
+        .expect("spawn owner child (sleep)");
         OwnerChild {
             child: Some(child),
             conn: Some(Conn::from_stream(stream)),

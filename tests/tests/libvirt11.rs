@@ -184,7 +184,6 @@ fn locked(path: &Path) -> bool {
 /// owner is seen alive; once it is gone the lease is free and the daemon has exited.
 #[test]
 fn virtlockd_quit_kills_a_live_owner_before_releasing_its_lease() {
-    use std::os::unix::process::CommandExt;
     require_root();
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = dir.path().join("disk.img");
@@ -194,35 +193,15 @@ fn virtlockd_quit_kills_a_live_owner_before_releasing_its_lease() {
 
     // The owner: a child that connected itself (SO_PEERCRED = its pid), ignores SIGTERM
     // (an ignored signal stays ignored across exec) and sleeps.
-    let fd = nix::sys::socket::socket(
-        nix::sys::socket::AddressFamily::Unix,
-        nix::sys::socket::SockType::Stream,
-        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .expect("socket");
-    let addr = nix::sys::socket::UnixAddr::new(&d.sock()).expect("socket path");
-    let raw = fd.as_raw_fd();
-    let mut cmd = Command::new("sleep");
-    cmd.arg("60")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: the hook only calls sigaction(2) and connect(2), both async-signal-safe,
-    // on an fd and an address prepared before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sys::signal::signal(
-                nix::sys::signal::Signal::SIGTERM,
-                nix::sys::signal::SigHandler::SigIgn,
-            )
-            .map_err(std::io::Error::from)?;
-            nix::sys::socket::connect(raw, &addr).map_err(std::io::Error::from)
-        });
+    let (mut child, conn) = vh_testkit::Sleeper {
+        secs: 60,
+        keep_connection: false,
+        ignore_sigterm: true,
     }
-    let mut child = cmd.spawn().expect("spawn owner");
+    .spawn_connected(&d.sock())
+    .expect("spawn owner");
     let pid = child.id();
-    let mut owner = Conn::from_stream(std::os::unix::net::UnixStream::from(fd));
+    let mut owner = Conn::from_stream(conn);
     let reg = args::lock_register([7; 16], "g1", 1, pid, 0);
     let f = owner.roundtrip(
         &call_frame(lk::PROGRAM, 1, lk::proc_::REGISTER, 1, &reg),
