@@ -33,6 +33,7 @@ use crate::restart::{
     self, ClientCarry, ClientState, DaemonState, ServerState, ServiceState, SocketState,
     ADMIN_SERVER,
 };
+use crate::stop_intent::{self, StopIntent};
 use crate::server::{
     ClientHooks, ClientLimits, HandedOffClient, NoHooks, PendingIo, Program, RunState, Server,
     ServiceInfo, StoreHook,
@@ -529,17 +530,37 @@ async fn run<A: App>(
             _ = sigterm.recv() => {
                 info!("SIGTERM received");
                 if let Some(k) = &keeper {
-                    // `systemctl restart` (and stop) send SIGTERM. With the store on it
-                    // keeps everything: the last snapshot is written and the process
-                    // leaves without closing, releasing or killing anything; the store
-                    // holds it all. A restart resumes from it; a stop on systemd 252
-                    // empties the store, which closes every pipe and frees every lease,
-                    // as 9.0's stop does.
-                    commit(&daemon, &*app, k);
-                    app.before_store_exit().await;
-                    commit(&daemon, &*app, k);
-                    info!("leaving everything in the fd store");
-                    return STORE_KEPT;
+                    // `systemctl restart` and `stop` both send SIGTERM; only a restart
+                    // may leave everything in the store (the next start resumes from
+                    // it). After a stop systemd 252 empties the store, which would free
+                    // every lease under its still running owner: so ask systemd which
+                    // job this is (see `stop_intent`), and for anything but a restart
+                    // stop as without the store (owners killed, then leases released;
+                    // pipes drained and closed), as libvirt 9.0 does.
+                    let user = !daemon.mode.is_privileged();
+                    let intent = tokio::task::spawn_blocking(move || stop_intent::query(user))
+                        .await
+                        .unwrap_or_else(|e| StopIntent::Stop(format!("job query failed: {e}")));
+                    match intent {
+                        StopIntent::Restart(why) => {
+                            // The last snapshot, then leave without closing, releasing
+                            // or killing anything: the store holds it all.
+                            commit(&daemon, &*app, k);
+                            app.before_store_exit().await;
+                            commit(&daemon, &*app, k);
+                            info!("SIGTERM for a restart ({why}): leaving everything in the fd store");
+                            return STORE_KEPT;
+                        }
+                        StopIntent::Stop(why) => {
+                            // Take everything out of the store first: we still hold
+                            // every lease and pipe ourselves, so nothing is freed
+                            // before the owners are killed; from here on it is the stop
+                            // without the store (exit 0, which `Restart=on-failure`
+                            // does not restart; a stop job never restarts anyway).
+                            k.clear();
+                            info!("SIGTERM for a stop ({why}): fd store emptied; stopping as without it (lease owners are killed, as libvirt 9.0 does)");
+                        }
+                    }
                 }
                 break
             }
