@@ -33,11 +33,11 @@ use crate::restart::{
     self, ClientCarry, ClientState, DaemonState, ServerState, ServiceState, SocketState,
     ADMIN_SERVER,
 };
-use crate::stop_intent::{self, StopIntent};
 use crate::server::{
     ClientHooks, ClientLimits, HandedOffClient, NoHooks, PendingIo, Program, RunState, Server,
     ServiceInfo, StoreHook,
 };
+use crate::stop_intent::{self, StopIntent};
 use std::ffi::{CString, OsString};
 use std::future::Future;
 use std::io;
@@ -180,10 +180,11 @@ pub trait App: Send + Sync + Sized + 'static {
     ) -> Result<DaemonState, restart::RestoreError>;
     /// Clean stop: release what a stop releases.
     fn shutdown(&self) -> impl Future<Output = ()> + Send;
-    /// With the fd store on, a SIGTERM leaves everything in the store (see `run`); this
-    /// runs first, for what must not wait in the store without us (virtlogd drains its
-    /// pipes into the files, so that a stop, which empties the store, loses no more than
-    /// a stop without it). It must close and release nothing.
+    /// With the fd store on, a SIGTERM for a restart leaves everything in the store (see
+    /// `run`; a SIGTERM for a stop quits as without the store); this runs first, for
+    /// what must not wait in the store without us (virtlogd drains its pipes into the
+    /// files, so the bytes already written do not wait for the next start). It must
+    /// close and release nothing.
     fn before_store_exit(&self) -> impl Future<Output = ()> + Send {
         async {}
     }
@@ -548,17 +549,22 @@ async fn run<A: App>(
                             commit(&daemon, &*app, k);
                             app.before_store_exit().await;
                             commit(&daemon, &*app, k);
-                            info!("SIGTERM for a restart ({why}): leaving everything in the fd store");
+                            // At warning level (the default log_level shows it): the
+                            // process leaves with every lease and pipe still held.
+                            warn!("SIGTERM for a restart ({why}): leaving everything in the fd store");
                             return STORE_KEPT;
                         }
                         StopIntent::Stop(why) => {
                             // Take everything out of the store first: we still hold
                             // every lease and pipe ourselves, so nothing is freed
                             // before the owners are killed; from here on it is the stop
-                            // without the store (exit 0, which `Restart=on-failure`
-                            // does not restart; a stop job never restarts anyway).
+                            // without the store. Its exit code cannot bring us back
+                            // with leases nobody serves: systemd never auto-restarts a
+                            // unit whose stop job runs, a clean quit exits 0 (which
+                            // `Restart=on-failure` leaves alone) and a forced one (1)
+                            // after a plain kill restarts with the store empty.
                             k.clear();
-                            info!("SIGTERM for a stop ({why}): fd store emptied; stopping as without it (lease owners are killed, as libvirt 9.0 does)");
+                            warn!("SIGTERM for a stop ({why}): fd store emptied; stopping as without it (lease owners are killed, as libvirt 9.0 does)");
                         }
                     }
                 }

@@ -90,10 +90,17 @@ pub fn query(user_manager: bool) -> StopIntent {
     if user_manager {
         cmd.arg("--user");
     }
-    cmd.args(["list-jobs", "--no-legend", "--plain", "--no-pager", "--", &unit])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    cmd.args([
+        "list-jobs",
+        "--no-legend",
+        "--plain",
+        "--no-pager",
+        "--",
+        &unit,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
     match run_bounded(cmd, QUERY_TIMEOUT) {
         Ok(out) => classify(&unit, job_type(&out, &unit)),
         Err(why) => StopIntent::Stop(format!("cannot ask systemd about {unit}: {why}")),
@@ -148,8 +155,10 @@ mod tests {
             Some("virtlogd.service")
         );
         assert_eq!(
-            own_unit("0::/user.slice/user-1000.slice/user@1000.service/app.slice/virtlogd.service\n")
-                .as_deref(),
+            own_unit(
+                "0::/user.slice/user-1000.slice/user@1000.service/app.slice/virtlogd.service\n"
+            )
+            .as_deref(),
             Some("virtlogd.service")
         );
         // cgroup v1: the named systemd hierarchy, not a controller's.
@@ -171,7 +180,10 @@ mod tests {
             classify(u, job_type(restart, u)),
             StopIntent::Restart(_)
         ));
-        assert!(matches!(classify(u, job_type(stop, u)), StopIntent::Stop(_)));
+        assert!(matches!(
+            classify(u, job_type(stop, u)),
+            StopIntent::Stop(_)
+        ));
         assert!(matches!(classify(u, job_type("", u)), StopIntent::Stop(_)));
         // Another unit's restart is not ours.
         assert!(matches!(
