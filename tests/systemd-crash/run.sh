@@ -21,7 +21,8 @@
 #     empties the store): virtlockd kills the live owner (a real process registered
 #     over a live connection, holding N leases) and every lease is free afterwards, as
 #     9.0's stop does; virtlogd loses no line written before the stop (writers that
-#     have written everything and keep their pipes open, as a running QEMU does).
+#     have written everything and keep their pipes open, as a running QEMU does);
+#     a plain `kill -TERM` (no job) stops the same way and is not restarted.
 # Then the baseline: libvirt 9.0's C daemons (/usr/sbin/virtlogd, /usr/sbin/virtlockd)
 # from Debian's own units, same clients, same kills: it prints what they lose (BASELINE
 # lines) and PASSes on having measured it; its stop must show the same owner kill.
@@ -355,6 +356,36 @@ lease_stop_run() {
     [ "$alive" = dead ] && [ "$n" = "$N" ] && pass "$tag baseline: 9.0's stop kills the live owner and frees every lease" \
       || fail "$tag baseline: 9.0's stop: owner $alive, $n of $N leases free"
   fi
+  echo exit >&8 2>/dev/null
+  exec 8>&-
+  wait "$owner" 2>/dev/null
+  [ "$kind" = ours ] || return
+  # A plain SIGTERM (no systemd job on the unit): also a stop, and its exit must not
+  # make `Restart=on-failure` bring the daemon back.
+  SC start virtlockd.socket virtlockd-admin.socket
+  rm -f "$S/ctl3"; mkfifo "$S/ctl3"
+  IN "$S/crash-peer" owner $ksock "$S/leases" "$N" "$S/ctl3" > "$S/owner3.out" 2>&1 &
+  owner=$!
+  exec 8> "$S/ctl3"
+  wait_for "$S/owner3.out" "held $N" 120 || { fail "$tag kill -TERM: owner could not take $N leases: $(tail -3 "$S/owner3.out")"; exec 8>&-; return; }
+  cp=$(peer_pid "$S/ctl3")
+  local pid; pid=$(show virtlockd.service MainPID)
+  IN kill -TERM "$pid"
+  alive=alive
+  for _ in $(seq 1 100); do kill -0 "$cp" 2>/dev/null || { alive=dead; break; }; sleep 0.1; done
+  # Past RestartSec (2 s here): an auto-restart would have happened by now.
+  sleep 3
+  n=$(lockable)
+  local sub; sub=$(show virtlockd.service SubState)
+  echo "$tag kill -TERM virtlockd (no systemd job) with a live owner: owner process $alive, $n of $N leases free, unit $sub"
+  [ "$alive" = dead ] && [ "$n" = "$N" ] && pass "$tag kill -TERM (no job: a stop) kills the live owner and frees every lease" \
+    || fail "$tag kill -TERM: owner $alive, $n of $N leases free"
+  [ "$sub" = dead ] && pass "$tag kill -TERM: the clean exit is not restarted (Restart=on-failure)" \
+    || fail "$tag kill -TERM: unit is $sub, want dead"
+  IN journalctl --no-pager -u virtlockd | grep -q 'SIGTERM for a stop (no systemd job' \
+    && pass "$tag kill -TERM: the daemon logged a stop for want of a job" \
+    || fail "$tag kill -TERM: no 'SIGTERM for a stop (no systemd job' in the journal"
+  SC stop virtlockd.socket virtlockd-admin.socket
   echo exit >&8 2>/dev/null
   exec 8>&-
   wait "$owner" 2>/dev/null
