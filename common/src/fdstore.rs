@@ -93,8 +93,8 @@
 //! start the same disk. With the store on, SIGTERM therefore asks systemd which job
 //! runs on our unit ([`crate::stop_intent`]: `systemctl list-jobs` for the unit named
 //! in `/proc/self/cgroup`, bounded to 2 s). During the stop phase of a `restart`,
-//! `try-restart` or `reload-or-restart` systemd 252 reports the job as `restart`
-//! (checked in a container); `stop` and a system shutdown report `stop`.
+//! `try-restart` or `reload-or-restart` systemd reports the job as `restart`; `stop`
+//! and a system shutdown report `stop` (checked in containers with 252 and 257).
 //! * A restart: a last snapshot is written, the app does what must not wait in the
 //!   store (`App::before_store_exit`: virtlogd drains its pipes into the files) and
 //!   the process exits 0, closing, releasing and killing nothing (the store holds it

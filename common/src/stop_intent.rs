@@ -8,12 +8,13 @@
 //! store for a restart; for anything else it stops as libvirt 9.0 does (virtlockd
 //! kills every registered owner, then releases).
 //!
-//! What systemd reports, checked in a systemd 252 container (`systemctl list-jobs` from
-//! the service's SIGTERM handler): `restart`, `try-restart` and `reload-or-restart` (on
-//! a unit without `ExecReload=`) all show the unit's job as `restart running` while the
-//! old process is being stopped (systemd runs a restart job as a stop and turns it into
-//! a start only once the stop is done; its `job.h` says so up to 257); `stop` and a
-//! system shutdown show `stop running`; `kill -TERM` / `systemctl kill` show no job.
+//! What systemd reports, checked in systemd-nspawn containers running systemd 252
+//! (Debian 12) and 257 (Debian 13), with `systemctl list-jobs` run from a service's
+//! SIGTERM handler: `restart`, `try-restart` and `reload-or-restart` (on a unit without
+//! `ExecReload=`) all show the unit's job as `restart running` while the old process is
+//! being stopped (systemd runs a restart job as a stop and turns it into a start only
+//! once the stop is done); `stop` and a system shutdown (`poweroff`) show
+//! `stop running`; `systemctl kill -s TERM` shows no job.
 //! Only a `restart` or `try-restart` job keeps the store. No job, another type, an
 //! unknown unit, a failed or slow query (bounded by [`QUERY_TIMEOUT`]) all mean stop:
 //! an owner killed by mistake is what 9.0 does on every restart; a lease freed under a
@@ -171,8 +172,8 @@ mod tests {
     }
 
     #[test]
-    fn job_types_seen_on_252() {
-        // What a SIGTERM handler saw in a systemd 252 container.
+    fn job_types_seen_on_252_and_257() {
+        // What a SIGTERM handler saw in systemd 252 and 257 containers.
         let restart = "49 virtlockd.service restart running\n";
         let stop = "190 virtlockd.service stop running\n";
         let u = "virtlockd.service";
