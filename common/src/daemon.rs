@@ -37,6 +37,7 @@ use crate::server::{
     ClientHooks, ClientLimits, HandedOffClient, NoHooks, PendingIo, Program, RunState, Server,
     ServiceInfo, StoreHook,
 };
+use crate::stop_intent::{self, StopIntent};
 use std::ffi::{CString, OsString};
 use std::future::Future;
 use std::io;
@@ -179,10 +180,11 @@ pub trait App: Send + Sync + Sized + 'static {
     ) -> Result<DaemonState, restart::RestoreError>;
     /// Clean stop: release what a stop releases.
     fn shutdown(&self) -> impl Future<Output = ()> + Send;
-    /// With the fd store on, a SIGTERM leaves everything in the store (see `run`); this
-    /// runs first, for what must not wait in the store without us (virtlogd drains its
-    /// pipes into the files, so that a stop, which empties the store, loses no more than
-    /// a stop without it). It must close and release nothing.
+    /// With the fd store on, a SIGTERM for a restart leaves everything in the store (see
+    /// `run`; a SIGTERM for a stop quits as without the store); this runs first, for
+    /// what must not wait in the store without us (virtlogd drains its pipes into the
+    /// files, so the bytes already written do not wait for the next start). It must
+    /// close and release nothing.
     fn before_store_exit(&self) -> impl Future<Output = ()> + Send {
         async {}
     }
@@ -529,17 +531,42 @@ async fn run<A: App>(
             _ = sigterm.recv() => {
                 info!("SIGTERM received");
                 if let Some(k) = &keeper {
-                    // `systemctl restart` (and stop) send SIGTERM. With the store on it
-                    // keeps everything: the last snapshot is written and the process
-                    // leaves without closing, releasing or killing anything; the store
-                    // holds it all. A restart resumes from it; a stop on systemd 252
-                    // empties the store, which closes every pipe and frees every lease,
-                    // as 9.0's stop does.
-                    commit(&daemon, &*app, k);
-                    app.before_store_exit().await;
-                    commit(&daemon, &*app, k);
-                    info!("leaving everything in the fd store");
-                    return STORE_KEPT;
+                    // `systemctl restart` and `stop` both send SIGTERM; only a restart
+                    // may leave everything in the store (the next start resumes from
+                    // it). After a stop systemd 252 empties the store, which would free
+                    // every lease under its still running owner: so ask systemd which
+                    // job this is (see `stop_intent`), and for anything but a restart
+                    // stop as without the store (owners killed, then leases released;
+                    // pipes drained and closed), as libvirt 9.0 does.
+                    let user = !daemon.mode.is_privileged();
+                    let intent = tokio::task::spawn_blocking(move || stop_intent::query(user))
+                        .await
+                        .unwrap_or_else(|e| StopIntent::Stop(format!("job query failed: {e}")));
+                    match intent {
+                        StopIntent::Restart(why) => {
+                            // The last snapshot, then leave without closing, releasing
+                            // or killing anything: the store holds it all.
+                            commit(&daemon, &*app, k);
+                            app.before_store_exit().await;
+                            commit(&daemon, &*app, k);
+                            // At warning level (the default log_level shows it): the
+                            // process leaves with every lease and pipe still held.
+                            warn!("SIGTERM for a restart ({why}): leaving everything in the fd store");
+                            return STORE_KEPT;
+                        }
+                        StopIntent::Stop(why) => {
+                            // Take everything out of the store first: we still hold
+                            // every lease and pipe ourselves, so nothing is freed
+                            // before the owners are killed; from here on it is the stop
+                            // without the store. Its exit code cannot bring us back
+                            // with leases nobody serves: systemd never auto-restarts a
+                            // unit whose stop job runs, a clean quit exits 0 (which
+                            // `Restart=on-failure` leaves alone) and a forced one (1)
+                            // after a plain kill restarts with the store empty.
+                            k.clear();
+                            warn!("SIGTERM for a stop ({why}): fd store emptied; stopping as without it (lease owners are killed, as libvirt 9.0 does)");
+                        }
+                    }
                 }
                 break
             }

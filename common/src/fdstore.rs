@@ -87,20 +87,32 @@
 //! virtlogd moves pipe data with splice(2) while the store is on: a crash between a
 //! read and its write would lose the bytes read.
 //!
-//! **SIGTERM.** `systemctl restart` is a SIGTERM followed by a start, and must lose
-//! nothing: with the store on, SIGTERM writes a last snapshot, lets the app do what
-//! must not wait in the store (`App::before_store_exit`: virtlogd drains its pipes into
-//! the files) and exits 0, closing, releasing and killing nothing (the store holds it
-//! all; QEMU's pipes and connections stay open). What happens next is systemd's:
-//! `restart` (and `Restart=on-failure` after a crash) starts us with the store; `stop`
-//! on 252 empties it, which closes every pipe and frees every lease. Unlike the stop
-//! without the store (and 9.0's), no lease owner is killed first: stop virtlockd only
-//! with no guest running. SIGINT, SIGQUIT, the idle
+//! **SIGTERM.** `systemctl restart` and `systemctl stop` both send SIGTERM, and only a
+//! restart may leave anything in the store: after a stop systemd 252 empties it, which
+//! closes every lease fd while the owners (QEMU) keep running, so another host could
+//! start the same disk. With the store on, SIGTERM therefore asks systemd which job
+//! runs on our unit ([`crate::stop_intent`]: `systemctl list-jobs` for the unit named
+//! in `/proc/self/cgroup`, bounded to 2 s). During the stop phase of a `restart`,
+//! `try-restart` or `reload-or-restart` systemd reports the job as `restart`; `stop`
+//! and a system shutdown report `stop` (checked in containers with 252 and 257).
+//! * A restart: a last snapshot is written, the app does what must not wait in the
+//!   store (`App::before_store_exit`: virtlogd drains its pipes into the files) and
+//!   the process exits 0, closing, releasing and killing nothing (the store holds it
+//!   all; QEMU's pipes and connections stay open); the start resumes from the store.
+//! * Anything else (a stop, a shutdown, no job as after a plain `kill`, a failed or
+//!   slow query): every fd is removed from the store first (we still hold our own, so
+//!   nothing is freed yet), then the daemon stops exactly as without the store, as
+//!   libvirt 9.0 does: virtlockd kills every registered owner and then releases its
+//!   leases, virtlogd drains and closes its pipes. No owner is left running without
+//!   its lease.
+//!
+//! Both branches are logged at warning level with the reason. SIGINT, SIGQUIT, the idle
 //! timeout and admin shutdown quit as without the store.
 //!
-//! **Stop + start.** On systemd 252 a `stop` followed by a `start` empties the store
-//! (there is no `FileDescriptorStorePreserve=` before 254): the next start is a fresh
-//! one, as today. `restart` and `Restart=on-failure` keep it.
+//! **Stop + start.** A `stop` stops as without the store (above) and leaves the store
+//! empty (252 has no `FileDescriptorStorePreserve=`, which comes with 254 and our units
+//! do not set): the next start is a fresh one, as today. `restart` and
+//! `Restart=on-failure` keep it.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};

@@ -11,6 +11,7 @@
 //! | [`activation`] | systemd socket activation (LISTEN_FDS) and sd_notify |
 //! | [`fdstore`] | systemd's fd store as a crash safety net: stored fds, state slots, resume |
 //! | [`fdstore_keeper`] | keeping the store current while the daemon runs |
+//! | [`stop_intent`] | on SIGTERM with the store on: is systemd restarting us, or stopping us for good? |
 //! | [`logging`] | log_level / log_filters / log_outputs driving `tracing` |
 //! | [`daemon`] | the daemon front-end: start-up, sockets, signals, `--timeout`, re-exec |
 //! | [`restart`] | the re-exec state file's shared part: framing, servers, clients, sockets, the located-error walker, file I/O (each daemon's `state.rs` has its own part) |
@@ -30,6 +31,7 @@ pub mod logging;
 pub mod pidfile;
 pub mod restart;
 pub mod server;
+pub mod stop_intent;
 
 // The wire modules moved to `vh-proto` (so the client needs no server code); these
 // paths stay so that `vh_common::xdr` and friends keep working.

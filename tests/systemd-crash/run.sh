@@ -15,10 +15,17 @@
 #   * `systemctl reload` (SIGUSR1 re-exec) of each: the new image stores everything
 #     again, and a SIGKILL after it still loses nothing; a reload into libvirt 9.0's C
 #     daemon leaves nothing in the store, and C's release really frees the lease;
-#   * `systemctl stop` (252 empties the store) frees every lease, as 9.0's stop does.
+#   * `systemctl restart` keeps the owner process alive with its leases (SIGTERM during
+#     a restart job leaves everything in the store);
+#   * `systemctl stop` (a stop job: the daemon stops as without the store, and 252
+#     empties the store): virtlockd kills the live owner (a real process registered
+#     over a live connection, holding N leases) and every lease is free afterwards, as
+#     9.0's stop does; virtlogd loses no line written before the stop (writers that
+#     have written everything and keep their pipes open, as a running QEMU does);
+#     a plain `kill -TERM` (no job) stops the same way and is not restarted.
 # Then the baseline: libvirt 9.0's C daemons (/usr/sbin/virtlogd, /usr/sbin/virtlockd)
 # from Debian's own units, same clients, same kills: it prints what they lose (BASELINE
-# lines) and PASSes on having measured it.
+# lines) and PASSes on having measured it; its stop must show the same owner kill.
 # Needs: systemd-container (systemd-nspawn), util-linux (nsenter), python3, root, and
 # target/debug/{virtlogd,virtlockd,crash-peer,vhctl} (cargo build --workspace).
 # Usage: tests/systemd-crash/run.sh [N_LEASES [N_LOGS [LINES]]]   (1000 100 6000)
@@ -70,6 +77,8 @@ halt() {
   kill -0 $OUTER 2>/dev/null && kill -KILL "$LEADER"
   wait $OUTER 2>/dev/null
 }
+# The host pid of the crash-peer owner reading CTL (not its nsenter or subshell).
+peer_pid() { pgrep -f "^$S/crash-peer owner .* $1\$" | head -1; }
 IN() { nsenter -t "$LEADER" -m -p -- "$@"; }
 SC() { IN systemctl "$@"; }
 show() { SC show "$1" -p "$2" --value; }
@@ -240,13 +249,20 @@ lease_run() {
     fi
     check_after "SIGKILL #$round"
   done
+  local cp; cp=$(peer_pid "$S/ctl")
   SC restart virtlockd.service
   n=$(lockable)
   echo "$tag after systemctl restart virtlockd: another process could lock $n of $N leases ($rel released)"
+  local alive=dead
+  [ -n "$cp" ] && kill -0 "$cp" 2>/dev/null && alive=alive
   if [ "$kind" = ours ]; then
     [ "$n" = "$rel" ] && pass "$tag systemctl restart: every unreleased lease still held" || fail "$tag systemctl restart: $n lockable, $rel released"
+    [ "$alive" = alive ] && pass "$tag systemctl restart: the owner process is still alive" || fail "$tag systemctl restart: the owner process ($cp) is $alive"
+    IN journalctl --no-pager -u virtlockd | grep -q 'SIGTERM for a restart' \
+      && pass "$tag systemctl restart: the daemon logged that the SIGTERM was for a restart" \
+      || fail "$tag systemctl restart: no 'SIGTERM for a restart' in the journal"
   else
-    echo "BASELINE 9.0 virtlockd systemctl restart: $n of $N leases free after it"
+    echo "BASELINE 9.0 virtlockd systemctl restart: $n of $N leases free after it; owner process $alive"
   fi
   check_after "systemctl restart"
   [ "$kind" = c ] && pass "$tag baseline leases measured"
@@ -281,16 +297,131 @@ lease_run() {
     n=$(lockable)
     [ "$n" = "$rel" ] && pass "$tag the C daemon's release really frees the lease; the rest stay held ($n free, $rel released)" \
       || fail "$tag after the C daemon's release: $n lockable, $rel released"
+    # And back into ours (the C image execs the same path), which stores it all again.
     install -m 0755 "$BIN/virtlockd" "$S/virtlockd"
-    SC stop virtlockd.service virtlockd.socket virtlockd-admin.socket
-    n=$(lockable)
-    [ "$n" = "$N" ] && pass "$tag systemctl stop (252 empties the store) frees every lease, as 9.0's stop does" \
-      || fail "$tag systemctl stop left $((N - n)) leases held"
+    want=$((N - rel + 5))
+    SC reload virtlockd.service
+    sleep 2
+    local back; back=$(show virtlockd.service NFileDescriptorStore)
+    [ "$back" = "$want" ] && pass "$tag re-exec from the C daemon back into ours stores everything again ($want fds)" \
+      || fail "$tag re-exec back into ours: store holds $back fds, want $want"
+    check_after "the re-exec back into ours"
   fi
   # 9.0's stop (or ours after the re-exec into 9.0) may have killed the owner already.
   echo exit >&7 2>/dev/null
   exec 7>&-
   wait "$owner" 2>/dev/null
+}
+
+# ---------------------------------------------------------------------- stops
+# lease_stop_run KIND: a live owner (its own process, registered over a live connection)
+# holds N leases; `systemctl stop` must kill it and free every lease (9.0's stop does).
+lease_stop_run() {
+  local kind=$1 tag="[$1]"
+  local ksock=/run/libvirt/virtlockd-sock
+  rm -f "$S/ctl2"; mkfifo "$S/ctl2"
+  IN "$S/crash-peer" owner $ksock "$S/leases" "$N" "$S/ctl2" > "$S/owner2.out" 2>&1 &
+  local owner=$!
+  exec 8> "$S/ctl2"
+  wait_for "$S/owner2.out" "held $N" 120 || { fail "$tag stop: owner could not take $N leases: $(tail -3 "$S/owner2.out")"; exec 8>&-; return; }
+  local cp; cp=$(peer_pid "$S/ctl2")
+  if [ "$kind" = ours ]; then
+    sleep 1
+    # The store is on (leases, 2 listeners, the owner's connection, 2 state slots):
+    # the stop below is a stop with the store.
+    local st; st=$(show virtlockd.service NFileDescriptorStore)
+    [ "$st" = $((N + 5)) ] || fail "$tag stop: store holds $st fds before the stop, want $((N + 5))"
+  fi
+  local n; n=$(lockable)
+  [ "$n" = 0 ] || fail "$tag stop: $n of $N leases free before the stop"
+  [ -n "$cp" ] && kill -0 "$cp" 2>/dev/null || fail "$tag stop: owner process not running before the stop"
+  SC stop virtlockd.service virtlockd.socket virtlockd-admin.socket
+  # The daemon waits for its kills before it exits; allow the owner's reaping.
+  local alive=alive
+  for _ in $(seq 1 100); do kill -0 "$cp" 2>/dev/null || { alive=dead; break; }; sleep 0.1; done
+  n=$(lockable)
+  echo "$tag systemctl stop virtlockd with a live owner: owner process $alive, $n of $N leases free"
+  if [ "$kind" = ours ]; then
+    [ "$alive" = dead ] && pass "$tag systemctl stop kills the live owner, as 9.0's stop does" \
+      || fail "$tag systemctl stop left the owner process ($cp) running"
+    [ "$n" = "$N" ] && pass "$tag systemctl stop frees every lease (after the owner is dead)" \
+      || fail "$tag systemctl stop left $((N - n)) leases held"
+    IN journalctl --no-pager -u virtlockd | grep -q 'SIGTERM for a stop' \
+      && pass "$tag systemctl stop: the daemon logged that the SIGTERM was for a stop" \
+      || fail "$tag systemctl stop: no 'SIGTERM for a stop' in the journal"
+    local left; left=$(show virtlockd.service NFileDescriptorStore)
+    [ "$left" = 0 ] && pass "$tag systemctl stop leaves nothing in the store" || fail "$tag systemctl stop: store still holds $left fds"
+  else
+    echo "BASELINE 9.0 virtlockd systemctl stop with a live owner: owner process $alive, $n of $N leases free"
+    [ "$alive" = dead ] && [ "$n" = "$N" ] && pass "$tag baseline: 9.0's stop kills the live owner and frees every lease" \
+      || fail "$tag baseline: 9.0's stop: owner $alive, $n of $N leases free"
+  fi
+  echo exit >&8 2>/dev/null
+  exec 8>&-
+  wait "$owner" 2>/dev/null
+  [ "$kind" = ours ] || return
+  # A plain SIGTERM (no systemd job on the unit): also a stop, and its exit must not
+  # make `Restart=on-failure` bring the daemon back.
+  SC start virtlockd.socket virtlockd-admin.socket
+  rm -f "$S/ctl3"; mkfifo "$S/ctl3"
+  IN "$S/crash-peer" owner $ksock "$S/leases" "$N" "$S/ctl3" > "$S/owner3.out" 2>&1 &
+  owner=$!
+  exec 8> "$S/ctl3"
+  wait_for "$S/owner3.out" "held $N" 120 || { fail "$tag kill -TERM: owner could not take $N leases: $(tail -3 "$S/owner3.out")"; exec 8>&-; return; }
+  cp=$(peer_pid "$S/ctl3")
+  local pid; pid=$(show virtlockd.service MainPID)
+  IN kill -TERM "$pid"
+  alive=alive
+  for _ in $(seq 1 100); do kill -0 "$cp" 2>/dev/null || { alive=dead; break; }; sleep 0.1; done
+  # Past RestartSec (2 s here): an auto-restart would have happened by now.
+  sleep 3
+  n=$(lockable)
+  local sub; sub=$(show virtlockd.service SubState)
+  echo "$tag kill -TERM virtlockd (no systemd job) with a live owner: owner process $alive, $n of $N leases free, unit $sub"
+  [ "$alive" = dead ] && [ "$n" = "$N" ] && pass "$tag kill -TERM (no job: a stop) kills the live owner and frees every lease" \
+    || fail "$tag kill -TERM: owner $alive, $n of $N leases free"
+  [ "$sub" = dead ] && pass "$tag kill -TERM: the clean exit is not restarted (Restart=on-failure)" \
+    || fail "$tag kill -TERM: unit is $sub, want dead"
+  IN journalctl --no-pager -u virtlockd | grep -q 'SIGTERM for a stop (no systemd job' \
+    && pass "$tag kill -TERM: the daemon logged a stop for want of a job" \
+    || fail "$tag kill -TERM: no 'SIGTERM for a stop (no systemd job' in the journal"
+  SC stop virtlockd.socket virtlockd-admin.socket
+  echo exit >&8 2>/dev/null
+  exec 8>&-
+  wait "$owner" 2>/dev/null
+}
+
+# logs_stop_run KIND: writers write every line and keep their pipes open (as a running
+# QEMU does); virtlogd is stopped at once: every line written must be in the files.
+logs_stop_run() {
+  local kind=$1 tag="[$1]"
+  local lsock=/run/libvirt/virtlogd-sock
+  local lines=2000
+  rm -rf "$S/logs-stop"; mkdir -p "$S/logs-stop"
+  rm -f "$S/hold"; mkfifo "$S/hold"
+  # A C virtlogd may be down (socket-activated): the open starts it.
+  IN "$S/crash-peer" logs $lsock "$S/logs-stop" "$NLOGS" "$lines" "$S/hold" > "$S/logs-stop.out" 2>&1 &
+  local writer=$!
+  exec 9> "$S/hold"
+  wait_for "$S/logs-stop.out" "^done" 120 || { fail "$tag logs stop: writers did not finish: $(head -3 "$S/logs-stop.out")"; exec 9>&-; return; }
+  SC stop virtlogd.service virtlogd.socket virtlogd-admin.socket
+  local done; done=$(grep '^done' "$S/logs-stop.out")
+  local res; res=$(IN "$S/crash-peer" check "$S/logs-stop" "$NLOGS" "$lines")
+  echo exit >&9 2>/dev/null
+  exec 9>&-
+  wait "$writer" 2>/dev/null
+  echo "$tag systemctl stop virtlogd right after $NLOGS writers wrote $lines lines each (pipes open): $res; writers: $done"
+  if [ "$kind" = ours ]; then
+    [ "$res" = "lines ok=$((NLOGS * lines)) missing=0 duplicated=0 out_of_order=0" ] && [ "$done" = "done written=$((NLOGS * lines)) epipe=0" ] \
+      && pass "$tag systemctl stop virtlogd loses no line written before the stop ($((NLOGS * lines)) lines)" \
+      || fail "$tag systemctl stop virtlogd: $res; $done"
+    IN journalctl --no-pager -u virtlogd | grep -q 'SIGTERM for a stop' \
+      && pass "$tag systemctl stop virtlogd: the daemon logged that the SIGTERM was for a stop" \
+      || fail "$tag systemctl stop virtlogd: no 'SIGTERM for a stop' in the journal"
+  else
+    echo "BASELINE 9.0 virtlogd systemctl stop: $res"
+    [ -n "$res" ] && pass "$tag baseline logs stop measured" || fail "$tag baseline logs stop: no result"
+  fi
 }
 
 for kind in ours c; do
@@ -304,6 +435,8 @@ for kind in ours c; do
   fi
   logs_run "$kind"
   lease_run "$kind"
+  lease_stop_run "$kind"
+  logs_stop_run "$kind"
   if [ "$kind" = ours ]; then
     IN journalctl --no-pager -u virtlockd -u virtlogd 2>/dev/null | grep -iE 'error|lost|missing' | head -5
   fi

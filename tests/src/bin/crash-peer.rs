@@ -6,6 +6,9 @@
 //!   `LINES` numbered lines each into the pipes (a line every ~2 ms), as QEMU writes its
 //!   output. Prints `opened N`, then `done written=<lines> epipe=<writers>`: a writer
 //!   whose pipe broke (the daemon's read end closed: the C daemon's crash) stops there.
+//!   With a 6th argument HOLD (a fifo), the pipes stay open after `done` until a line
+//!   (or EOF) is read from HOLD, as a QEMU that has written and keeps running: lines
+//!   still in the pipes when the script stops the daemon must land all the same.
 //! * `crash-peer check DIR N LINES`: every log holds each line exactly once, in order.
 //!   Prints `lines ok=<n> missing=<n> duplicated=<n> out_of_order=<n>`.
 //! * `crash-peer owner SOCK LOCKSPACE N CTL`: registers as a lock owner (its own pid, as
@@ -51,6 +54,7 @@ fn main() {
             Path::new(arg(&args, 3)),
             num(&args, 4),
             num(&args, 5),
+            args.get(6).map(Path::new),
         ),
         "check" => check(Path::new(arg(&args, 2)), num(&args, 3), num(&args, 4)),
         "owner" => owner(
@@ -80,7 +84,7 @@ fn line(i: usize, seq: usize) -> String {
     format!("log {i:03} line {seq:06} qemu output padding padding padding\n")
 }
 
-fn logs(sock: &Path, dir: &Path, n: usize, lines: usize) {
+fn logs(sock: &Path, dir: &Path, n: usize, lines: usize, hold: Option<&Path>) {
     let mut lm = LogManager::from_stream(connect(DaemonKind::Logd, sock));
     let mut pipes: Vec<OwnedFd> = Vec::with_capacity(n);
     for i in 0..n {
@@ -107,24 +111,34 @@ fn logs(sock: &Path, dir: &Path, n: usize, lines: usize) {
                     // One write(2) per line, as QEMU's chardev does: atomic below
                     // PIPE_BUF, so a line is either wholly in the pipe or not at all.
                     if let Err(e) = f.write_all(line(i, seq).as_bytes()) {
-                        return (seq, Some(e));
+                        return (seq, Some(e), f);
                     }
                     std::thread::sleep(Duration::from_millis(2));
                 }
-                (lines, None)
+                (lines, None, f)
             })
         })
         .collect();
     let mut written = 0;
     let mut broken = 0;
+    let mut open = Vec::new();
     for w in writers {
-        let (n, err) = w.join().unwrap_or((0, None));
+        let Ok((n, err, f)) = w.join() else {
+            continue;
+        };
         written += n;
         if err.is_some() {
             broken += 1;
         }
+        open.push(f);
     }
     say(&format!("done written={written} epipe={broken}"));
+    if let Some(hold) = hold {
+        if let Ok(f) = std::fs::File::open(hold) {
+            let _ = std::io::BufReader::new(f).read_line(&mut String::new());
+        }
+    }
+    drop(open);
 }
 
 fn check(dir: &Path, n: usize, lines: usize) {
