@@ -207,8 +207,7 @@ pub fn main<A: App>() -> i32 {
     let resumed = match fdstore::take_stored() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("{}: cannot resume from the fd store: {e}", A::KIND.name());
-            return exit::INIT;
+            return unreadable_store::<A>(&e);
         }
     };
     let args: Vec<OsString> = std::env::args_os().collect();
@@ -283,7 +282,7 @@ pub fn main<A: App>() -> i32 {
                 Ok(s) => (Some(s), Some((r.slots, r.table, r.stale))),
                 Err(e) => {
                     error!("cannot parse the state in the fd store: {e}");
-                    return exit::INIT;
+                    return unreadable_store::<A>(&e.to_string());
                 }
             }
         }
@@ -350,6 +349,29 @@ pub fn main<A: App>() -> i32 {
         std::process::exit(0);
     }
     code
+}
+
+/// How long a start that cannot read the fd store's document waits before it fails.
+const UNREADABLE_STORE_PAUSE: Duration = Duration::from_secs(5);
+
+/// A whole state document in the fd store that this build cannot read (a format change
+/// across an upgrade, a damaged store). The store may hold the leases of running guests
+/// and their owners' connections: starting fresh would drop them (another host could
+/// then start the same disk), so the store is left untouched and the start fails
+/// loudly, once per attempt, after a pause, so that `Restart=on-failure` retries every
+/// few seconds rather than ten times a second (the units' `RestartSec=100ms` is meant
+/// for crashes). Meanwhile every lease stays locked by the store's copies and QEMU's
+/// pipes stay open. The way out is the operator's: install a build that reads the
+/// document, or `systemctl stop` (which empties the store: owners then run without
+/// their leases, as after a stop of 9.0 without its owner kill).
+fn unreadable_store<A: App>(why: &str) -> i32 {
+    eprintln!(
+        "{}: cannot resume from the fd store: {why}; the store is kept as it is (it may hold leases of running guests); retrying in {} s",
+        A::KIND.name(),
+        UNREADABLE_STORE_PAUSE.as_secs()
+    );
+    std::thread::sleep(UNREADABLE_STORE_PAUSE);
+    exit::INIT
 }
 
 /// `run`'s result for a SIGTERM with the fd store on (exit 0, without a drain).
@@ -482,11 +504,17 @@ async fn run<A: App>(
     let restarted = state.is_some();
     // The store's hooks go in before any client exists (a restored client's private
     // state is saved as it is adopted).
+    let stale_ids = resumed
+        .as_ref()
+        .map(|r| crate::fdstore_keeper::stale_client_ids(&r.2))
+        .unwrap_or_default();
     let keeper = start_keeper(&daemon, &app, resumed);
     let setup = match state {
-        Some(state) => restore::<A>(&daemon, &app, state, false),
+        Some(state) => restore::<A>(&daemon, &app, state, false, &stale_ids),
         None => listen(&daemon),
     };
+    // Nothing names the numbers of fds the store lost any more.
+    fdstore::release_lost();
     if let Err((code, why)) = setup {
         error!("{why}");
         report_status(&mut status_pipe, code as u8);
@@ -714,6 +742,7 @@ fn restore<A: App>(
     app: &A,
     state: A::State,
     in_place: bool,
+    stale_ids: &std::collections::HashMap<String, u64>,
 ) -> Result<(), (i32, String)> {
     let _claims = FdClaims::begin();
     let state = app
@@ -724,7 +753,10 @@ fn restore<A: App>(
             warn!("re-exec state names an unknown server {name}");
             continue;
         };
-        server.set_next_client_id(srv.next_client_id);
+        // Past the ids of stale stored clients too (`Keeper::start` removes those):
+        // a new client under a stale client's name would be removed with it.
+        let floor = stale_ids.get(name).map_or(0, |m| m.saturating_add(1));
+        server.set_next_client_id(srv.next_client_id.max(floor));
         // The config file may have changed across the upgrade; the running limits win,
         // as in libvirt (they are part of the state).
         server.set_limits(ClientLimits {
@@ -832,6 +864,9 @@ pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
     if fd < 0 {
         return Err(io::Error::from_raw_os_error(libc::EBADF));
     }
+    if fdstore::is_lost(fd) {
+        return Err(io::Error::other("its fd was lost from the fd store"));
+    }
     // Fails with EBADF when the fd is not open.
     restart::set_cloexec(fd)?;
     claim(fd)?;
@@ -872,6 +907,9 @@ pub fn adopt_inheritable_fds(fds: &[RawFd]) -> Vec<io::Result<OwnedFd>> {
             // poll(2) skips negative fds without a word.
             if p.fd < 0 || !open(p) {
                 return Err(io::Error::from_raw_os_error(libc::EBADF));
+            }
+            if fdstore::is_lost(p.fd) {
+                return Err(io::Error::other("its fd was lost from the fd store"));
             }
             if !seen.insert(p.fd) {
                 return Err(io::Error::other(format!("fd {} named twice", p.fd)));
@@ -1081,7 +1119,7 @@ async fn reexec<A: App>(daemon: &Arc<Daemon>, app: &A) {
     let _ = daemon.run_tx.send(RunState::Running);
     let restored = A::parse_state(&text)
         .map_err(|e| (exit::INIT, format!("cannot parse the state it wrote: {e}")))
-        .and_then(|state| restore::<A>(daemon, app, state, true));
+        .and_then(|state| restore::<A>(daemon, app, state, true, &Default::default()));
     if let Err((_, why)) = restored {
         error!("restoring after a failed exec: {why}");
     }

@@ -38,7 +38,7 @@
 //! F_UNLCK`) *before* the close and the removal, so a lost removal message leaves at
 //! worst an unlocked stale fd, which the next start removes as unknown.
 //!
-//! **State.** Two memfds, slots A and B, are stored once at start. Each update writes
+//! **State.** Two memfds, slots A and B, are stored once, with the first snapshot. Each update writes
 //! the whole document into the slot *not* holding the newest generation: its header is
 //! zeroed first, then the body written, then a header carrying the generation, the
 //! length and a hash of the body (FNV-1a over 64-bit words). A crash at any instant
@@ -51,9 +51,19 @@
 //!
 //! Ordering makes the snapshot safe: an fd is stored *before* the first document that
 //! names it, and removed from the store only *after* a document without it is written.
-//! A restart can thus find stored fds the document does not name (removed on sight)
-//! but never a document naming an fd the store lacks (if it does, e.g. systemd dropped
-//! a socket on POLLERR, that one item is lost, as a re-exec loses an fd that is gone).
+//! A restart can thus find stored fds the document does not name (removed on sight,
+//! before anything is stored, and new names start above theirs so none is reused) but
+//! should never find a document naming an fd the store lacks. If it does (systemd
+//! dropped a socket on POLLERR, refused an fd over `FileDescriptorStoreMax=`, or a
+//! store failed) that one item is lost, as a re-exec loses an fd that is gone: its
+//! number is held by a placeholder until the restore is done, so the restore never
+//! adopts an unrelated fd (the log file, the runtime's epoll) opened there, and a held
+//! lease lost that way gets its owner killed.
+//!
+//! A start that finds stored fds but no whole document (it died before its first
+//! snapshot) starts fresh and removes them: no document named them, so no reply ever
+//! relied on them. A whole document this build cannot read fails the start loudly and
+//! keeps the store (it may hold leases of running guests); see `daemon::unreadable_store`.
 //!
 //! **Resume.** On a start with stored fds ([`take_stored`], called first thing in
 //! `main`, while the process has only fds 0-2 and the passed ones), each stored fd is
@@ -480,10 +490,18 @@ pub fn place(
 /// its recorded number. `Ok(None)`: a fresh start (the activation variables are left
 /// for socket activation). Fds passed under names not ours (socket units) are closed:
 /// they duplicate stored listeners.
+///
+/// Stored fds with no whole document to go with them (a start killed before its first
+/// snapshot, or a store holding one slot) are a fresh start: nothing named them, so no
+/// reply was ever sent for them; they are closed and removed from the store, and the
+/// socket units' fds passed alongside are kept for socket activation.
+///
+/// `Err`: a whole document that cannot be read (e.g. written by a different build).
+/// The store is left as it is: it may hold leases of running guests.
 pub fn take_stored() -> Result<Option<Resumed>, String> {
-    if FdStore::from_env().is_none() {
+    let Some(store) = FdStore::from_env() else {
         return Ok(None);
-    }
+    };
     let parsed = crate::activation::parse_env(
         std::env::var_os("LISTEN_PID").as_deref(),
         std::env::var_os("LISTEN_FDS").as_deref(),
@@ -493,7 +511,36 @@ pub fn take_stored() -> Result<Option<Resumed>, String> {
     let crate::activation::Parsed::Activated(names) = parsed else {
         return Ok(None);
     };
-    if !names.iter().any(|n| STATE_SLOTS.contains(&n.as_str())) {
+    if !names.iter().any(|n| n.starts_with(PREFIX)) {
+        return Ok(None);
+    }
+    let number = |i: usize| crate::activation::LISTEN_FDS_START.saturating_add(i as RawFd);
+    let is_open = |fd: RawFd| nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_ok();
+    // Is there a whole document? Looked at before anything is taken, so that a fresh
+    // start can leave the socket units' fds to socket activation.
+    let slot_at = |slot: &str| {
+        names
+            .iter()
+            .position(|n| n == slot)
+            .map(number)
+            .filter(|&fd| is_open(fd))
+    };
+    let whole = match (slot_at(STATE_SLOTS[0]), slot_at(STATE_SLOTS[1])) {
+        (Some(a), Some(b)) => {
+            // SAFETY: both numbers are open (F_GETFD succeeded) and were passed by
+            // systemd; ManuallyDrop borrows them for the read without closing them.
+            let (a, b) = unsafe {
+                (
+                    std::mem::ManuallyDrop::new(File::from_raw_fd(a)),
+                    std::mem::ManuallyDrop::new(File::from_raw_fd(b)),
+                )
+            };
+            read_slot(&a).is_some() || read_slot(&b).is_some()
+        }
+        _ => false,
+    };
+    if !whole {
+        fresh_start_from(&store, &names);
         return Ok(None);
     }
     // Single-threaded here (called before anything else in main).
@@ -503,8 +550,8 @@ pub fn take_stored() -> Result<Option<Resumed>, String> {
     let mut ours = Vec::new();
     let mut slots: [Option<File>; 2] = [None, None];
     for (i, name) in names.into_iter().enumerate() {
-        let raw = crate::activation::LISTEN_FDS_START.saturating_add(i as RawFd);
-        if nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+        let raw = number(i);
+        if !is_open(raw) {
             continue;
         }
         // SAFETY: systemd passed this open descriptor (F_GETFD succeeded) as number
@@ -518,7 +565,7 @@ pub fn take_stored() -> Result<Option<Resumed>, String> {
         // Anything else (a socket unit's fd) is dropped here.
     }
     let [Some(a), Some(b)] = slots else {
-        return Err("the fd store holds only one state slot".into());
+        return Err("the fd store's state slots vanished".into());
     };
     let slots = StateSlots::adopt(a, b);
     let Some((_, body)) = slots.latest() else {
@@ -532,9 +579,13 @@ pub fn take_stored() -> Result<Option<Resumed>, String> {
     };
     let (stale, missing) = place(ours, &table).map_err(|e| format!("placing stored fds: {e}"))?;
     let mut table = table;
+    let mut lost = Vec::new();
     for name in &missing {
-        table.remove(name);
+        if let Some(n) = table.remove(name) {
+            lost.push(n);
+        }
     }
+    hold_lost(&lost).map_err(|e| format!("holding the numbers of lost fds: {e}"))?;
     Ok(Some(Resumed {
         doc,
         slots,
@@ -542,6 +593,133 @@ pub fn take_stored() -> Result<Option<Resumed>, String> {
         missing,
         table,
     }))
+}
+
+/// A fresh start although systemd passed stored fds (no whole document): every fd of
+/// ours is closed and removed from the store (before anything new is stored under the
+/// same names); the rest (socket units' listeners) move down to 3.. and the activation
+/// variables are rewritten to name only them.
+fn fresh_start_from(store: &FdStore, names: &[String]) {
+    let plan = FreshPlan::of(names);
+    for (raw, name) in &plan.remove {
+        if nix::fcntl::fcntl(*raw, nix::fcntl::FcntlArg::F_GETFD).is_ok() {
+            // SAFETY: systemd passed this open descriptor; it is closed once, here.
+            drop(unsafe { OwnedFd::from_raw_fd(*raw) });
+        }
+        if let Err(e) = store.remove(name) {
+            eprintln!("cannot remove {name} from the fd store: {e}");
+        }
+    }
+    eprintln!(
+        "the fd store holds {} fds but no whole state document (a start that died before its first snapshot): starting fresh",
+        plan.remove.len()
+    );
+    let mut kept_names = Vec::new();
+    for (from, to, name) in &plan.keep {
+        if from != to {
+            if nix::unistd::dup2(*from, *to).is_err() {
+                continue;
+            }
+            let _ = nix::unistd::close(*from);
+        }
+        kept_names.push(name.as_str());
+    }
+    // Single-threaded here (called before anything else in main).
+    if kept_names.is_empty() {
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDS");
+        std::env::remove_var("LISTEN_FDNAMES");
+    } else {
+        std::env::set_var("LISTEN_FDS", kept_names.len().to_string());
+        std::env::set_var("LISTEN_FDNAMES", kept_names.join(":"));
+    }
+}
+
+/// What a fresh start with stored fds does with the passed ones (pure, for tests).
+#[derive(Debug, PartialEq, Eq)]
+pub struct FreshPlan {
+    /// Ours: (number, name), closed and removed from the store.
+    pub remove: Vec<(RawFd, String)>,
+    /// The rest (socket units'): (from, to, name), compacted to 3.. in order. The j-th
+    /// kept fd comes from a number >= 3 + j, and every lower number is either ours
+    /// (closed first) or already moved, so no move clobbers a kept fd.
+    pub keep: Vec<(RawFd, RawFd, String)>,
+}
+
+impl FreshPlan {
+    pub fn of(names: &[String]) -> FreshPlan {
+        let start = crate::activation::LISTEN_FDS_START;
+        let mut plan = FreshPlan {
+            remove: Vec::new(),
+            keep: Vec::new(),
+        };
+        for (i, name) in names.iter().enumerate() {
+            let raw = start.saturating_add(i as RawFd);
+            if name.starts_with(PREFIX) {
+                plan.remove.push((raw, name.clone()));
+            } else {
+                let to = start.saturating_add(plan.keep.len() as RawFd);
+                plan.keep.push((raw, to, name.clone()));
+            }
+        }
+        plan
+    }
+}
+
+/// Numbers the document recorded for fds the store did not give back, each held by a
+/// placeholder until the restore is done: otherwise the log file, the pid file or the
+/// runtime's epoll fd would be opened at such a number and the restore would adopt it
+/// as a client, a pipe or a lease.
+static LOST: std::sync::Mutex<Vec<OwnedFd>> = std::sync::Mutex::new(Vec::new());
+
+/// Puts a placeholder (`/dev/null`, `O_PATH`) on each of `numbers`.
+pub fn hold_lost(numbers: &[RawFd]) -> io::Result<()> {
+    if numbers.is_empty() {
+        return Ok(());
+    }
+    let null = nix::fcntl::open(
+        "/dev/null",
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    // SAFETY: open(2) just returned this descriptor; we own it alone.
+    let first = unsafe { OwnedFd::from_raw_fd(null) };
+    // open(2) took the lowest free number, which may be one of the holes: the source
+    // of the copies lives above all of them.
+    let floor = numbers.iter().copied().max().unwrap_or(2).saturating_add(1);
+    let up = nix::fcntl::fcntl(
+        first.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(floor),
+    )?;
+    // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor; we own it alone.
+    let null = unsafe { OwnedFd::from_raw_fd(up) };
+    drop(first);
+    let mut held = LOST.lock().map_err(|_| io::Error::other("poisoned"))?;
+    for &n in numbers {
+        if n < 3 || held.iter().any(|h| h.as_raw_fd() == n) {
+            continue;
+        }
+        nix::unistd::dup2(null.as_raw_fd(), n)?;
+        // dup2 cleared close-on-exec; a placeholder must not reach a child.
+        crate::restart::set_cloexec(n)?;
+        // SAFETY: dup2 just made `n` a copy of our placeholder; we own it alone.
+        held.push(unsafe { OwnedFd::from_raw_fd(n) });
+    }
+    Ok(())
+}
+
+/// Whether `fd` is a placeholder for a lost fd (the restore must not adopt it).
+pub fn is_lost(fd: RawFd) -> bool {
+    LOST.lock()
+        .map(|h| h.iter().any(|f| f.as_raw_fd() == fd))
+        .unwrap_or(false)
+}
+
+/// After the restore: the placeholders go (nothing names their numbers any more).
+pub fn release_lost() {
+    if let Ok(mut h) = LOST.lock() {
+        h.clear();
+    }
 }
 
 /// Moves a file above every recorded number (keeping it if that fails).
@@ -564,6 +742,48 @@ mod tests {
 
     fn s(v: &str) -> Option<&OsStr> {
         Some(OsStr::new(v))
+    }
+
+    #[test]
+    fn fresh_start_removes_ours_and_compacts_the_socket_units() {
+        let names: Vec<String> = [
+            "vh-state-a",
+            "virtlockd.socket",
+            "vh-lease-3",
+            "admin.socket",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let p = FreshPlan::of(&names);
+        assert_eq!(
+            p.remove,
+            vec![(3, "vh-state-a".to_string()), (5, "vh-lease-3".to_string())]
+        );
+        assert_eq!(
+            p.keep,
+            vec![
+                (4, 3, "virtlockd.socket".to_string()),
+                (6, 4, "admin.socket".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn lost_numbers_are_held_until_released() {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let n = r.as_raw_fd();
+        drop(r);
+        hold_lost(&[n]).unwrap();
+        assert!(is_lost(n));
+        // The number stays taken: nothing opened now lands on it.
+        let (r2, w2) = nix::unistd::pipe().unwrap();
+        assert_ne!(r2.as_raw_fd(), n);
+        assert_ne!(w2.as_raw_fd(), n);
+        assert!(nix::fcntl::fcntl(n, nix::fcntl::FcntlArg::F_GETFD).is_ok());
+        release_lost();
+        assert!(!is_lost(n));
+        drop((w, r2, w2));
     }
 
     #[test]

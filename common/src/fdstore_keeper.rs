@@ -20,7 +20,7 @@ use std::io;
 use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 /// Whether a keeper runs in this process (checked by the hooks, so they cost one load
 /// when the store is off).
@@ -33,6 +33,8 @@ static CLOSED: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static STORED: AtomicU64 = AtomicU64::new(0);
 static SNAPSHOTS: AtomicU64 = AtomicU64::new(0);
+/// Fds the store refused since start.
+static STORE_FAILURES: AtomicU64 = AtomicU64::new(0);
 /// Wakes the background snapshot task (changes with no reply to wait for).
 static SOON: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
@@ -129,6 +131,8 @@ pub struct KeeperStats {
     pub stored: u64,
     /// Snapshots written since start.
     pub snapshots: u64,
+    /// Fds that could not be stored since start (each one an item a restart loses).
+    pub store_failures: u64,
 }
 
 struct Inner {
@@ -139,6 +143,10 @@ struct Inner {
     gone: Vec<String>,
     /// Serial for the next name.
     serial: u64,
+    /// Whether the state slots are in the store.
+    slots_stored: bool,
+    /// Fds that could not be stored (a restart loses those items).
+    store_failures: u64,
     /// `CHANGES` as of the last snapshot written.
     written: u64,
     snapshots: u64,
@@ -167,24 +175,34 @@ impl Keeper {
         store: FdStore,
         resumed: Option<(StateSlots, HashMap<String, RawFd>, Vec<String>)>,
     ) -> io::Result<Arc<Keeper>> {
-        let (slots, by_fd, gone) = match resumed {
+        let (slots, by_fd, stale, slots_stored) = match resumed {
             Some((slots, table, stale)) => {
-                let by_fd = table.into_iter().map(|(n, fd)| (fd, n)).collect();
-                (slots, by_fd, stale)
+                let by_fd: HashMap<RawFd, String> =
+                    table.into_iter().map(|(n, fd)| (fd, n)).collect();
+                (slots, by_fd, stale, true)
             }
-            None => {
-                let slots = StateSlots::create()?;
-                slots.store_in(&store)?;
-                (slots, HashMap::new(), Vec::new())
-            }
+            // Stored just before the first snapshot is written (`write`): a start that
+            // dies before that leaves no slot behind, and one that dies between the two
+            // leaves slots without a whole document, which the next start treats as a
+            // fresh one (`take_stored`).
+            None => (StateSlots::create()?, HashMap::new(), Vec::new(), false),
         };
+        // New names start above every name the store passed, the stale ones included:
+        // a name reused while its stale twin is still stored would be removed with it.
         let serial = by_fd
             .values()
+            .chain(stale.iter())
             .filter_map(|n: &String| n.rsplit('-').next()?.parse::<u64>().ok())
             .max()
             .map_or(1, |m| m + 1);
-        // Anything already in the store under a name of ours that is not in the table
-        // (stale) is removed once the first snapshot is written.
+        // Stale names (stored, named by no document) go before anything is stored: a
+        // removal sent after a store under the same name would remove both.
+        for name in &stale {
+            if let Err(e) = store.remove(name) {
+                warn!("cannot remove stale {name} from the fd store: {e}");
+            }
+        }
+        let gone = Vec::new();
         let keeper = Arc::new(Keeper {
             store,
             inner: Mutex::new(Inner {
@@ -192,6 +210,8 @@ impl Keeper {
                 by_fd,
                 gone,
                 serial,
+                slots_stored,
+                store_failures: 0,
                 written: 0,
                 snapshots: 0,
                 // Until the daemon's state is whole (restore or set-up done): a
@@ -231,6 +251,10 @@ impl Keeper {
         if inner.frozen {
             return Ok(0);
         }
+        if !inner.slots_stored {
+            inner.slots.store_in(&self.store)?;
+            inner.slots_stored = true;
+        }
         // Closes noted up to now: those numbers hold something new, if anything. Taken
         // after the caller listed its fds (under its locks), so a number closed and
         // reused meanwhile is seen as reused.
@@ -262,8 +286,11 @@ impl Keeper {
             // SAFETY: the caller keeps `fd` open for this whole call (see above).
             let b = unsafe { BorrowedFd::borrow_raw(*fd) };
             if let Err(e) = self.store.store(&name, b, kind.poll()) {
-                // Left out of the table: a restart then misses this one item.
-                warn!("cannot store fd {fd} as {name}: {e}");
+                // Left out of the table: a restart then misses this one item (its
+                // number is held by a placeholder then, and a lease's owner killed).
+                inner.store_failures += 1;
+                STORE_FAILURES.fetch_add(1, Ordering::Relaxed);
+                error!("cannot store fd {fd} as {name}: {e}; a restart loses this item");
                 continue;
             }
             fresh += 1;
@@ -355,6 +382,7 @@ impl Keeper {
                     i.by_fd.len() as u64 + 2
                 },
                 snapshots: i.snapshots,
+                store_failures: i.store_failures,
             })
             .unwrap_or_default()
     }
@@ -363,6 +391,25 @@ impl Keeper {
 /// Waits until a change without a reply asks for a snapshot ([`touch_soon`]).
 pub async fn soon() {
     SOON.notified().await
+}
+
+/// Per server, the highest client id among `names` (stored names the document does
+/// not use): new clients must get higher ids, or a new client's name would be a stale
+/// one's.
+pub fn stale_client_ids(names: &[String]) -> HashMap<String, u64> {
+    let mut out: HashMap<String, u64> = HashMap::new();
+    for n in names {
+        let Some((server, id)) = n
+            .strip_prefix("vh-client-")
+            .and_then(|r| r.rsplit_once('-'))
+            .and_then(|(s, id)| Some((s, id.parse::<u64>().ok()?)))
+        else {
+            continue;
+        };
+        let e = out.entry(server.to_string()).or_default();
+        *e = (*e).max(id);
+    }
+    out
 }
 
 /// Names a stored fd of ours has (for tests and the stale check).

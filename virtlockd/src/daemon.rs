@@ -48,37 +48,47 @@ fn lockspace_state(ls: &LockSpace, fds: &mut Vec<RawFd>) -> LockspaceState {
     }
 }
 
-fn restore_lockspace(st: &LockspaceState) -> LockSpace {
+/// Rebuilds a lockspace from its state. Also returns the owners of every held lease
+/// that could not be restored (its fd was lost, e.g. from the fd store, or another
+/// process took the lock meanwhile): they must not run on without it.
+fn restore_lockspace(st: &LockspaceState) -> (LockSpace, Vec<u32>) {
     let mut ls = LockSpace::restored(st.directory.as_ref().map(PathBuf::from));
+    let mut orphaned = Vec::new();
     // One poll(2) checks every inherited fd; `restore_resource` makes each close-on-exec
     // again (adopting them one by one set that flag twice: 10,000 fcntls more with
     // 10,000 leases, inside the re-exec pause).
     let fds: Vec<RawFd> = st.resources.iter().map(|r| r.fd).collect();
     for (r, fd) in st.resources.iter().zip(adopt_inheritable_fds(&fds)) {
-        let fd = match fd {
-            Ok(fd) => fd,
-            Err(e) => {
-                error!(resource = %r.name, "inherited lock fd {} is gone: {e}", r.fd);
-                continue;
-            }
-        };
-        let owners = r
+        let owners: Vec<u32> = r
             .owners
             .iter()
             .filter_map(|&p| u32::try_from(p).ok())
             .collect();
+        let fd = match fd {
+            Ok(fd) => fd,
+            Err(e) => {
+                error!(resource = %r.name, "inherited lock fd {} is gone: {e}", r.fd);
+                if r.lock_held {
+                    orphaned.extend(&owners);
+                }
+                continue;
+            }
+        };
         if let Err(e) = ls.restore_resource(
             r.name.clone(),
             PathBuf::from(&r.path),
             fd,
             r.lock_held,
             r.flags,
-            owners,
+            owners.clone(),
         ) {
             warn!(resource = %r.name, "cannot restore resource: {e}");
+            if r.lock_held {
+                orphaned.extend(&owners);
+            }
         }
     }
-    ls
+    (ls, orphaned)
 }
 
 impl LockDaemonApp {
@@ -209,13 +219,33 @@ impl App for LockDaemonApp {
             }
             return Ok(doc.daemon);
         }
-        spaces.insert(String::new(), restore_lockspace(&doc.default_lockspace));
+        let (ls, mut orphaned) = restore_lockspace(&doc.default_lockspace);
+        spaces.insert(String::new(), ls);
         for st in &doc.lockspaces {
             if let Some(dir) = &st.directory {
-                spaces.insert(dir.clone(), restore_lockspace(st));
+                let (ls, o) = restore_lockspace(st);
+                orphaned.extend(o);
+                spaces.insert(dir.clone(), ls);
             }
         }
         drop(spaces);
+        // An owner whose lease is gone must not keep writing to the disk (as when its
+        // connection drops): killed, as 9.0 kills an owner that lost its leases.
+        orphaned.sort_unstable();
+        orphaned.dedup();
+        // Never 0 or negative (a process group) nor ourselves: the document is input.
+        orphaned.retain(|&p| p > 0 && p <= i32::MAX as u32 && p != std::process::id());
+        for pid in orphaned {
+            error!(
+                pid,
+                "a lease of this owner could not be restored; stopping it"
+            );
+            self.daemon.add_lease_losses(1);
+            if let Ok(h) = tokio::runtime::Handle::try_current() {
+                self.daemon
+                    .track_kill(h.spawn(crate::program::kill_owner(pid as i32)));
+            }
+        }
         self.daemon.classify_lockspaces();
         Ok(doc.daemon)
     }
