@@ -62,6 +62,8 @@ const BACKLOG: i32 = 30;
 const HANDOFF_WAIT: Duration = Duration::from_secs(5);
 /// Graceful-quit guard, as libvirt's (11.3 also asks systemd for this much stop time).
 const QUIT_WAIT: Duration = Duration::from_secs(30);
+/// Bound on [`App::force_stop`] (an owner kill takes up to 3 s; they run at once).
+const FORCE_STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// Everything the daemon-specific part (virtlogd, virtlockd) needs from the front-end.
 pub struct Daemon {
@@ -186,6 +188,12 @@ pub trait App: Send + Sync + Sized + 'static {
     /// files, so the bytes already written do not wait for the next start). It must
     /// close and release nothing.
     fn before_store_exit(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+    /// A quit whose clients did not drain in time (a call stuck on storage): stop what
+    /// must not outlive us anyway, bounded (virtlockd kills every registered owner,
+    /// whose leases our exit frees). Runs instead of [`Self::shutdown`].
+    fn force_stop(&self) -> impl Future<Output = ()> + Send {
         async {}
     }
     /// With the fd store on: builds the whole state document as [`Self::handoff`]
@@ -553,6 +561,8 @@ async fn run<A: App>(
     let _ = activation::notify_ready();
 
     let mut idle_since: Option<Instant> = None;
+    // A SIGTERM for a stop emptied the store (see below).
+    let mut store_emptied = false;
     loop {
         let timeout = daemon.timeout();
         tokio::select! {
@@ -592,6 +602,7 @@ async fn run<A: App>(
                             // `Restart=on-failure` leaves alone) and a forced one (1)
                             // after a plain kill restarts with the store empty.
                             k.clear();
+                            store_emptied = true;
                             warn!("SIGTERM for a stop ({why}): fd store emptied; stopping as without it (lease owners are killed, as libvirt 9.0 does)");
                         }
                     }
@@ -625,12 +636,17 @@ async fn run<A: App>(
             }
         }
     }
-    quit::<A>(&daemon, &app).await
+    quit::<A>(&daemon, &app, store_emptied).await
 }
 
 /// 11.3's quit: `STOPPING=1`, servers closed, `EXTEND_TIMEOUT_USEC` for the wait, the
 /// wait, then the app's own stop.
-async fn quit<A: App>(daemon: &Arc<Daemon>, app: &A) -> i32 {
+///
+/// `store_emptied`: a SIGTERM for a stop took everything out of the fd store. A forced
+/// quit then still stops the owners ([`App::force_stop`]) and exits 0: exit 1 would
+/// make `Restart=on-failure` start a fresh daemon (after a plain `kill`, with no stop
+/// job running) that knows nothing of the leases just freed.
+async fn quit<A: App>(daemon: &Arc<Daemon>, app: &A, store_emptied: bool) -> i32 {
     info!("shutting down");
     daemon.begin_quit();
     if let Err(e) = activation::notify_extend_timeout(QUIT_WAIT.as_secs()) {
@@ -638,7 +654,19 @@ async fn quit<A: App>(daemon: &Arc<Daemon>, app: &A) -> i32 {
     }
     if !servers_drained(daemon, QUIT_WAIT).await {
         error!("Make forcefull daemon shutdown");
-        return 1;
+        if let Err(e) = activation::notify_extend_timeout(FORCE_STOP_WAIT.as_secs()) {
+            warn!("cannot notify systemd: {e}");
+        }
+        if tokio::time::timeout(FORCE_STOP_WAIT, app.force_stop())
+            .await
+            .is_err()
+        {
+            error!(
+                "forced stop did not finish in {} s",
+                FORCE_STOP_WAIT.as_secs()
+            );
+        }
+        return if store_emptied { 0 } else { 1 };
     }
     app.shutdown().await;
     0

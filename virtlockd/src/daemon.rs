@@ -283,4 +283,36 @@ impl App for LockDaemonApp {
     async fn shutdown(&self) {
         self.daemon.kills_done().await;
     }
+
+    /// Clients did not drain (a call stuck on storage): their hang-ups never ran, so
+    /// their owners were not killed. Every registered owner is killed now, as a quit
+    /// does, before the exit drops the leases.
+    async fn force_stop(&self) {
+        let mut owners = Vec::new();
+        // The table lock is never held across blocking work; still, do not wait on it
+        // forever.
+        for _ in 0..40 {
+            if let Some(s) = self.daemon.try_spaces() {
+                for (_, ls) in s.iter() {
+                    for r in ls.resources() {
+                        owners.extend_from_slice(r.owners());
+                    }
+                }
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        owners.sort_unstable();
+        owners.dedup();
+        owners.retain(|&p| p > 0 && p <= i32::MAX as u32 && p != std::process::id());
+        for pid in owners {
+            warn!(
+                pid,
+                "forced stop: stopping lock owner before its leases are freed"
+            );
+            self.daemon
+                .track_kill(tokio::spawn(crate::program::kill_owner(pid as i32)));
+        }
+        self.daemon.kills_done().await;
+    }
 }
