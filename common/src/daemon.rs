@@ -1041,10 +1041,14 @@ fn commit<A: App>(daemon: &Daemon, app: &A, keeper: &Keeper) {
     }
     let mut fds: Vec<(RawFd, FdKind)> = Vec::new();
     let mut servers = Vec::new();
+    // Held until the keeper has written: no listed listener or client is closed (and
+    // its number reused) before then.
+    let mut views = Vec::new();
     for server in daemon.servers() {
         let name = server.name().to_string();
-        let services = server
-            .listener_fds()
+        let view = server.store_view();
+        let services = view
+            .listeners()
             .into_iter()
             .map(|(fd, unlink)| {
                 fds.push((fd, FdKind::Listener(name.clone())));
@@ -1056,8 +1060,8 @@ fn commit<A: App>(daemon: &Daemon, app: &A, keeper: &Keeper) {
                 }
             })
             .collect();
-        let mut clients: Vec<ClientState> = server
-            .live_clients()
+        let mut clients: Vec<ClientState> = view
+            .clients()
             .into_iter()
             .map(|c| {
                 fds.push((c.info.fd, FdKind::Client(name.clone(), c.info.id)));
@@ -1076,6 +1080,7 @@ fn commit<A: App>(daemon: &Daemon, app: &A, keeper: &Keeper) {
             .collect();
         clients.sort_by_key(|c| c.id);
         servers.push((name, server_state(server, services, clients)));
+        views.push(view);
     }
     let magic = restart::restart_magic(std::process::id());
     app.snapshot(DaemonState { servers }, magic, &mut |app_fds, doc| {
@@ -1084,6 +1089,7 @@ fn commit<A: App>(daemon: &Daemon, app: &A, keeper: &Keeper) {
             error!("cannot write the fd store snapshot: {e}");
         }
     });
+    drop(views);
 }
 
 /// SIGUSR1: park everything, write the state, exec ourselves. Returns only if the exec

@@ -198,6 +198,32 @@ pub struct LiveClient {
     pub private: serde_json::Value,
 }
 
+/// A server's listeners and clients, held still for an fd store snapshot
+/// ([`Server::store_view`]). Keep it no longer than the snapshot: accepts and hang-ups
+/// wait for it.
+pub struct StoreView<'a> {
+    listeners: MutexGuard<'a, Vec<(RawFd, bool)>>,
+    clients: MutexGuard<'a, BTreeMap<u64, ClientEntry>>,
+}
+
+impl StoreView<'_> {
+    /// The listening sockets (fd number, unlink on stop).
+    pub fn listeners(&self) -> Vec<(RawFd, bool)> {
+        self.listeners.clone()
+    }
+
+    /// The connected clients with their private state as last saved.
+    pub fn clients(&self) -> Vec<LiveClient> {
+        self.clients
+            .values()
+            .map(|e| LiveClient {
+                info: e.info.clone(),
+                private: e.saved.clone(),
+            })
+            .collect()
+    }
+}
+
 /// A client socket given back at hand-off, with what is needed to restore it.
 pub struct HandedOffClient {
     pub info: ClientInfo,
@@ -428,13 +454,18 @@ impl Server {
 
     /// The connected clients with their private state as last saved for the fd store.
     pub fn live_clients(&self) -> Vec<LiveClient> {
-        lock_table(&self.clients)
-            .values()
-            .map(|e| LiveClient {
-                info: e.info.clone(),
-                private: e.saved.clone(),
-            })
-            .collect()
+        self.store_view().clients()
+    }
+
+    /// Listeners and clients as the fd store's snapshot lists them. While the view
+    /// lives no listed fd is closed: a listener or a client leaves its table before
+    /// its fd is closed, and leaving waits for the view, so a number listed here cannot
+    /// be closed and reused by another fd before the keeper has stored it.
+    pub fn store_view(&self) -> StoreView<'_> {
+        StoreView {
+            listeners: lock_table(&self.listener_fds),
+            clients: lock_table(&self.clients),
+        }
     }
 
     /// Starts serving a listening socket.
@@ -760,6 +791,9 @@ impl Server {
                 Err(e) => warn!(server = %self.name, "cannot hand off client: {e}"),
             }
         } else {
+            // Out of the table first: a snapshot listing clients holds the table, so
+            // the fd it lists stays open until the keeper has stored it (`store_view`).
+            lock_table(&self.clients).remove(&id);
             crate::fdstore_keeper::closing(stream.as_raw_fd());
             drop(stream);
             info!("{}: client closed", who(&self.name, &info));
