@@ -601,7 +601,8 @@ async fn run<A: App>(
                             // unit whose stop job runs, a clean quit exits 0 (which
                             // `Restart=on-failure` leaves alone) and a forced one (1)
                             // after a plain kill restarts with the store empty.
-                            k.clear();
+                            // A failed removal is logged; a stop cannot be refused.
+                            let _ = k.clear();
                             store_emptied = true;
                             warn!("SIGTERM for a stop ({why}): fd store emptied; stopping as without it (lease owners are killed, as libvirt 9.0 does)");
                         }
@@ -1137,10 +1138,18 @@ async fn reexec<A: App>(daemon: &Arc<Daemon>, app: &A) {
             // The next image may be libvirt's C daemon: nothing of ours may stay in the
             // store (a stored lease fd would keep its lock after C closes its copy).
             // Our next image stores everything again before READY.
-            if let Some(k) = daemon.keeper.get() {
-                k.clear();
+            let cleared = match daemon.keeper.get() {
+                Some(k) => k.clear(),
+                None => Ok(()),
+            };
+            match cleared {
+                Ok(()) => exec_self(&daemon.options),
+                // A stored copy left behind would keep a lease locked after libvirt's
+                // C daemon released it by closing its own fd: no exec then.
+                Err(n) => io::Error::other(format!(
+                    "{n} fds could not be removed from the fd store; not re-executing"
+                )),
             }
-            exec_self(&daemon.options)
         }
         Err(e) => io::Error::other(format!(
             "cannot write {}: {e}",

@@ -330,10 +330,12 @@ impl Keeper {
 
     /// Before a SIGUSR1 exec: removes every fd from the store (the next image may be
     /// libvirt's C daemon, which releases a lease by closing its fd: a stored copy
-    /// would keep the lock) and stops storing.
-    pub fn clear(&self) {
+    /// would keep the lock) and stops storing. `Err` names how many removals failed:
+    /// those names are kept to be removed again (with the next snapshot, or the next
+    /// clear), and the exec must not go ahead.
+    pub fn clear(&self) -> Result<(), usize> {
         let Ok(mut inner) = self.inner.lock() else {
-            return;
+            return Err(1);
         };
         inner.frozen = true;
         let gone = std::mem::take(&mut inner.gone);
@@ -344,13 +346,24 @@ impl Keeper {
             .chain(gone)
             .chain(crate::fdstore::STATE_SLOTS.iter().map(|s| s.to_string()))
             .collect();
+        let mut failed = Vec::new();
         for name in names {
             if let Err(e) = self.store.remove(&name) {
-                warn!("cannot remove {name} from the fd store: {e}");
+                error!("cannot remove {name} from the fd store: {e}");
+                failed.push(name);
             }
         }
         ACTIVE.store(false, Ordering::Release);
         STORED.store(0, Ordering::Relaxed);
+        if failed.is_empty() {
+            return Ok(());
+        }
+        let n = failed.len();
+        inner.gone = failed
+            .into_iter()
+            .filter(|n| !crate::fdstore::STATE_SLOTS.contains(&n.as_str()))
+            .collect();
+        Err(n)
     }
 
     /// After a failed exec: stores the slots again and everything with the next
