@@ -190,6 +190,20 @@ pub trait App: Send + Sync + Sized + 'static {
     fn before_store_exit(&self) -> impl Future<Output = ()> + Send {
         async {}
     }
+    /// After a resume from the fd store (a crash or a restart, not a re-exec) the
+    /// dead process may have read a request it never answered: its caller would wait
+    /// forever. Every client is therefore hung up, except those this returns `true`
+    /// for (virtlockd keeps the restricted QEMU owner connections: hanging one up would
+    /// kill its guest). `private` is the client's saved private state, `peer_pid` the
+    /// connection's peer (`SO_PEERCRED`, 0 if unknown).
+    fn keep_after_crash(
+        &self,
+        _server: &str,
+        _private: &serde_json::Value,
+        _peer_pid: i32,
+    ) -> bool {
+        false
+    }
     /// A quit whose clients did not drain in time (a call stuck on storage): stop what
     /// must not outlive us anyway, bounded (virtlockd kills every registered owner,
     /// whose leases our exit frees). Runs instead of [`Self::shutdown`].
@@ -512,13 +526,14 @@ async fn run<A: App>(
     let restarted = state.is_some();
     // The store's hooks go in before any client exists (a restored client's private
     // state is saved as it is adopted).
+    let from_store = resumed.is_some();
     let stale_ids = resumed
         .as_ref()
         .map(|r| crate::fdstore_keeper::stale_client_ids(&r.2))
         .unwrap_or_default();
     let keeper = start_keeper(&daemon, &app, resumed);
     let setup = match state {
-        Some(state) => restore::<A>(&daemon, &app, state, false, &stale_ids),
+        Some(state) => restore::<A>(&daemon, &app, state, false, &stale_ids, from_store),
         None => listen(&daemon),
     };
     // Nothing names the numbers of fds the store lost any more.
@@ -772,7 +787,9 @@ fn restore<A: App>(
     state: A::State,
     in_place: bool,
     stale_ids: &std::collections::HashMap<String, u64>,
+    after_crash: bool,
 ) -> Result<(), (i32, String)> {
+    let mut hung_up = 0usize;
     let _claims = FdClaims::begin();
     let state = app
         .restore(state, in_place)
@@ -821,6 +838,9 @@ fn restore<A: App>(
                     continue;
                 }
             };
+            let peer_pid =
+                nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::PeerCredentials)
+                    .map_or(0, |cr| cr.pid());
             let pending = match &c.carry {
                 Some(carry) => match take_carry(carry) {
                     Ok(p) => p,
@@ -838,8 +858,18 @@ fn restore<A: App>(
                     client = c.id,
                     "cannot restore client: {e}"
                 );
+                continue;
+            }
+            // Closed through the client's own loop, so its hang-up runs as for any
+            // other (a registered owner's leases released and the owner stopped).
+            if after_crash && !app.keep_after_crash(name, &c.private_data, peer_pid) {
+                server.close_client(c.id);
+                hung_up += 1;
             }
         }
+    }
+    if hung_up > 0 {
+        warn!("resumed from the fd store: hung up {hung_up} clients whose requests the previous process may have read without answering");
     }
     Ok(())
 }
@@ -1162,7 +1192,7 @@ async fn reexec<A: App>(daemon: &Arc<Daemon>, app: &A) {
     let _ = daemon.run_tx.send(RunState::Running);
     let restored = A::parse_state(&text)
         .map_err(|e| (exit::INIT, format!("cannot parse the state it wrote: {e}")))
-        .and_then(|state| restore::<A>(daemon, app, state, true, &Default::default()));
+        .and_then(|state| restore::<A>(daemon, app, state, true, &Default::default(), false));
     if let Err((_, why)) = restored {
         error!("restoring after a failed exec: {why}");
     }

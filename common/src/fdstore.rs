@@ -70,7 +70,11 @@
 //! moved to the number recorded for its name, so the document is valid as written and
 //! the re-exec restore path in `daemon.rs` takes it unchanged (minus the pid magic,
 //! which names the dead process). Socket-unit fds passed alongside are duplicates of
-//! stored listeners and are closed.
+//! stored listeners and are closed. The dead process may have read a request it never
+//! answered, so after a resume from the store (not after a re-exec, which parks every
+//! client between calls) every client is hung up except virtlockd's owner connections
+//! (restricted, or registered by their own peer as QEMU's is): a caller gets EOF rather
+//! than waiting forever, and a guest keeps its connection.
 //!
 //! **File limits.** systemd passes the stored fds as 3..3+n *after* applying the unit's
 //! soft `LimitNOFILE`: with the units' soft 1024 a store of more than about 1,020 fds

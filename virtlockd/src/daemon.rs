@@ -284,6 +284,12 @@ impl App for LockDaemonApp {
         self.daemon.kills_done().await;
     }
 
+    /// QEMU's owner connections stay: a hang-up would kill the guest. Everything else
+    /// (libvirtd's calls, admin) is hung up.
+    fn keep_after_crash(&self, server: &str, private: &serde_json::Value, peer_pid: i32) -> bool {
+        is_owner_connection(server, private, peer_pid)
+    }
+
     /// Clients did not drain (a call stuck on storage): their hang-ups never ran, so
     /// their owners were not killed. Every registered owner is killed now, as a quit
     /// does, before the exit drops the leases.
@@ -314,5 +320,45 @@ impl App for LockDaemonApp {
                 .track_kill(tokio::spawn(crate::program::kill_owner(pid as i32)));
         }
         self.daemon.kills_done().await;
+    }
+}
+
+/// Whether a saved client is a QEMU owner connection, on the lock server: restricted
+/// (as libvirt leaves it) or registered by its own peer (owner pid = peer pid, as QEMU
+/// registers itself before it execs; hanging such a connection up kills its owner).
+fn is_owner_connection(server: &str, private: &serde_json::Value, peer_pid: i32) -> bool {
+    if server != DaemonKind::Lockd.name() {
+        return false;
+    }
+    let restricted = private
+        .get("restricted")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
+    let owner = private
+        .get("ownerPid")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    restricted || (owner != 0 && peer_pid > 0 && owner == peer_pid as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_restricted_lock_clients_survive_a_crash_resume() {
+        let restricted = serde_json::json!({"restricted": true, "ownerPid": 42});
+        let open = serde_json::json!({"restricted": false, "ownerPid": 42});
+        assert!(is_owner_connection("virtlockd", &restricted, 7));
+        assert!(
+            !is_owner_connection("virtlockd", &open, 7),
+            "libvirtd's call"
+        );
+        assert!(
+            is_owner_connection("virtlockd", &open, 42),
+            "the owner's own"
+        );
+        assert!(!is_owner_connection("admin", &restricted, 42));
+        assert!(!is_owner_connection("virtlockd", &serde_json::json!({}), 0));
     }
 }
