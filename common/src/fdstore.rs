@@ -106,7 +106,7 @@
 //! closes every lease fd while the owners (QEMU) keep running, so another host could
 //! start the same disk. With the store on, SIGTERM therefore asks systemd which job
 //! runs on our unit ([`crate::stop_intent`]: `systemctl list-jobs` for the unit named
-//! in `/proc/self/cgroup`, bounded to 2 s). During the stop phase of a `restart`,
+//! in `/proc/self/cgroup`, bounded to 2 s, then once more to 10 s). During the stop phase of a `restart`,
 //! `try-restart` or `reload-or-restart` systemd reports the job as `restart`; `stop`
 //! and a system shutdown report `stop` (checked in containers with 252 and 257).
 //! * A restart: a last snapshot is written, the app does what must not wait in the

@@ -16,7 +16,8 @@
 //! once the stop is done); `stop` and a system shutdown (`poweroff`) show
 //! `stop running`; `systemctl kill -s TERM` shows no job.
 //! Only a `restart` or `try-restart` job keeps the store. No job, another type, an
-//! unknown unit, a failed or slow query (bounded by [`QUERY_TIMEOUT`]) all mean stop:
+//! unknown unit, a query that failed twice (bounded by [`QUERY_TIMEOUT`], then by
+//! [`RETRY_TIMEOUT`] after `EXTEND_TIMEOUT_USEC`) all mean stop:
 //! an owner killed by mistake is what 9.0 does on every restart; a lease freed under a
 //! running owner is what must never happen.
 
@@ -102,11 +103,43 @@ pub fn query(user_manager: bool) -> StopIntent {
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::null());
-    match run_bounded(cmd, QUERY_TIMEOUT) {
+    let first = match run_bounded(cmd, QUERY_TIMEOUT) {
+        Ok(out) => return classify(&unit, job_type(&out, &unit)),
+        Err(why) => why,
+    };
+    // PID 1 may be busy (right after a daemon-reload or daemon-reexec): a restart
+    // misread as a stop kills every guest, so ask once more, for longer, after asking
+    // systemd for the time (the stop timeout would otherwise run on meanwhile).
+    if let Err(e) = crate::activation::notify_extend_timeout(RETRY_TIMEOUT.as_secs() + 5) {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
+    tracing::warn!("asking systemd about {unit} again: {first}");
+    let mut cmd = Command::new("systemctl");
+    if user_manager {
+        cmd.arg("--user");
+    }
+    cmd.args([
+        "list-jobs",
+        "--no-legend",
+        "--plain",
+        "--no-pager",
+        "--",
+        &unit,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    match run_bounded(cmd, RETRY_TIMEOUT) {
         Ok(out) => classify(&unit, job_type(&out, &unit)),
-        Err(why) => StopIntent::Stop(format!("cannot ask systemd about {unit}: {why}")),
+        Err(why) => StopIntent::Stop(format!(
+            "cannot ask systemd about {unit}: {first}; again: {why}"
+        )),
     }
 }
+
+/// How long the one retry of the job query may take (systemd is asked for that time
+/// first, with `EXTEND_TIMEOUT_USEC`).
+pub const RETRY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs `cmd`, killing it after `limit`; its stdout if it exited successfully.
 fn run_bounded(mut cmd: Command, limit: Duration) -> Result<String, String> {
