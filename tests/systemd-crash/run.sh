@@ -249,6 +249,31 @@ lease_run() {
     fi
     check_after "SIGKILL #$round"
   done
+  if [ "$kind" = ours ]; then
+    # Review finding 1: SIGKILLs of virtlockd while it starts (each new process is
+    # killed as soon as it appears, most often before READY: it is resuming 1,000
+    # leases), then it must come back with nothing lost.
+    local r0 y0 r1 y1
+    r0=$(IN journalctl --no-pager -o cat -u virtlockd | grep -c 'resuming from the fd store')
+    y0=$(IN journalctl --no-pager -o cat -u virtlockd | grep -c ') ready, pid')
+    local k; k=$(IN sh -c 'old=$(systemctl show -p MainPID --value virtlockd.service); kill -KILL "$old"; n=0
+      for i in $(seq 1 2000); do
+        p=$(pgrep -x virtlockd | grep -vx "$old" | head -1)
+        if [ -n "$p" ]; then kill -KILL "$p" 2>/dev/null && n=$((n + 1)); old=$p; [ $n -ge 3 ] && break; fi
+        sleep 0.005
+      done; echo $n')
+    wait_active virtlockd.service
+    r1=$(IN journalctl --no-pager -o cat -u virtlockd | grep -c 'resuming from the fd store')
+    y1=$(IN journalctl --no-pager -o cat -u virtlockd | grep -c ') ready, pid')
+    echo "$tag killed $k starting virtlockd processes: $((r1 - r0)) starts resumed from the store, $((y1 - y0)) reached READY (the last one included)"
+    [ "${k:-0}" -ge 1 ] || fail "$tag no starting virtlockd caught to kill"
+    wait_active virtlockd.service && pass "$tag virtlockd comes back after $k SIGKILLs during start-up" \
+      || fail "$tag virtlockd not back after $k SIGKILLs during start-up: $(show virtlockd.service SubState)"
+    n=$(lockable)
+    [ "$n" = "$rel" ] && pass "$tag SIGKILLs during start-up: every unreleased lease still held" \
+      || fail "$tag SIGKILLs during start-up: $n lockable, $rel released"
+    check_after "SIGKILLs during start-up"
+  fi
   local cp; cp=$(peer_pid "$S/ctl")
   SC restart virtlockd.service
   n=$(lockable)
