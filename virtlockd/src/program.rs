@@ -38,6 +38,8 @@ pub struct LockClient {
     pub owner_pid: u32,
     pub owner_name: Option<String>,
     pub owner_uuid: [u8; 16],
+    /// The owner's start time at REGISTER (0: unknown); see [`kill_owner_started`].
+    pub owner_start: u64,
 }
 
 pub struct LockProgram {
@@ -184,6 +186,7 @@ impl LockProgram {
                 c.owner_uuid = a.owner.uuid;
                 c.owner_id = a.owner.id;
                 c.owner_pid = a.owner.pid;
+                c.owner_start = process_start_time(a.owner.pid).unwrap_or(0);
                 Ok(Call::Now(Reply::void()))
             }
             proc_::RESTRICT => {
@@ -319,10 +322,10 @@ impl ClientHooks for LockHooks {
                 "daemon quitting: stopping lock owner before releasing its leases"
             );
             if let Ok(h) = tokio::runtime::Handle::try_current() {
-                let pid = c.owner_pid;
+                let (pid, start) = (c.owner_pid, c.owner_start);
                 let table = self.table.clone();
                 self.table.track_kill(h.spawn(async move {
-                    kill_owner(pid as i32).await;
+                    kill_owner_started(pid as i32, start).await;
                     table.release_owner(pid);
                 }));
                 return;
@@ -337,11 +340,12 @@ impl ClientHooks for LockHooks {
                 pid = c.owner_pid,
                 "lock owner connection closed; releasing its leases and stopping it"
             );
-            let pid = c.owner_pid as i32;
+            let (pid, start) = (c.owner_pid as i32, c.owner_start);
             // Outside a runtime (unit tests), fall back to a thread.
             match tokio::runtime::Handle::try_current() {
                 Ok(h) => {
-                    self.table.track_kill(h.spawn(kill_owner(pid)));
+                    self.table
+                        .track_kill(h.spawn(kill_owner_started(pid, start)));
                 }
                 Err(_) => {
                     std::thread::spawn(move || {
@@ -349,7 +353,7 @@ impl ClientHooks for LockHooks {
                             .enable_time()
                             .build()
                         {
-                            rt.block_on(kill_owner(pid));
+                            rt.block_on(kill_owner_started(pid, start));
                         }
                     });
                 }
@@ -369,6 +373,7 @@ impl ClientHooks for LockHooks {
             owner_id: c.owner_id,
             owner_name: c.owner_name.clone().unwrap_or_default(),
             owner_uuid: Uuid::from_bytes(c.owner_uuid),
+            owner_start: c.owner_start,
         }
         .to_value())
     }
@@ -385,8 +390,32 @@ impl ClientHooks for LockHooks {
                 Some(p.owner_name)
             },
             owner_uuid: *p.owner_uuid.as_bytes(),
+            owner_start: p.owner_start,
         }))
     }
+}
+
+/// A process's start time (`/proc/<pid>/stat` field 22, clock ticks since boot).
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// [`kill_owner`], but only while `pid` is still the process that registered (its start
+/// time is `start`; 0 = unknown, killed unchecked). An owner that exited while the
+/// daemon was down (a resume from the fd store) may have its pid reused by another
+/// process by the time its connection's hang-up is seen.
+pub async fn kill_owner_started(pid: i32, start: u64) {
+    if start != 0 && process_start_time(pid as u32) != Some(start) {
+        info!(
+            pid,
+            "lock owner already gone (its pid is not the process that registered); not killing"
+        );
+        return;
+    }
+    kill_owner(pid).await
 }
 
 /// SIGTERM, then probe every 200 ms, SIGKILL on the 9th round, give up after 15: the
@@ -412,4 +441,31 @@ pub async fn kill_owner(pid: i32) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     warn!(pid, "Failed to kill off pid {pid}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review finding 9: a pid whose start time is not the registered one is not
+    /// killed (the owner exited and its pid was reused while the daemon was down).
+    #[test]
+    fn a_reused_pid_is_not_killed() {
+        let me = process_start_time(std::process::id()).unwrap();
+        assert_eq!(process_start_time(std::process::id()), Some(me));
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let start = process_start_time(pid).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(kill_owner_started(pid as i32, start + 1));
+        assert!(child.try_wait().unwrap().is_none(), "another process's pid");
+        rt.block_on(kill_owner_started(pid as i32, start));
+        assert!(child.wait().unwrap().code().is_none(), "killed by a signal");
+    }
 }

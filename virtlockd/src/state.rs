@@ -46,6 +46,10 @@ pub struct LockClientPrivate {
     pub owner_name: String,
     /// Nil for a client that has not registered.
     pub owner_uuid: Uuid,
+    /// The owner's start time (`/proc/<pid>/stat` field 22) as seen at REGISTER, 0 if
+    /// unknown: a kill checks it, so a pid reused while we were down is not killed.
+    /// Ours only (`ownerStartTime`, which 9.0 ignores; absent from 9.0's documents).
+    pub owner_start: u64,
 }
 
 impl FromObj for LockClientPrivate {
@@ -58,6 +62,7 @@ impl FromObj for LockClientPrivate {
             owner_id: o.u32("ownerId")?,
             owner_name: o.str("ownerName")?.to_string(),
             owner_uuid: o.uuid("ownerUUID")?,
+            owner_start: o.get("ownerStartTime").and_then(Value::as_u64).unwrap_or(0),
         })
     }
 }
@@ -73,6 +78,9 @@ impl LockClientPrivate {
             "ownerUUID".into(),
             self.owner_uuid.hyphenated().to_string().into(),
         );
+        if self.owner_start != 0 {
+            m.insert("ownerStartTime".into(), self.owner_start.into());
+        }
         Value::Object(m)
     }
 }
@@ -341,6 +349,7 @@ mod tests {
                 owner_id: 1,
                 owner_name: "t1".into(),
                 owner_uuid: Uuid::parse_str("15a86c6d-fcf3-40f8-b104-5c2672d633a0").unwrap(),
+                owner_start: 0,
             }
         );
         assert_eq!(st.default_lockspace, LockspaceState::default());
