@@ -790,6 +790,7 @@ fn restore<A: App>(
     after_crash: bool,
 ) -> Result<(), (i32, String)> {
     let mut hung_up = 0usize;
+    let mut lost_listener = std::collections::HashSet::new();
     let _claims = FdClaims::begin();
     let state = app
         .restore(state, in_place)
@@ -811,8 +812,19 @@ fn restore<A: App>(
         });
         for svc in &srv.services {
             for sock in &svc.socks {
-                let fd = adopt_fd(sock.fd)
-                    .map_err(|e| (exit::INIT, format!("inherited socket {}: {e}", sock.fd)))?;
+                let fd = match adopt_fd(sock.fd) {
+                    Ok(fd) => fd,
+                    // Lost from the fd store: bound afresh below. Failing the start
+                    // instead would fail every restart the same way.
+                    Err(e) if fdstore::is_lost(sock.fd) => {
+                        error!(server = name.as_str(), "inherited socket {}: {e}", sock.fd);
+                        lost_listener.insert(name.clone());
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err((exit::INIT, format!("inherited socket {}: {e}", sock.fd)))
+                    }
+                };
                 let path = socket_path(fd.as_raw_fd());
                 server
                     .adopt_service(
@@ -867,6 +879,36 @@ fn restore<A: App>(
                 hung_up += 1;
             }
         }
+    }
+    // A server whose listener was lost from the fd store and that has none left binds
+    // its own path again, as a start without socket activation does.
+    for (server, path) in [
+        (&daemon.main, &daemon.paths.socket),
+        (&daemon.admin, &daemon.paths.admin_socket),
+    ] {
+        if !lost_listener.contains(server.name()) || !server.services().is_empty() {
+            continue;
+        }
+        warn!(
+            server = server.name(),
+            "no listener restored; binding {}",
+            path.display()
+        );
+        let fd = bind_socket(path).map_err(|e| {
+            (
+                exit::NETWORK,
+                format!("Failed to bind socket to '{}': {e}", path.display()),
+            )
+        })?;
+        server
+            .adopt_service(
+                fd,
+                ServiceInfo {
+                    path: Some(path.clone()),
+                    unlink_on_stop: true,
+                },
+            )
+            .map_err(|e| (exit::NETWORK, e.to_string()))?;
     }
     if hung_up > 0 {
         warn!("resumed from the fd store: hung up {hung_up} clients whose requests the previous process may have read without answering");
