@@ -60,9 +60,13 @@
 //! adopts an unrelated fd (the log file, the runtime's epoll) opened there, and a held
 //! lease lost that way gets its owner killed.
 //!
-//! A start that finds stored fds but no whole document (it died before its first
-//! snapshot) starts fresh and removes them: no document named them, so no reply ever
-//! relied on them. A whole document this build cannot read fails the start loudly and
+//! The very first snapshot of a process whose store is empty (a fresh start, or the
+//! first after a re-exec) is the exception: it is written before its fds are stored
+//! (until then the process alone holds them, so a death in between frees them either
+//! way; with the document in the store the next start at least knows whose leases
+//! they were and kills those owners). A start that finds stored fds but no whole
+//! document (only the slots can be there then, or a store damaged otherwise) starts
+//! fresh and removes them. A whole document this build cannot read fails the start loudly and
 //! keeps the store (it may hold leases of running guests); see `daemon::unreadable_store`.
 //!
 //! **Resume.** On a start with stored fds ([`take_stored`], called first thing in

@@ -1,6 +1,6 @@
 //! Keeps systemd's fd store current while the daemon runs (the design is in
 //! [`crate::fdstore`]): every fd the state document names is stored *before* the first
-//! snapshot naming it, a snapshot is written before a reply that changed state goes out,
+//! snapshot naming it (except in the very first snapshot, see `write`), a snapshot is written before a reply that changed state goes out,
 //! and an fd that is gone is removed from the store only *after* a snapshot without it.
 //!
 //! Cost model: a snapshot is one serialisation of the whole document, one hash and
@@ -251,10 +251,18 @@ impl Keeper {
         if inner.frozen {
             return Ok(0);
         }
-        if !inner.slots_stored {
+        // The first snapshot (a fresh start, or the first after a re-exec, which left
+        // the store empty) is written *before* its fds are stored: until they are, the
+        // process alone holds them, and if it dies in between the next start finds a
+        // document whose fds are missing, so it kills the owners of the leases it
+        // cannot restore, rather than a store of fds no document names (which it must
+        // drop, freeing leases under owners nobody knows of).
+        let first = !inner.slots_stored;
+        if first {
             inner.slots.store_in(&self.store)?;
             inner.slots_stored = true;
         }
+        let mut unstored: Vec<(RawFd, String, bool)> = Vec::new();
         // Closes noted up to now: those numbers hold something new, if anything. Taken
         // after the caller listed its fds (under its locks), so a number closed and
         // reused meanwhile is seen as reused.
@@ -283,6 +291,11 @@ impl Keeper {
             let serial = inner.serial;
             inner.serial += 1;
             let name = kind.name(serial);
+            if first {
+                unstored.push((*fd, name.clone(), kind.poll()));
+                inner.by_fd.insert(*fd, name);
+                continue;
+            }
             // SAFETY: the caller keeps `fd` open for this whole call (see above).
             let b = unsafe { BorrowedFd::borrow_raw(*fd) };
             if let Err(e) = self.store.store(&name, b, kind.poll()) {
@@ -306,6 +319,22 @@ impl Keeper {
             keep
         });
         inner.gone.extend(dropped);
+        if !unstored.is_empty() {
+            let body = snapshot_body(inner.by_fd.iter().map(|(fd, n)| (*fd, n.as_str())), doc);
+            inner.slots.write(&body)?;
+            for (fd, name, poll) in unstored {
+                // SAFETY: the caller keeps `fd` open for this whole call (see above).
+                let b = unsafe { BorrowedFd::borrow_raw(fd) };
+                if let Err(e) = self.store.store(&name, b, poll) {
+                    inner.store_failures += 1;
+                    STORE_FAILURES.fetch_add(1, Ordering::Relaxed);
+                    error!("cannot store fd {fd} as {name}: {e}; a restart loses this item");
+                    inner.by_fd.remove(&fd);
+                    continue;
+                }
+                fresh += 1;
+            }
+        }
         // The table is exactly what is stored now and named by the document.
         let body = snapshot_body(inner.by_fd.iter().map(|(fd, n)| (*fd, n.as_str())), doc);
         inner.slots.write(&body)?;

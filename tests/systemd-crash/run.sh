@@ -254,8 +254,10 @@ lease_run() {
     # killed as soon as it appears, most often before READY: it is resuming 1,000
     # leases), then it must come back with nothing lost.
     local r0 y0 r1 y1
-    r0=$(IN journalctl --no-pager -o cat -u virtlockd | grep -c 'resuming from the fd store')
-    y0=$(IN journalctl --no-pager -o cat -u virtlockd | grep -c ') ready, pid')
+    # systemd's own lines (the daemon's info lines are below the default log level):
+    # a start reaching READY logs "Started", an auto-restart "Scheduled restart job".
+    r0=$(IN journalctl --no-pager -o cat -u virtlockd | grep -c 'Scheduled restart job')
+    y0=$(IN journalctl --no-pager -o cat -u virtlockd | grep -c '^Started ')
     local k; k=$(IN sh -c 'old=$(systemctl show -p MainPID --value virtlockd.service); kill -KILL "$old"; n=0
       for i in $(seq 1 2000); do
         p=$(pgrep -x virtlockd | grep -vx "$old" | head -1)
@@ -263,9 +265,9 @@ lease_run() {
         sleep 0.005
       done; echo $n')
     wait_active virtlockd.service
-    r1=$(IN journalctl --no-pager -o cat -u virtlockd | grep -c 'resuming from the fd store')
-    y1=$(IN journalctl --no-pager -o cat -u virtlockd | grep -c ') ready, pid')
-    echo "$tag killed $k starting virtlockd processes: $((r1 - r0)) starts resumed from the store, $((y1 - y0)) reached READY (the last one included)"
+    r1=$(IN journalctl --no-pager -o cat -u virtlockd | grep -c 'Scheduled restart job')
+    y1=$(IN journalctl --no-pager -o cat -u virtlockd | grep -c '^Started ')
+    echo "$tag killed $k starting virtlockd processes: $((r1 - r0)) restarts, $((y1 - y0)) starts reached READY (the last one included)"
     [ "${k:-0}" -ge 1 ] || fail "$tag no starting virtlockd caught to kill"
     wait_active virtlockd.service && pass "$tag virtlockd comes back after $k SIGKILLs during start-up" \
       || fail "$tag virtlockd not back after $k SIGKILLs during start-up: $(show virtlockd.service SubState)"
