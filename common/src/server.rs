@@ -183,6 +183,9 @@ struct ClientEntry {
     close: Arc<Notify>,
     /// The client's private state as last saved for the fd store (`{}` without it).
     saved: serde_json::Value,
+    /// Its fd is being closed: no fd store snapshot lists it any more (the entry itself
+    /// stays until the close hook has run, so a quit still waits for that).
+    closing: bool,
 }
 
 /// The fd store's hook into the servers (see `fdstore_keeper`): called after a call
@@ -216,6 +219,7 @@ impl StoreView<'_> {
     pub fn clients(&self) -> Vec<LiveClient> {
         self.clients
             .values()
+            .filter(|e| !e.closing)
             .map(|e| LiveClient {
                 info: e.info.clone(),
                 private: e.saved.clone(),
@@ -458,8 +462,8 @@ impl Server {
     }
 
     /// Listeners and clients as the fd store's snapshot lists them. While the view
-    /// lives no listed fd is closed: a listener or a client leaves its table before
-    /// its fd is closed, and leaving waits for the view, so a number listed here cannot
+    /// lives no listed fd is closed: a listener leaves its table, and a client is
+    /// marked closing in its table, before its fd is closed, and both wait for the view, so a number listed here cannot
     /// be closed and reused by another fd before the keeper has stored it.
     pub fn store_view(&self) -> StoreView<'_> {
         StoreView {
@@ -664,6 +668,7 @@ impl Server {
                 info: info.clone(),
                 close: close.clone(),
                 saved,
+                closing: false,
             },
         );
         crate::fdstore_keeper::touch();
@@ -791,9 +796,13 @@ impl Server {
                 Err(e) => warn!(server = %self.name, "cannot hand off client: {e}"),
             }
         } else {
-            // Out of the table first: a snapshot listing clients holds the table, so
-            // the fd it lists stays open until the keeper has stored it (`store_view`).
-            lock_table(&self.clients).remove(&id);
+            // Marked under the table's lock first: a snapshot listing clients holds
+            // that lock, so the fd it lists stays open until the keeper has stored it,
+            // and no later snapshot lists it (`store_view`). The entry itself stays
+            // until the close hook has run (a quit waits for an empty table).
+            if let Some(e) = lock_table(&self.clients).get_mut(&id) {
+                e.closing = true;
+            }
             crate::fdstore_keeper::closing(stream.as_raw_fd());
             drop(stream);
             info!("{}: client closed", who(&self.name, &info));
