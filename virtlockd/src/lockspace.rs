@@ -2415,6 +2415,58 @@ mod tests {
         assert_eq!(fds_into(&d), 0);
     }
 
+    fn cloexec(fd: RawFd) -> bool {
+        fcntl(fd, FcntlArg::F_GETFD).unwrap() & libc::FD_CLOEXEC != 0
+    }
+
+    /// A lease's fd is inheritable exactly while the table holds the lease (a re-exec
+    /// names every such fd): not while only an acquire job holds it, not once it is
+    /// handed to a close on the blocking pool, and not if recorded after a re-exec's
+    /// handoff named the leases.
+    #[test]
+    fn lease_fds_are_inheritable_only_while_the_table_holds_them() {
+        let (_t, d) = testdir();
+        let key = d.to_str().unwrap().to_string();
+        let mut t = Tbl::default();
+        t.create(&key).unwrap();
+        // Not local: jobs go to the blocking pool.
+        t.0.set_local(&key, false);
+        let Begin::Work(job) = t.0.begin_acquire(&key, "a", 1, ACQUIRE_AUTOCREATE).unwrap() else {
+            panic!("an acquire is work");
+        };
+        let m = std::sync::Mutex::new(std::mem::take(&mut t.0));
+        let done = job.run(&m);
+        t.0 = m.into_inner().unwrap();
+        let raw = match &done.result {
+            Ok(Some(r)) => r.raw_fd(),
+            other => panic!("{other:?}"),
+        };
+        assert!(cloexec(raw), "close-on-exec while only the job holds it");
+        t.0.finish(done).unwrap();
+        assert!(!cloexec(raw), "inheritable once in the table");
+        assert!(t.0.get(&key).unwrap().get("a").unwrap().is_inheritable());
+        let Begin::Work(job) = t.0.begin_release(&key, "a", 1).unwrap() else {
+            panic!("the last release is work");
+        };
+        match &job.kind {
+            JobKind::Close(r) => {
+                assert!(cloexec(r.raw_fd()), "close-on-exec again on its way out")
+            }
+            _ => panic!("a close"),
+        }
+        t.run(Ok(Begin::Work(job))).unwrap();
+        // After a handoff named the leases, a newly recorded one stays close-on-exec,
+        // and the handoff's caller clears it if the exec fails and another follows.
+        t.0.exec_started();
+        t.acquire(&key, "b", 1, ACQUIRE_AUTOCREATE).unwrap();
+        let r = t.0.get(&key).unwrap().get("b").unwrap();
+        assert!(cloexec(r.raw_fd()) && !r.is_inheritable());
+        t.0.exec_failed();
+        t.acquire(&key, "c", 1, ACQUIRE_AUTOCREATE).unwrap();
+        let r = t.0.get(&key).unwrap().get("c").unwrap();
+        assert!(!cloexec(r.raw_fd()) && r.is_inheritable());
+    }
+
     #[test]
     fn restore_adopts_an_inherited_locked_fd() {
         let (_t, d) = testdir();
