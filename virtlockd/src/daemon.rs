@@ -18,7 +18,7 @@ use vh_common::config::DaemonConfig;
 use vh_common::daemon::{adopt_inheritable_fds, App, Daemon};
 use vh_common::fdstore_keeper::{FdKind, SnapshotSink};
 use vh_common::paths::{DaemonKind, Mode};
-use vh_common::restart::{pretty_doc, restart_magic, DaemonState, RestartError, RestoreError};
+use vh_common::restart::{compact_doc, restart_magic, DaemonState, RestartError, RestoreError};
 use vh_common::server::{ClientHooks, Program, RunState};
 
 pub struct LockDaemonApp {
@@ -220,7 +220,7 @@ impl App for LockDaemonApp {
                     }
                 }
                 let (default_lockspace, lockspaces, leases) = lockspaces_state(&s, &mut fds);
-                pretty_doc(&self.document(daemon, default_lockspace, lockspaces, leases, magic))
+                compact_doc(&self.document(daemon, default_lockspace, lockspaces, leases, magic))
             }
             Err(e) => {
                 error!("{e}");
@@ -228,7 +228,7 @@ impl App for LockDaemonApp {
                     directory: None,
                     resources: Vec::new(),
                 };
-                pretty_doc(&self.document(daemon, none, Vec::new(), Vec::new(), magic))
+                compact_doc(&self.document(daemon, none, Vec::new(), Vec::new(), magic))
             }
         };
         // The front-end clears close-on-exec on these: only leases whose flag could not

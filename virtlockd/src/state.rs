@@ -322,9 +322,9 @@ pub struct LockspaceRef<'a> {
     pub resources: Vec<ResourceRef<'a>>,
 }
 
-/// [`LockdState`] with borrowed lockspaces (see [`ResourceRef`]); written with
-/// [`vh_common::restart::pretty_doc`] for a re-exec, as `to_json_string` writes the
-/// owned one.
+/// [`LockdState`] with borrowed lockspaces (see [`ResourceRef`]); a re-exec writes it
+/// with [`vh_common::restart::compact_doc`], a snapshot with `serde_json::to_string`.
+/// Either way its text is the owned document's.
 #[derive(Debug, Serialize)]
 pub struct LockdStateRef<'a> {
     pub daemon: DaemonState,
