@@ -919,8 +919,31 @@ fn restore<A: App>(
 thread_local! {
     /// The fd numbers adopted so far by the restore running on this thread (a restore
     /// is synchronous, on one thread); `None` outside a restore.
-    static CLAIMED: std::cell::RefCell<Option<std::collections::HashSet<RawFd>>> =
+    static CLAIMED: std::cell::RefCell<Option<FdSet>> =
         const { std::cell::RefCell::new(None) };
+}
+
+/// A set of fd numbers, as a bitmap (10,000 inherited fds: a few KiB and no hashing in
+/// the re-exec pause). Only numbers of fds found open are recorded, so it is bounded by
+/// the fd table's size.
+#[derive(Default)]
+struct FdSet(Vec<u64>);
+
+impl FdSet {
+    /// Records `fd`; false if it was recorded already (or is negative, which no open fd
+    /// is).
+    fn insert(&mut self, fd: RawFd) -> bool {
+        let Ok(i) = usize::try_from(fd) else {
+            return false;
+        };
+        let (word, bit) = (i / 64, 1u64 << (i % 64));
+        if word >= self.0.len() {
+            self.0.resize(word + 1, 0);
+        }
+        let fresh = self.0[word] & bit == 0;
+        self.0[word] |= bit;
+        fresh
+    }
 }
 
 /// While alive, every fd adopted on this thread is recorded and a second claim of the
@@ -931,7 +954,7 @@ pub struct FdClaims(());
 
 impl FdClaims {
     pub fn begin() -> FdClaims {
-        CLAIMED.with(|c| *c.borrow_mut() = Some(std::collections::HashSet::new()));
+        CLAIMED.with(|c| *c.borrow_mut() = Some(FdSet::default()));
         FdClaims(())
     }
 }
@@ -1001,7 +1024,7 @@ pub fn adopt_inheritable_fds(fds: &[RawFd]) -> Vec<io::Result<OwnedFd>> {
             nix::fcntl::fcntl(p.fd, nix::fcntl::FcntlArg::F_GETFD).is_ok()
         }
     };
-    let mut seen = std::collections::HashSet::with_capacity(fds.len());
+    let mut seen = FdSet::default();
     polled
         .iter()
         .map(|p| {

@@ -331,6 +331,18 @@ pub fn pretty_doc<T: Serialize>(doc: &T) -> String {
     s
 }
 
+/// A document as a re-exec hands it to the next image: compact JSON. The next image
+/// may be libvirt's, whose readers (9.0's yajl, 11.3's json-c) take any valid JSON;
+/// libvirt's own pretty layout ([`pretty_doc`]) was more than half of the bytes with
+/// 10,000 leases (its indentation is a write per level on every line), and both
+/// writing and reading them sat inside the re-exec pause.
+pub fn compact_doc<T: Serialize>(doc: &T) -> String {
+    // Cannot fail: every map key is a string and every value a plain JSON type.
+    let mut s = serde_json::to_string(doc).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
 /// Serialize/Deserialize through `serde_json::Value`, using the hand-written rules.
 macro_rules! serde_via_value {
     ($ty:ty) => {

@@ -2,9 +2,12 @@
 //! the `defaultLockspace` / `lockspaces` sections of the re-exec state.
 
 use crate::config::LeaseConfig;
-use crate::lockspace::{LockSpace, LockSpaces};
+use crate::lease_lock::LockKind;
+use crate::lockspace::{Carried, FileId, LockSpace, LockSpaces, Resource};
 use crate::program::{LockHooks, LockProgram};
-use crate::state::{LockdState, LockspaceState, ResourceState, StateDocument};
+use crate::state::{
+    LeaseRow, LockdState, LockdStateRef, LockspaceRef, LockspaceState, ResourceRef, StateDocument,
+};
 use crate::table::LockTable;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
@@ -15,7 +18,7 @@ use vh_common::config::DaemonConfig;
 use vh_common::daemon::{adopt_inheritable_fds, App, Daemon};
 use vh_common::fdstore_keeper::{FdKind, SnapshotSink};
 use vh_common::paths::{DaemonKind, Mode};
-use vh_common::restart::{DaemonState, RestartError, RestoreError};
+use vh_common::restart::{compact_doc, restart_magic, DaemonState, RestartError, RestoreError};
 use vh_common::server::{ClientHooks, Program, RunState};
 
 pub struct LockDaemonApp {
@@ -23,42 +26,100 @@ pub struct LockDaemonApp {
     run: watch::Receiver<RunState>,
 }
 
-fn lockspace_state(ls: &LockSpace, fds: &mut Vec<RawFd>) -> LockspaceState {
-    let mut resources: Vec<ResourceState> = ls
-        .resources()
+/// One lockspace's part of the document, borrowed from the table, with our
+/// [`LeaseRow`]s in the same order; every lease fd goes into `fds`, with whether it is
+/// inheritable already.
+fn lockspace_state<'a>(
+    ls: &'a LockSpace,
+    fds: &mut Vec<(RawFd, bool)>,
+) -> (LockspaceRef<'a>, Vec<LeaseRow>) {
+    // Sorted by name (names are unique in a lockspace).
+    let mut held: Vec<&Resource> = ls.resources().collect();
+    held.sort_unstable_by(|a, b| a.name().cmp(b.name()));
+    let mut rows = Vec::with_capacity(held.len());
+    let resources: Vec<ResourceRef<'a>> = held
+        .into_iter()
         .map(|r| {
-            // The lock lives as long as this fd does: it must survive the exec. The
-            // front-end clears close-on-exec on every fd handed back (one fcntl each;
-            // doing it here as well cost 10,000 more with 10,000 leases).
-            fds.push(r.raw_fd());
-            ResourceState {
-                name: r.name().to_string(),
-                path: r.path().to_string_lossy().into_owned(),
+            // The lock lives as long as this fd does: it must survive the exec. A held
+            // lease's fd is inheritable for life (see `Resource`), so this is mostly
+            // not a syscall.
+            fds.push((r.raw_fd(), r.is_inheritable()));
+            if let Some(id) = r.file_id() {
+                let ofd = r.lock_held() && r.lock_kind() == LockKind::Ofd;
+                rows.push(LeaseRow(r.raw_fd(), id.dev(), id.ino(), ofd));
+            }
+            ResourceRef {
+                name: r.name(),
+                path: r.path().to_string_lossy(),
                 fd: r.raw_fd(),
                 lock_held: r.lock_held(),
                 flags: r.flags(),
-                owners: r.owners().iter().map(|&p| u64::from(p)).collect(),
+                owners: r.owners(),
             }
         })
         .collect();
-    resources.sort_by(|a, b| a.name.cmp(&b.name));
-    LockspaceState {
-        directory: ls.directory().map(|d| d.to_string_lossy().into_owned()),
-        resources,
+    (
+        LockspaceRef {
+            directory: ls.directory().map(|d| d.to_string_lossy()),
+            resources,
+        },
+        rows,
+    )
+}
+
+/// The default lockspace and the directory ones (sorted by directory), with the rows of
+/// all their leases in document order.
+fn lockspaces_state<'a>(
+    s: &'a LockSpaces,
+    fds: &mut Vec<(RawFd, bool)>,
+) -> (LockspaceRef<'a>, Vec<LockspaceRef<'a>>, Vec<LeaseRow>) {
+    let (default_lockspace, mut rows) = lockspace_state(s.default_lockspace(), fds);
+    let mut dirs: Vec<(LockspaceRef<'a>, Vec<LeaseRow>)> = s
+        .directories()
+        .map(|(_, ls)| lockspace_state(ls, fds))
+        .collect();
+    dirs.sort_by(|a, b| a.0.directory.cmp(&b.0.directory));
+    let mut lockspaces = Vec::with_capacity(dirs.len());
+    for (ls, r) in dirs {
+        lockspaces.push(ls);
+        rows.extend(r);
+    }
+    (default_lockspace, lockspaces, rows)
+}
+
+/// Our previous image's rows, taken in document order (see [`LeaseRow`]).
+struct CarriedRows<'a> {
+    rows: std::slice::Iter<'a, LeaseRow>,
+    next: Option<&'a LeaseRow>,
+    /// The document was written by this process (a re-exec): its OFD locks are ours
+    /// as they stand. Not after a restart from the fd store.
+    same_process: bool,
+}
+
+impl CarriedRows<'_> {
+    /// What the rows say of the lease on `fd`, if the next row names it.
+    fn take(&mut self, fd: RawFd) -> Option<Carried> {
+        let row = self.next.filter(|r| r.0 == fd)?;
+        self.next = self.rows.next();
+        Some(Carried {
+            id: FileId::new(row.1, row.2),
+            ofd_kept: row.3 && self.same_process,
+        })
     }
 }
 
 /// Rebuilds a lockspace from its state. Also returns the owners of every held lease
 /// that could not be restored (its fd was lost, e.g. from the fd store, or another
 /// process took the lock meanwhile): they must not run on without it.
-fn restore_lockspace(st: &LockspaceState) -> (LockSpace, Vec<u32>) {
-    let mut ls = LockSpace::restored(st.directory.as_ref().map(PathBuf::from));
+fn restore_lockspace(st: LockspaceState, carried: &mut CarriedRows<'_>) -> (LockSpace, Vec<u32>) {
+    let mut ls = LockSpace::restored(st.directory.map(PathBuf::from), st.resources.len());
     let mut orphaned = Vec::new();
-    // One poll(2) checks every inherited fd; `restore_resource` makes each close-on-exec
-    // again (adopting them one by one set that flag twice: 10,000 fcntls more with
-    // 10,000 leases, inside the re-exec pause).
+    // One poll(2) checks every inherited fd, which stays inheritable (as every held
+    // lease's fd is); with our previous image's rows, nothing else is asked of the
+    // kernel per lease (an fstat and up to three fcntls each without them).
     let fds: Vec<RawFd> = st.resources.iter().map(|r| r.fd).collect();
-    for (r, fd) in st.resources.iter().zip(adopt_inheritable_fds(&fds)) {
+    for (r, fd) in st.resources.into_iter().zip(adopt_inheritable_fds(&fds)) {
+        let known = carried.take(r.fd);
         let owners: Vec<u32> = r
             .owners
             .iter()
@@ -74,17 +135,22 @@ fn restore_lockspace(st: &LockspaceState) -> (LockSpace, Vec<u32>) {
                 continue;
             }
         };
+        // The document's strings move into the table (10,000 leases: 20,000 copies
+        // and frees fewer inside the pause). The error names the resource or its path.
+        let fd_number = r.fd;
+        let lock_held = r.lock_held;
         if let Err(e) = ls.restore_resource(
-            r.name.clone(),
-            PathBuf::from(&r.path),
+            r.name,
+            PathBuf::from(r.path),
             fd,
             r.lock_held,
             r.flags,
-            owners.clone(),
+            owners,
+            known,
         ) {
-            warn!(resource = %r.name, "cannot restore resource: {e}");
-            if r.lock_held {
-                orphaned.extend(&owners);
+            warn!(fd = fd_number, "cannot restore resource: {e}");
+            if lock_held {
+                orphaned.extend(r.owners.iter().filter_map(|&p| u32::try_from(p).ok()));
             }
         }
     }
@@ -93,21 +159,23 @@ fn restore_lockspace(st: &LockspaceState) -> (LockSpace, Vec<u32>) {
 
 impl LockDaemonApp {
     /// The state document around the lockspaces, as `handoff` and `snapshot` write it.
-    fn document(
+    fn document<'a>(
         &self,
         daemon: DaemonState,
-        default_lockspace: LockspaceState,
-        lockspaces: Vec<LockspaceState>,
+        default_lockspace: LockspaceRef<'a>,
+        lockspaces: Vec<LockspaceRef<'a>>,
+        leases: Vec<LeaseRow>,
         magic: String,
-    ) -> LockdState {
+    ) -> LockdStateRef<'a> {
         // Our counters ride in a key of their own, which libvirt 9.0 ignores.
         let counters = serde_json::json!({ "leaseLosses": self.daemon.lease_losses() });
-        LockdState {
+        LockdStateRef {
             daemon,
             default_lockspace,
             lockspaces,
             magic,
             counters: Some(counters),
+            leases: Some(leases),
         }
     }
 }
@@ -150,13 +218,11 @@ impl App for LockDaemonApp {
 
     async fn handoff(&self, daemon: DaemonState, magic: String) -> (String, Vec<RawFd>) {
         let mut fds = Vec::new();
-        let (default_lockspace, lockspaces) = match self.daemon.spaces() {
-            Ok(s) => {
-                let d = lockspace_state(s.default_lockspace(), &mut fds);
-                let mut dirs: Vec<LockspaceState> = s
-                    .directories()
-                    .map(|(_, ls)| lockspace_state(ls, &mut fds))
-                    .collect();
+        let text = match self.daemon.spaces() {
+            Ok(mut s) => {
+                // No lease recorded from now on becomes inheritable (see
+                // `LockSpaces::finish`): it would reach the next image unnamed.
+                s.exec_started();
                 // Fds parked on held files stay open across the exec (closing one would
                 // drop its file's lock); the new process never learns of them.
                 for fd in s.parked_fds() {
@@ -164,22 +230,26 @@ impl App for LockDaemonApp {
                         error!("cannot keep parked fd {fd} across exec: {e}");
                     }
                 }
-                dirs.sort_by(|a, b| a.directory.cmp(&b.directory));
-                (d, dirs)
+                let (default_lockspace, lockspaces, leases) = lockspaces_state(&s, &mut fds);
+                compact_doc(&self.document(daemon, default_lockspace, lockspaces, leases, magic))
             }
             Err(e) => {
                 error!("{e}");
-                (
-                    LockspaceState {
-                        directory: None,
-                        resources: Vec::new(),
-                    },
-                    Vec::new(),
-                )
+                let none = LockspaceRef {
+                    directory: None,
+                    resources: Vec::new(),
+                };
+                compact_doc(&self.document(daemon, none, Vec::new(), Vec::new(), magic))
             }
         };
-        let doc = self.document(daemon, default_lockspace, lockspaces, magic);
-        (doc.to_json_string(), fds)
+        // The front-end clears close-on-exec on these: only leases whose flag could not
+        // be cleared when they were recorded.
+        let fds = fds
+            .into_iter()
+            .filter(|&(_, inheritable)| !inheritable)
+            .map(|(fd, _)| fd)
+            .collect();
+        (text, fds)
     }
 
     type State = LockdState;
@@ -204,13 +274,9 @@ impl App for LockDaemonApp {
         }
         let mut spaces = self.daemon.spaces()?;
         if in_place {
-            // The exec failed: the lockspaces never left; just close their fds on exec
-            // again.
-            for (_, ls) in spaces.iter() {
-                for r in ls.resources() {
-                    let _ = r.set_inheritable(false);
-                }
-            }
+            // The exec failed: the lockspaces never left. Their leases' fds stay
+            // inheritable; the parked ones close on exec again.
+            spaces.exec_failed();
             for fd in spaces.parked_fds() {
                 let _ = nix::fcntl::fcntl(
                     fd,
@@ -219,13 +285,20 @@ impl App for LockDaemonApp {
             }
             return Ok(doc.daemon);
         }
-        let (ls, mut orphaned) = restore_lockspace(&doc.default_lockspace);
+        let rows = doc.leases.as_deref().unwrap_or_default();
+        let mut rows = rows.iter();
+        let mut carried = CarriedRows {
+            next: rows.next(),
+            rows,
+            same_process: doc.magic == restart_magic(std::process::id()),
+        };
+        let (ls, mut orphaned) = restore_lockspace(doc.default_lockspace, &mut carried);
         spaces.insert(String::new(), ls);
-        for st in &doc.lockspaces {
-            if let Some(dir) = &st.directory {
-                let (ls, o) = restore_lockspace(st);
+        for st in doc.lockspaces {
+            if let Some(dir) = st.directory.clone() {
+                let (ls, o) = restore_lockspace(st, &mut carried);
                 orphaned.extend(o);
-                spaces.insert(dir.clone(), ls);
+                spaces.insert(dir, ls);
             }
         }
         drop(spaces);
@@ -261,14 +334,10 @@ impl App for LockDaemonApp {
             }
         };
         let mut fds = Vec::new();
-        let default_lockspace = lockspace_state(s.default_lockspace(), &mut fds);
-        let mut lockspaces: Vec<LockspaceState> = s
-            .directories()
-            .map(|(_, ls)| lockspace_state(ls, &mut fds))
-            .collect();
-        lockspaces.sort_by(|a, b| a.directory.cmp(&b.directory));
-        let doc = self.document(daemon, default_lockspace, lockspaces, magic);
-        let kinds: Vec<(RawFd, FdKind)> = fds.into_iter().map(|fd| (fd, FdKind::Lease)).collect();
+        let (default_lockspace, lockspaces, leases) = lockspaces_state(&s, &mut fds);
+        let doc = self.document(daemon, default_lockspace, lockspaces, leases, magic);
+        let kinds: Vec<(RawFd, FdKind)> =
+            fds.into_iter().map(|(fd, _)| (fd, FdKind::Lease)).collect();
         // Compact, unlike the re-exec file (only our next image reads it): less to
         // write and hash per change.
         match serde_json::to_string(&doc) {

@@ -75,6 +75,7 @@
 use crate::lease_lock::{self, LockKind};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
@@ -114,6 +115,37 @@ impl FileId {
     fn of_path(path: &Path) -> Option<FileId> {
         fs::metadata(path).ok().map(|md| FileId::of(&md))
     }
+
+    /// An identity carried across a re-exec in our own state key (see
+    /// [`Carried`]).
+    pub fn new(dev: u64, ino: u64) -> FileId {
+        FileId { dev, ino }
+    }
+
+    pub fn dev(&self) -> u64 {
+        self.dev
+    }
+
+    pub fn ino(&self) -> u64 {
+        self.ino
+    }
+}
+
+/// What our own previous image knew about an inherited lease fd, carried in the state
+/// document under a key of ours (`vhLeases`; libvirt neither writes nor reads it), so
+/// that restoring 10,000 leases does not take an fstat and two fcntls each inside the
+/// re-exec pause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Carried {
+    /// The file's (device, inode), as the previous image learned it when it opened the
+    /// file (or restored it).
+    pub id: FileId,
+    /// The lease's lock is an OFD lock on this very open file description, held by our
+    /// previous image *in this process* (a re-exec, not a restart from the fd store): an
+    /// OFD lock belongs to the open file, which the exec keeps, so there is nothing to
+    /// adopt. False for anything else (a POSIX lock, a restart), which is adopted as
+    /// before.
+    pub ofd_kept: bool,
 }
 
 /// The slots of files this process holds or is locking (see the module docs). The table
@@ -151,6 +183,13 @@ pub struct Resource {
     owners: Vec<u32>,
     file_id: Option<FileId>,
     kind: LockKind,
+    /// Close-on-exec is clear on `fd`. A held lease's fd is inheritable for its whole
+    /// life (cleared once, when the lease is recorded in the table: outside any re-exec
+    /// pause), so neither the old image nor the new one touches its flags at re-exec.
+    /// virtlockd never runs another program, so only its next image inherits them (and
+    /// that image is handed every one in the state document, C included). False only
+    /// if clearing the flag failed: the re-exec clears it then.
+    inheritable: bool,
 }
 
 impl Resource {
@@ -207,9 +246,15 @@ impl Resource {
         self.kind
     }
 
-    /// Clear (`inherit = true`) or set close-on-exec on the lock fd, for SIGUSR1 re-exec.
+    /// Clear (`inherit = true`) or set close-on-exec on the lock fd.
     pub fn set_inheritable(&self, inherit: bool) -> Result<(), RpcError> {
         set_inheritable(self.fd.as_raw_fd(), inherit)
+    }
+
+    /// Whether close-on-exec is known to be clear on the lock fd (see the field); a
+    /// re-exec must clear it on the others.
+    pub fn is_inheritable(&self) -> bool {
+        self.inheritable
     }
 }
 
@@ -493,10 +538,11 @@ impl LockSpace {
 
     /// An empty lockspace for re-exec restore: the directory is not touched (its jobs
     /// run on the blocking pool until [`LockSpaces::set_local`] says otherwise).
-    pub fn restored(directory: Option<PathBuf>) -> LockSpace {
+    /// A lockspace to restore `resources` held leases into.
+    pub fn restored(directory: Option<PathBuf>, resources: usize) -> LockSpace {
         LockSpace {
             directory,
-            resources: HashMap::new(),
+            resources: HashMap::with_capacity(resources),
             local: false,
         }
     }
@@ -573,8 +619,11 @@ impl LockSpace {
 
     /// Adopt a resource inherited across SIGUSR1 re-exec or a crash restart: `fd` still carries
     /// the lock (OFD locks belong to the open file, POSIX ones to the pid, which a re-exec keeps;
-    /// see [`lease_lock::adopt`]). Sets close-on-exec again. On error the fd is closed.
+    /// see [`lease_lock::adopt`]). The fd stays inheritable, as every held lease's fd is.
+    /// `carried`: what our previous image knew of it (no fstat, and for an OFD lease
+    /// of this process no adoption). On error the fd is closed.
     /// Its file gets a slot when the lockspace is [inserted](LockSpaces::insert).
+    #[allow(clippy::too_many_arguments)]
     pub fn restore_resource(
         &mut self,
         name: String,
@@ -583,29 +632,33 @@ impl LockSpace {
         lock_held: bool,
         flags: u32,
         owners: Vec<u32>,
+        carried: Option<Carried>,
     ) -> Result<(), RpcError> {
-        if self.resources.contains_key(&name) {
-            // Checked before a Resource exists, so nothing is unlinked.
-            return Err(RpcError::internal(
-                domain::LOCKSPACE,
-                format!("Duplicate resource '{}' in JSON document", shown(&name)),
-            ));
-        }
-        set_cloexec(fd.as_raw_fd(), true).map_err(|e| {
-            RpcError::system(
-                domain::LOCKSPACE,
-                e as i32,
-                "Cannot enable close-on-exec flag",
-            )
-        })?;
-        let file_id = nix::sys::stat::fstat(fd.as_raw_fd()).ok().map(|st| FileId {
-            dev: st.st_dev,
-            ino: st.st_ino,
-        });
+        // One hash of the name (10,000 leases at re-exec), not a lookup and an insert.
+        let slot = match self.resources.entry(name) {
+            Entry::Occupied(o) => {
+                // Checked before a Resource exists, so nothing is unlinked.
+                return Err(RpcError::internal(
+                    domain::LOCKSPACE,
+                    format!("Duplicate resource '{}' in JSON document", shown(o.key())),
+                ));
+            }
+            Entry::Vacant(v) => v,
+        };
+        let name = slot.key().clone();
+        let file_id = match carried {
+            Some(c) => Some(c.id),
+            None => nix::sys::stat::fstat(fd.as_raw_fd()).ok().map(|st| FileId {
+                dev: st.st_dev,
+                ino: st.st_ino,
+            }),
+        };
         if owners.is_empty() {
             tracing::warn!(name, "restored resource has no owners");
         }
-        let kind = if lock_held {
+        let kind = if lock_held && carried.is_some_and(|c| c.ofd_kept) {
+            LockKind::Ofd
+        } else if lock_held {
             lease_lock::adopt(fd.as_raw_fd(), flags & ACQUIRE_SHARED != 0).map_err(|e| {
                 RpcError::system(
                     domain::LOCKSPACE,
@@ -616,19 +669,19 @@ impl LockSpace {
         } else {
             LockKind::Ofd
         };
-        self.resources.insert(
-            name.clone(),
-            Resource {
-                name,
-                path,
-                fd,
-                lock_held,
-                flags,
-                owners,
-                file_id,
-                kind,
-            },
-        );
+        slot.insert(Resource {
+            name,
+            path,
+            fd,
+            lock_held,
+            flags,
+            owners,
+            file_id,
+            kind,
+            // It came through an exec (or the fd store's dup2, which clears the flag
+            // too).
+            inheritable: true,
+        });
         Ok(())
     }
 }
@@ -859,6 +912,9 @@ impl Job {
                         owners: vec![owner],
                         file_id: Some(id),
                         kind: LockKind::Ofd,
+                        // Opened close-on-exec (std's default): cleared once it is
+                        // in the table (`finish`), never while only a job holds it.
+                        inheritable: false,
                     })
                 })
             }
@@ -912,6 +968,8 @@ pub struct LockSpaces {
     dirs: HashMap<String, LockSpace>,
     /// Files held or being locked, with the fds parked on them (module docs).
     slots: HashMap<FileId, Slot>,
+    /// A re-exec's handoff has named the held leases (see [`Self::exec_started`]).
+    exec_started: bool,
     /// (lockspace key, resource name) with a job in flight.
     pending: HashSet<(String, String)>,
 }
@@ -959,6 +1017,7 @@ impl LockSpaces {
     /// Install a lockspace rebuilt from re-exec state under `key` (`""` replaces the default),
     /// giving its files their slots.
     pub fn insert(&mut self, key: String, ls: LockSpace) {
+        self.slots.reserve(ls.resources.len());
         for r in ls.resources() {
             if let Some(id) = r.file_id {
                 if self.slots.insert(id, Slot::default()).is_some() {
@@ -1059,14 +1118,40 @@ impl LockSpaces {
     }
 
     /// A job on `name`, which is pending until the job [finishes](Self::finish).
-    fn job(&mut self, key: &str, name: &str, kind: JobKind) -> Job {
+    fn job(&mut self, key: &str, name: &str, mut kind: JobKind) -> Job {
         self.pending.insert((key.to_string(), name.to_string()));
+        let inline = self.get(key).is_some_and(|ls| ls.local);
+        if let JobKind::Close(res) = &mut kind {
+            // Out of the table, a lease's fd must not outlive an exec: one closed on the
+            // blocking pool while the daemon re-execs would reach the next image still
+            // locked, named nowhere. (An inline close runs on the thread that execs.)
+            if !inline && res.inheritable {
+                match set_cloexec(res.fd.as_raw_fd(), true) {
+                    Ok(()) => res.inheritable = false,
+                    Err(e) => tracing::warn!(
+                        resource = res.name,
+                        "cannot set close-on-exec before closing ({e})"
+                    ),
+                }
+            }
+        }
         Job {
             key: key.to_string(),
             name: name.to_string(),
             kind,
-            inline: self.get(key).is_some_and(|ls| ls.local),
+            inline,
         }
+    }
+
+    /// A re-exec has written (or is writing) its state document: from now on no lease
+    /// fd becomes inheritable (see [`Self::finish`]) until [`Self::exec_failed`].
+    pub fn exec_started(&mut self) {
+        self.exec_started = true;
+    }
+
+    /// The exec failed and the daemon goes on serving.
+    pub fn exec_failed(&mut self) {
+        self.exec_started = false;
     }
 
     /// Records whether lockspace `key`'s directory is on a local file system (after a
@@ -1203,7 +1288,23 @@ impl LockSpaces {
     pub fn finish(&mut self, done: Finished) -> Result<(), RpcError> {
         self.pending.remove(&(done.key.clone(), done.name.clone()));
         let res = done.result?;
-        if let (Some(res), Some(ls)) = (res, self.get_mut(&done.key)) {
+        let exec_started = self.exec_started;
+        if let (Some(mut res), Some(ls)) = (res, self.get_mut(&done.key)) {
+            // Inheritable from now on, under the table lock a re-exec's handoff takes
+            // too: an fd only a job held would otherwise leak into the next image with
+            // its lock and nobody knowing of it. One fcntl per acquire here saves one
+            // per lease on each side of every re-exec.
+            // Not once a re-exec's handoff has named the leases: a lease a pool job
+            // records after it must close at the exec (its lock with it), as before.
+            if !res.inheritable && !exec_started {
+                match set_cloexec(res.fd.as_raw_fd(), false) {
+                    Ok(()) => res.inheritable = true,
+                    Err(e) => tracing::warn!(
+                        resource = res.name,
+                        "cannot clear close-on-exec now ({e}); the re-exec will"
+                    ),
+                }
+            }
             ls.resources.insert(done.name, res);
         }
         Ok(())
@@ -1962,6 +2063,7 @@ mod tests {
                 true,
                 ACQUIRE_AUTOCREATE,
                 vec![7],
+                None,
             )
             .unwrap();
             let raw = {
@@ -2313,6 +2415,58 @@ mod tests {
         assert_eq!(fds_into(&d), 0);
     }
 
+    fn cloexec(fd: RawFd) -> bool {
+        fcntl(fd, FcntlArg::F_GETFD).unwrap() & libc::FD_CLOEXEC != 0
+    }
+
+    /// A lease's fd is inheritable exactly while the table holds the lease (a re-exec
+    /// names every such fd): not while only an acquire job holds it, not once it is
+    /// handed to a close on the blocking pool, and not if recorded after a re-exec's
+    /// handoff named the leases.
+    #[test]
+    fn lease_fds_are_inheritable_only_while_the_table_holds_them() {
+        let (_t, d) = testdir();
+        let key = d.to_str().unwrap().to_string();
+        let mut t = Tbl::default();
+        t.create(&key).unwrap();
+        // Not local: jobs go to the blocking pool.
+        t.0.set_local(&key, false);
+        let Begin::Work(job) = t.0.begin_acquire(&key, "a", 1, ACQUIRE_AUTOCREATE).unwrap() else {
+            panic!("an acquire is work");
+        };
+        let m = std::sync::Mutex::new(std::mem::take(&mut t.0));
+        let done = job.run(&m);
+        t.0 = m.into_inner().unwrap();
+        let raw = match &done.result {
+            Ok(Some(r)) => r.raw_fd(),
+            other => panic!("{other:?}"),
+        };
+        assert!(cloexec(raw), "close-on-exec while only the job holds it");
+        t.0.finish(done).unwrap();
+        assert!(!cloexec(raw), "inheritable once in the table");
+        assert!(t.0.get(&key).unwrap().get("a").unwrap().is_inheritable());
+        let Begin::Work(job) = t.0.begin_release(&key, "a", 1).unwrap() else {
+            panic!("the last release is work");
+        };
+        match &job.kind {
+            JobKind::Close(r) => {
+                assert!(cloexec(r.raw_fd()), "close-on-exec again on its way out")
+            }
+            _ => panic!("a close"),
+        }
+        t.run(Ok(Begin::Work(job))).unwrap();
+        // After a handoff named the leases, a newly recorded one stays close-on-exec,
+        // and the handoff's caller clears it if the exec fails and another follows.
+        t.0.exec_started();
+        t.acquire(&key, "b", 1, ACQUIRE_AUTOCREATE).unwrap();
+        let r = t.0.get(&key).unwrap().get("b").unwrap();
+        assert!(cloexec(r.raw_fd()) && !r.is_inheritable());
+        t.0.exec_failed();
+        t.acquire(&key, "c", 1, ACQUIRE_AUTOCREATE).unwrap();
+        let r = t.0.get(&key).unwrap().get("c").unwrap();
+        assert!(!cloexec(r.raw_fd()) && r.is_inheritable());
+    }
+
     #[test]
     fn restore_adopts_an_inherited_locked_fd() {
         let (_t, d) = testdir();
@@ -2330,10 +2484,15 @@ mod tests {
             true,
             ACQUIRE_SHARED | ACQUIRE_AUTOCREATE,
             vec![4242, 4300],
+            None,
         )
         .unwrap();
         let flags = fcntl(raw, FcntlArg::F_GETFD).unwrap();
-        assert_ne!(flags & libc::FD_CLOEXEC, 0, "close-on-exec set again");
+        assert_eq!(
+            flags & libc::FD_CLOEXEC,
+            0,
+            "a held lease's fd stays inheritable"
+        );
         let r = ls.resources().next().unwrap();
         assert_eq!(
             (
@@ -2360,7 +2519,8 @@ mod tests {
                 File::open(&d).unwrap().into(),
                 true,
                 0,
-                vec![1]
+                vec![1],
+                None
             )
             .is_err());
         assert_eq!(probe(&f), Probe::Read);

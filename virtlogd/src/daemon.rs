@@ -17,7 +17,7 @@ use vh_common::config::DaemonConfig;
 use vh_common::daemon::{adopt_fd, adopt_inheritable_fds, App, Daemon};
 use vh_common::fdstore_keeper::{FdKind, SnapshotSink};
 use vh_common::paths::{DaemonKind, Mode};
-use vh_common::restart::{DaemonState, RestartError, RestoreError};
+use vh_common::restart::{compact_doc, DaemonState, RestartError, RestoreError};
 use vh_common::server::{ClientHooks, NoHooks, Program, RunState};
 
 pub struct LogDaemon {
@@ -174,7 +174,7 @@ impl App for LogDaemon {
             counters: None,
             log_counters: Some(rows),
         };
-        let mut text = doc.to_json_string();
+        let mut text = compact_doc(&doc);
         let epoll = handoff.finish().await;
         // Log pipes are never close-on-exec (see `LogFile::pipe`): no fds to clear. The
         // epoll set is, and is kept open (and inheritable) by the front-end.
@@ -184,7 +184,7 @@ impl App for LogDaemon {
                 // The pump did not hand it back (stuck): the document must not name
                 // an fd this image does not give away.
                 doc.handler.pumpfd = None;
-                text = doc.to_json_string();
+                text = compact_doc(&doc);
                 Vec::new()
             }
             _ => Vec::new(),

@@ -14,6 +14,7 @@
 use crate::log_file::{LogFile, LOG_MODE};
 use crate::pump::{HandoffAcks, Pump};
 use crate::rotating_file::{FileError, RotatingFileReader, RotatingFileWriter};
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
@@ -537,19 +538,24 @@ impl LogHandler {
             self.handed_off.store(false, Ordering::Release);
             table.reserve(logs.len());
             for log in logs {
-                if table.contains_key(&log.path) {
-                    warn!(path = %log.path.display(), "log named twice in the re-exec state; keeping the first");
-                    continue;
-                }
+                // One hash of the path per log (a `Path` hashes component by component),
+                // not a lookup and an insert.
+                let slot = match table.entry(log.path) {
+                    Entry::Occupied(o) => {
+                        warn!(path = %o.key().display(), "log named twice in the re-exec state; keeping the first");
+                        continue;
+                    }
+                    Entry::Vacant(v) => v,
+                };
                 let file = Arc::new(LogFile::new(
-                    log.path.clone(),
+                    slot.key().clone(),
                     log.owner,
                     log.pipe,
                     None,
                     self.limits,
                     log.counters,
                 ));
-                table.insert(log.path, file.clone());
+                slot.insert(file.clone());
                 files.push(file);
             }
         }
