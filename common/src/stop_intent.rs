@@ -88,21 +88,7 @@ pub fn query(user_manager: bool) -> StopIntent {
     let Some(unit) = own_unit(&cgroup) else {
         return StopIntent::Stop(format!("not in a service's cgroup ({})", cgroup.trim()));
     };
-    let mut cmd = Command::new("systemctl");
-    if user_manager {
-        cmd.arg("--user");
-    }
-    cmd.args([
-        "list-jobs",
-        "--no-legend",
-        "--plain",
-        "--no-pager",
-        "--",
-        &unit,
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
+    let cmd = job_query(&unit, user_manager);
     let first = match run_bounded(cmd, QUERY_TIMEOUT) {
         Ok(out) => return classify(&unit, job_type(&out, &unit)),
         Err(why) => why,
@@ -114,6 +100,21 @@ pub fn query(user_manager: bool) -> StopIntent {
         tracing::warn!("cannot notify systemd: {e}");
     }
     tracing::warn!("asking systemd about {unit} again: {first}");
+    let cmd = job_query(&unit, user_manager);
+    match run_bounded(cmd, RETRY_TIMEOUT) {
+        Ok(out) => classify(&unit, job_type(&out, &unit)),
+        Err(why) => StopIntent::Stop(format!(
+            "cannot ask systemd about {unit}: {first}; again: {why}"
+        )),
+    }
+}
+
+/// `systemctl list-jobs` for our unit. The child gets none of our fds past stdio: lease
+/// fds and log pipes stay inheritable for their whole life (so a re-exec need not
+/// touch them), and a copy held by `systemctl` would keep a released OFD lease locked
+/// or a pipe open for as long as it runs.
+fn job_query(unit: &str, user_manager: bool) -> Command {
+    use std::os::unix::process::CommandExt;
     let mut cmd = Command::new("systemctl");
     if user_manager {
         cmd.arg("--user");
@@ -124,17 +125,23 @@ pub fn query(user_manager: bool) -> StopIntent {
         "--plain",
         "--no-pager",
         "--",
-        &unit,
+        unit,
     ])
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::null());
-    match run_bounded(cmd, RETRY_TIMEOUT) {
-        Ok(out) => classify(&unit, job_type(&out, &unit)),
-        Err(why) => StopIntent::Stop(format!(
-            "cannot ask systemd about {unit}: {first}; again: {why}"
-        )),
+    // SAFETY: the closure runs in the forked child before exec and makes one raw
+    // syscall (async-signal-safe); it touches no memory of the parent's.
+    unsafe {
+        cmd.pre_exec(|| {
+            // close_range(3, ~0, CLOSE_RANGE_CLOEXEC): every fd past stdio goes at the
+            // exec (std's own error pipe is close-on-exec already). A kernel before 5.11
+            // refuses the call: the child then inherits them, as before.
+            let _ = libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 4u32);
+            Ok(())
+        });
     }
+    cmd
 }
 
 /// How long the one retry of the job query may take (systemd is asked for that time
