@@ -725,21 +725,7 @@ fn listen(daemon: &Arc<Daemon>) -> Result<(), (i32, String)> {
                 (&daemon.main, &daemon.paths.socket),
                 (&daemon.admin, &daemon.paths.admin_socket),
             ] {
-                let fd = bind_socket(path).map_err(|e| {
-                    (
-                        exit::NETWORK,
-                        format!("Failed to bind socket to '{}': {e}", path.display()),
-                    )
-                })?;
-                server
-                    .adopt_service(
-                        fd,
-                        ServiceInfo {
-                            path: Some(path.clone()),
-                            unlink_on_stop: true,
-                        },
-                    )
-                    .map_err(|e| (exit::NETWORK, e.to_string()))?;
+                serve_own_socket(server, path)?;
             }
             Ok(())
         }
@@ -751,6 +737,26 @@ fn listen(daemon: &Arc<Daemon>) -> Result<(), (i32, String)> {
 fn socket_path(fd: RawFd) -> Option<std::path::PathBuf> {
     let addr: nix::sys::socket::UnixAddr = nix::sys::socket::getsockname(fd).ok()?;
     addr.path().map(|p| p.to_path_buf())
+}
+
+/// Binds `path` ourselves (no socket from systemd, or none left) and serves it, unlinked
+/// again on stop; errors carry libvirt's exit code for a socket failure.
+fn serve_own_socket(server: &Arc<Server>, path: &Path) -> Result<(), (i32, String)> {
+    let fd = bind_socket(path).map_err(|e| {
+        (
+            exit::NETWORK,
+            format!("Failed to bind socket to '{}': {e}", path.display()),
+        )
+    })?;
+    server
+        .adopt_service(
+            fd,
+            ServiceInfo {
+                path: Some(path.to_path_buf()),
+                unlink_on_stop: true,
+            },
+        )
+        .map_err(|e| (exit::NETWORK, e.to_string()))
 }
 
 /// Binds a listening unix socket the way libvirt does: stale file removed, mode 0700,
@@ -894,21 +900,7 @@ fn restore<A: App>(
             "no listener restored; binding {}",
             path.display()
         );
-        let fd = bind_socket(path).map_err(|e| {
-            (
-                exit::NETWORK,
-                format!("Failed to bind socket to '{}': {e}", path.display()),
-            )
-        })?;
-        server
-            .adopt_service(
-                fd,
-                ServiceInfo {
-                    path: Some(path.clone()),
-                    unlink_on_stop: true,
-                },
-            )
-            .map_err(|e| (exit::NETWORK, e.to_string()))?;
+        serve_own_socket(server, path)?;
     }
     if hung_up > 0 {
         warn!("resumed from the fd store: hung up {hung_up} clients whose requests the previous process may have read without answering");

@@ -157,6 +157,17 @@ fn restore_lockspace(st: LockspaceState, carried: &mut CarriedRows<'_>) -> (Lock
     (ls, orphaned)
 }
 
+/// Owner pids to kill, once each: never 0 or negative (a process group) nor ourselves,
+/// since they come from documents and tables that are input.
+fn killable(mut pids: Vec<u32>) -> Vec<i32> {
+    pids.sort_unstable();
+    pids.dedup();
+    pids.into_iter()
+        .filter(|&p| p != std::process::id())
+        .filter_map(|p| i32::try_from(p).ok())
+        .filter(|&p| p > 0)
+        .collect()
+}
 impl LockDaemonApp {
     /// The state document around the lockspaces, as `handoff` and `snapshot` write it.
     fn document<'a>(
@@ -304,11 +315,7 @@ impl App for LockDaemonApp {
         drop(spaces);
         // An owner whose lease is gone must not keep writing to the disk (as when its
         // connection drops): killed, as 9.0 kills an owner that lost its leases.
-        orphaned.sort_unstable();
-        orphaned.dedup();
-        // Never 0 or negative (a process group) nor ourselves: the document is input.
-        orphaned.retain(|&p| p > 0 && p <= i32::MAX as u32 && p != std::process::id());
-        for pid in orphaned {
+        for pid in killable(orphaned) {
             error!(
                 pid,
                 "a lease of this owner could not be restored; stopping it"
@@ -316,7 +323,7 @@ impl App for LockDaemonApp {
             self.daemon.add_lease_losses(1);
             if let Ok(h) = tokio::runtime::Handle::try_current() {
                 self.daemon
-                    .track_kill(h.spawn(crate::program::kill_owner(pid as i32)));
+                    .track_kill(h.spawn(crate::program::kill_owner(pid)));
             }
         }
         self.daemon.classify_lockspaces();
@@ -377,16 +384,13 @@ impl App for LockDaemonApp {
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        owners.sort_unstable();
-        owners.dedup();
-        owners.retain(|&p| p > 0 && p <= i32::MAX as u32 && p != std::process::id());
-        for pid in owners {
+        for pid in killable(owners) {
             warn!(
                 pid,
                 "forced stop: stopping lock owner before its leases are freed"
             );
             self.daemon
-                .track_kill(tokio::spawn(crate::program::kill_owner(pid as i32)));
+                .track_kill(tokio::spawn(crate::program::kill_owner(pid)));
         }
         self.daemon.kills_done().await;
     }
