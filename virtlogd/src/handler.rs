@@ -372,17 +372,20 @@ impl LogHandler {
         Ok(out)
     }
 
+    /// The open log at `path`, or the error both FOLLOW and GET_LOG_FILE_POSITION give
+    /// for a path no log is open at.
+    fn open_log(&self, path: &Path) -> Result<Arc<LogFile>, RpcError> {
+        self.lookup(path).ok_or_else(|| {
+            RpcError::internal(domain::LOGGING, format!("No open log file {}", shown(path)))
+        })
+    }
+
     /// Adds `sock` as a follower of the open log at `path` (see `follow.rs`). Returns
     /// the (inode, offset) its stream starts at: every byte the writer had written
     /// before is in the files, every later one goes to the follower.
     pub fn follow(&self, path: &[u8], sock: OwnedFd) -> Result<(u64, u64), RpcError> {
         let path = path_of(path);
-        let file = self.lookup(&path).ok_or_else(|| {
-            RpcError::internal(
-                domain::LOGGING,
-                format!("No open log file {}", shown(&path)),
-            )
-        })?;
+        let file = self.open_log(&path)?;
         file.with_writer(|w| {
             file.drain_locked(w);
             file.followers
@@ -397,12 +400,7 @@ impl LogHandler {
     /// byte already written into it.
     pub fn position(&self, path: &[u8]) -> Result<(u64, u64), RpcError> {
         let path = path_of(path);
-        let file = self.lookup(&path).ok_or_else(|| {
-            RpcError::internal(
-                domain::LOGGING,
-                format!("No open log file {}", shown(&path)),
-            )
-        })?;
+        let file = self.open_log(&path)?;
         file.with_writer(|w| {
             file.drain_locked(w);
             (w.inode(), w.position())
