@@ -839,6 +839,21 @@ mod tests {
         (dir, base)
     }
 
+    /// A writer of `max_size` bytes and one backup whose rollover fails: the backup's
+    /// name is taken by a non-empty directory. Its retry is put off by an hour, so only
+    /// the data written (or a test that lowers `retry_after`) brings it on.
+    fn blocked_rollover(
+        max_size: u64,
+    ) -> (tempfile::TempDir, PathBuf, PathBuf, RotatingFileWriter) {
+        let (d, f) = setup();
+        let b0 = backup_path(&f, 0);
+        std::fs::create_dir(&b0).unwrap();
+        std::fs::write(b0.join("x"), b"x").unwrap();
+        let mut w = RotatingFileWriter::open(&f, max_size, 1, false, MODE).unwrap();
+        w.retry_after = Duration::from_secs(3600);
+        (d, f, b0, w)
+    }
+
     const BLOCK: [u8; 512] = [0x5e; 512];
 
     fn two_lines() -> Vec<u8> {
@@ -977,12 +992,7 @@ mod tests {
     /// directory is gone it succeeds.
     #[test]
     fn failed_rollover_keeps_appending_and_retries_after_max_size() {
-        let (_d, f) = setup();
-        let b0 = backup_path(&f, 0);
-        std::fs::create_dir(&b0).unwrap();
-        std::fs::write(b0.join("x"), b"x").unwrap();
-        let mut w = RotatingFileWriter::open(&f, 100, 1, false, MODE).unwrap();
-        w.retry_after = Duration::from_secs(3600);
+        let (_d, f, b0, mut w) = blocked_rollover(100);
         let ino = w.inode();
         let data: Vec<u8> = (0..350u32).map(|i| b'a' + (i % 26) as u8).collect();
         w.append_in_chunks(&data, 7).unwrap();
@@ -1011,12 +1021,7 @@ mod tests {
     /// The retry also comes after `retry_after`, however little was written.
     #[test]
     fn failed_rollover_retries_after_a_while() {
-        let (_d, f) = setup();
-        let b0 = backup_path(&f, 0);
-        std::fs::create_dir(&b0).unwrap();
-        std::fs::write(b0.join("x"), b"x").unwrap();
-        let mut w = RotatingFileWriter::open(&f, 100, 1, false, MODE).unwrap();
-        w.retry_after = Duration::from_secs(3600);
+        let (_d, f, b0, mut w) = blocked_rollover(100);
         w.append(&[b'a'; 150]).unwrap();
         assert!(w.rollover_stalled());
         std::fs::remove_dir_all(&b0).unwrap();
@@ -1033,12 +1038,7 @@ mod tests {
     /// used to subtract `max_size - pos` unchecked).
     #[test]
     fn splice_past_max_size_while_stalled() {
-        let (_d, f) = setup();
-        let b0 = backup_path(&f, 0);
-        std::fs::create_dir(&b0).unwrap();
-        std::fs::write(b0.join("x"), b"x").unwrap();
-        let mut w = RotatingFileWriter::open(&f, 10_000, 1, false, MODE).unwrap();
-        w.retry_after = Duration::from_secs(3600);
+        let (_d, f, _b0, mut w) = blocked_rollover(10_000);
         w.append(&[b'a'; 15_000]).unwrap();
         let (rd, wr) = nix::unistd::pipe().unwrap();
         nix::unistd::write(&wr, &[b'b'; 30]).unwrap();
@@ -1051,13 +1051,8 @@ mod tests {
     /// cannot carry the file past it: the bytes there go by read, and the retry happens.
     #[test]
     fn splice_stops_where_the_retry_is_due() {
-        let (_d, f) = setup();
-        let b0 = backup_path(&f, 0);
-        std::fs::create_dir(&b0).unwrap();
-        std::fs::write(b0.join("x"), b"x").unwrap();
         let max = 10_000u64;
-        let mut w = RotatingFileWriter::open(&f, max, 1, false, MODE).unwrap();
-        w.retry_after = Duration::from_secs(3600);
+        let (_d, f, b0, mut w) = blocked_rollover(max);
         w.append(&vec![b'a'; max as usize + 1]).unwrap();
         assert!(w.rollover_stalled());
         std::fs::remove_dir_all(&b0).unwrap();
