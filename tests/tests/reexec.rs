@@ -509,6 +509,21 @@ fn verify_logs(c: &mut Client, paths: &[PathBuf], written: &[(File, u64)]) -> u6
     total
 }
 
+/// Starts `name` from a copy of `image` installed as `dir/name` (so a test can swap
+/// the binary under argv[0] before a reload), with that daemon's test config.
+fn start_installed(name: &'static str, image: &Path) -> (tempfile::TempDir, PathBuf, Daemon) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let argv0 = dir.path().join(name);
+    install_binary(image, &argv0);
+    let conf = if name == "virtlogd" {
+        write_logd_conf(dir.path())
+    } else {
+        write_lockd_conf(dir.path())
+    };
+    let d = Daemon::start(name, &argv0, &conf, dir.path());
+    (dir, argv0, d)
+}
+
 fn write_logd_conf(dir: &Path) -> PathBuf {
     let conf = dir.join("virtlogd.conf");
     // No rollover: every line stays in the one file.
@@ -580,11 +595,7 @@ fn virtlogd_reexec_ours_to_ours_1000_pipes() {
     require_root();
     raise_nofile();
     let ours = our_bin("virtlogd");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let argv0 = dir.path().join("virtlogd");
-    install_binary(&ours, &argv0);
-    let conf = write_logd_conf(dir.path());
-    let mut d = Daemon::start("virtlogd", &argv0, &conf, dir.path());
+    let (dir, argv0, mut d) = start_installed("virtlogd", &ours);
     let pid = d.pid;
 
     let s = setup_logs(&mut d, dir.path(), 1000, 4);
@@ -623,11 +634,7 @@ fn virtlogd_reexec_hands_the_pump_epoll_set_over() {
     require_root();
     raise_nofile();
     let ours = our_bin("virtlogd");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let argv0 = dir.path().join("virtlogd");
-    install_binary(&ours, &argv0);
-    let conf = write_logd_conf(dir.path());
-    let mut d = Daemon::start("virtlogd", &argv0, &conf, dir.path());
+    let (dir, argv0, mut d) = start_installed("virtlogd", &ours);
     let s = setup_logs(&mut d, dir.path(), 200, 2);
     s.writers.wait_progress(&[0; 200], 20);
     let sets = epoll_sets(d.pid);
@@ -664,11 +671,7 @@ fn virtlogd_failed_exec_keeps_everything() {
     require_root();
     raise_nofile();
     let ours = our_bin("virtlogd");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let argv0 = dir.path().join("virtlogd");
-    install_binary(&ours, &argv0);
-    let conf = write_logd_conf(dir.path());
-    let mut d = Daemon::start("virtlogd", &argv0, &conf, dir.path());
+    let (dir, argv0, mut d) = start_installed("virtlogd", &ours);
 
     let s = setup_logs(&mut d, dir.path(), 50, 2);
     let busy = busy_logd(&mut d, s.paths[7].clone());
@@ -692,11 +695,7 @@ fn virtlogd_reexec_c_to_ours_to_c() {
     raise_nofile();
     let c = c_bin("virtlogd");
     let ours = our_bin("virtlogd");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let argv0 = dir.path().join("virtlogd");
-    install_binary(&c, &argv0);
-    let conf = write_logd_conf(dir.path());
-    let mut d = Daemon::start("virtlogd", &argv0, &conf, dir.path());
+    let (dir, argv0, mut d) = start_installed("virtlogd", &c);
 
     let s = setup_logs(&mut d, dir.path(), 40, 2);
     s.writers.wait_progress(&[0; 40], 20);
@@ -997,11 +996,7 @@ fn virtlockd_reexec_ours_to_ours_10000_leases() {
         "RLIMIT_NOFILE hard limit {hard} is too low for 10,000 lock fds"
     );
     let ours = our_bin("virtlockd");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let argv0 = dir.path().join("virtlockd");
-    install_binary(&ours, &argv0);
-    let conf = write_lockd_conf(dir.path());
-    let mut d = Daemon::start("virtlockd", &argv0, &conf, dir.path());
+    let (dir, argv0, mut d) = start_installed("virtlockd", &ours);
     let pid = d.pid;
 
     let nowners = 4;
@@ -1025,11 +1020,7 @@ fn virtlockd_failed_exec_keeps_everything() {
     require_root();
     raise_nofile();
     let ours = our_bin("virtlockd");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let argv0 = dir.path().join("virtlockd");
-    install_binary(&ours, &argv0);
-    let conf = write_lockd_conf(dir.path());
-    let mut d = Daemon::start("virtlockd", &argv0, &conf, dir.path());
+    let (dir, argv0, mut d) = start_installed("virtlockd", &ours);
 
     let nowners = 3;
     let s = setup_leases(&mut d, dir.path(), nowners, [60, 20, 15, 5]);
@@ -1050,11 +1041,7 @@ fn virtlockd_reexec_c_to_ours_to_c() {
     raise_nofile();
     let c = c_bin("virtlockd");
     let ours = our_bin("virtlockd");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let argv0 = dir.path().join("virtlockd");
-    install_binary(&c, &argv0);
-    let conf = write_lockd_conf(dir.path());
-    let mut d = Daemon::start("virtlockd", &argv0, &conf, dir.path());
+    let (dir, argv0, mut d) = start_installed("virtlockd", &c);
 
     let nowners = 3;
     let s = setup_leases(&mut d, dir.path(), nowners, [60, 20, 15, 5]);
@@ -1173,11 +1160,7 @@ fn virtlockd_reload_storm_10000_leases() {
     let hard = raise_nofile();
     assert!(hard >= 10_500, "RLIMIT_NOFILE hard limit {hard} is too low");
     let ours = our_bin("virtlockd");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let argv0 = dir.path().join("virtlockd");
-    install_binary(&ours, &argv0);
-    let conf = write_lockd_conf(dir.path());
-    let mut d = Daemon::start("virtlockd", &argv0, &conf, dir.path());
+    let (dir, _argv0, mut d) = start_installed("virtlockd", &ours);
     let pid = d.pid;
 
     let nowners = 4;
@@ -1202,11 +1185,7 @@ fn virtlogd_reload_storm_with_writers() {
     require_root();
     raise_nofile();
     let ours = our_bin("virtlogd");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let argv0 = dir.path().join("virtlogd");
-    install_binary(&ours, &argv0);
-    let conf = write_logd_conf(dir.path());
-    let mut d = Daemon::start("virtlogd", &argv0, &conf, dir.path());
+    let (dir, _argv0, mut d) = start_installed("virtlogd", &ours);
     let pid = d.pid;
 
     let s = setup_logs(&mut d, dir.path(), 200, 4);
@@ -1277,11 +1256,7 @@ fn virtlockd_reexec_resumes_half_sent_requests() {
     require_root();
     raise_nofile();
     let ours = our_bin("virtlockd");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let argv0 = dir.path().join("virtlockd");
-    install_binary(&ours, &argv0);
-    let conf = write_lockd_conf(dir.path());
-    let mut d = Daemon::start("virtlockd", &argv0, &conf, dir.path());
+    let (dir, argv0, mut d) = start_installed("virtlockd", &ours);
     let sleepers = Sleepers::spawn(3);
     let space = dir.path().join("lockspace");
     fs::create_dir_all(&space).expect("mkdir");
@@ -1348,11 +1323,7 @@ fn virtlogd_reexec_delivers_an_unread_reply() {
     require_root();
     raise_nofile();
     let ours = our_bin("virtlogd");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let argv0 = dir.path().join("virtlogd");
-    install_binary(&ours, &argv0);
-    let conf = write_logd_conf(dir.path());
-    let mut d = Daemon::start("virtlogd", &argv0, &conf, dir.path());
+    let (dir, argv0, mut d) = start_installed("virtlogd", &ours);
 
     let path = dir.path().join("big.log");
     let content: Vec<u8> = (0..2u32 << 20).map(|i| b'a' + (i % 26) as u8).collect();
@@ -1409,11 +1380,7 @@ fn virtlockd_reload_storm_ours_to_c_to_ours() {
     raise_nofile();
     let c = c_bin("virtlockd");
     let ours = our_bin("virtlockd");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let argv0 = dir.path().join("virtlockd");
-    install_binary(&ours, &argv0);
-    let conf = write_lockd_conf(dir.path());
-    let mut d = Daemon::start("virtlockd", &argv0, &conf, dir.path());
+    let (dir, argv0, mut d) = start_installed("virtlockd", &ours);
     let pid = d.pid;
 
     let nowners = 3;
@@ -1455,11 +1422,7 @@ fn virtlogd_reload_storm_ours_to_c_to_ours() {
     raise_nofile();
     let c = c_bin("virtlogd");
     let ours = our_bin("virtlogd");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let argv0 = dir.path().join("virtlogd");
-    install_binary(&ours, &argv0);
-    let conf = write_logd_conf(dir.path());
-    let mut d = Daemon::start("virtlogd", &argv0, &conf, dir.path());
+    let (dir, argv0, mut d) = start_installed("virtlogd", &ours);
     let pid = d.pid;
 
     let s = setup_logs(&mut d, dir.path(), 40, 2);
