@@ -772,15 +772,20 @@ mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
 
+    /// A POSIX lock on the lease's byte, as libvirt 9.0 takes it.
     fn lock(fd: i32, ty: i32) -> nix::Result<()> {
-        let fl = libc::flock {
-            l_type: ty as libc::c_short,
-            l_whence: libc::SEEK_SET as libc::c_short,
-            l_start: 0,
-            l_len: 1,
-            l_pid: 0,
-        };
-        fcntl(fd, FcntlArg::F_SETLK(&fl)).map(|_| ())
+        fcntl(fd, FcntlArg::F_SETLK(&crate::lease_lock::byte0(ty))).map(|_| ())
+    }
+
+    /// A lease file at `path`, opened as the daemon opens one.
+    fn open_lease(path: &std::path::Path) -> std::fs::File {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .unwrap()
     }
 
     /// The probe thread sees our own (POSIX) locks as foreign, and its opens/closes leave
@@ -789,13 +794,7 @@ mod tests {
     fn probe_from_private_fd_table() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lease");
-        let held = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .unwrap();
+        let held = open_lease(&path);
         lock(held.as_raw_fd(), libc::F_WRLCK).unwrap();
         let lease = Lease {
             name: "lease".into(),
@@ -892,13 +891,7 @@ mod tests {
     fn ofd_leases_are_proven_ours() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lease");
-        let held = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .unwrap();
+        let held = open_lease(&path);
         crate::lease_lock::lock(held.as_raw_fd(), false).unwrap();
         let lease = Lease {
             name: "lease".into(),
