@@ -13,9 +13,9 @@ use crate::rotating_file::{RotatingFileWriter, SpliceStop, PIPE_CHUNK};
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use tracing::{debug, error, warn};
 
 /// Log files are private to root (or the session user).
@@ -47,7 +47,8 @@ pub struct LogOwner {
 }
 
 pub(crate) struct LogFile {
-    pub(crate) path: PathBuf,
+    /// The one copy of the path: the handler's table and the writer share it.
+    pub(crate) path: Arc<Path>,
     pub(crate) owner: LogOwner,
     /// Our read end, blocking (see [`Self::read_pipe`]). It is never close-on-exec
     /// while the log is in the table: the only program virtlogd ever executes is its
@@ -74,8 +75,9 @@ pub(crate) struct LogFile {
     rotations: AtomicU64,
     /// Every byte ever dropped (`dropped` is only the ones not reported yet).
     dropped_total: AtomicU64,
-    /// Sockets that receive what is written, as it is (see `follow.rs`).
-    pub(crate) followers: Arc<Followers>,
+    /// Sockets that receive what is written, as it is (see `follow.rs`). Made by the
+    /// first FOLLOW: most logs are never followed, and the list is ~80 bytes.
+    followers: OnceLock<Arc<Followers>>,
 }
 
 /// A log's operator counters (the metrics), kept across re-exec; the inspect
@@ -105,14 +107,16 @@ impl LogFile {
             .map_err(|_| io::Error::other("log file lock poisoned"))?;
         if slot.is_none() {
             let backups = usize::try_from(self.limits.max_backups).unwrap_or(usize::MAX);
-            let mut w = RotatingFileWriter::open(
+            let mut w = RotatingFileWriter::open_shared(
                 self.path.clone(),
                 self.limits.max_size,
                 backups,
                 false,
                 LOG_MODE,
             )?;
-            w.set_tap(self.followers.clone());
+            if let Some(f) = self.followers.get() {
+                w.set_tap(f.clone());
+            }
             *slot = Some(w);
         }
         let w = slot
@@ -133,19 +137,41 @@ impl LogFile {
         }
     }
 
+    /// Adds a follower socket (see [`Followers::add`]); the writer, which `w` must be
+    /// (the caller holds the writer lock), is told of the list when it is made.
+    pub(crate) fn add_follower(
+        &self,
+        w: &mut RotatingFileWriter,
+        sock: OwnedFd,
+    ) -> Result<(), &'static str> {
+        let followers = self.followers.get_or_init(|| {
+            let f = Followers::new();
+            w.set_tap(f.clone());
+            f
+        });
+        followers.add(sock)
+    }
+
+    /// How many follow this log.
+    pub(crate) fn follower_count(&self) -> usize {
+        self.followers.get().map_or(0, |f| f.count())
+    }
+
+    /// Ends every follower's stream (their sockets are not handed across re-exec).
+    pub(crate) fn clear_followers(&self) {
+        if let Some(f) = self.followers.get() {
+            f.clear();
+        }
+    }
+
     pub(crate) fn new(
-        path: PathBuf,
+        path: Arc<Path>,
         owner: LogOwner,
         pipe: OwnedFd,
         writer: Option<RotatingFileWriter>,
         limits: Limits,
         carried: LogCounters,
     ) -> Self {
-        let followers = Followers::new();
-        let writer = writer.map(|mut w| {
-            w.set_tap(followers.clone());
-            w
-        });
         LogFile {
             path,
             owner,
@@ -159,7 +185,7 @@ impl LogFile {
             written: AtomicU64::new(0),
             rotations: AtomicU64::new(0),
             dropped_total: AtomicU64::new(0),
-            followers,
+            followers: OnceLock::new(),
         }
     }
 
@@ -292,7 +318,7 @@ impl LogFile {
         if self.closed.swap(true, Ordering::AcqRel) {
             return false;
         }
-        self.followers.clear();
+        self.clear_followers();
         true
     }
 

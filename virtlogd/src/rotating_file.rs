@@ -243,7 +243,9 @@ pub trait WriteTap: Send + Sync + std::fmt::Debug {
 pub struct RotatingFileWriter {
     /// Told of every byte written and every rollover.
     tap: Option<std::sync::Arc<dyn WriteTap>>,
-    path: PathBuf,
+    /// Shared with the log's other holders of its path (the log and the handler's
+    /// table): with ten thousand open logs each copy of the path is ~64 bytes a log.
+    path: std::sync::Arc<Path>,
     /// N: the backups are `path.0 .. path.(N-1)`. Their names are formatted at
     /// rollover, once per `max_size` bytes, rather than kept: with ten thousand open
     /// logs three names each were about a fifth of the daemon's memory.
@@ -336,17 +338,27 @@ impl RotatingFileWriter {
     /// to the umask. `max_backups` above [`MAX_MAX_BACKUP`] fails with
     /// [`io::ErrorKind::InvalidInput`].
     pub fn open(
-        path: impl Into<PathBuf>,
+        path: impl AsRef<Path>,
         max_size: u64,
         max_backups: usize,
         truncate: bool,
         mode: u32,
     ) -> io::Result<Self> {
-        let path = path.into();
+        Self::open_shared(path.as_ref().into(), max_size, max_backups, truncate, mode)
+    }
+
+    /// [`Self::open`] keeping the caller's copy of the path rather than making one.
+    pub fn open_shared(
+        path: std::sync::Arc<Path>,
+        max_size: u64,
+        max_backups: usize,
+        truncate: bool,
+        mode: u32,
+    ) -> io::Result<Self> {
         check_max_backups(max_backups)?;
         if truncate {
             let backups = (0..max_backups).map(|i| backup_path(&path, i));
-            for p in std::iter::once(path.clone()).chain(backups) {
+            for p in std::iter::once(path.to_path_buf()).chain(backups) {
                 ignore_enoent(std::fs::remove_file(&p))
                     .described(|| format!("Unable to delete file {}", p.display()))?;
             }
@@ -680,7 +692,7 @@ impl RotatingFileWriter {
                 let mut to = backup_path(&self.path, self.max_backups - 1);
                 for i in (0..self.max_backups).rev() {
                     let from = if i == 0 {
-                        self.path.clone()
+                        self.path.to_path_buf()
                     } else {
                         backup_path(&self.path, i - 1)
                     };
