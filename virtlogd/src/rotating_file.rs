@@ -248,8 +248,9 @@ pub struct RotatingFileWriter {
     path: std::sync::Arc<Path>,
     /// N: the backups are `path.0 .. path.(N-1)`. Their names are formatted at
     /// rollover, once per `max_size` bytes, rather than kept: with ten thousand open
-    /// logs three names each were about a fifth of the daemon's memory.
-    max_backups: usize,
+    /// logs three names each were about a fifth of the daemon's memory. At most
+    /// [`MAX_MAX_BACKUP`], so a byte (the writer is in every open log).
+    max_backups: u8,
     max_size: u64,
     mode: u32,
     file: File,
@@ -257,12 +258,15 @@ pub struct RotatingFileWriter {
     /// Bytes written to the current file according to our own count (not re-read from
     /// disk: an external truncate makes it drift, exactly as in libvirt).
     pos: u64,
-    /// Set while rollover keeps failing (see [`Stall`]).
-    stall: Option<Stall>,
+    /// Set while rollover keeps failing (see [`Stall`]). Boxed: rare, and the writer
+    /// is in every open log.
+    stall: Option<Box<Stall>>,
     /// A rollover moved (or, without backups, removed) the current file away from
     /// `path` but could not open the new one: the retry only opens it.
     displaced: bool,
-    /// How long a stalled rollover waits before it is tried again (at the latest).
+    /// How long a stalled rollover waits before it is tried again (at the latest):
+    /// [`ROLLOVER_RETRY`], which tests change (see [`Self::retry_after`]).
+    #[cfg(test)]
     retry_after: Duration,
     /// Bytes this writer put into its files (write and splice), for operator metrics.
     written: u64,
@@ -356,6 +360,7 @@ impl RotatingFileWriter {
         mode: u32,
     ) -> io::Result<Self> {
         check_max_backups(max_backups)?;
+        let backups_u8 = u8::try_from(max_backups).map_err(io::Error::other)?;
         if truncate {
             let backups = (0..max_backups).map(|i| backup_path(&path, i));
             for p in std::iter::once(path.to_path_buf()).chain(backups) {
@@ -367,7 +372,7 @@ impl RotatingFileWriter {
         Ok(Self {
             tap: None,
             path,
-            max_backups,
+            max_backups: backups_u8,
             max_size,
             mode,
             file,
@@ -375,6 +380,7 @@ impl RotatingFileWriter {
             pos,
             stall: None,
             displaced: false,
+            #[cfg(test)]
             retry_after: ROLLOVER_RETRY,
             written: 0,
             rollovers: 0,
@@ -410,7 +416,7 @@ impl RotatingFileWriter {
         if self.max_size == 0 {
             return None;
         }
-        Some(match self.stall {
+        Some(match self.stall.as_deref() {
             Some(st) if self.limit(self.pos) == 0 => {
                 st.at.saturating_add(self.max_size).saturating_sub(self.pos)
             }
@@ -421,15 +427,25 @@ impl RotatingFileWriter {
     /// The `max_size` the append algorithm works with when the file is at `vpos`: 0
     /// (never roll over) while a failed rollover waits for its retry (see [`Stall`]).
     fn limit(&self, vpos: u64) -> u64 {
-        match self.stall {
+        match self.stall.as_deref() {
             Some(st)
                 if vpos < st.at.saturating_add(self.max_size)
-                    && st.since.elapsed() < self.retry_after =>
+                    && st.since.elapsed() < self.retry_after() =>
             {
                 0
             }
             _ => self.max_size,
         }
+    }
+
+    #[cfg(not(test))]
+    fn retry_after(&self) -> Duration {
+        ROLLOVER_RETRY
+    }
+
+    #[cfg(test)]
+    fn retry_after(&self) -> Duration {
+        self.retry_after
     }
 
     /// Whether a rollover failed and has not succeeded since.
@@ -459,7 +475,7 @@ impl RotatingFileWriter {
 
     /// Configured number of backups.
     pub fn max_backups(&self) -> usize {
-        self.max_backups
+        usize::from(self.max_backups)
     }
 
     /// Append `data` as a single call of libvirt's append algorithm.
@@ -665,15 +681,15 @@ impl RotatingFileWriter {
                         "cannot roll the log over: {e}; appending past max_size and trying \
                          again after another {} bytes or {:?}",
                         self.max_size,
-                        self.retry_after
+                        self.retry_after()
                     );
                 } else {
                     debug!(path = %self.path.display(), "rollover still fails: {e}");
                 }
-                self.stall = Some(Stall {
+                self.stall = Some(Box::new(Stall {
                     at: self.pos,
                     since: Instant::now(),
-                });
+                }));
                 Ok(())
             }
         }
@@ -689,8 +705,9 @@ impl RotatingFileWriter {
             } else {
                 // path.(N-2) -> path.(N-1), ..., path.0 -> path.1, then path -> path.0.
                 // A missing source is skipped, leaving its target as it was.
-                let mut to = backup_path(&self.path, self.max_backups - 1);
-                for i in (0..self.max_backups).rev() {
+                let backups = usize::from(self.max_backups);
+                let mut to = backup_path(&self.path, backups - 1);
+                for i in (0..backups).rev() {
                     let from = if i == 0 {
                         self.path.to_path_buf()
                     } else {
