@@ -29,7 +29,7 @@ use vh_common::error::{code, domain, errno_of, RpcError};
 use vh_common::restart::RestoreError;
 
 // The log's own types, at their old paths too.
-pub use crate::log_file::{Limits, LogCounters, LogOwner};
+pub use crate::log_file::{CompactOwner, Limits, LogCounters, LogOwner};
 
 /// Largest number of backups libvirt allows.
 pub const MAX_BACKUPS_LIMIT: u64 = crate::rotating_file::MAX_MAX_BACKUP as u64;
@@ -113,7 +113,7 @@ pub struct Handoff {
 pub struct HandedOffView<'a> {
     pub pipe: RawFd,
     pub path: &'a Path,
-    pub owner: &'a LogOwner,
+    pub owner: &'a CompactOwner,
     pub counters: LogCounters,
 }
 
@@ -279,7 +279,7 @@ impl LogHandler {
                 let (inode, offset) = f.with_writer(|w| (w.inode(), w.position())).ok()?;
                 Some(LogFileInfo {
                     path: f.path.to_path_buf(),
-                    owner: f.owner.clone(),
+                    owner: f.owner.to_owner(),
                     inode,
                     offset,
                 })
@@ -393,7 +393,7 @@ impl LogHandler {
             .unwrap_or_default();
         let logs = files
             .iter()
-            .map(|f| (f.pipe.as_raw_fd(), f.path.to_path_buf(), f.owner.clone()))
+            .map(|f| (f.pipe.as_raw_fd(), f.path.to_path_buf(), f.owner.to_owner()))
             .collect();
         (logs, LogsHeld(files))
     }
