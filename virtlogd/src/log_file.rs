@@ -102,17 +102,20 @@ pub(crate) struct LogFile {
     /// reopened on first use, under this lock, so the new image serves before it has
     /// opened a thousand files.
     writer: Mutex<Option<RotatingFileWriter>>,
-    limits: Limits,
+    /// The rotation settings, for the writer's reopen after a re-exec; the backups as a
+    /// byte (at most 32; it packs with the flags).
+    max_size: u64,
+    max_backups: u8,
     closed: AtomicBool,
     /// The pipe had to be made O_NONBLOCK (a kernel without RWF_NOWAIT for pipes).
     nonblocking: AtomicBool,
     /// Bytes read from the pipe that could not be written (disk full, I/O error).
     /// Changed only under the writer lock.
     dropped: AtomicU64,
-    /// Operator counters: those carried across re-exec, plus this image's.
-    carried: LogCounters,
-    /// The writer's own counts, copied after each use of it (so the counters can be
-    /// read while a write hangs, and after the hand-off took the writer away).
+    /// Operator counters: they start from those carried across re-exec, and each use
+    /// of the writer adds what it wrote and rolled (so the counters can be read while
+    /// a write hangs, and after the hand-off took the writer away). Changed only
+    /// under the writer lock.
     written: AtomicU64,
     rotations: AtomicU64,
     /// Every byte ever dropped (`dropped` is only the ones not reported yet).
@@ -148,11 +151,10 @@ impl LogFile {
             .lock()
             .map_err(|_| io::Error::other("log file lock poisoned"))?;
         if slot.is_none() {
-            let backups = usize::try_from(self.limits.max_backups).unwrap_or(usize::MAX);
             let mut w = RotatingFileWriter::open_shared(
                 self.path.clone(),
-                self.limits.max_size,
-                backups,
+                self.max_size,
+                usize::from(self.max_backups),
                 false,
                 LOG_MODE,
             )?;
@@ -164,18 +166,26 @@ impl LogFile {
         let w = slot
             .as_mut()
             .ok_or_else(|| io::Error::other("log writer missing"))?;
+        let (written, rollovers) = (w.bytes_written(), w.rollovers());
         let r = f(w);
-        self.written.store(w.bytes_written(), Ordering::Relaxed);
-        self.rotations.store(w.rollovers(), Ordering::Relaxed);
+        // Plain loads and stores: only the holder of the writer lock changes them.
+        let add = |c: &AtomicU64, n: u64| {
+            c.store(
+                c.load(Ordering::Relaxed).saturating_add(n),
+                Ordering::Relaxed,
+            )
+        };
+        add(&self.written, w.bytes_written().saturating_sub(written));
+        add(&self.rotations, w.rollovers().saturating_sub(rollovers));
         Ok(r)
     }
 
     /// The counters as of the last use of the writer.
     pub(crate) fn counters(&self) -> LogCounters {
         LogCounters {
-            written: self.carried.written + self.written.load(Ordering::Relaxed),
-            dropped: self.carried.dropped + self.dropped_total.load(Ordering::Relaxed),
-            rotations: self.carried.rotations + self.rotations.load(Ordering::Relaxed),
+            written: self.written.load(Ordering::Relaxed),
+            dropped: self.dropped_total.load(Ordering::Relaxed),
+            rotations: self.rotations.load(Ordering::Relaxed),
         }
     }
 
@@ -219,14 +229,15 @@ impl LogFile {
             owner: owner.into(),
             pipe,
             writer: Mutex::new(writer),
-            limits,
+            max_size: limits.max_size,
+            // More than 255 (the handler refuses over 32) fails the reopen, as it should.
+            max_backups: u8::try_from(limits.max_backups).unwrap_or(u8::MAX),
             closed: AtomicBool::new(false),
             nonblocking: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
-            carried,
-            written: AtomicU64::new(0),
-            rotations: AtomicU64::new(0),
-            dropped_total: AtomicU64::new(0),
+            written: AtomicU64::new(carried.written),
+            rotations: AtomicU64::new(carried.rotations),
+            dropped_total: AtomicU64::new(carried.dropped),
             followers: OnceLock::new(),
         }
     }

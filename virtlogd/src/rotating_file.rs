@@ -252,7 +252,8 @@ pub struct RotatingFileWriter {
     /// [`MAX_MAX_BACKUP`], so a byte (the writer is in every open log).
     max_backups: u8,
     max_size: u64,
-    mode: u32,
+    /// Permission bits for the files it creates (u16: they fit, and it packs).
+    mode: u16,
     file: File,
     inode: u64,
     /// Bytes written to the current file according to our own count (not re-read from
@@ -374,7 +375,8 @@ impl RotatingFileWriter {
             path,
             max_backups: backups_u8,
             max_size,
-            mode,
+            // Masked to the permission bits, which fit in 16.
+            mode: (mode & 0o7777) as u16,
             file,
             inode,
             pos,
@@ -722,7 +724,7 @@ impl RotatingFileWriter {
             self.displaced = true;
         }
         // Only replace the old fd once the new one is open, like libvirt.
-        let (file, pos, inode) = open_entry(&self.path, self.mode)?;
+        let (file, pos, inode) = open_entry(&self.path, u32::from(self.mode))?;
         self.displaced = false;
         self.file = file;
         self.pos = pos;
