@@ -815,4 +815,52 @@ mod tests {
         assert_eq!(e.int1, libc::EBUSY);
         assert_eq!(e.domain, domain::LOGGING);
     }
+
+    /// A path the re-exec state names twice is restored once (the table is a set keyed
+    /// by the log's own path); the second pipe is closed, and lookups by path, the
+    /// listing and the owner's names work on the restored log.
+    #[tokio::test]
+    async fn restore_keeps_the_first_of_a_path_named_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.log");
+        let h = LogHandler::new(Limits {
+            max_size: 0,
+            max_backups: 0,
+        });
+        let (rd1, _wr1) = nix::unistd::pipe().unwrap();
+        let (rd2, wr2) = nix::unistd::pipe().unwrap();
+        let log = |pipe, written| HandedOffLog {
+            pipe,
+            path: path.clone(),
+            owner: owner(),
+            counters: LogCounters {
+                written,
+                ..LogCounters::default()
+            },
+        };
+        h.restore(vec![log(rd1, 7), log(rd2, 9)], None).unwrap();
+        assert_eq!(h.nfiles(), 1);
+        let mut w2 = std::fs::File::from(wr2);
+        assert_eq!(
+            w2.write(b"x").unwrap_err().raw_os_error(),
+            Some(libc::EPIPE),
+            "the duplicate's pipe is closed"
+        );
+        let p = path.as_os_str().as_encoded_bytes();
+        assert_eq!(
+            h.position(p).unwrap(),
+            (
+                std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).unwrap()),
+                0
+            )
+        );
+        let listed = h.list().unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].owner, owner());
+        assert_eq!(
+            h.counters().unwrap()[0].1.written,
+            7,
+            "the first one's counters"
+        );
+    }
 }
