@@ -220,7 +220,8 @@ fn settle() {
 /// with N busy pipes), `one logd c|ours growth N` (the growth phase's pair of loads on N
 /// pipes, three times), `one logd c|ours hold N SECS` (N logs held open for SECS, to look
 /// at the daemon), `one lockd c|ours N [SECS]` (N owners),
-/// `one lockd c|ours reexec N` (re-exec downtime with N leases).
+/// `one lockd c|ours reexec N` (re-exec downtime with N leases), `one lockd c|ours hold
+/// N SECS` (N leases held over 10 connections for SECS, VmRSS printed).
 fn one(cx: &Ctx, args: &[String]) -> Res<()> {
     const USAGE: &str =
         "one logd|lockd c|ours [eight|small|reexec|ref|latency|growth|hold] N [SECS]";
@@ -280,6 +281,12 @@ fn one(cx: &Ctx, args: &[String]) -> Res<()> {
         (Kind::Logd, "reexec") => {
             let _pipes = logd::hold_pipes(&d, &dir, n)?;
             println!("downtime {:.2} ms", reexec_downtime(&d, logd::ping)?);
+        }
+        (Kind::Lockd, "hold") => {
+            // N leases over 10 connections (as the full run's RSS row), held for SECS.
+            let _held = lockd::hold_leases(&d, &dir, n, 10)?;
+            println!("holding {n} leases, rss {} KiB", d.rss_kib()?);
+            std::thread::sleep(Duration::from_secs_f64(secs));
         }
         (Kind::Lockd, "reexec") => {
             let _held = lockd::hold_leases(&d, &dir, n, 10)?;

@@ -17,6 +17,7 @@
 //! | [`restart`] | the re-exec state file's shared part: framing, servers, clients, sockets, the located-error walker, file I/O (each daemon's `state.rs` has its own part) |
 //! | [`inspect`] | the program shell of our operator-only "VHIP" program (both daemons) |
 //! | [`admin`] | libvirt's admin program (0x06900690): servers, clients, limits, logging |
+//! | [`libm_free`] | `pow(3)` defined here, so the daemons do not load glibc's libm |
 
 pub mod activation;
 pub mod admin;
@@ -27,6 +28,7 @@ pub mod daemon;
 pub mod fdstore;
 pub mod fdstore_keeper;
 pub mod inspect;
+pub mod libm_free;
 pub mod logging;
 pub mod pidfile;
 pub mod restart;

@@ -75,6 +75,7 @@
 use crate::lease_lock::{self, LockKind};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use smallvec::{smallvec, SmallVec};
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
@@ -83,6 +84,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use vh_common::error::{code, domain, errno_of, RpcError};
 
 /// The lease flags live with the protocol; re-exported for the lockspace's callers.
@@ -172,15 +174,20 @@ fn close_claimed(file: File, id: FileId, claims: &dyn Claims) {
     claims.unclaim(id);
 }
 
+/// A resource's owner pids.
+type Owners = SmallVec<[u32; 2]>;
+
 /// One held resource: an open fd carrying the byte-0 lock, plus its owners.
 #[derive(Debug)]
 pub struct Resource {
-    name: String,
-    path: PathBuf,
+    /// Shared with the resource's key in its lockspace (ten thousand leases, one copy).
+    name: Arc<str>,
+    path: Box<Path>,
     fd: OwnedFd,
     lock_held: bool,
     flags: u32,
-    owners: Vec<u32>,
+    /// Inline up to two (an exclusive lease has one): no allocation per lease.
+    owners: Owners,
     file_id: Option<FileId>,
     kind: LockKind,
     /// Close-on-exec is clear on `fd`. A held lease's fd is inheritable for its whole
@@ -471,7 +478,7 @@ const OPEN_FLAGS: i32 = libc::O_NONBLOCK | libc::O_NOCTTY;
 #[derive(Debug, Default)]
 pub struct LockSpace {
     directory: Option<PathBuf>,
-    resources: HashMap<String, Resource>,
+    resources: HashMap<Arc<str>, Resource>,
     /// The directory is on a local disk file system: its jobs run inline (see
     /// [`is_local_fs`]).
     local: bool,
@@ -635,7 +642,7 @@ impl LockSpace {
         carried: Option<Carried>,
     ) -> Result<(), RpcError> {
         // One hash of the name (10,000 leases at re-exec), not a lookup and an insert.
-        let slot = match self.resources.entry(name) {
+        let slot = match self.resources.entry(name.into()) {
             Entry::Occupied(o) => {
                 // Checked before a Resource exists, so nothing is unlinked.
                 return Err(RpcError::internal(
@@ -654,7 +661,7 @@ impl LockSpace {
             }),
         };
         if owners.is_empty() {
-            tracing::warn!(name, "restored resource has no owners");
+            tracing::warn!(name = &*name, "restored resource has no owners");
         }
         let kind = if lock_held && carried.is_some_and(|c| c.ofd_kept) {
             LockKind::Ofd
@@ -671,11 +678,13 @@ impl LockSpace {
         };
         slot.insert(Resource {
             name,
-            path,
+            path: path.into_boxed_path(),
             fd,
             lock_held,
             flags,
-            owners,
+            // Collected, not converted: a deserialized Vec has room for four, and
+            // `from_vec` would keep that allocation.
+            owners: owners.into_iter().collect(),
             file_id,
             kind,
             // It came through an exec (or the fd store's dup2, which clears the flag
@@ -904,12 +913,12 @@ impl Job {
                 acquire_file(&self.name, &path, flags, claims).map(|(fd, id)| {
                     tracing::debug!(name = self.name, path = %path.display(), owner, flags, "acquired resource");
                     Some(Resource {
-                        name: self.name.clone(),
-                        path,
+                        name: self.name.as_str().into(),
+                        path: path.into_boxed_path(),
                         fd,
                         lock_held: true,
                         flags,
-                        owners: vec![owner],
+                        owners: smallvec![owner],
                         file_id: Some(id),
                         kind: LockKind::Ofd,
                         // Opened close-on-exec (std's default): cleared once it is
@@ -945,8 +954,10 @@ impl Job {
 struct Slot {
     /// The claimant is closing its fd: the (device, inode) may soon name another file.
     closing: bool,
-    /// Fds opened on the file by accident, closed after the claimant's.
-    parked: Vec<OwnedFd>,
+    /// Fds opened on the file by accident, closed after the claimant's. Boxed: rare,
+    /// and every held lease has a slot, so 8 bytes a slot rather than a Vec's 24.
+    #[allow(clippy::box_collection)]
+    parked: Option<Box<Vec<OwnedFd>>>,
 }
 
 /// What [`LockSpaces::claim`] did.
@@ -1060,7 +1071,7 @@ impl LockSpaces {
     pub fn parked_fds(&self) -> impl Iterator<Item = RawFd> + '_ {
         self.slots
             .values()
-            .flat_map(|s| &s.parked)
+            .flat_map(|s| s.parked.iter().flat_map(|p| p.iter()))
             .map(|fd| fd.as_raw_fd())
     }
 
@@ -1076,7 +1087,10 @@ impl LockSpaces {
                 Claim::Closing(file)
             }
             std::collections::hash_map::Entry::Occupied(mut e) => {
-                e.get_mut().parked.push(file.into());
+                e.get_mut()
+                    .parked
+                    .get_or_insert_with(Default::default)
+                    .push(file.into());
                 Claim::Parked
             }
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -1097,7 +1111,9 @@ impl LockSpaces {
     /// else hands out the parked fds (to be closed outside the table lock; then call again).
     pub fn unclaim_step(&mut self, id: FileId) -> Vec<OwnedFd> {
         match self.slots.get_mut(&id) {
-            Some(s) if !s.parked.is_empty() => std::mem::take(&mut s.parked),
+            Some(s) if s.parked.as_ref().is_some_and(|p| !p.is_empty()) => {
+                s.parked.take().map(|p| *p).unwrap_or_default()
+            }
             Some(_) => {
                 self.slots.remove(&id);
                 Vec::new()
@@ -1129,7 +1145,7 @@ impl LockSpaces {
                 match set_cloexec(res.fd.as_raw_fd(), true) {
                     Ok(()) => res.inheritable = false,
                     Err(e) => tracing::warn!(
-                        resource = res.name,
+                        resource = &*res.name,
                         "cannot set close-on-exec before closing ({e})"
                     ),
                 }
@@ -1300,12 +1316,12 @@ impl LockSpaces {
                 match set_cloexec(res.fd.as_raw_fd(), false) {
                     Ok(()) => res.inheritable = true,
                     Err(e) => tracing::warn!(
-                        resource = res.name,
+                        resource = &*res.name,
                         "cannot clear close-on-exec now ({e}); the re-exec will"
                     ),
                 }
             }
-            ls.resources.insert(done.name, res);
+            ls.resources.insert(res.name.clone(), res);
         }
         Ok(())
     }

@@ -158,8 +158,8 @@ impl App for LogDaemon {
             files.push(LogFileState {
                 pipefd: l.pipe,
                 path: path.to_owned(),
-                driver: l.owner.driver.clone(),
-                domname: l.owner.domname.clone(),
+                driver: l.owner.driver().to_owned(),
+                domname: l.owner.domname().to_owned(),
                 domuuid: Uuid::from_bytes(l.owner.domuuid),
             });
             rows.push([l.counters.written, l.counters.dropped, l.counters.rotations]);

@@ -14,9 +14,10 @@
 use crate::log_file::{LogFile, LOG_MODE};
 use crate::pump::{HandoffAcks, Pump};
 use crate::rotating_file::{FileError, RotatingFileReader, RotatingFileWriter};
-use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::HashSet;
 use std::ffi::OsStr;
+use std::hash::{Hash, Hasher};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -28,7 +29,7 @@ use vh_common::error::{code, domain, errno_of, RpcError};
 use vh_common::restart::RestoreError;
 
 // The log's own types, at their old paths too.
-pub use crate::log_file::{Limits, LogCounters, LogOwner};
+pub use crate::log_file::{CompactOwner, Limits, LogCounters, LogOwner};
 
 /// Largest number of backups libvirt allows.
 pub const MAX_BACKUPS_LIMIT: u64 = crate::rotating_file::MAX_MAX_BACKUP as u64;
@@ -38,7 +39,34 @@ pub const READ_MAX: u64 = 4_194_304;
 /// The open logs by path. Shared with the pump's close callback (see
 /// [`LogHandler::new`]), which is how the pump takes a log it closed out of the table
 /// without holding the handler.
-type LogTable = Arc<Mutex<HashMap<PathBuf, Arc<LogFile>>>>;
+type LogTable = Arc<Mutex<HashSet<ByPath>>>;
+
+/// A log in the table, hashed and compared by its path: a set of these costs 8 bytes a
+/// slot where a map from a copy of the path cost 32 (and the copy ~64 more), which with
+/// ten thousand open logs was ~0.1 KiB a log.
+#[derive(Clone)]
+struct ByPath(Arc<LogFile>);
+
+impl Borrow<Path> for ByPath {
+    fn borrow(&self) -> &Path {
+        &self.0.path
+    }
+}
+
+// Hash and Eq exactly as `Path` does, which `Borrow<Path>` requires for lookups by path.
+impl Hash for ByPath {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.path.hash(state);
+    }
+}
+
+impl PartialEq for ByPath {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.path == other.0.path
+    }
+}
+
+impl Eq for ByPath {}
 
 /// Keeps logs (and so their pipes) alive; see [`LogHandler::snapshot`].
 pub struct LogsHeld(#[allow(dead_code)] Vec<Arc<LogFile>>);
@@ -85,7 +113,7 @@ pub struct Handoff {
 pub struct HandedOffView<'a> {
     pub pipe: RawFd,
     pub path: &'a Path,
-    pub owner: &'a LogOwner,
+    pub owner: &'a CompactOwner,
     pub counters: LogCounters,
 }
 
@@ -151,7 +179,7 @@ fn file_error(e: &io::Error, fallback: impl FnOnce() -> String) -> RpcError {
 }
 
 /// Closes a log and takes it out of `files` (if it is still the one under its path).
-fn forget(files: &Mutex<HashMap<PathBuf, Arc<LogFile>>>, file: &Arc<LogFile>) {
+fn forget(files: &Mutex<HashSet<ByPath>>, file: &Arc<LogFile>) {
     if !file.mark_closed() {
         return;
     }
@@ -159,8 +187,11 @@ fn forget(files: &Mutex<HashMap<PathBuf, Arc<LogFile>>>, file: &Arc<LogFile>) {
     vh_common::fdstore_keeper::closing(file.pipe.as_raw_fd());
     vh_common::fdstore_keeper::touch_soon();
     if let Ok(mut files) = files.lock() {
-        if files.get(&file.path).is_some_and(|f| Arc::ptr_eq(f, file)) {
-            files.remove(&file.path);
+        if files
+            .get(&*file.path)
+            .is_some_and(|f| Arc::ptr_eq(&f.0, file))
+        {
+            files.remove(&*file.path);
         }
     }
     debug!(path = %file.path.display(), "log closed");
@@ -200,13 +231,16 @@ impl LogHandler {
     }
 
     fn lookup(&self, path: &Path) -> Option<Arc<LogFile>> {
-        self.files.lock().ok().and_then(|f| f.get(path).cloned())
+        self.files
+            .lock()
+            .ok()
+            .and_then(|f| f.get(path).map(|l| l.0.clone()))
     }
 
     /// The table of open logs. A poisoned lock (a panic while it was held) is an error
     /// for the caller to report, never an empty table: the cleaner would take every
     /// open log's chain for a closed one.
-    fn table(&self) -> Result<MutexGuard<'_, HashMap<PathBuf, Arc<LogFile>>>, RpcError> {
+    fn table(&self) -> Result<MutexGuard<'_, HashSet<ByPath>>, RpcError> {
         self.files
             .lock()
             .map_err(|_| RpcError::internal(domain::LOGGING, "log table poisoned"))
@@ -214,7 +248,11 @@ impl LogHandler {
 
     /// The paths of the open logs (the cleaner keeps their chains).
     pub fn open_paths(&self) -> Result<Vec<PathBuf>, RpcError> {
-        Ok(self.table()?.keys().cloned().collect())
+        Ok(self
+            .table()?
+            .iter()
+            .map(|l| l.0.path.to_path_buf())
+            .collect())
     }
 
     /// Runs `f` with no open in progress or starting (the log cleaner's deletion of one
@@ -234,14 +272,14 @@ impl LogHandler {
     }
 
     pub fn list(&self) -> Result<Vec<LogFileInfo>, RpcError> {
-        let files: Vec<Arc<LogFile>> = self.table()?.values().cloned().collect();
+        let files: Vec<Arc<LogFile>> = self.table()?.iter().map(|l| l.0.clone()).collect();
         let mut out: Vec<LogFileInfo> = files
             .iter()
             .filter_map(|f| {
                 let (inode, offset) = f.with_writer(|w| (w.inode(), w.position())).ok()?;
                 Some(LogFileInfo {
-                    path: f.path.clone(),
-                    owner: f.owner.clone(),
+                    path: f.path.to_path_buf(),
+                    owner: f.owner.to_owner(),
                     inode,
                     offset,
                 })
@@ -258,7 +296,8 @@ impl LogHandler {
         path: &[u8],
         truncate: bool,
     ) -> Result<(u64, u64, OwnedFd), RpcError> {
-        let path = path_of(path);
+        // The log's one copy of its path (see `LogFile::path`).
+        let path: Arc<Path> = Path::new(OsStr::from_bytes(path)).into();
         let _opening = self.opening.read().unwrap_or_else(|e| e.into_inner());
         // Uniqueness is per exact path string, as in libvirt.
         if self.lookup(&path).is_some() {
@@ -284,7 +323,7 @@ impl LogHandler {
         let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| RpcError::system(domain::LOGGING, e as i32, "Cannot create pipe"))?;
         let backups = self.check_backups()?;
-        let writer = RotatingFileWriter::open(
+        let writer = RotatingFileWriter::open_shared(
             path.clone(),
             self.limits.max_size,
             backups,
@@ -303,12 +342,12 @@ impl LogHandler {
     fn install(
         self: &Arc<Self>,
         rd: OwnedFd,
-        path: PathBuf,
+        path: Arc<Path>,
         owner: LogOwner,
         writer: Option<RotatingFileWriter>,
     ) -> io::Result<()> {
         let file = Arc::new(LogFile::new(
-            path.clone(),
+            path,
             owner,
             rd,
             writer,
@@ -320,7 +359,7 @@ impl LogHandler {
                 .files
                 .lock()
                 .map_err(|_| io::Error::other("log table poisoned"))?;
-            if files.contains_key(&path) {
+            if files.contains(&*file.path) {
                 return Err(io::Error::from_raw_os_error(libc::EBUSY));
             }
             if self.handed_off.load(Ordering::Acquire) {
@@ -329,7 +368,7 @@ impl LogHandler {
             // Inheritable only once in the table (see `LogFile::pipe`), so the state
             // document names every pipe that can reach the next image.
             vh_proto::fdpass::clear_cloexec(file.pipe.as_raw_fd())?;
-            files.insert(path, file.clone());
+            files.insert(ByPath(file.clone()));
             vh_common::fdstore_keeper::touch();
         }
         if let Err(e) = self.pump.add(file.clone()) {
@@ -350,11 +389,11 @@ impl LogHandler {
         let files: Vec<Arc<LogFile>> = self
             .files
             .lock()
-            .map(|f| f.values().cloned().collect())
+            .map(|f| f.iter().map(|l| l.0.clone()).collect())
             .unwrap_or_default();
         let logs = files
             .iter()
-            .map(|f| (f.pipe.as_raw_fd(), f.path.clone(), f.owner.clone()))
+            .map(|f| (f.pipe.as_raw_fd(), f.path.to_path_buf(), f.owner.to_owner()))
             .collect();
         (logs, LogsHeld(files))
     }
@@ -365,8 +404,8 @@ impl LogHandler {
     pub fn counters(&self) -> Result<Vec<(PathBuf, LogCounters, usize)>, RpcError> {
         let mut out: Vec<(PathBuf, LogCounters, usize)> = self
             .table()?
-            .values()
-            .map(|l| (l.path.clone(), l.counters(), l.followers.count()))
+            .iter()
+            .map(|l| (l.0.path.to_path_buf(), l.0.counters(), l.0.follower_count()))
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
@@ -388,8 +427,7 @@ impl LogHandler {
         let file = self.open_log(&path)?;
         file.with_writer(|w| {
             file.drain_locked(w);
-            file.followers
-                .add(sock)
+            file.add_follower(w, sock)
                 .map_err(|e| RpcError::new(code::OPERATION_FAILED, domain::LOGGING, e))?;
             Ok((w.inode(), w.position()))
         })
@@ -501,12 +539,12 @@ impl LogHandler {
                 e.into_inner()
             });
             self.handed_off.store(true, Ordering::Release);
-            f.drain().map(|(_, v)| v).collect()
+            f.drain().map(|l| l.0).collect()
         };
         // Follower sockets are not handed over: their streams end here (and the logs
         // are forgotten, not dropped, after a failed exec).
         for l in &logs {
-            l.followers.clear();
+            l.clear_followers();
         }
         Handoff { logs, acks }
     }
@@ -536,24 +574,20 @@ impl LogHandler {
             self.handed_off.store(false, Ordering::Release);
             table.reserve(logs.len());
             for log in logs {
-                // One hash of the path per log (a `Path` hashes component by component),
-                // not a lookup and an insert.
-                let slot = match table.entry(log.path) {
-                    Entry::Occupied(o) => {
-                        warn!(path = %o.key().display(), "log named twice in the re-exec state; keeping the first");
-                        continue;
-                    }
-                    Entry::Vacant(v) => v,
-                };
                 let file = Arc::new(LogFile::new(
-                    slot.key().clone(),
+                    log.path.into(),
                     log.owner,
                     log.pipe,
                     None,
                     self.limits,
                     log.counters,
                 ));
-                slot.insert(file.clone());
+                // One hash of the path per log (a `Path` hashes component by component),
+                // not a lookup and an insert. A duplicate's pipe closes with it here.
+                if !table.insert(ByPath(file.clone())) {
+                    warn!(path = %file.path.display(), "log named twice in the re-exec state; keeping the first");
+                    continue;
+                }
                 files.push(file);
             }
         }
@@ -780,5 +814,53 @@ mod tests {
         let e = h.open(owner(), p, true).unwrap_err();
         assert_eq!(e.int1, libc::EBUSY);
         assert_eq!(e.domain, domain::LOGGING);
+    }
+
+    /// A path the re-exec state names twice is restored once (the table is a set keyed
+    /// by the log's own path); the second pipe is closed, and lookups by path, the
+    /// listing and the owner's names work on the restored log.
+    #[tokio::test]
+    async fn restore_keeps_the_first_of_a_path_named_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.log");
+        let h = LogHandler::new(Limits {
+            max_size: 0,
+            max_backups: 0,
+        });
+        let (rd1, _wr1) = nix::unistd::pipe().unwrap();
+        let (rd2, wr2) = nix::unistd::pipe().unwrap();
+        let log = |pipe, written| HandedOffLog {
+            pipe,
+            path: path.clone(),
+            owner: owner(),
+            counters: LogCounters {
+                written,
+                ..LogCounters::default()
+            },
+        };
+        h.restore(vec![log(rd1, 7), log(rd2, 9)], None).unwrap();
+        assert_eq!(h.nfiles(), 1);
+        let mut w2 = std::fs::File::from(wr2);
+        assert_eq!(
+            w2.write(b"x").unwrap_err().raw_os_error(),
+            Some(libc::EPIPE),
+            "the duplicate's pipe is closed"
+        );
+        let p = path.as_os_str().as_encoded_bytes();
+        assert_eq!(
+            h.position(p).unwrap(),
+            (
+                std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).unwrap()),
+                0
+            )
+        );
+        let listed = h.list().unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].owner, owner());
+        assert_eq!(
+            h.counters().unwrap()[0].1.written,
+            7,
+            "the first one's counters"
+        );
     }
 }

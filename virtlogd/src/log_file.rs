@@ -13,9 +13,9 @@ use crate::rotating_file::{RotatingFileWriter, SpliceStop, PIPE_CHUNK};
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use tracing::{debug, error, warn};
 
 /// Log files are private to root (or the session user).
@@ -46,9 +46,52 @@ pub struct LogOwner {
     pub domuuid: [u8; 16],
 }
 
+/// A [`LogOwner`] as an open log keeps it: both names in one allocation (as two
+/// strings they were two allocations and 48 bytes in every open log).
+#[derive(Debug)]
+pub struct CompactOwner {
+    /// The driver's name, then the domain's.
+    names: Box<str>,
+    driver_len: usize,
+    pub domuuid: [u8; 16],
+}
+
+impl CompactOwner {
+    pub fn driver(&self) -> &str {
+        self.names.get(..self.driver_len).unwrap_or_default()
+    }
+
+    pub fn domname(&self) -> &str {
+        self.names.get(self.driver_len..).unwrap_or_default()
+    }
+
+    pub fn to_owner(&self) -> LogOwner {
+        LogOwner {
+            driver: self.driver().to_owned(),
+            domname: self.domname().to_owned(),
+            domuuid: self.domuuid,
+        }
+    }
+}
+
+impl From<LogOwner> for CompactOwner {
+    fn from(o: LogOwner) -> Self {
+        // Exactly the capacity needed, so the boxing does not reallocate.
+        let mut names = String::with_capacity(o.driver.len() + o.domname.len());
+        names.push_str(&o.driver);
+        names.push_str(&o.domname);
+        CompactOwner {
+            names: names.into_boxed_str(),
+            driver_len: o.driver.len(),
+            domuuid: o.domuuid,
+        }
+    }
+}
+
 pub(crate) struct LogFile {
-    pub(crate) path: PathBuf,
-    pub(crate) owner: LogOwner,
+    /// The one copy of the path: the handler's table and the writer share it.
+    pub(crate) path: Arc<Path>,
+    pub(crate) owner: CompactOwner,
     /// Our read end, blocking (see [`Self::read_pipe`]). It is never close-on-exec
     /// while the log is in the table: the only program virtlogd ever executes is its
     /// own next image, which must inherit it, and a thousand logs would otherwise cost
@@ -59,23 +102,27 @@ pub(crate) struct LogFile {
     /// reopened on first use, under this lock, so the new image serves before it has
     /// opened a thousand files.
     writer: Mutex<Option<RotatingFileWriter>>,
-    limits: Limits,
+    /// The rotation settings, for the writer's reopen after a re-exec; the backups as a
+    /// byte (at most 32; it packs with the flags).
+    max_size: u64,
+    max_backups: u8,
     closed: AtomicBool,
     /// The pipe had to be made O_NONBLOCK (a kernel without RWF_NOWAIT for pipes).
     nonblocking: AtomicBool,
     /// Bytes read from the pipe that could not be written (disk full, I/O error).
     /// Changed only under the writer lock.
     dropped: AtomicU64,
-    /// Operator counters: those carried across re-exec, plus this image's.
-    carried: LogCounters,
-    /// The writer's own counts, copied after each use of it (so the counters can be
-    /// read while a write hangs, and after the hand-off took the writer away).
+    /// Operator counters: they start from those carried across re-exec, and each use
+    /// of the writer adds what it wrote and rolled (so the counters can be read while
+    /// a write hangs, and after the hand-off took the writer away). Changed only
+    /// under the writer lock.
     written: AtomicU64,
     rotations: AtomicU64,
     /// Every byte ever dropped (`dropped` is only the ones not reported yet).
     dropped_total: AtomicU64,
-    /// Sockets that receive what is written, as it is (see `follow.rs`).
-    pub(crate) followers: Arc<Followers>,
+    /// Sockets that receive what is written, as it is (see `follow.rs`). Made by the
+    /// first FOLLOW: most logs are never followed, and the list is ~80 bytes.
+    followers: OnceLock<Arc<Followers>>,
 }
 
 /// A log's operator counters (the metrics), kept across re-exec; the inspect
@@ -104,62 +151,94 @@ impl LogFile {
             .lock()
             .map_err(|_| io::Error::other("log file lock poisoned"))?;
         if slot.is_none() {
-            let backups = usize::try_from(self.limits.max_backups).unwrap_or(usize::MAX);
-            let mut w = RotatingFileWriter::open(
+            let mut w = RotatingFileWriter::open_shared(
                 self.path.clone(),
-                self.limits.max_size,
-                backups,
+                self.max_size,
+                usize::from(self.max_backups),
                 false,
                 LOG_MODE,
             )?;
-            w.set_tap(self.followers.clone());
+            if let Some(f) = self.followers.get() {
+                w.set_tap(f.clone());
+            }
             *slot = Some(w);
         }
         let w = slot
             .as_mut()
             .ok_or_else(|| io::Error::other("log writer missing"))?;
+        let (written, rollovers) = (w.bytes_written(), w.rollovers());
         let r = f(w);
-        self.written.store(w.bytes_written(), Ordering::Relaxed);
-        self.rotations.store(w.rollovers(), Ordering::Relaxed);
+        // Plain loads and stores: only the holder of the writer lock changes them.
+        let add = |c: &AtomicU64, n: u64| {
+            c.store(
+                c.load(Ordering::Relaxed).saturating_add(n),
+                Ordering::Relaxed,
+            )
+        };
+        add(&self.written, w.bytes_written().saturating_sub(written));
+        add(&self.rotations, w.rollovers().saturating_sub(rollovers));
         Ok(r)
     }
 
     /// The counters as of the last use of the writer.
     pub(crate) fn counters(&self) -> LogCounters {
         LogCounters {
-            written: self.carried.written + self.written.load(Ordering::Relaxed),
-            dropped: self.carried.dropped + self.dropped_total.load(Ordering::Relaxed),
-            rotations: self.carried.rotations + self.rotations.load(Ordering::Relaxed),
+            written: self.written.load(Ordering::Relaxed),
+            dropped: self.dropped_total.load(Ordering::Relaxed),
+            rotations: self.rotations.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Adds a follower socket (see [`Followers::add`]); the writer, which `w` must be
+    /// (the caller holds the writer lock), is told of the list when it is made.
+    pub(crate) fn add_follower(
+        &self,
+        w: &mut RotatingFileWriter,
+        sock: OwnedFd,
+    ) -> Result<(), &'static str> {
+        let followers = self.followers.get_or_init(|| {
+            let f = Followers::new();
+            w.set_tap(f.clone());
+            f
+        });
+        followers.add(sock)
+    }
+
+    /// How many follow this log.
+    pub(crate) fn follower_count(&self) -> usize {
+        self.followers.get().map_or(0, |f| f.count())
+    }
+
+    /// Ends every follower's stream (their sockets are not handed across re-exec).
+    pub(crate) fn clear_followers(&self) {
+        if let Some(f) = self.followers.get() {
+            f.clear();
         }
     }
 
     pub(crate) fn new(
-        path: PathBuf,
+        path: Arc<Path>,
         owner: LogOwner,
         pipe: OwnedFd,
         writer: Option<RotatingFileWriter>,
         limits: Limits,
         carried: LogCounters,
     ) -> Self {
-        let followers = Followers::new();
-        let writer = writer.map(|mut w| {
-            w.set_tap(followers.clone());
-            w
-        });
         LogFile {
             path,
-            owner,
+            owner: owner.into(),
             pipe,
             writer: Mutex::new(writer),
-            limits,
+            max_size: limits.max_size,
+            // More than 255 (the handler refuses over 32) fails the reopen, as it should.
+            max_backups: u8::try_from(limits.max_backups).unwrap_or(u8::MAX),
             closed: AtomicBool::new(false),
             nonblocking: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
-            carried,
-            written: AtomicU64::new(0),
-            rotations: AtomicU64::new(0),
-            dropped_total: AtomicU64::new(0),
-            followers,
+            written: AtomicU64::new(carried.written),
+            rotations: AtomicU64::new(carried.rotations),
+            dropped_total: AtomicU64::new(carried.dropped),
+            followers: OnceLock::new(),
         }
     }
 
@@ -292,7 +371,7 @@ impl LogFile {
         if self.closed.swap(true, Ordering::AcqRel) {
             return false;
         }
-        self.followers.clear();
+        self.clear_followers();
         true
     }
 

@@ -243,24 +243,31 @@ pub trait WriteTap: Send + Sync + std::fmt::Debug {
 pub struct RotatingFileWriter {
     /// Told of every byte written and every rollover.
     tap: Option<std::sync::Arc<dyn WriteTap>>,
-    path: PathBuf,
+    /// Shared with the log's other holders of its path (the log and the handler's
+    /// table): with ten thousand open logs each copy of the path is ~64 bytes a log.
+    path: std::sync::Arc<Path>,
     /// N: the backups are `path.0 .. path.(N-1)`. Their names are formatted at
     /// rollover, once per `max_size` bytes, rather than kept: with ten thousand open
-    /// logs three names each were about a fifth of the daemon's memory.
-    max_backups: usize,
+    /// logs three names each were about a fifth of the daemon's memory. At most
+    /// [`MAX_MAX_BACKUP`], so a byte (the writer is in every open log).
+    max_backups: u8,
     max_size: u64,
-    mode: u32,
+    /// Permission bits for the files it creates (u16: they fit, and it packs).
+    mode: u16,
     file: File,
     inode: u64,
     /// Bytes written to the current file according to our own count (not re-read from
     /// disk: an external truncate makes it drift, exactly as in libvirt).
     pos: u64,
-    /// Set while rollover keeps failing (see [`Stall`]).
-    stall: Option<Stall>,
+    /// Set while rollover keeps failing (see [`Stall`]). Boxed: rare, and the writer
+    /// is in every open log.
+    stall: Option<Box<Stall>>,
     /// A rollover moved (or, without backups, removed) the current file away from
     /// `path` but could not open the new one: the retry only opens it.
     displaced: bool,
-    /// How long a stalled rollover waits before it is tried again (at the latest).
+    /// How long a stalled rollover waits before it is tried again (at the latest):
+    /// [`ROLLOVER_RETRY`], which tests change (see [`Self::retry_after`]).
+    #[cfg(test)]
     retry_after: Duration,
     /// Bytes this writer put into its files (write and splice), for operator metrics.
     written: u64,
@@ -336,17 +343,28 @@ impl RotatingFileWriter {
     /// to the umask. `max_backups` above [`MAX_MAX_BACKUP`] fails with
     /// [`io::ErrorKind::InvalidInput`].
     pub fn open(
-        path: impl Into<PathBuf>,
+        path: impl AsRef<Path>,
         max_size: u64,
         max_backups: usize,
         truncate: bool,
         mode: u32,
     ) -> io::Result<Self> {
-        let path = path.into();
+        Self::open_shared(path.as_ref().into(), max_size, max_backups, truncate, mode)
+    }
+
+    /// [`Self::open`] keeping the caller's copy of the path rather than making one.
+    pub fn open_shared(
+        path: std::sync::Arc<Path>,
+        max_size: u64,
+        max_backups: usize,
+        truncate: bool,
+        mode: u32,
+    ) -> io::Result<Self> {
         check_max_backups(max_backups)?;
+        let backups_u8 = u8::try_from(max_backups).map_err(io::Error::other)?;
         if truncate {
             let backups = (0..max_backups).map(|i| backup_path(&path, i));
-            for p in std::iter::once(path.clone()).chain(backups) {
+            for p in std::iter::once(path.to_path_buf()).chain(backups) {
                 ignore_enoent(std::fs::remove_file(&p))
                     .described(|| format!("Unable to delete file {}", p.display()))?;
             }
@@ -355,14 +373,16 @@ impl RotatingFileWriter {
         Ok(Self {
             tap: None,
             path,
-            max_backups,
+            max_backups: backups_u8,
             max_size,
-            mode,
+            // Masked to the permission bits, which fit in 16.
+            mode: (mode & 0o7777) as u16,
             file,
             inode,
             pos,
             stall: None,
             displaced: false,
+            #[cfg(test)]
             retry_after: ROLLOVER_RETRY,
             written: 0,
             rollovers: 0,
@@ -398,7 +418,7 @@ impl RotatingFileWriter {
         if self.max_size == 0 {
             return None;
         }
-        Some(match self.stall {
+        Some(match self.stall.as_deref() {
             Some(st) if self.limit(self.pos) == 0 => {
                 st.at.saturating_add(self.max_size).saturating_sub(self.pos)
             }
@@ -409,15 +429,25 @@ impl RotatingFileWriter {
     /// The `max_size` the append algorithm works with when the file is at `vpos`: 0
     /// (never roll over) while a failed rollover waits for its retry (see [`Stall`]).
     fn limit(&self, vpos: u64) -> u64 {
-        match self.stall {
+        match self.stall.as_deref() {
             Some(st)
                 if vpos < st.at.saturating_add(self.max_size)
-                    && st.since.elapsed() < self.retry_after =>
+                    && st.since.elapsed() < self.retry_after() =>
             {
                 0
             }
             _ => self.max_size,
         }
+    }
+
+    #[cfg(not(test))]
+    fn retry_after(&self) -> Duration {
+        ROLLOVER_RETRY
+    }
+
+    #[cfg(test)]
+    fn retry_after(&self) -> Duration {
+        self.retry_after
     }
 
     /// Whether a rollover failed and has not succeeded since.
@@ -447,7 +477,7 @@ impl RotatingFileWriter {
 
     /// Configured number of backups.
     pub fn max_backups(&self) -> usize {
-        self.max_backups
+        usize::from(self.max_backups)
     }
 
     /// Append `data` as a single call of libvirt's append algorithm.
@@ -653,15 +683,15 @@ impl RotatingFileWriter {
                         "cannot roll the log over: {e}; appending past max_size and trying \
                          again after another {} bytes or {:?}",
                         self.max_size,
-                        self.retry_after
+                        self.retry_after()
                     );
                 } else {
                     debug!(path = %self.path.display(), "rollover still fails: {e}");
                 }
-                self.stall = Some(Stall {
+                self.stall = Some(Box::new(Stall {
                     at: self.pos,
                     since: Instant::now(),
-                });
+                }));
                 Ok(())
             }
         }
@@ -677,10 +707,11 @@ impl RotatingFileWriter {
             } else {
                 // path.(N-2) -> path.(N-1), ..., path.0 -> path.1, then path -> path.0.
                 // A missing source is skipped, leaving its target as it was.
-                let mut to = backup_path(&self.path, self.max_backups - 1);
-                for i in (0..self.max_backups).rev() {
+                let backups = usize::from(self.max_backups);
+                let mut to = backup_path(&self.path, backups - 1);
+                for i in (0..backups).rev() {
                     let from = if i == 0 {
-                        self.path.clone()
+                        self.path.to_path_buf()
                     } else {
                         backup_path(&self.path, i - 1)
                     };
@@ -693,7 +724,7 @@ impl RotatingFileWriter {
             self.displaced = true;
         }
         // Only replace the old fd once the new one is open, like libvirt.
-        let (file, pos, inode) = open_entry(&self.path, self.mode)?;
+        let (file, pos, inode) = open_entry(&self.path, u32::from(self.mode))?;
         self.displaced = false;
         self.file = file;
         self.pos = pos;
