@@ -28,6 +28,7 @@ pub mod fdstore;
 pub mod fdstore_keeper;
 pub mod inspect;
 pub mod logging;
+pub mod next_image;
 pub mod pidfile;
 pub mod restart;
 pub mod server;

@@ -25,7 +25,7 @@
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -142,23 +142,25 @@ impl<T> Describe<T> for io::Result<T> {
     }
 }
 
-/// Opens `path` (O_CLOEXEC added) without ever waiting for a FIFO's other end: the
+/// Opens `path` (close-on-exec only with `cloexec`) without ever waiting for a FIFO's other end: the
 /// open is O_NONBLOCK, a FIFO is refused (with or without a peer), and O_NONBLOCK is
 /// then cleared on a regular file. A device keeps it, so that one with nothing to say
 /// (a tty) answers EAGAIN instead of holding the call. A regular file under a lease
 /// (F_SETLEASE) says EWOULDBLOCK to a non-blocking open: that open started the lease
 /// break, and the file is opened again, blocking, to wait for its end as 9.0 does (the
 /// kernel bounds the wait by `fs.lease-break-time`). Also returns the file's metadata.
-fn open_no_wait(path: &Path, opts: &OpenOptions) -> io::Result<(File, std::fs::Metadata)> {
+fn open_no_wait(
+    path: &Path,
+    opts: &OpenOptions,
+    cloexec: bool,
+) -> io::Result<(File, std::fs::Metadata)> {
     use std::os::unix::fs::FileTypeExt;
-    let first = opts
-        .clone()
-        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
-        .open(path);
+    // std opens every file close-on-exec; an inheritable one is cleared after.
+    let first = opts.clone().custom_flags(libc::O_NONBLOCK).open(path);
     let file = match first {
         Ok(f) => f,
         Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
-            opts.clone().custom_flags(libc::O_CLOEXEC).open(path)?
+            opts.clone().custom_flags(0).open(path)?
         }
         // A writer's non-blocking open of a FIFO nobody reads.
         Err(e)
@@ -174,6 +176,9 @@ fn open_no_wait(path: &Path, opts: &OpenOptions) -> io::Result<(File, std::fs::M
         .described(|| format!("Unable to determine current file inode: {}", path.display()))?;
     if meta.file_type().is_fifo() {
         return Err(FileError::fifo(path));
+    }
+    if !cloexec {
+        vh_common::restart::clear_cloexec(file.as_raw_fd())?;
     }
     if meta.file_type().is_file() {
         use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -312,11 +317,17 @@ impl std::fmt::Display for PartialAppend {
 
 /// Open `path` the way libvirt does and return the file, its end offset and inode,
 /// with libvirt's description of a failure.
+///
+/// The file is inheritable for its whole life, as a log's pipe is (see `LogFile`): a
+/// re-exec into our own image hands it over open, and making ten thousand of them
+/// inheritable at that moment would be ten thousand fcntls inside the pause. The only
+/// other program virtlogd runs (`systemctl`, see `stop_intent`) closes every fd past
+/// stdio first, and a re-exec into any other image closes every file beforehand.
 fn open_entry(path: &Path, mode: u32) -> io::Result<(File, u64, u64)> {
     // append(true) gives O_WRONLY|O_APPEND.
     let mut opts = OpenOptions::new();
     opts.append(true).create(true).mode(mode);
-    let (mut file, meta) = open_no_wait(path, &opts)
+    let (mut file, meta) = open_no_wait(path, &opts, false)
         .described(|| format!("Unable to open file: {}", path.display()))?;
     // The position comes from lseek(END), like the C code (a tty fails here, as in 9.0).
     let pos = file.seek(SeekFrom::End(0)).described(|| {
@@ -352,7 +363,73 @@ impl RotatingFileWriter {
             }
         }
         let (file, pos, inode) = open_entry(&path, mode)?;
-        Ok(Self {
+        Ok(Self::with_file(
+            path,
+            max_size,
+            max_backups,
+            mode,
+            file,
+            pos,
+            inode,
+        ))
+    }
+
+    /// A log's file handed over open across re-exec: kept if it is still the file at
+    /// `path` (same device and inode), which a reopen by path would have found;
+    /// otherwise closed, and `path` opened as [`Self::open`] does (no truncate). Either
+    /// way the position is the file's end, as after libvirt's reopen. The kept file
+    /// stays inheritable, as the files this writer opens itself are (see `open_entry`).
+    pub fn adopt(
+        file: OwnedFd,
+        path: impl Into<PathBuf>,
+        max_size: u64,
+        max_backups: usize,
+        mode: u32,
+    ) -> io::Result<Self> {
+        use std::os::unix::fs::FileTypeExt;
+        let path = path.into();
+        check_max_backups(max_backups)?;
+        let mut file = File::from(file);
+        let same = match (file.metadata(), std::fs::metadata(&path)) {
+            (Ok(held), Ok(named)) => {
+                held.file_type().is_file()
+                    && !held.file_type().is_fifo()
+                    && (held.dev(), held.ino()) == (named.dev(), named.ino())
+            }
+            _ => false,
+        };
+        if !same {
+            drop(file);
+            return Self::open(path, max_size, max_backups, false, mode);
+        }
+        let pos = file.seek(SeekFrom::End(0)).described(|| {
+            format!(
+                "Unable to determine current file offset: {}",
+                path.display()
+            )
+        })?;
+        let inode = file.metadata()?.ino();
+        Ok(Self::with_file(
+            path,
+            max_size,
+            max_backups,
+            mode,
+            file,
+            pos,
+            inode,
+        ))
+    }
+
+    fn with_file(
+        path: PathBuf,
+        max_size: u64,
+        max_backups: usize,
+        mode: u32,
+        file: File,
+        pos: u64,
+        inode: u64,
+    ) -> Self {
+        Self {
             tap: None,
             path,
             max_backups,
@@ -368,7 +445,14 @@ impl RotatingFileWriter {
             rollovers: 0,
             #[cfg(test)]
             write_calls: 0,
-        })
+        }
+    }
+
+    /// The open file to hand to our next image across re-exec, if there is one that a
+    /// reopen by path would find: not after a rollover that moved the current file
+    /// away and could not open the new one (the next image opens `path` then).
+    pub fn file_for_handoff(&self) -> Option<RawFd> {
+        (!self.displaced).then(|| self.file.as_raw_fd())
     }
 
     /// Primary file path.
@@ -738,7 +822,7 @@ impl RotatingFileReader {
             .map(|i| backup_path(&path, i))
             .chain(std::iter::once(path.clone()));
         for p in names {
-            let (file, inode) = match open_no_wait(&p, OpenOptions::new().read(true)) {
+            let (file, inode) = match open_no_wait(&p, OpenOptions::new().read(true), true) {
                 Ok((f, meta)) => (Some(f), meta.ino()),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => (None, 0),
                 Err(e) => {
