@@ -167,9 +167,17 @@ impl LogFile {
     /// Never waits for the writer: a write stuck on storage holds its lock, and the
     /// hand-off must not hang on it (that log's file is then reopened by path).
     pub(crate) fn file_for_handoff(&self) -> Option<RawFd> {
-        let slot = self.writer.try_lock().ok()?;
+        let mut slot = self.writer.try_lock().ok()?;
         match slot.as_ref() {
-            Some(w) => w.file_for_handoff(),
+            Some(w) => {
+                let fd = w.file_for_handoff();
+                if fd.is_none() {
+                    // Not the file at the path (a rollover moved it away): closed here
+                    // rather than reaching the next image unnamed (it is inheritable).
+                    drop(slot.take());
+                }
+                fd
+            }
             None => self
                 .inherited_file
                 .try_lock()

@@ -894,6 +894,28 @@ impl RotatingFileReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file handed over across re-exec is kept, position at its end, when it is
+    /// still the file at the path; one moved away is left for the file at the path.
+    #[test]
+    fn adopt_keeps_the_file_at_the_path_and_reopens_another() {
+        use std::os::fd::OwnedFd;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("vm.log");
+        std::fs::write(&p, b"abc").unwrap();
+        let f = OpenOptions::new().append(true).open(&p).unwrap();
+        let n = f.as_raw_fd();
+        let w = RotatingFileWriter::adopt(OwnedFd::from(f), &p, 0, 0, 0o600).unwrap();
+        assert_eq!((w.file.as_raw_fd(), w.position()), (n, 3));
+        assert_eq!(w.file_for_handoff(), Some(n));
+        let f = OpenOptions::new().append(true).open(&p).unwrap();
+        let moved = d.path().join("moved");
+        std::fs::rename(&p, &moved).unwrap();
+        let w = RotatingFileWriter::adopt(OwnedFd::from(f), &p, 0, 0, 0o600).unwrap();
+        assert_eq!(w.position(), 0);
+        assert_eq!(w.inode(), std::fs::metadata(&p).unwrap().ino());
+        assert_ne!(w.inode(), std::fs::metadata(&moved).unwrap().ino());
+    }
     use proptest::prelude::*;
     use std::os::fd::AsFd;
     use std::os::unix::fs::PermissionsExt;
