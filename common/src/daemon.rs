@@ -240,6 +240,7 @@ pub fn main<A: App>() -> i32 {
         }
     };
     let args: Vec<OsString> = std::env::args_os().collect();
+    name_after_fd_exec(&args);
     let opts = match cli::parse(A::KIND, &args) {
         Ok(CliAction::Run(o)) => o,
         Ok(CliAction::Exit {
@@ -1419,6 +1420,29 @@ fn exec_self(opts: &Options, next: Option<&crate::next_image::NextImage>) -> io:
         let _ = unsafe { sigaction(Signal::SIGUSR1, &previous) };
     }
     err
+}
+
+/// After a re-exec through an fd (see `next_image`), kernels before 6.14 name the
+/// process after the fd's number ("/dev/fd/N"): an all-digit name becomes the one an
+/// `execvp(argv[0])` gives, the last component of argv[0] (what `pgrep`, `ps` and the
+/// journal show). One prctl otherwise.
+fn name_after_fd_exec(args: &[OsString]) {
+    use nix::sys::prctl;
+    let Ok(name) = prctl::get_name() else { return };
+    let digits = name.to_bytes();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return;
+    }
+    let Some(argv0) = args.first() else { return };
+    let base = argv0
+        .as_bytes()
+        .rsplit(|&b| b == b'/')
+        .next()
+        .unwrap_or_default();
+    // The kernel keeps 15 bytes of a name.
+    if let Ok(name) = CString::new(&base[..base.len().min(15)]) {
+        let _ = prctl::set_name(&name);
+    }
 }
 
 /// Soft RLIMIT_NOFILE up to the hard limit, as libvirt does at start.
