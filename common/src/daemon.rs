@@ -158,6 +158,13 @@ pub trait App: Send + Sync + Sized + 'static {
     fn admin_programs(&self, daemon: &Arc<Daemon>) -> Vec<Arc<dyn Program>>;
     /// Whether something held should keep an idle daemon alive (`--timeout`).
     fn inhibits_shutdown(&self) -> bool;
+    /// The ELF section that marks an image able to take this app's own hand-off (see
+    /// `next_image`); `None`: every re-exec hands off as to libvirt's C daemon.
+    const NEXT_IMAGE_MARKER: Option<crate::next_image::Marker> = None;
+    /// A re-exec begins (before the servers park): whether the program it will run
+    /// carries [`Self::NEXT_IMAGE_MARKER`]. A failed exec restores from the document
+    /// this hand-off wrote, so whatever it named is adopted as the next image would.
+    fn next_image_is_ours(&self, _ours: bool) {}
     /// After every server handed off: the full state document, as JSON text, and the
     /// fds it names that are still close-on-exec (fds the app keeps inheritable all
     /// along need not be listed).
@@ -233,6 +240,7 @@ pub fn main<A: App>() -> i32 {
         }
     };
     let args: Vec<OsString> = std::env::args_os().collect();
+    name_after_fd_exec(&args);
     let opts = match cli::parse(A::KIND, &args) {
         Ok(CliAction::Run(o)) => o,
         Ok(CliAction::Exit {
@@ -1183,6 +1191,12 @@ fn commit<A: App>(daemon: &Daemon, app: &A, keeper: &Keeper) {
 /// SIGUSR1: park everything, write the state, exec ourselves. Returns only if the exec
 /// failed, after restoring the daemon from the same state.
 async fn reexec<A: App>(daemon: &Arc<Daemon>, app: &A) {
+    // Resolved and checked first: the app hands off more to its own next image. The
+    // exec then runs this open file, not the path, which an upgrade may replace
+    // meanwhile.
+    let next = A::NEXT_IMAGE_MARKER
+        .and_then(|m| crate::next_image::NextImage::probe(&exec_argv0(&daemon.options), m));
+    app.next_image_is_ours(next.is_some());
     let _ = daemon.run_tx.send(RunState::Handoff);
     if !servers_drained(daemon, HANDOFF_WAIT).await {
         warn!("some clients did not park in time; handing off the rest");
@@ -1230,7 +1244,7 @@ async fn reexec<A: App>(daemon: &Arc<Daemon>, app: &A) {
                 None => Ok(()),
             };
             match cleared {
-                Ok(()) => exec_self(&daemon.options),
+                Ok(()) => exec_self(&daemon.options, next.as_ref()),
                 // A stored copy left behind would keep a lease locked after libvirt's
                 // C daemon released it by closing its own fd: no exec then.
                 Err(n) => io::Error::other(format!(
@@ -1356,15 +1370,21 @@ fn accept_reloads() {
     }
 }
 
-/// `execvp(argv[0], argv)` with the original arguments: a PATH search when argv[0] has
-/// no slash, exactly what libvirt does. Returns only on failure.
-fn exec_self(opts: &Options) -> io::Error {
-    let args: Vec<OsString> = std::env::args_os().collect();
-    let argv0 = if opts.argv0.is_empty() {
-        args.first().cloned().unwrap_or_default()
+/// The program a re-exec runs: argv[0] as we were started.
+fn exec_argv0(opts: &Options) -> OsString {
+    if opts.argv0.is_empty() {
+        std::env::args_os().next().unwrap_or_default()
     } else {
         opts.argv0.clone()
-    };
+    }
+}
+
+/// `execvp(argv[0], argv)` with the original arguments: a PATH search when argv[0] has
+/// no slash, exactly what libvirt does; or, when `next` is the file that search found
+/// and checked as ours, that open file. Returns only on failure.
+fn exec_self(opts: &Options, next: Option<&crate::next_image::NextImage>) -> io::Error {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let argv0 = exec_argv0(opts);
     let to_c = |s: &std::ffi::OsStr| CString::new(s.as_bytes());
     let Ok(file) = to_c(&argv0) else {
         return io::Error::from_raw_os_error(libc::EINVAL);
@@ -1384,9 +1404,12 @@ fn exec_self(opts: &Options) -> io::Error {
     let mut usr1 = SigSet::empty();
     usr1.add(Signal::SIGUSR1);
     let old_mask = usr1.thread_swap_mask(SigmaskHow::SIG_UNBLOCK);
-    let err = match nix::unistd::execvp(&file, &argv) {
-        Ok(never) => match never {},
-        Err(e) => e.into(),
+    let err = match next {
+        Some(image) => image.exec(&argv),
+        None => match nix::unistd::execvp(&file, &argv) {
+            Ok(never) => match never {},
+            Err(e) => e.into(),
+        },
     };
     if let Ok(mask) = old_mask {
         let _ = mask.thread_set_mask();
@@ -1397,6 +1420,29 @@ fn exec_self(opts: &Options) -> io::Error {
         let _ = unsafe { sigaction(Signal::SIGUSR1, &previous) };
     }
     err
+}
+
+/// After a re-exec through an fd (see `next_image`), kernels before 6.14 name the
+/// process after the fd's number ("/dev/fd/N"): an all-digit name becomes the one an
+/// `execvp(argv[0])` gives, the last component of argv[0] (what `pgrep`, `ps` and the
+/// journal show). One prctl otherwise.
+fn name_after_fd_exec(args: &[OsString]) {
+    use nix::sys::prctl;
+    let Ok(name) = prctl::get_name() else { return };
+    let digits = name.to_bytes();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return;
+    }
+    let Some(argv0) = args.first() else { return };
+    let base = argv0
+        .as_bytes()
+        .rsplit(|&b| b == b'/')
+        .next()
+        .unwrap_or_default();
+    // The kernel keeps 15 bytes of a name.
+    if let Ok(name) = CString::new(&base[..base.len().min(15)]) {
+        let _ = prctl::set_name(&name);
+    }
 }
 
 /// Soft RLIMIT_NOFILE up to the hard limit, as libvirt does at start.

@@ -30,6 +30,7 @@ pub mod fdstore_keeper;
 pub mod inspect;
 pub mod libm_free;
 pub mod logging;
+pub mod next_image;
 pub mod pidfile;
 pub mod restart;
 pub mod server;

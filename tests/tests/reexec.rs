@@ -654,6 +654,158 @@ fn virtlogd_reexec_hands_the_pump_epoll_set_over() {
     assert_quiet(&d, &[]);
 }
 
+/// The fds of process `pid` open on `path`, each with whether it is close-on-exec.
+fn fds_on(pid: i32, path: &Path) -> Vec<(i32, bool)> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .flatten()
+    {
+        if fs::read_link(e.path()).ok().as_deref() != Some(path) {
+            continue;
+        }
+        let fd: i32 = e.file_name().to_string_lossy().parse().expect("fd number");
+        let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).expect("fdinfo");
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            .expect("fdinfo flags");
+        out.push((fd, flags & libc::O_CLOEXEC as u32 != 0));
+    }
+    out
+}
+
+/// Opens `n` logs and writes one line into each; returns the paths and write ends
+/// once every line is in its file (so each log has its file open).
+fn logs_with_a_line(d: &mut Daemon, dir: &Path, n: usize) -> (Client, Vec<PathBuf>, Vec<File>) {
+    let logdir = dir.join("logs");
+    fs::create_dir_all(&logdir).expect("mkdir logs");
+    let mut c = d.connect(logp::PROGRAM);
+    let mut paths = Vec::new();
+    let mut pipes = Vec::new();
+    for i in 0..n {
+        let p = logdir.join(format!("vm{i:04}.log"));
+        let mut w = File::from(open_log(&mut c, &p, i as u32));
+        w.write_all(line(i, 0).as_bytes()).expect("write line");
+        paths.push(p);
+        pipes.push(w);
+    }
+    for p in &paths {
+        wait_for("the first line in the file", || {
+            (fs::metadata(p).ok()?.len() == LINE_LEN).then_some(())
+        });
+    }
+    (c, paths, pipes)
+}
+
+/// ours → ours, twice: each log's file goes to the next image open (the same fd, not
+/// closed and reopened by path; log files are inheritable all along, as their pipes
+/// are), and the first use there keeps it and appends after what the old image wrote.
+#[test]
+fn virtlogd_reexec_into_ours_hands_the_files_over() {
+    let _g = serial();
+    require_root();
+    raise_nofile();
+    let ours = our_bin("virtlogd");
+    let (dir, argv0, mut d) = start_installed("virtlogd", &ours);
+    let (mut c, paths, mut pipes) = logs_with_a_line(&mut d, dir.path(), 20);
+    let before: Vec<i32> = paths
+        .iter()
+        .map(|p| match fds_on(d.pid, p)[..] {
+            [(fd, false)] => fd,
+            ref other => panic!("{}: before re-exec {other:?}", p.display()),
+        })
+        .collect();
+    for round in 1..=2u64 {
+        // The probe uses log 0, so that one is used in the new image and the rest not.
+        d.reexec(&argv0, &ours, probe_logd(paths[0].clone()));
+        for (i, p) in paths.iter().enumerate() {
+            assert_eq!(
+                fds_on(d.pid, p),
+                [(before[i], false)],
+                "{} after re-exec {round}",
+                p.display()
+            );
+        }
+        let comm = fs::read_to_string(format!("/proc/{}/comm", d.pid)).expect("comm");
+        assert_eq!(comm.trim_end(), "virtlogd", "process name after re-exec");
+        for (i, w) in pipes.iter_mut().enumerate() {
+            w.write_all(line(i, round).as_bytes()).expect("write line");
+        }
+        for (i, p) in paths.iter().enumerate() {
+            let want: String = (0..=round).map(|s| line(i, s)).collect();
+            wait_for("the line after re-exec in the file", || {
+                (fs::read_to_string(p).ok()? == want).then_some(())
+            });
+            let pos = log_position(&mut c, p).expect("position");
+            assert_eq!(pos.offset, (round + 1) * LINE_LEN, "{}", p.display());
+        }
+    }
+    drop(pipes);
+    d.assert_alive();
+    assert_quiet(&d, &[]);
+}
+
+/// ours → a program that is not ours (a script, which then runs libvirt's C daemon):
+/// no log file reaches it open, though they are inheritable in our image; the C
+/// daemon takes the pipes and opens the files itself, once each.
+#[test]
+fn virtlogd_reexec_into_a_stranger_hands_no_files_over() {
+    let _g = serial();
+    require_root();
+    raise_nofile();
+    let ours = our_bin("virtlogd");
+    let c_daemon = c_bin("virtlogd");
+    let (dir, argv0, mut d) = start_installed("virtlogd", &ours);
+    // One round into ours first: the files it carries over (inheritable until used)
+    // must not reach the stranger either.
+    let (_c, paths, mut pipes) = logs_with_a_line(&mut d, dir.path(), 20);
+    d.reexec(&argv0, &ours, probe_logd(paths[0].clone()));
+    let dump = dir.path().join("fds-after-exec");
+    let script = format!(
+        "#!/bin/sh\nls -l /proc/$$/fd > {dump}.tmp && mv {dump}.tmp {dump}\nexec {c} \"$@\"\n",
+        dump = dump.display(),
+        c = c_daemon.display()
+    );
+    let tmp = argv0.with_extension("new");
+    fs::write(&tmp, script).expect("write script");
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).expect("chmod script");
+    fs::rename(&tmp, &argv0).expect("install script");
+    let c_ino = fs::metadata(&c_daemon).expect("stat C daemon").ino();
+    d.signal(nix::sys::signal::Signal::SIGUSR1);
+    wait_for("the script to run the C daemon", || {
+        d.assert_alive();
+        (d.exe_inode() == Some(c_ino) && !d.state_file().exists()).then_some(())
+    });
+    let listing = fs::read_to_string(&dump).expect("the script's fd listing");
+    for p in &paths {
+        let name = p.to_string_lossy();
+        assert!(
+            !listing.lines().any(|l| l.ends_with(&format!("-> {name}"))),
+            "{name} reached the next program open:\n{listing}"
+        );
+    }
+    let mut c = d.connect(logp::PROGRAM);
+    for (i, (p, w)) in paths.iter().zip(pipes.iter_mut()).enumerate() {
+        w.write_all(line(i, 1).as_bytes()).expect("write line");
+        let want = format!("{}{}", line(i, 0), line(i, 1));
+        wait_for("the C daemon to write the line", || {
+            (fs::read_to_string(p).ok()? == want).then_some(())
+        });
+        log_position(&mut c, p).expect("position from the C daemon");
+        assert_eq!(
+            fds_on(d.pid, p).len(),
+            1,
+            "{}: fds in the C daemon",
+            p.display()
+        );
+    }
+    drop(pipes);
+    d.assert_alive();
+}
+
 /// A connection calling GetLogFilePosition in a loop.
 fn busy_logd(d: &mut Daemon, path: PathBuf) -> Busy {
     let mut c = d.connect(logp::PROGRAM);

@@ -5,7 +5,10 @@ use crate::cleaner;
 use crate::config::LogdKeys;
 use crate::handler::{HandedOffLog, Limits, LogCounters, LogHandler, LogOwner};
 use crate::program::LogProgram;
-use crate::state::{LogFileState, LogHandlerState, LogdState, StateDocument};
+use crate::state::{
+    LogFileState, LogFileStateRef, LogHandlerState, LogHandlerStateRef, LogdState, LogdStateRef,
+    StateDocument,
+};
 use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
@@ -17,13 +20,27 @@ use vh_common::config::DaemonConfig;
 use vh_common::daemon::{adopt_fd, adopt_inheritable_fds, App, Daemon};
 use vh_common::fdstore_keeper::{FdKind, SnapshotSink};
 use vh_common::paths::{DaemonKind, Mode};
-use vh_common::restart::{compact_doc, DaemonState, RestartError, RestoreError};
+use vh_common::restart::{compact_doc, restart_magic, DaemonState, RestartError, RestoreError};
 use vh_common::server::{ClientHooks, NoHooks, Program, RunState};
 
 pub struct LogDaemon {
     pub handler: Arc<LogHandler>,
     mode: Mode,
 }
+
+/// What marks an image that adopts the log files a re-exec hands over open (see
+/// `vh_common::next_image`). Only a build of this daemon carries it: libvirt's C
+/// virtlogd would keep every such fd open forever, unknown, and open its own files
+/// beside them. The contents name the document key it reads, so an image that
+/// changed what it expects there must change them too.
+#[used]
+#[link_section = ".vh_logd_adopts_files"]
+static NEXT_IMAGE_MARKER_BYTES: [u8; 30] = *b"virt-helpers virtlogd vhLogFil";
+
+const NEXT_IMAGE_MARKER: vh_common::next_image::Marker = vh_common::next_image::Marker {
+    section: ".vh_logd_adopts_files",
+    contents: &NEXT_IMAGE_MARKER_BYTES,
+};
 
 /// 11.3's cleaner timer: when `max_age_days` > 0, a pass 24 h after start and every
 /// 24 h after that, each on a blocking thread (it walks and unlinks files).
@@ -107,6 +124,8 @@ impl App for LogDaemon {
         });
         // The pump's stop is started the moment a re-exec begins, in parallel with the
         // servers parking their clients, rather than at `handoff`.
+        // Referenced, so that no linker drops the marker's section.
+        std::hint::black_box(&NEXT_IMAGE_MARKER_BYTES);
         let h = handler.clone();
         tokio::spawn(async move {
             while run.changed().await.is_ok() {
@@ -142,42 +161,56 @@ impl App for LogDaemon {
         self.mode == Mode::Session && self.handler.nfiles() > 0
     }
 
+    const NEXT_IMAGE_MARKER: Option<vh_common::next_image::Marker> = Some(NEXT_IMAGE_MARKER);
+
+    fn next_image_is_ours(&self, ours: bool) {
+        self.handler.next_image_is_ours(ours);
+    }
+
     async fn handoff(&self, daemon: DaemonState, magic: String) -> (String, Vec<RawFd>) {
-        let handoff = self.handler.begin_handoff().await;
+        let mut handoff = self.handler.begin_handoff().await;
+        // The pump's epoll set is named before it is handed back (its number is final).
+        let pump = handoff.take_pump();
+        let pumpfd = pump.fd();
         // Open refuses paths that are not UTF-8 (a JSON string cannot carry them); one
         // that got here all the same is left out rather than named lossily, which
         // would make the next image write to a different file. Our counters ride in a
         // key of their own, which libvirt 9.0 ignores: one row per file, in order.
-        let mut files = Vec::new();
-        let mut rows = Vec::new();
-        for l in handoff.logs() {
+        let views: Vec<_> = handoff.logs().collect();
+        let mut files = Vec::with_capacity(views.len());
+        let mut rows = Vec::with_capacity(views.len());
+        // Into our own image only: each file, open (see `LogdState::log_files`).
+        let mut open_files = Vec::with_capacity(views.len());
+        for l in &views {
             let Some(path) = l.path.to_str() else {
                 error!(path = ?l.path, "log path is not UTF-8; not handed over");
                 continue;
             };
-            files.push(LogFileState {
+            files.push(LogFileStateRef {
                 pipefd: l.pipe,
-                path: path.to_owned(),
-                driver: l.owner.driver().to_owned(),
-                domname: l.owner.domname().to_owned(),
+                path,
+                driver: l.owner.driver(),
+                domname: l.owner.domname(),
                 domuuid: Uuid::from_bytes(l.owner.domuuid),
             });
             rows.push([l.counters.written, l.counters.dropped, l.counters.rotations]);
+            open_files.push(l.file.unwrap_or(-1));
         }
-        // Written while the pump thread takes the files out of the logs and closes them;
-        // the pump's epoll set is named before it is handed back (its number is final).
-        let pumpfd = handoff.pump_fd();
-        let mut doc = LogdState {
+        let log_files = handoff.keeps_files().then_some(open_files);
+        let mut doc = LogdStateRef {
             daemon,
             magic,
-            handler: LogHandlerState { files, pumpfd },
-            counters: None,
+            handler: LogHandlerStateRef { files, pumpfd },
             log_counters: Some(rows),
+            log_files,
         };
+        // Written while the pump thread takes the files out of the logs and closes them
+        // (unless they go to our own image).
         let mut text = compact_doc(&doc);
-        let epoll = handoff.finish().await;
-        // Log pipes are never close-on-exec (see `LogFile::pipe`): no fds to clear. The
-        // epoll set is, and is kept open (and inheritable) by the front-end.
+        let epoll = pump.prepared().await;
+        // Log pipes and files are never close-on-exec (see `LogFile::pipe`,
+        // `rotating_file::open_entry`): no fds to clear. The epoll set is, and is kept
+        // open (and inheritable) by the front-end.
         let keep = match (epoll, pumpfd) {
             (Some(fd), Some(n)) if fd.as_raw_fd() == n => vec![fd.into_raw_fd()],
             (_, Some(_)) => {
@@ -189,6 +222,9 @@ impl App for LogDaemon {
             }
             _ => Vec::new(),
         };
+        drop(doc);
+        drop(views);
+        handoff.release();
         (text, keep)
     }
 
@@ -202,10 +238,22 @@ impl App for LogDaemon {
         &state.magic
     }
 
-    /// The handler gave every file away at hand-off, so `in_place` changes nothing here.
+    /// The handler gave every log away at hand-off (and forgot, not closed, the files
+    /// it named), so `in_place` changes nothing here.
     fn restore(&self, mut doc: LogdState, _in_place: bool) -> Result<DaemonState, RestoreError> {
         // Log pipes arrive inheritable and stay so (see `LogFile::pipe`).
-        let fds: Vec<RawFd> = doc.handler.files.iter().map(|f| f.pipefd).collect();
+        let mut fds: Vec<RawFd> = doc.handler.files.iter().map(|f| f.pipefd).collect();
+        let npipes = fds.len();
+        // Open files come only from our own image, re-executing (the document's magic is
+        // this very process): a document in the fd store after a crash names the dead
+        // process's numbers, which mean nothing here.
+        let open_files = doc
+            .log_files
+            .take()
+            .filter(|f| f.len() == npipes && doc.magic == restart_magic(std::process::id()));
+        if let Some(f) = &open_files {
+            fds.extend(f.iter().copied().filter(|&fd| fd >= 0));
+        }
         // An image before the rows wrote an object keyed by path.
         let carried = doc
             .counters
@@ -218,7 +266,25 @@ impl App for LogDaemon {
             .filter(|r| r.len() == doc.handler.files.len())
             .map(Vec::into_iter);
         let mut rows = rows.into_iter().flatten();
-        let polled = adopt_inheritable_fds(&fds);
+        // Pipes and files in one pass (one poll(2) over all of them); a number named
+        // twice is adopted once, as the first (pipe) it was named for.
+        let mut polled = adopt_inheritable_fds(&fds).into_iter();
+        let pipes: Vec<_> = polled.by_ref().take(npipes).collect();
+        let mut adopted_files = polled;
+        let mut files_of_logs = open_files.into_iter().flatten().map(move |fd| {
+            if fd < 0 {
+                return None;
+            }
+            match adopted_files.next() {
+                Some(Ok(f)) => Some(f),
+                Some(Err(e)) => {
+                    warn!("inherited log file {fd}: {e}; reopening it by path");
+                    None
+                }
+                None => None,
+            }
+        });
+        let fds = &fds[..npipes];
         // The previous pump's epoll set (ours only; see `LogHandlerState::pumpfd`),
         // adopted after the pipes: a number that is also a pipe's is not an epoll set.
         let epoll = doc.handler.pumpfd.and_then(|n| {
@@ -231,8 +297,9 @@ impl App for LogDaemon {
                 .ok()
         });
         let mut logs = Vec::with_capacity(fds.len());
-        for (f, pipe) in doc.handler.files.into_iter().zip(polled) {
+        for (f, pipe) in doc.handler.files.into_iter().zip(pipes) {
             let row = rows.next();
+            let file = files_of_logs.next().flatten();
             let pipe = match pipe {
                 Ok(fd) => fd,
                 Err(e) => {
@@ -260,6 +327,7 @@ impl App for LogDaemon {
                     domname: f.domname,
                     domuuid: *f.domuuid.as_bytes(),
                 },
+                file,
             });
         }
         // One unopenable log loses only itself (the pump reports it); 9.0 would fail the
@@ -312,6 +380,7 @@ impl App for LogDaemon {
             },
             counters: None,
             log_counters: None,
+            log_files: None,
         };
         // Compact, unlike the re-exec file (only our next image reads it).
         match serde_json::to_string(&doc) {

@@ -79,6 +79,9 @@ pub struct HandedOffLog {
     pub owner: LogOwner,
     /// Carried in our own key of the state document (zero after the C daemon).
     pub counters: LogCounters,
+    /// The log's file, handed over open by our own previous image (see
+    /// `LogdState::log_files`); `None`: reopened by path on first use.
+    pub file: Option<OwnedFd>,
 }
 
 /// Operator view of one open log.
@@ -96,6 +99,9 @@ pub struct LogHandler {
     /// Set (under the table lock) once a re-exec took the table: a straggling open
     /// must not add a log the state document no longer names.
     handed_off: AtomicBool,
+    /// The coming re-exec runs our own image, which takes the files open (see
+    /// [`Self::next_image_is_ours`]).
+    files_to_next_image: AtomicBool,
     pump: Pump,
     /// Held shared by every open from before its file is opened until it is in the
     /// table, and exclusively by the log cleaner while it checks and deletes one chain:
@@ -107,6 +113,8 @@ pub struct LogHandler {
 pub struct Handoff {
     logs: Vec<Arc<LogFile>>,
     acks: Option<HandoffAcks>,
+    /// The files go to our own next image, open.
+    keep_files: bool,
 }
 
 /// What the state document records of one handed-off log.
@@ -115,37 +123,59 @@ pub struct HandedOffView<'a> {
     pub path: &'a Path,
     pub owner: &'a CompactOwner,
     pub counters: LogCounters,
+    /// The open file handed over with it (only into our own next image).
+    pub file: Option<RawFd>,
 }
 
 /// How long a re-exec waits for each step of the pump's hand-off.
 const HANDOFF_STEP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Handoff {
-    /// The number of the pump's epoll set that [`Self::finish`] returns.
-    pub fn pump_fd(&self) -> Option<RawFd> {
-        self.acks.as_ref().map(|a| a.epoll_fd)
+    /// Whether the files go to the next image (see [`HandedOffView::file`]).
+    pub fn keeps_files(&self) -> bool {
+        self.keep_files
     }
 
+    /// Each log as the document names it.
     pub fn logs(&self) -> impl Iterator<Item = HandedOffView<'_>> {
         self.logs.iter().map(|f| HandedOffView {
             pipe: f.pipe.as_raw_fd(),
             path: &f.path,
             owner: &f.owner,
             counters: f.counters(),
+            file: if self.keep_files {
+                f.file_for_handoff()
+            } else {
+                None
+            },
         })
     }
 
-    /// Waits until the pump has let go of the logs, then
-    /// gives up ownership of every pipe: they stay open for the next image (or for the
-    /// restore after a failed exec, which adopts them from the document again).
-    /// Returns the pump's epoll set, every pipe still registered in it, for the next
-    /// image (see `LogHandlerState::pumpfd`).
-    pub async fn finish(self) -> Option<OwnedFd> {
-        let mut epoll = None;
-        if let Some(acks) = self.acks {
-            match tokio::time::timeout(HANDOFF_STEP_WAIT, acks.prepared).await {
-                Ok(Ok(fd)) => epoll = fd,
-                _ => error!("the log pump did not hand off in time"),
+    /// The pump's part, to wait for while the document is written from [`Self::logs`].
+    pub fn take_pump(&mut self) -> PumpHandoff {
+        PumpHandoff {
+            acks: self.acks.take(),
+        }
+    }
+
+    /// Waits until the pump has let go of the logs, then releases them (see
+    /// [`Self::release`]). Returns the pump's epoll set, every pipe still registered in
+    /// it, for the next image (see `LogHandlerState::pumpfd`).
+    pub async fn finish(mut self) -> Option<OwnedFd> {
+        let epoll = self.take_pump().prepared().await;
+        self.release();
+        epoll
+    }
+
+    /// After the pump's part ([`PumpHandoff::prepared`]): gives up ownership of every
+    /// pipe (and, into our own image, file): they stay open for the next image (or for
+    /// the restore after a failed exec, which adopts them from the document again).
+    pub fn release(self) {
+        if !self.keep_files {
+            // Into a stranger: no log file may reach it (they are inheritable, see
+            // `rotating_file::open_entry`); the pump closed those of the logs it held.
+            for l in &self.logs {
+                l.close_file();
             }
         }
         // The pipes must stay open, for the next image or for the restore after a
@@ -153,7 +183,30 @@ impl Handoff {
         // does that without a pass over them: a successful exec discards the memory
         // with the address space; a failed one (rare) leaks a few hundred bytes a log.
         std::mem::forget(self.logs);
-        epoll
+    }
+}
+
+/// The pump's side of a re-exec hand-off (see [`Handoff::take_pump`]).
+pub struct PumpHandoff {
+    acks: Option<HandoffAcks>,
+}
+
+impl PumpHandoff {
+    /// The number of the pump's epoll set that [`Self::prepared`] returns.
+    pub fn fd(&self) -> Option<RawFd> {
+        self.acks.as_ref().map(|a| a.epoll_fd)
+    }
+
+    /// Waits until the pump has let go of the logs; returns its epoll set.
+    pub async fn prepared(self) -> Option<OwnedFd> {
+        let acks = self.acks?;
+        match tokio::time::timeout(HANDOFF_STEP_WAIT, acks.prepared).await {
+            Ok(Ok(fd)) => fd,
+            _ => {
+                error!("the log pump did not hand off in time");
+                None
+            }
+        }
     }
 }
 
@@ -210,6 +263,7 @@ impl LogHandler {
             limits,
             files,
             handed_off: AtomicBool::new(false),
+            files_to_next_image: AtomicBool::new(false),
             pump: Pump::new(Arc::new(on_closed)),
             opening: RwLock::new(()),
         });
@@ -351,6 +405,7 @@ impl LogHandler {
             owner,
             rd,
             writer,
+            None,
             self.limits,
             LogCounters::default(),
         ));
@@ -511,7 +566,15 @@ impl LogHandler {
     /// A re-exec has begun: the pump stops and prepares the hand-off while the
     /// servers park their clients.
     pub fn handoff_begins(&self) {
-        self.pump.request_handoff();
+        self.pump
+            .request_handoff(self.files_to_next_image.load(Ordering::Acquire));
+    }
+
+    /// Before a re-exec begins: whether the program it runs is our own image, which
+    /// takes each log's file open instead of reopening it by path (saving a close per
+    /// log in this image's pause). Into anything else every file is closed first.
+    pub fn next_image_is_ours(&self, ours: bool) {
+        self.files_to_next_image.store(ours, Ordering::Release);
     }
 
     /// Re-exec, once the clients are parked: waits until the pump has stopped (so no
@@ -520,7 +583,8 @@ impl LogHandler {
     /// files out of the logs and closes them meanwhile; [`Handoff::finish`] waits for
     /// the first half of that.
     pub async fn begin_handoff(&self) -> Handoff {
-        let acks = self.pump.take_handoff();
+        let keep_files = self.files_to_next_image.load(Ordering::Acquire);
+        let acks = self.pump.take_handoff(keep_files);
         let acks = match acks {
             Some(mut a) => {
                 let stopped = tokio::time::timeout(HANDOFF_STEP_WAIT, &mut a.stopped).await;
@@ -545,8 +609,13 @@ impl LogHandler {
         // are forgotten, not dropped, after a failed exec).
         for l in &logs {
             l.clear_followers();
+            l.freeze();
         }
-        Handoff { logs, acks }
+        Handoff {
+            logs,
+            acks,
+            keep_files,
+        }
     }
 
     /// Clean stop: what QEMU already wrote reaches the files, then the pump ends.
@@ -579,6 +648,7 @@ impl LogHandler {
                     log.owner,
                     log.pipe,
                     None,
+                    log.file,
                     self.limits,
                     log.counters,
                 ));
@@ -837,6 +907,7 @@ mod tests {
                 written,
                 ..LogCounters::default()
             },
+            file: None,
         };
         h.restore(vec![log(rd1, 7), log(rd2, 9)], None).unwrap();
         assert_eq!(h.nfiles(), 1);

@@ -12,7 +12,7 @@ use crate::follow::Followers;
 use crate::rotating_file::{RotatingFileWriter, SpliceStop, PIPE_CHUNK};
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -106,7 +106,14 @@ pub(crate) struct LogFile {
     /// byte (at most 32; it packs with the flags).
     max_size: u64,
     max_backups: u8,
+    /// The file as our previous image handed it over open (inheritable), until the
+    /// first use makes it the writer's (see [`RotatingFileWriter::adopt`]). Taken only
+    /// under the writer lock; its own lock lets a hand-off into a stranger close it
+    /// even while a stuck write holds the writer.
+    inherited_file: Mutex<Option<OwnedFd>>,
     closed: AtomicBool,
+    /// Handed off for re-exec (see [`Self::freeze`]).
+    frozen: AtomicBool,
     /// The pipe had to be made O_NONBLOCK (a kernel without RWF_NOWAIT for pipes).
     nonblocking: AtomicBool,
     /// Bytes read from the pipe that could not be written (disk full, I/O error).
@@ -150,14 +157,27 @@ impl LogFile {
             .writer
             .lock()
             .map_err(|_| io::Error::other("log file lock poisoned"))?;
+        if self.frozen.load(Ordering::Acquire) {
+            return Err(io::Error::other("log handed over for re-exec"));
+        }
         if slot.is_none() {
-            let mut w = RotatingFileWriter::open_shared(
-                self.path.clone(),
-                self.max_size,
-                usize::from(self.max_backups),
-                false,
-                LOG_MODE,
-            )?;
+            let backups = usize::from(self.max_backups);
+            let mut w = match self.take_inherited_file() {
+                Some(fd) => RotatingFileWriter::adopt(
+                    fd,
+                    self.path.clone(),
+                    self.max_size,
+                    backups,
+                    LOG_MODE,
+                )?,
+                None => RotatingFileWriter::open_shared(
+                    self.path.clone(),
+                    self.max_size,
+                    backups,
+                    false,
+                    LOG_MODE,
+                )?,
+            };
             if let Some(f) = self.followers.get() {
                 w.set_tap(f.clone());
             }
@@ -216,11 +236,46 @@ impl LogFile {
         }
     }
 
+    fn take_inherited_file(&self) -> Option<OwnedFd> {
+        self.inherited_file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    /// Re-exec into our own next image, after [`Self::freeze`]: the file to hand over
+    /// open (it is inheritable already, see `rotating_file::open_entry`), or `None`: the
+    /// next image reopens it by path then.
+    ///
+    /// Never waits for the writer: a write stuck on storage holds its lock, and the
+    /// hand-off must not hang on it (that log's file is then reopened by path).
+    pub(crate) fn file_for_handoff(&self) -> Option<RawFd> {
+        let mut slot = self.writer.try_lock().ok()?;
+        match slot.as_ref() {
+            Some(w) => {
+                let fd = w.file_for_handoff();
+                if fd.is_none() {
+                    // Not the file at the path (a rollover moved it away): closed here
+                    // rather than reaching the next image unnamed (it is inheritable).
+                    drop(slot.take());
+                }
+                fd
+            }
+            None => self
+                .inherited_file
+                .try_lock()
+                .ok()?
+                .as_ref()
+                .map(|f| f.as_raw_fd()),
+        }
+    }
+
     pub(crate) fn new(
         path: Arc<Path>,
         owner: LogOwner,
         pipe: OwnedFd,
         writer: Option<RotatingFileWriter>,
+        inherited_file: Option<OwnedFd>,
         limits: Limits,
         carried: LogCounters,
     ) -> Self {
@@ -232,7 +287,9 @@ impl LogFile {
             max_size: limits.max_size,
             // More than 255 (the handler refuses over 32) fails the reopen, as it should.
             max_backups: u8::try_from(limits.max_backups).unwrap_or(u8::MAX),
+            inherited_file: Mutex::new(inherited_file),
             closed: AtomicBool::new(false),
+            frozen: AtomicBool::new(false),
             nonblocking: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
             written: AtomicU64::new(carried.written),
@@ -242,18 +299,53 @@ impl LogFile {
         }
     }
 
-    /// Re-exec (on the pump thread): takes the file out, for the caller to close. The
-    /// pipe is handed over blocking, as libvirt's pipes are (its event handler reads
-    /// once per wake-up, and the next image may be the C daemon); it already is,
-    /// unless this kernel made us fall back to O_NONBLOCK (see [`Self::read_pipe`]).
-    pub(crate) fn release_for_handoff(&self) -> Option<RotatingFileWriter> {
+    /// Re-exec (on the pump thread): unless the file goes to our own next image
+    /// (`keep_file`, see [`Self::file_for_handoff`]), takes it out, for the caller to
+    /// close; a file still as our previous image handed it over (inheritable) is
+    /// closed here, so a stranger never gets it. The pipe is handed over blocking, as
+    /// libvirt's pipes are (its event handler reads once per wake-up, and the next
+    /// image may be the C daemon); it already is, unless this kernel made us fall back
+    /// to O_NONBLOCK (see [`Self::read_pipe`]).
+    pub(crate) fn release_for_handoff(&self, keep_file: bool) -> Option<RotatingFileWriter> {
+        // Nothing to do then, and the writer lock is left to the hand-off's own pass
+        // over the files (see `file_for_handoff`), which does not wait for it.
+        if keep_file && !self.nonblocking.load(Ordering::Relaxed) {
+            return None;
+        }
         let mut slot = self.writer.lock().ok()?;
         if self.nonblocking.swap(false, Ordering::Relaxed) {
             if let Err(e) = set_blocking(&self.pipe) {
                 warn!(path = %self.path.display(), "cannot make log pipe blocking: {e}");
             }
         }
+        if keep_file {
+            return None;
+        }
+        drop(self.take_inherited_file());
         slot.take()
+    }
+
+    /// Re-exec into a stranger, after the pump's hand-off: closes this log's file (the
+    /// pump's pass closes those of the logs it held; this covers the rest). A write
+    /// stuck on storage keeps its writer locked, and that one file then reaches the
+    /// next image, unnamed; the hand-off does not wait for it.
+    pub(crate) fn close_file(&self) {
+        if let Ok(mut f) = self.inherited_file.try_lock() {
+            drop(f.take());
+        }
+        match self.writer.try_lock() {
+            Ok(mut w) => drop(w.take()),
+            Err(_) => {
+                error!(path = %self.path.display(), "log file busy; it stays open across re-exec")
+            }
+        }
+    }
+
+    /// Re-exec: from now on this log's file stays as it is (no first open, no
+    /// rollover), so the file the state document names is the one the exec hands over;
+    /// a call that comes too late to be parked gets an error instead.
+    pub(crate) fn freeze(&self) {
+        self.frozen.store(true, Ordering::Release);
     }
 
     /// One read of the pipe that never waits. The pipe itself stays blocking (as

@@ -81,6 +81,8 @@ enum Cmd {
     Handoff {
         stopped: oneshot::Sender<()>,
         prepared: oneshot::Sender<Option<OwnedFd>>,
+        /// The files go to our own next image (see [`LogFile::release_for_handoff`]).
+        keep_files: bool,
     },
 }
 
@@ -179,22 +181,22 @@ impl Pump {
 
     /// A re-exec has begun: the thread stops and prepares the hand-off while the
     /// servers park their clients; [`Self::take_handoff`] collects the answers.
-    pub(crate) fn request_handoff(&self) {
+    pub(crate) fn request_handoff(&self, keep_files: bool) {
         let Ok(mut running) = self.running.lock() else {
             return;
         };
         if let Some(r) = running.as_mut().filter(|r| r.handoff.is_none()) {
-            r.handoff = Some(send_handoff(r));
+            r.handoff = Some(send_handoff(r, keep_files));
         }
     }
 
     /// The re-exec's hand-off: detaches the thread (a later `add` starts a new one, as
     /// after a failed exec) and returns its acknowledgements; `None` if no thread ran.
-    pub(crate) fn take_handoff(&self) -> Option<HandoffAcks> {
+    pub(crate) fn take_handoff(&self, keep_files: bool) -> Option<HandoffAcks> {
         let mut r = self.running.lock().ok().and_then(|mut r| r.take())?;
         Some(match r.handoff.take() {
             Some(acks) => acks,
-            None => send_handoff(&r),
+            None => send_handoff(&r, keep_files),
         })
     }
 
@@ -269,12 +271,13 @@ fn send_stop(r: &Running, drain: bool) -> Receiver<()> {
 }
 
 /// Queues a re-exec's stop.
-fn send_handoff(r: &Running) -> HandoffAcks {
+fn send_handoff(r: &Running, keep_files: bool) -> HandoffAcks {
     let (stopped_tx, stopped) = oneshot::channel();
     let (prepared_tx, prepared) = oneshot::channel();
     let cmd = Cmd::Handoff {
         stopped: stopped_tx,
         prepared: prepared_tx,
+        keep_files,
     };
     if r.tx.send(cmd).is_ok() {
         let _ = r.wake.write(1);
@@ -347,9 +350,13 @@ impl Thread {
                     }
                     return;
                 }
-                Some(Cmd::Handoff { stopped, prepared }) => {
+                Some(Cmd::Handoff {
+                    stopped,
+                    prepared,
+                    keep_files,
+                }) => {
                     let _ = stopped.send(());
-                    return self.hand_off(prepared);
+                    return self.hand_off(prepared, keep_files);
                 }
             }
             let timeout = if more_waiting {
@@ -638,21 +645,28 @@ impl Thread {
         }
     }
 
-    /// Re-exec: every file leaves its log (see [`LogFile::release_for_handoff`]); then
-    /// the logs are let go of, and the files are closed last, while the daemon writes
-    /// its state and execs. The epoll set goes to the next image with its pipes still
-    /// registered: closing it here would unregister every pipe one by one (about a
-    /// microsecond each) inside the pause, and the next image would register them again.
-    fn hand_off(mut self, prepared: oneshot::Sender<Option<OwnedFd>>) {
-        let mut files = Vec::with_capacity(self.slots.len());
+    /// Re-exec: every file leaves its log (see [`LogFile::release_for_handoff`]) and is
+    /// closed, while the daemon writes its state, unless `keep_files` (they go to our
+    /// own next image, open); then the logs are let go of. The
+    /// epoll set goes to the next image with its pipes still registered: closing it
+    /// here would unregister every pipe one by one (about a microsecond each) inside
+    /// the pause, and the next image would register them again.
+    fn hand_off(mut self, prepared: oneshot::Sender<Option<OwnedFd>>, keep_files: bool) {
+        let mut files = Vec::with_capacity(if keep_files { 0 } else { self.slots.len() });
         for slot in self.slots.drain(..).flatten() {
-            files.extend(slot.file.release_for_handoff());
+            files.extend(slot.file.release_for_handoff(keep_files));
         }
         // Our command eventfd closes at exec, which unregisters it by itself; taken out
         // now so that a restore after a failed exec does not get its wake-ups.
         let _ = self.epoll.delete(self.wake.as_fd());
-        let _ = prepared.send(Some(self.epoll.0));
-        drop(files);
+        if keep_files {
+            let _ = prepared.send(Some(self.epoll.0));
+        } else {
+            // Closed before the exec may start: the files are inheritable (see
+            // `rotating_file::open_entry`), and the next image is not ours.
+            drop(files);
+            let _ = prepared.send(Some(self.epoll.0));
+        }
     }
 
     /// Quit: what QEMU wrote before the stop reaches its file (bounded, as for RPCs).

@@ -25,7 +25,7 @@
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -59,6 +59,12 @@ fn check_max_backups(max_backups: usize) -> io::Result<()> {
     self::max_backups(max_backups as u64)
         .map(drop)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+/// [`check_max_backups`], and the count as the byte a writer keeps.
+fn checked_backups(max_backups: usize) -> io::Result<u8> {
+    check_max_backups(max_backups)?;
+    u8::try_from(max_backups).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
 }
 
 /// `path.index`, built from raw bytes so non-UTF-8 paths survive.
@@ -142,23 +148,25 @@ impl<T> Describe<T> for io::Result<T> {
     }
 }
 
-/// Opens `path` (O_CLOEXEC added) without ever waiting for a FIFO's other end: the
+/// Opens `path` (close-on-exec only with `cloexec`) without ever waiting for a FIFO's other end: the
 /// open is O_NONBLOCK, a FIFO is refused (with or without a peer), and O_NONBLOCK is
 /// then cleared on a regular file. A device keeps it, so that one with nothing to say
 /// (a tty) answers EAGAIN instead of holding the call. A regular file under a lease
 /// (F_SETLEASE) says EWOULDBLOCK to a non-blocking open: that open started the lease
 /// break, and the file is opened again, blocking, to wait for its end as 9.0 does (the
 /// kernel bounds the wait by `fs.lease-break-time`). Also returns the file's metadata.
-fn open_no_wait(path: &Path, opts: &OpenOptions) -> io::Result<(File, std::fs::Metadata)> {
+fn open_no_wait(
+    path: &Path,
+    opts: &OpenOptions,
+    cloexec: bool,
+) -> io::Result<(File, std::fs::Metadata)> {
     use std::os::unix::fs::FileTypeExt;
-    let first = opts
-        .clone()
-        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
-        .open(path);
+    // std opens every file close-on-exec; an inheritable one is cleared after.
+    let first = opts.clone().custom_flags(libc::O_NONBLOCK).open(path);
     let file = match first {
         Ok(f) => f,
         Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
-            opts.clone().custom_flags(libc::O_CLOEXEC).open(path)?
+            opts.clone().custom_flags(0).open(path)?
         }
         // A writer's non-blocking open of a FIFO nobody reads.
         Err(e)
@@ -174,6 +182,9 @@ fn open_no_wait(path: &Path, opts: &OpenOptions) -> io::Result<(File, std::fs::M
         .described(|| format!("Unable to determine current file inode: {}", path.display()))?;
     if meta.file_type().is_fifo() {
         return Err(FileError::fifo(path));
+    }
+    if !cloexec {
+        vh_common::restart::clear_cloexec(file.as_raw_fd())?;
     }
     if meta.file_type().is_file() {
         use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -319,11 +330,17 @@ impl std::fmt::Display for PartialAppend {
 
 /// Open `path` the way libvirt does and return the file, its end offset and inode,
 /// with libvirt's description of a failure.
+///
+/// The file is inheritable for its whole life, as a log's pipe is (see `LogFile`): a
+/// re-exec into our own image hands it over open, and making ten thousand of them
+/// inheritable at that moment would be ten thousand fcntls inside the pause. The only
+/// other program virtlogd runs (`systemctl`, see `stop_intent`) closes every fd past
+/// stdio first, and a re-exec into any other image closes every file beforehand.
 fn open_entry(path: &Path, mode: u32) -> io::Result<(File, u64, u64)> {
     // append(true) gives O_WRONLY|O_APPEND.
     let mut opts = OpenOptions::new();
     opts.append(true).create(true).mode(mode);
-    let (mut file, meta) = open_no_wait(path, &opts)
+    let (mut file, meta) = open_no_wait(path, &opts, false)
         .described(|| format!("Unable to open file: {}", path.display()))?;
     // The position comes from lseek(END), like the C code (a tty fails here, as in 9.0).
     let pos = file.seek(SeekFrom::End(0)).described(|| {
@@ -360,8 +377,7 @@ impl RotatingFileWriter {
         truncate: bool,
         mode: u32,
     ) -> io::Result<Self> {
-        check_max_backups(max_backups)?;
-        let backups_u8 = u8::try_from(max_backups).map_err(io::Error::other)?;
+        let backups_u8 = checked_backups(max_backups)?;
         if truncate {
             let backups = (0..max_backups).map(|i| backup_path(&path, i));
             for p in std::iter::once(path.to_path_buf()).chain(backups) {
@@ -370,7 +386,60 @@ impl RotatingFileWriter {
             }
         }
         let (file, pos, inode) = open_entry(&path, mode)?;
-        Ok(Self {
+        Ok(Self::with_file(
+            path, max_size, backups_u8, mode, file, pos, inode,
+        ))
+    }
+
+    /// A log's file handed over open across re-exec: kept if it is still the file at
+    /// `path` (same device and inode), which a reopen by path would have found;
+    /// otherwise closed, and `path` opened as [`Self::open`] does (no truncate). Either
+    /// way the position is the file's end, as after libvirt's reopen. The kept file
+    /// stays inheritable, as the files this writer opens itself are (see `open_entry`).
+    pub fn adopt(
+        file: OwnedFd,
+        path: std::sync::Arc<Path>,
+        max_size: u64,
+        max_backups: usize,
+        mode: u32,
+    ) -> io::Result<Self> {
+        use std::os::unix::fs::FileTypeExt;
+        let backups_u8 = checked_backups(max_backups)?;
+        let mut file = File::from(file);
+        let same = match (file.metadata(), std::fs::metadata(&path)) {
+            (Ok(held), Ok(named)) => {
+                held.file_type().is_file()
+                    && !held.file_type().is_fifo()
+                    && (held.dev(), held.ino()) == (named.dev(), named.ino())
+            }
+            _ => false,
+        };
+        if !same {
+            drop(file);
+            return Self::open_shared(path, max_size, max_backups, false, mode);
+        }
+        let pos = file.seek(SeekFrom::End(0)).described(|| {
+            format!(
+                "Unable to determine current file offset: {}",
+                path.display()
+            )
+        })?;
+        let inode = file.metadata()?.ino();
+        Ok(Self::with_file(
+            path, max_size, backups_u8, mode, file, pos, inode,
+        ))
+    }
+
+    fn with_file(
+        path: std::sync::Arc<Path>,
+        max_size: u64,
+        backups_u8: u8,
+        mode: u32,
+        file: File,
+        pos: u64,
+        inode: u64,
+    ) -> Self {
+        Self {
             tap: None,
             path,
             max_backups: backups_u8,
@@ -388,7 +457,14 @@ impl RotatingFileWriter {
             rollovers: 0,
             #[cfg(test)]
             write_calls: 0,
-        })
+        }
+    }
+
+    /// The open file to hand to our next image across re-exec, if there is one that a
+    /// reopen by path would find: not after a rollover that moved the current file
+    /// away and could not open the new one (the next image opens `path` then).
+    pub fn file_for_handoff(&self) -> Option<RawFd> {
+        (!self.displaced).then(|| self.file.as_raw_fd())
     }
 
     /// Primary file path.
@@ -769,7 +845,7 @@ impl RotatingFileReader {
             .map(|i| backup_path(&path, i))
             .chain(std::iter::once(path.clone()));
         for p in names {
-            let (file, inode) = match open_no_wait(&p, OpenOptions::new().read(true)) {
+            let (file, inode) = match open_no_wait(&p, OpenOptions::new().read(true), true) {
                 Ok((f, meta)) => (Some(f), meta.ino()),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => (None, 0),
                 Err(e) => {
@@ -841,6 +917,30 @@ impl RotatingFileReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file handed over across re-exec is kept, position at its end, when it is
+    /// still the file at the path; one moved away is left for the file at the path.
+    #[test]
+    fn adopt_keeps_the_file_at_the_path_and_reopens_another() {
+        use std::os::fd::OwnedFd;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("vm.log");
+        std::fs::write(&p, b"abc").unwrap();
+        let f = OpenOptions::new().append(true).open(&p).unwrap();
+        let n = f.as_raw_fd();
+        let w =
+            RotatingFileWriter::adopt(OwnedFd::from(f), p.as_path().into(), 0, 0, 0o600).unwrap();
+        assert_eq!((w.file.as_raw_fd(), w.position()), (n, 3));
+        assert_eq!(w.file_for_handoff(), Some(n));
+        let f = OpenOptions::new().append(true).open(&p).unwrap();
+        let moved = d.path().join("moved");
+        std::fs::rename(&p, &moved).unwrap();
+        let w =
+            RotatingFileWriter::adopt(OwnedFd::from(f), p.as_path().into(), 0, 0, 0o600).unwrap();
+        assert_eq!(w.position(), 0);
+        assert_eq!(w.inode(), std::fs::metadata(&p).unwrap().ino());
+        assert_ne!(w.inode(), std::fs::metadata(&moved).unwrap().ino());
+    }
     use proptest::prelude::*;
     use std::os::fd::AsFd;
     use std::os::unix::fs::PermissionsExt;

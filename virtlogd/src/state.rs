@@ -105,6 +105,63 @@ pub struct LogdState {
     /// parse in the new one, about as much of the re-exec pause as all the rest.
     #[serde(rename = "vhLogCounters", skip_serializing_if = "Option::is_none")]
     pub log_counters: Option<Vec<[u64; 3]>>,
+    /// Ours only, under [`LOG_FILES_KEY`], and only when the next image is ours (see
+    /// `LogDaemon::next_image_is_ours`): each log's open file, one fd per entry of
+    /// `handler.files`, in the same order, -1 for a log whose file is not handed over
+    /// (the next image reopens it by path, as always). libvirt's C daemons neither
+    /// write nor keep it; a key that is not a list of numbers counts as absent.
+    #[serde(rename = "vhLogFiles", skip_serializing_if = "Option::is_none")]
+    pub log_files: Option<Vec<RawFd>>,
+}
+
+/// [`LogdState`] as a re-exec writes it, borrowing each log's strings from the log
+/// table instead of copying three of them per log inside the pause. Its text is the
+/// owned document's (with `vhCounters` absent, which the hand-off never writes).
+#[derive(Debug, Serialize)]
+pub struct LogdStateRef<'a> {
+    pub daemon: DaemonState,
+    pub magic: String,
+    pub handler: LogHandlerStateRef<'a>,
+    #[serde(rename = "vhLogCounters", skip_serializing_if = "Option::is_none")]
+    pub log_counters: Option<Vec<[u64; 3]>>,
+    #[serde(rename = "vhLogFiles", skip_serializing_if = "Option::is_none")]
+    pub log_files: Option<Vec<RawFd>>,
+}
+
+/// [`LogHandlerState`], borrowed (see [`LogdStateRef`]).
+#[derive(Debug, Serialize)]
+pub struct LogHandlerStateRef<'a> {
+    pub files: Vec<LogFileStateRef<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pumpfd: Option<RawFd>,
+}
+
+/// [`LogFileState`], borrowed (see [`LogdStateRef`]).
+#[derive(Debug, Serialize)]
+pub struct LogFileStateRef<'a> {
+    pub pipefd: RawFd,
+    pub path: &'a str,
+    pub driver: &'a str,
+    pub domname: &'a str,
+    #[serde(with = "restart::uuid_text")]
+    pub domuuid: Uuid,
+}
+
+/// Top-level key of [`LogdState::log_files`].
+pub const LOG_FILES_KEY: &str = "vhLogFiles";
+
+/// [`LogdState::log_files`] as read: anything but a list of fd numbers is no list.
+fn lenient_fds<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Vec<RawFd>>, D::Error> {
+    Ok(fds_of(&Value::deserialize(d)?))
+}
+
+fn fds_of(v: &Value) -> Option<Vec<RawFd>> {
+    v.as_array()?
+        .iter()
+        .map(|n| n.as_i64().and_then(|n| RawFd::try_from(n).ok()))
+        .collect()
 }
 
 /// Top-level key of the rows of [`LogdState::log_counters`] (ignored by libvirt, as
@@ -126,6 +183,8 @@ impl StateDocument for LogdState {
             counters: Option<Value>,
             #[serde(rename = "vhLogCounters", default)]
             log_counters: Option<Vec<[u64; 3]>>,
+            #[serde(rename = "vhLogFiles", default, deserialize_with = "lenient_fds")]
+            log_files: Option<Vec<RawFd>>,
         }
         let doc: Doc = serde_json::from_str(text).ok()?;
         let daemon = DaemonState::from_value(&doc.daemon, VIRTLOGD_SERVER).ok()?;
@@ -135,6 +194,7 @@ impl StateDocument for LogdState {
             handler: doc.handler,
             counters: doc.counters,
             log_counters: doc.log_counters,
+            log_files: doc.log_files,
         })
     }
 
@@ -155,6 +215,7 @@ impl StateDocument for LogdState {
             handler,
             counters: o.get(COUNTERS_KEY).cloned(),
             log_counters,
+            log_files: o.get(LOG_FILES_KEY).and_then(fds_of),
         })
     }
 }
@@ -313,6 +374,77 @@ mod tests {
         assert_eq!(walk, doc);
         let bad = text.replace("18446744073709551615", "\"x\"");
         assert_eq!(LogdState::parse(&bad).unwrap().log_counters, None);
+    }
+
+    /// Our open files' key: read by both paths, written only when present, and a key
+    /// that is not a list of fd numbers counts as absent rather than refusing the
+    /// document (libvirt's documents never have it).
+    #[test]
+    fn log_files_key_round_trips_and_a_bad_one_is_absent() {
+        let plain = LogdState::parse(LOGD_FIXTURE).unwrap();
+        assert_eq!(plain.log_files, None);
+        assert!(!plain.to_json_string().contains(LOG_FILES_KEY));
+        let mut doc = plain.clone();
+        doc.log_files = Some(vec![17, -1]);
+        let text = doc.to_json_string();
+        assert!(text.contains(LOG_FILES_KEY));
+        assert_eq!(LogdState::parse_fast(&text), Some(doc.clone()));
+        let walk = LogdState::from_value(&parse_text(&text).unwrap()).unwrap();
+        assert_eq!(walk, doc);
+        for bad in ["\"x\"", "[1, \"2\"]", "[1.5]", "[4294967296]", "{}", "null"] {
+            let mut v = value(&text);
+            v[LOG_FILES_KEY] = serde_json::from_str(bad).unwrap();
+            let t = v.to_string();
+            assert_eq!(LogdState::parse(&t).unwrap().log_files, None, "{bad}");
+            assert_eq!(LogdState::parse_fast(&t).unwrap().log_files, None, "{bad}");
+        }
+    }
+
+    /// The hand-off writes borrowed views; its text is the owned document's, byte for
+    /// byte, compact and pretty, with and without our keys.
+    #[test]
+    fn borrowed_document_writes_the_owned_text() {
+        for (fixture, ours) in [
+            (LOGD_FIXTURE, false),
+            (LOGD_FIXTURE, true),
+            (LOGD_11_3, true),
+        ] {
+            let mut st = LogdState::parse(fixture).unwrap();
+            if ours {
+                st.handler.pumpfd = Some(99);
+                st.log_counters = Some(vec![[1, 2, 3]; st.handler.files.len()]);
+                st.log_files = Some((0..st.handler.files.len() as i32).map(|i| 40 + i).collect());
+            }
+            let borrowed = LogdStateRef {
+                daemon: st.daemon.clone(),
+                magic: st.magic.clone(),
+                handler: LogHandlerStateRef {
+                    files: st
+                        .handler
+                        .files
+                        .iter()
+                        .map(|f| LogFileStateRef {
+                            pipefd: f.pipefd,
+                            path: &f.path,
+                            driver: &f.driver,
+                            domname: &f.domname,
+                            domuuid: f.domuuid,
+                        })
+                        .collect(),
+                    pumpfd: st.handler.pumpfd,
+                },
+                log_counters: st.log_counters.clone(),
+                log_files: st.log_files.clone(),
+            };
+            assert_eq!(
+                vh_common::restart::compact_doc(&borrowed),
+                vh_common::restart::compact_doc(&st)
+            );
+            assert_eq!(
+                vh_common::restart::pretty_doc(&borrowed),
+                st.to_json_string()
+            );
+        }
     }
 
     #[test]
