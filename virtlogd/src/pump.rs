@@ -17,8 +17,9 @@
 //! The delay never reaches libvirtd: every call that reads or reports a log
 //! (GetLogFilePosition, ReadLogFile, AppendLogFile) first drains that file's pipe under
 //! the file lock. It is visible only to a process reading the file itself (`tail -f`),
-//! and bounded by [`MAX_COALESCE`]. An isolated line is handled at once: the sleep comes
-//! after a round, never before it.
+//! and bounded by [`MAX_COALESCE`] while at most 1,250 pipes are busy at once (beyond
+//! that, by up to a quarter of a second: see [`stretched_pause`]). An isolated line is
+//! handled at once: the sleep comes after a round, never before it.
 
 use crate::log_file::{LogFile, Pumped, DRAIN_READS};
 use nix::errno::Errno;
@@ -47,7 +48,7 @@ const STRETCH_FROM: usize = 1250;
 /// Time each ready pipe past [`STRETCH_FROM`] adds to a stretched round (pause
 /// included): 40,000 more pipe services a second at most.
 const STRETCH_PER_PIPE: Duration = Duration::from_micros(25);
-/// The longest a stretched round may last (reached at 10,000 ready pipes): a writer
+/// The longest a stretched round may last (reached at about 10,450 ready pipes): a writer
 /// that starts flooding during one must not wait long on a full pipe (a round that
 /// finds a pipe filling is not stretched again).
 const MAX_STRETCHED: Duration = Duration::from_millis(250);
@@ -730,8 +731,8 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
-    /// Up to 1,250 ready pipes a stretched pause never exceeds what is left of
-    /// MAX_COALESCE after the round, so the 1,000-busy-pipe latency bound is untouched.
+    /// Up to 1,250 ready pipes nothing is stretched, so the 1,000-busy-pipe latency
+    /// bound is untouched.
     #[test]
     fn no_stretch_up_to_the_latency_targets_pipes() {
         for pipes in [1, 100, 1000, STRETCH_FROM] {
