@@ -53,8 +53,9 @@ const STRETCH_PER_PIPE: Duration = Duration::from_micros(25);
 /// finds a pipe filling is not stretched again).
 const MAX_STRETCHED: Duration = Duration::from_millis(250);
 /// A round whose reads averaged at least this much is not stretched: each read then
-/// already carries enough for its syscalls not to matter (one pipe page).
-const STRETCH_BELOW: usize = 4096;
+/// carries ten lines or so, enough for its syscalls to matter less. Also keeps bulk
+/// rounds out (a 4,100-byte write can be read as 4,096 bytes and then 4).
+const STRETCH_BELOW: usize = 1024;
 /// First pause once rounds find little data.
 const START_COALESCE: Duration = Duration::from_micros(200);
 /// Shorter pauses than this are not worth a sleep.
@@ -346,7 +347,7 @@ impl Thread {
         let mut moved_any = false;
         let mut fullest = 0.0f64;
         let mut round_events = 0usize;
-        // Pipes serviced in this round and the bytes they gave (see stretched_pause).
+        // Pipes that gave bytes in this round, and how many (see stretched_pause).
         let mut round_pipes = 0usize;
         let mut round_bytes = 0usize;
         // When the current round found its first ready pipe (see MAX_COALESCE).
@@ -413,8 +414,12 @@ impl Thread {
                     continue;
                 }
                 let (bytes, fill, more) = self.service(idx);
-                round_pipes += 1;
-                round_bytes += bytes;
+                // Only pipes that gave bytes: a round of pipes found at EOF (guests
+                // gone) is not one of tiny reads, and is not to be stretched.
+                if bytes > 0 {
+                    round_pipes += 1;
+                    round_bytes += bytes;
+                }
                 moved_any |= bytes > 0;
                 more_waiting |= more;
                 fullest = fullest.max(fill);
