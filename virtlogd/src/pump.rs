@@ -41,14 +41,14 @@ use tracing::{debug, error, warn};
 /// after a round is what is left of this once the round is taken off (see
 /// [`Thread::run`]).
 pub const MAX_COALESCE: Duration = Duration::from_millis(20);
-/// Pipes ready in one round above which a round of tiny reads is stretched (see
+/// Pipes giving bytes in one round above which a round of tiny reads is stretched (see
 /// [`stretched_pause`]): above the latency target's 1,000 busy pipes, with room for a
 /// few more (a probe, a console) so that its bound is untouched.
 const STRETCH_FROM: usize = 1250;
-/// Time each ready pipe past [`STRETCH_FROM`] adds to a stretched round (pause
+/// Time each such pipe past [`STRETCH_FROM`] adds to a stretched round (pause
 /// included): 40,000 more pipe services a second at most.
 const STRETCH_PER_PIPE: Duration = Duration::from_micros(25);
-/// The longest a stretched round may last (reached at about 10,450 ready pipes): a writer
+/// The longest a stretched round may last (reached at about 10,450 such pipes): a writer
 /// that starts flooding during one must not wait long on a full pipe (a round that
 /// finds a pipe filling is not stretched again).
 const MAX_STRETCHED: Duration = Duration::from_millis(250);
@@ -347,7 +347,7 @@ impl Thread {
         let mut moved_any = false;
         let mut fullest = 0.0f64;
         let mut round_events = 0usize;
-        // Pipes that gave bytes in this round, and how many (see stretched_pause).
+        // Pipes that gave bytes in this round, and the bytes (see stretched_pause).
         let mut round_pipes = 0usize;
         let mut round_bytes = 0usize;
         // When the current round found its first ready pipe (see MAX_COALESCE).
@@ -697,9 +697,9 @@ impl Thread {
 ///
 /// The pump's cost is per pipe serviced (an epoll event, a read, a write), hardly per
 /// byte, so when thousands of pipes each get a line now and then, CPU per byte is set
-/// by how often each is serviced. Past [`STRETCH_FROM`] ready pipes a round plus its
-/// pause lasts [`MAX_COALESCE`] plus [`STRETCH_PER_PIPE`] for each pipe beyond, up to
-/// [`MAX_STRETCHED`]: with 10,000 pipes each getting a line every 70 ms a read then
+/// by how often each is serviced. Past [`STRETCH_FROM`] pipes giving bytes, a round
+/// plus its pause lasts [`MAX_COALESCE`] plus [`STRETCH_PER_PIPE`] for each pipe
+/// beyond, up to [`MAX_STRETCHED`]: with 10,000 pipes each getting a line every 70 ms a read then
 /// carries two or three lines instead of about one. The price is that a `tail -f` (or
 /// a follower) may wait that long for a line while that many pipes are busy;
 /// libvirt's own calls never wait (each drains its log first). Up to `STRETCH_FROM`
