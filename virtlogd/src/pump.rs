@@ -17,8 +17,9 @@
 //! The delay never reaches libvirtd: every call that reads or reports a log
 //! (GetLogFilePosition, ReadLogFile, AppendLogFile) first drains that file's pipe under
 //! the file lock. It is visible only to a process reading the file itself (`tail -f`),
-//! and bounded by [`MAX_COALESCE`]. An isolated line is handled at once: the sleep comes
-//! after a round, never before it.
+//! and bounded by [`MAX_COALESCE`] while at most 1,250 pipes are busy at once (beyond
+//! that, by up to a quarter of a second: see [`stretched_pause`]). An isolated line is
+//! handled at once: the sleep comes after a round, never before it.
 
 use crate::log_file::{LogFile, Pumped, DRAIN_READS};
 use nix::errno::Errno;
@@ -40,6 +41,21 @@ use tracing::{debug, error, warn};
 /// after a round is what is left of this once the round is taken off (see
 /// [`Thread::run`]).
 pub const MAX_COALESCE: Duration = Duration::from_millis(20);
+/// Pipes giving bytes in one round above which a round of tiny reads is stretched (see
+/// [`stretched_pause`]): above the latency target's 1,000 busy pipes, with room for a
+/// few more (a probe, a console) so that its bound is untouched.
+const STRETCH_FROM: usize = 1250;
+/// Time each such pipe past [`STRETCH_FROM`] adds to a stretched round (pause
+/// included): 40,000 more pipe services a second at most.
+const STRETCH_PER_PIPE: Duration = Duration::from_micros(25);
+/// The longest a stretched round may last (reached at about 10,450 such pipes): a writer
+/// that starts flooding during one must not wait long on a full pipe (a round that
+/// finds a pipe filling is not stretched again).
+const MAX_STRETCHED: Duration = Duration::from_millis(250);
+/// A round whose reads averaged at least this much is not stretched: each read then
+/// carries ten lines or so, enough for its syscalls to matter less. Also keeps bulk
+/// rounds out (a 4,100-byte write can be read as 4,096 bytes and then 4).
+const STRETCH_BELOW: usize = 1024;
 /// First pause once rounds find little data.
 const START_COALESCE: Duration = Duration::from_micros(200);
 /// Shorter pauses than this are not worth a sleep.
@@ -334,6 +350,9 @@ impl Thread {
         let mut moved_any = false;
         let mut fullest = 0.0f64;
         let mut round_events = 0usize;
+        // Pipes that gave bytes in this round, and the bytes (see stretched_pause).
+        let mut round_pipes = 0usize;
+        let mut round_bytes = 0usize;
         // When the current round found its first ready pipe (see MAX_COALESCE).
         let mut round_start: Option<Instant> = None;
         loop {
@@ -402,6 +421,12 @@ impl Thread {
                     continue;
                 }
                 let (bytes, fill, more) = self.service(idx);
+                // Only pipes that gave bytes: a round of pipes found at EOF (guests
+                // gone) is not one of tiny reads, and is not to be stretched.
+                if bytes > 0 {
+                    round_pipes += 1;
+                    round_bytes += bytes;
+                }
                 moved_any |= bytes > 0;
                 more_waiting |= more;
                 fullest = fullest.max(fill);
@@ -430,13 +455,18 @@ impl Thread {
                 // busy pipes a round takes 5-10 ms on a loaded machine, and a full
                 // pause after it put a line's p99 at 25-31 ms. The adaptive value
                 // itself is kept, so the pause grows back when rounds get short.
-                let pause = self.coalesce.min(MAX_COALESCE.saturating_sub(round));
+                let pause = self
+                    .coalesce
+                    .min(MAX_COALESCE.saturating_sub(round))
+                    .max(stretched_pause(round, round_pipes, round_bytes, fullest));
                 if pause >= MIN_COALESCE {
                     self.pause(pause);
                 }
             }
             moved_any = false;
             fullest = 0.0;
+            round_pipes = 0;
+            round_bytes = 0;
         }
     }
 
@@ -677,6 +707,33 @@ impl Thread {
     }
 }
 
+/// The pause after a round over very many pipes that each gave a line or two.
+///
+/// The pump's cost is per pipe serviced (an epoll event, a read, a write), hardly per
+/// byte, so when thousands of pipes each get a line now and then, CPU per byte is set
+/// by how often each is serviced. Past [`STRETCH_FROM`] pipes giving bytes, a round
+/// plus its pause lasts [`MAX_COALESCE`] plus [`STRETCH_PER_PIPE`] for each pipe
+/// beyond, up to [`MAX_STRETCHED`]: with 10,000 pipes each getting a line every 70 ms a read then
+/// carries two or three lines instead of about one. The price is that a `tail -f` (or
+/// a follower) may wait that long for a line while that many pipes are busy;
+/// libvirt's own calls never wait (each drains its log first). Up to `STRETCH_FROM`
+/// this is zero, so the caller's pause (at most `MAX_COALESCE` minus the round) and
+/// the latency bound for 1,000 busy pipes are untouched.
+///
+/// Never when a pipe was found filling (`fullest`, see [`Thread::adapt`]): a guest
+/// that floods must not wait on a full pipe for a stretched pause; nor when the reads
+/// were big enough to be cheap per byte.
+fn stretched_pause(round: Duration, pipes: usize, bytes: usize, fullest: f64) -> Duration {
+    if fullest >= 0.125 || pipes <= STRETCH_FROM || bytes / pipes >= STRETCH_BELOW {
+        return Duration::ZERO;
+    }
+    let beyond = u32::try_from(pipes - STRETCH_FROM).unwrap_or(u32::MAX);
+    let cycle = MAX_COALESCE
+        .saturating_add(STRETCH_PER_PIPE.saturating_mul(beyond))
+        .min(MAX_STRETCHED);
+    cycle.saturating_sub(round)
+}
+
 /// Linux's default pipe capacity (16 pages).
 const DEFAULT_PIPE: usize = 65_536;
 
@@ -684,5 +741,49 @@ fn pipe_capacity(file: &LogFile) -> usize {
     match nix::fcntl::fcntl(file.pipe.as_raw_fd(), nix::fcntl::FcntlArg::F_GETPIPE_SZ) {
         Ok(n) if n > 0 => n as usize,
         _ => DEFAULT_PIPE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Up to 1,250 ready pipes nothing is stretched, so the 1,000-busy-pipe latency
+    /// bound is untouched.
+    #[test]
+    fn no_stretch_up_to_the_latency_targets_pipes() {
+        for pipes in [1, 100, 1000, STRETCH_FROM] {
+            for round in [Duration::ZERO, 3 * MS, 10 * MS] {
+                let p = stretched_pause(round, pipes, pipes * 100, 0.0);
+                assert_eq!(p, Duration::ZERO, "{pipes} pipes");
+            }
+        }
+        // Continuous at the knee: one pipe more adds one step, not a jump.
+        let p = stretched_pause(Duration::ZERO, STRETCH_FROM + 1, 100, 0.0);
+        assert_eq!(p, MAX_COALESCE + STRETCH_PER_PIPE);
+    }
+
+    #[test]
+    fn many_tiny_reads_stretch_the_round() {
+        // 5,250 pipes of one line each: a round plus its pause of 120 ms.
+        assert_eq!(stretched_pause(40 * MS, 5_250, 525_000, 0.0), 80 * MS);
+        // Bounded, and never negative when the round alone took longer.
+        assert_eq!(
+            stretched_pause(Duration::ZERO, 100_000, 100, 0.0),
+            MAX_STRETCHED
+        );
+        assert_eq!(stretched_pause(300 * MS, 10_000, 100, 0.0), Duration::ZERO);
+    }
+
+    #[test]
+    fn filling_pipes_or_big_reads_are_not_stretched() {
+        assert_eq!(stretched_pause(MS, 10_000, 1_000_000, 0.2), Duration::ZERO);
+        assert_eq!(
+            stretched_pause(MS, 10_000, 10_000 * STRETCH_BELOW, 0.0),
+            Duration::ZERO
+        );
+        assert_eq!(stretched_pause(MS, 0, 0, 0.0), Duration::ZERO);
     }
 }
