@@ -19,7 +19,7 @@
 
 use crate::connection::{FrameReader, Incoming, Outbox, ReadEnd};
 use crate::error::{RpcError, MESSAGE_STRING_MAX};
-use crate::protocol::{self, msg_type, status};
+use crate::protocol::{self, msg_type, status, Header};
 use crate::xdr::XdrError;
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -160,6 +160,21 @@ pub trait Program: Send + Sync + 'static {
     fn dispatch_deferred(&self, ctx: &mut CallContext<'_>, proc_: i32, args: &[u8]) -> Dispatched {
         Dispatched::Now(self.dispatch(ctx, proc_, args))
     }
+}
+
+/// Where [`Server::begin_call`] left a message.
+enum CallStep {
+    /// Handled; `false`: close once the queued reply is sent.
+    Done(bool),
+    /// A deferred call: its work, then [`Server::finish_call`] with the rest.
+    Later(LaterCall),
+}
+
+/// What a deferred call's reply needs once its work is done.
+struct LaterCall {
+    work: std::pin::Pin<Box<dyn std::future::Future<Output = Result<Reply, DispatchError>> + Send>>,
+    header: Header,
+    close_after: bool,
 }
 
 /// A call's result, or the work still to do for it.
@@ -739,7 +754,17 @@ impl Server {
                     break RunState::Quit;
                 }
             };
-            if !self.handle(&info, &mut private, msg, &mut outbox).await {
+            // Only a deferred call's own future is awaited here; the rest of the call is
+            // synchronous, so the connection's future does not carry a `handle` state
+            // (its message, header, program) while it waits for the next request.
+            let keep = match self.begin_call(&info, &mut private, msg, &mut outbox) {
+                CallStep::Done(keep) => keep,
+                CallStep::Later(later) => {
+                    let res = later.work.await;
+                    self.finish_call(&info, &later.header, later.close_after, res, &mut outbox)
+                }
+            };
+            if !keep {
                 close_when_sent = true;
             }
             if let Some(hook) = self.store_hook.get() {
@@ -831,15 +856,16 @@ impl Server {
         }
     }
 
-    /// Dispatches one message and queues what it produces. `false`: close once that is
-    /// sent.
-    async fn handle(
+    /// Dispatches one message and queues what it produces (`Done(false)`: close once
+    /// that is sent), or hands back a deferred call's work for the caller to await and
+    /// pass to [`Self::finish_call`].
+    fn begin_call(
         self: &Arc<Self>,
         info: &ClientInfo,
         private: &mut Private,
         msg: Incoming,
         out: &mut Outbox,
-    ) -> bool {
+    ) -> CallStep {
         let h = msg.header;
         // 1. Keepalive is consumed before dispatch, and only as type MESSAGE.
         if h.prog == protocol::KEEPALIVE_PROGRAM
@@ -849,7 +875,7 @@ impl Server {
             if h.proc_ == protocol::KEEPALIVE_PING {
                 out.push(protocol::pong_frame(), Vec::new());
             }
-            return true;
+            return CallStep::Done(true);
         }
         let is_call = h.type_ == msg_type::CALL || h.type_ == msg_type::CALL_WITH_FDS;
         // 2. Find the program.
@@ -876,7 +902,7 @@ impl Server {
                     h.proc_
                 );
             }
-            return true;
+            return CallStep::Done(true);
         };
         // 3. Only calls are answered; anything else is dropped without a word (but
         // logged, as 9.0 does; it ignores stream data quietly).
@@ -884,7 +910,7 @@ impl Server {
             if h.type_ != msg_type::STREAM {
                 self.violation_kept(info, &format!("Unexpected message type {}", h.type_));
             }
-            return true;
+            return CallStep::Done(true);
         }
         // 4. Status must be OK.
         if h.status != status::OK {
@@ -892,7 +918,7 @@ impl Server {
             let e = RpcError::rpc(format!("Unexpected message status {}", h.status as u32));
             self.call_refused(info, &e);
             out.push(protocol::encode_error_frame(&h, &e), Vec::new());
-            return true;
+            return CallStep::Done(true);
         }
         let mut ctx = CallContext {
             server: self,
@@ -906,8 +932,26 @@ impl Server {
         drop(ctx); // unused call fds are closed here, as libvirt does
         let res = match res {
             Dispatched::Now(r) => r,
-            Dispatched::Later(work) => work.await,
+            Dispatched::Later(work) => {
+                return CallStep::Later(LaterCall {
+                    work,
+                    header: h,
+                    close_after,
+                })
+            }
         };
+        CallStep::Done(self.finish_call(info, &h, close_after, res, out))
+    }
+
+    /// Queues a dispatched call's reply (or error). `false`: close once that is sent.
+    fn finish_call(
+        &self,
+        info: &ClientInfo,
+        h: &Header,
+        close_after: bool,
+        res: Result<Reply, DispatchError>,
+        out: &mut Outbox,
+    ) -> bool {
         // A quit that began meanwhile (a signal, or this very call: admin
         // CONNECT_DAEMON_SHUTDOWN) closes the client without the reply, as 11.3 drops
         // every queued reply when it closes its clients.
