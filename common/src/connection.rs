@@ -73,7 +73,16 @@ const READ_STEPS_PER_POLL: usize = 128;
 pub struct FrameReader {
     len_buf: [u8; 4],
     len_got: usize,
-    /// Body length announced by the length word (valid once `len_got == 4`).
+    /// The rest of the frame, made once its length word is in: a connection waiting
+    /// for its next request (most of them, most of the time) holds 24 bytes here, not
+    /// the ~130 a frame being received needs.
+    frame: Option<Box<PartialFrame>>,
+}
+
+/// A frame whose length word has arrived.
+#[derive(Debug, Default)]
+struct PartialFrame {
+    /// Body length announced by the length word.
     total: usize,
     /// Room for the body, grown step by step; `filled` bytes of it have arrived.
     body: Vec<u8>,
@@ -91,7 +100,7 @@ impl FrameReader {
 
     /// Bytes consumed of the current frame (length word included).
     pub fn consumed(&self) -> usize {
-        self.len_got + self.filled
+        self.len_got + self.frame.as_ref().map_or(0, |f| f.filled)
     }
 
     /// Reads until a whole frame (and its fds) is in; cancel-safe.
@@ -144,58 +153,67 @@ impl FrameReader {
             if self.len_got == 4 {
                 let len = protocol::check_length(u32::from_be_bytes(self.len_buf))
                     .map_err(|e| Step::End(ReadEnd::Broken(e.to_string())))?;
-                self.total = len - protocol::LEN_WORD;
+                self.frame = Some(Box::new(PartialFrame {
+                    total: len - protocol::LEN_WORD,
+                    ..PartialFrame::default()
+                }));
             }
             return Ok(None);
         }
-        if self.filled < self.total {
-            if self.filled == self.body.len() {
+        let Some(f) = self.frame.as_deref_mut() else {
+            // Unreachable: the frame is made with the length word's last byte.
+            return Err(broken("frame state lost"));
+        };
+        if f.filled < f.total {
+            if f.filled == f.body.len() {
                 // Room for the next step, zeroed once; exactly this much (`resize`
                 // alone would double the capacity, and a half-received frame would
                 // hold twice its size).
-                let remaining = self.total - self.filled;
-                let step = if self.filled == 0 && self.total <= BODY_STEP {
-                    self.total
+                let remaining = f.total - f.filled;
+                let step = if f.filled == 0 && f.total <= BODY_STEP {
+                    f.total
                 } else {
-                    remaining.min(BODY_STEP.max(self.filled / 4))
+                    remaining.min(BODY_STEP.max(f.filled / 4))
                 };
-                self.body.reserve_exact(step);
-                self.body.resize(self.filled + step, 0);
+                f.body.reserve_exact(step);
+                f.body.resize(f.filled + step, 0);
             }
-            return match stream.try_read(&mut self.body[self.filled..]) {
+            return match stream.try_read(&mut f.body[f.filled..]) {
                 Ok(0) => Err(broken("reading message: unexpected end of file")),
                 Ok(n) => {
-                    self.filled += n;
+                    f.filled += n;
                     Ok(None)
                 }
                 Err(e) => Err(Step::from_io(e)),
             };
         }
-        let raw = match &self.raw {
+        let raw = match &f.raw {
             Some(r) => r.clone(),
             None => {
-                let r = protocol::parse_body(&self.body)
+                let r = protocol::parse_body(&f.body)
                     .map_err(|e| Step::End(ReadEnd::Broken(e.to_string())))?;
-                self.raw = Some(r.clone());
+                f.raw = Some(r.clone());
                 r
             }
         };
-        if self.fds.len() < raw.nfds {
+        if f.fds.len() < raw.nfds {
             let fd = stream
                 .try_io(Interest::READABLE, || fdpass::recv_fd(stream.as_fd()))
                 .map_err(|e| match e.kind() {
                     io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Step::Wait,
                     _ => broken(&format!("receiving fd: {e}")),
                 })?;
-            self.fds.push(fd);
+            f.fds.push(fd);
             return Ok(None);
         }
-        let done = std::mem::take(self);
+        let done = std::mem::take(&mut f.body);
+        let fds = std::mem::take(&mut f.fds);
+        *self = FrameReader::default();
         Ok(Some(Incoming {
             header: raw.header,
-            body: done.body,
+            body: done,
             payload_offset: raw.payload_offset,
-            fds: done.fds,
+            fds,
         }))
     }
 
@@ -203,10 +221,11 @@ impl FrameReader {
     /// received), for the next image; leaves the reader idle.
     pub fn take_partial(&mut self) -> (Vec<u8>, Vec<OwnedFd>) {
         let done = std::mem::take(self);
-        let mut bytes = Vec::with_capacity(done.len_got + done.filled);
+        let frame = done.frame.map(|f| *f).unwrap_or_default();
+        let mut bytes = Vec::with_capacity(done.len_got + frame.filled);
         bytes.extend_from_slice(&done.len_buf[..done.len_got]);
-        bytes.extend_from_slice(&done.body[..done.filled]);
-        (bytes, done.fds)
+        bytes.extend_from_slice(&frame.body[..frame.filled]);
+        (bytes, frame.fds)
     }
 
     /// A reader that carries on with a frame a previous image had started.
@@ -215,27 +234,35 @@ impl FrameReader {
         let (word, body) = bytes.split_at(bytes.len().min(4));
         r.len_buf[..word.len()].copy_from_slice(word);
         r.len_got = word.len();
-        if r.len_got == 4 {
-            r.total = protocol::check_length(u32::from_be_bytes(r.len_buf))? - protocol::LEN_WORD;
+        if r.len_got < 4 {
+            if !fds.is_empty() {
+                return Err(ResumeError::UnannouncedFds(fds.len()));
+            }
+            return Ok(r);
         }
-        if body.len() > r.total {
+        let mut f = PartialFrame {
+            total: protocol::check_length(u32::from_be_bytes(r.len_buf))? - protocol::LEN_WORD,
+            ..PartialFrame::default()
+        };
+        if body.len() > f.total {
             return Err(ResumeError::BodyTooLong {
                 carried: body.len(),
-                total: r.total,
+                total: f.total,
             });
         }
-        r.body = body.to_vec();
-        r.filled = body.len();
+        f.body = body.to_vec();
+        f.filled = body.len();
         if !fds.is_empty() {
-            let raw = (r.filled == r.total)
-                .then(|| protocol::parse_body(&r.body))
+            let raw = (f.filled == f.total)
+                .then(|| protocol::parse_body(&f.body))
                 .transpose()?;
             if raw.as_ref().map_or(0, |m| m.nfds) < fds.len() {
                 return Err(ResumeError::UnannouncedFds(fds.len()));
             }
-            r.raw = raw;
+            f.raw = raw;
         }
-        r.fds = fds;
+        f.fds = fds;
+        r.frame = Some(Box::new(f));
         Ok(r)
     }
 }
@@ -403,7 +430,8 @@ mod tests {
         let mut r = FrameReader::default();
         ours.readable().await.unwrap();
         assert!(drain(&mut r, &ours).is_none());
-        assert!(r.body.capacity() <= BODY_STEP, "{}", r.body.capacity());
+        let cap = r.frame.as_ref().map_or(0, |f| f.body.capacity());
+        assert!(cap <= BODY_STEP, "{cap}");
         assert_eq!(r.consumed(), 8);
         // Half of it, through a writer thread (the socket buffer is smaller).
         let half = big.len() / 2;
@@ -415,7 +443,7 @@ mod tests {
             assert!(drain(&mut r, &ours).is_none());
         }
         t.join().unwrap();
-        let cap = r.body.capacity();
+        let cap = r.frame.as_ref().map_or(0, |f| f.body.capacity());
         assert!(
             cap <= half + half / 4 + BODY_STEP,
             "{cap} held for {half} received"
