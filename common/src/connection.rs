@@ -364,7 +364,9 @@ impl Outbox {
                     Err(e) => return Err(e),
                 }
             } else {
-                self.buf.clear();
+                // Freed, not cleared: the next `push` replaces the buffer with its frame
+                // anyway, and an idle connection should not hold its last reply.
+                self.buf = Vec::new();
                 self.done = 0;
                 return Ok(());
             }

@@ -818,9 +818,13 @@ impl Server {
                 // (its message, header, program) while it waits for the next request.
                 let keep = match self.begin_call(&info, &mut private, msg, &mut outbox) {
                     CallStep::Done(keep) => keep,
-                    CallStep::Later(later) => {
-                        let res = later.work.await;
-                        self.finish_call(&info, &later.header, later.close_after, res, &mut outbox)
+                    CallStep::Later(LaterCall {
+                        work,
+                        header,
+                        close_after,
+                    }) => {
+                        let res = work.await;
+                        self.finish_call(&info, &header, close_after, res, &mut outbox)
                     }
                 };
                 if !keep {
@@ -1059,7 +1063,7 @@ impl Server {
                     debug!(server = %self.name, client = info.id, "error reply too long; closing");
                     return false;
                 }
-                out.push(protocol::encode_error_frame(&h, &e), Vec::new());
+                out.push(protocol::encode_error_frame(h, &e), Vec::new());
             }
         }
         !close_after
