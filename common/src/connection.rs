@@ -16,6 +16,7 @@ use crate::protocol::{self, Header};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::task::Poll;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 
@@ -59,6 +60,10 @@ pub enum ReadEnd {
 /// get in practice); a larger body grows in steps of at least this.
 const BODY_STEP: usize = 64 * 1024;
 
+/// Read steps (each a length word, up to one body step, or one fd) one poll of
+/// [`FrameReader::read`] makes before it yields: about tokio's cooperative budget.
+const READ_STEPS_PER_POLL: usize = 128;
+
 /// The frame being received: its length word, its body and its fds, as far as they
 /// have come. Cancel-safe (every byte read is recorded before the next await), and
 /// the memory held follows what arrived, not what the length word announced: a peer
@@ -68,7 +73,16 @@ const BODY_STEP: usize = 64 * 1024;
 pub struct FrameReader {
     len_buf: [u8; 4],
     len_got: usize,
-    /// Body length announced by the length word (valid once `len_got == 4`).
+    /// The rest of the frame, made once its length word is in: a connection waiting
+    /// for its next request (most of them, most of the time) holds 24 bytes here, not
+    /// the ~130 a frame being received needs.
+    frame: Option<Box<PartialFrame>>,
+}
+
+/// A frame whose length word has arrived.
+#[derive(Debug, Default)]
+struct PartialFrame {
+    /// Body length announced by the length word.
     total: usize,
     /// Room for the body, grown step by step; `filled` bytes of it have arrived.
     body: Vec<u8>,
@@ -86,25 +100,41 @@ impl FrameReader {
 
     /// Bytes consumed of the current frame (length word included).
     pub fn consumed(&self) -> usize {
-        self.len_got + self.filled
+        self.len_got + self.frame.as_ref().map_or(0, |f| f.filled)
     }
 
     /// Reads until a whole frame (and its fds) is in; cancel-safe.
-    pub async fn read(&mut self, stream: &UnixStream) -> Result<Incoming, ReadEnd> {
-        loop {
-            match self.step(stream) {
-                Ok(Some(msg)) => return Ok(msg),
-                // Progress counts against the task's budget, as an await on readiness
-                // would: a peer streaming a 32 MiB frame does not hold the thread.
-                Ok(None) => tokio::task::consume_budget().await,
-                Err(Step::Wait) => stream
-                    .readable()
-                    .await
-                    .map_err(|e| ReadEnd::Broken(e.to_string()))
-                    .map(|_| ())?,
-                Err(Step::End(e)) => return Err(e),
+    ///
+    /// A `poll_fn` over the socket's readiness rather than an `async` loop around
+    /// `readable()`: it keeps no waiter of its own (the socket's one read waker slot
+    /// holds the task), so the future a connection's task keeps while it waits for
+    /// the next request is two references, not ~270 bytes. With thousands of mostly
+    /// idle connections that future is most of what each one costs.
+    pub fn read<'a>(
+        &'a mut self,
+        stream: &'a UnixStream,
+    ) -> impl std::future::Future<Output = Result<Incoming, ReadEnd>> + 'a {
+        std::future::poll_fn(move |cx| {
+            // Progress counts against a budget, as tokio's cooperative budget counts an
+            // await on readiness: a peer streaming a 32 MiB frame does not hold the
+            // thread. Spent, the task goes to the back of the queue.
+            for _ in 0..READ_STEPS_PER_POLL {
+                match self.step(stream) {
+                    Ok(Some(msg)) => return Poll::Ready(Ok(msg)),
+                    Ok(None) => {}
+                    Err(Step::Wait) => match stream.poll_read_ready(cx) {
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(e)) => {
+                            return Poll::Ready(Err(ReadEnd::Broken(e.to_string())))
+                        }
+                        Poll::Pending => return Poll::Pending,
+                    },
+                    Err(Step::End(e)) => return Poll::Ready(Err(e)),
+                }
             }
-        }
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        })
     }
 
     /// One non-blocking step: `Ok(Some)` a whole message, `Ok(None)` progress made.
@@ -123,58 +153,67 @@ impl FrameReader {
             if self.len_got == 4 {
                 let len = protocol::check_length(u32::from_be_bytes(self.len_buf))
                     .map_err(|e| Step::End(ReadEnd::Broken(e.to_string())))?;
-                self.total = len - protocol::LEN_WORD;
+                self.frame = Some(Box::new(PartialFrame {
+                    total: len - protocol::LEN_WORD,
+                    ..PartialFrame::default()
+                }));
             }
             return Ok(None);
         }
-        if self.filled < self.total {
-            if self.filled == self.body.len() {
+        let Some(f) = self.frame.as_deref_mut() else {
+            // Unreachable: the frame is made with the length word's last byte.
+            return Err(broken("frame state lost"));
+        };
+        if f.filled < f.total {
+            if f.filled == f.body.len() {
                 // Room for the next step, zeroed once; exactly this much (`resize`
                 // alone would double the capacity, and a half-received frame would
                 // hold twice its size).
-                let remaining = self.total - self.filled;
-                let step = if self.filled == 0 && self.total <= BODY_STEP {
-                    self.total
+                let remaining = f.total - f.filled;
+                let step = if f.filled == 0 && f.total <= BODY_STEP {
+                    f.total
                 } else {
-                    remaining.min(BODY_STEP.max(self.filled / 4))
+                    remaining.min(BODY_STEP.max(f.filled / 4))
                 };
-                self.body.reserve_exact(step);
-                self.body.resize(self.filled + step, 0);
+                f.body.reserve_exact(step);
+                f.body.resize(f.filled + step, 0);
             }
-            return match stream.try_read(&mut self.body[self.filled..]) {
+            return match stream.try_read(&mut f.body[f.filled..]) {
                 Ok(0) => Err(broken("reading message: unexpected end of file")),
                 Ok(n) => {
-                    self.filled += n;
+                    f.filled += n;
                     Ok(None)
                 }
                 Err(e) => Err(Step::from_io(e)),
             };
         }
-        let raw = match &self.raw {
+        let raw = match &f.raw {
             Some(r) => r.clone(),
             None => {
-                let r = protocol::parse_body(&self.body)
+                let r = protocol::parse_body(&f.body)
                     .map_err(|e| Step::End(ReadEnd::Broken(e.to_string())))?;
-                self.raw = Some(r.clone());
+                f.raw = Some(r.clone());
                 r
             }
         };
-        if self.fds.len() < raw.nfds {
+        if f.fds.len() < raw.nfds {
             let fd = stream
                 .try_io(Interest::READABLE, || fdpass::recv_fd(stream.as_fd()))
                 .map_err(|e| match e.kind() {
                     io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Step::Wait,
                     _ => broken(&format!("receiving fd: {e}")),
                 })?;
-            self.fds.push(fd);
+            f.fds.push(fd);
             return Ok(None);
         }
-        let done = std::mem::take(self);
+        let done = std::mem::take(&mut f.body);
+        let fds = std::mem::take(&mut f.fds);
+        *self = FrameReader::default();
         Ok(Some(Incoming {
             header: raw.header,
-            body: done.body,
+            body: done,
             payload_offset: raw.payload_offset,
-            fds: done.fds,
+            fds,
         }))
     }
 
@@ -182,10 +221,11 @@ impl FrameReader {
     /// received), for the next image; leaves the reader idle.
     pub fn take_partial(&mut self) -> (Vec<u8>, Vec<OwnedFd>) {
         let done = std::mem::take(self);
-        let mut bytes = Vec::with_capacity(done.len_got + done.filled);
+        let frame = done.frame.map(|f| *f).unwrap_or_default();
+        let mut bytes = Vec::with_capacity(done.len_got + frame.filled);
         bytes.extend_from_slice(&done.len_buf[..done.len_got]);
-        bytes.extend_from_slice(&done.body[..done.filled]);
-        (bytes, done.fds)
+        bytes.extend_from_slice(&frame.body[..frame.filled]);
+        (bytes, frame.fds)
     }
 
     /// A reader that carries on with a frame a previous image had started.
@@ -194,27 +234,35 @@ impl FrameReader {
         let (word, body) = bytes.split_at(bytes.len().min(4));
         r.len_buf[..word.len()].copy_from_slice(word);
         r.len_got = word.len();
-        if r.len_got == 4 {
-            r.total = protocol::check_length(u32::from_be_bytes(r.len_buf))? - protocol::LEN_WORD;
+        if r.len_got < 4 {
+            if !fds.is_empty() {
+                return Err(ResumeError::UnannouncedFds(fds.len()));
+            }
+            return Ok(r);
         }
-        if body.len() > r.total {
+        let mut f = PartialFrame {
+            total: protocol::check_length(u32::from_be_bytes(r.len_buf))? - protocol::LEN_WORD,
+            ..PartialFrame::default()
+        };
+        if body.len() > f.total {
             return Err(ResumeError::BodyTooLong {
                 carried: body.len(),
-                total: r.total,
+                total: f.total,
             });
         }
-        r.body = body.to_vec();
-        r.filled = body.len();
+        f.body = body.to_vec();
+        f.filled = body.len();
         if !fds.is_empty() {
-            let raw = (r.filled == r.total)
-                .then(|| protocol::parse_body(&r.body))
+            let raw = (f.filled == f.total)
+                .then(|| protocol::parse_body(&f.body))
                 .transpose()?;
             if raw.as_ref().map_or(0, |m| m.nfds) < fds.len() {
                 return Err(ResumeError::UnannouncedFds(fds.len()));
             }
-            r.raw = raw;
+            f.raw = raw;
         }
-        r.fds = fds;
+        f.fds = fds;
+        r.frame = Some(Box::new(f));
         Ok(r)
     }
 }
@@ -273,17 +321,26 @@ impl Outbox {
         self.fds.extend(fds);
     }
 
-    /// Writes everything queued; cancel-safe.
-    pub async fn flush(&mut self, stream: &UnixStream) -> io::Result<()> {
-        loop {
+    /// Writes everything queued; cancel-safe. A `poll_fn` over the socket's write
+    /// readiness, for the same reason as [`FrameReader::read`]: no waiter kept in the
+    /// connection's future.
+    pub fn flush<'a>(
+        &'a mut self,
+        stream: &'a UnixStream,
+    ) -> impl std::future::Future<Output = io::Result<()>> + 'a {
+        std::future::poll_fn(move |cx| loop {
             match self.try_flush(stream) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Poll::Ready(Ok(())),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    stream.writable().await?;
+                    match stream.poll_write_ready(cx) {
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => return Poll::Pending,
+                    }
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Poll::Ready(Err(e)),
             }
-        }
+        })
     }
 
     /// Writes what the socket takes now; `WouldBlock` when something is left.
@@ -307,7 +364,9 @@ impl Outbox {
                     Err(e) => return Err(e),
                 }
             } else {
-                self.buf.clear();
+                // Freed, not cleared: the next `push` replaces the buffer with its frame
+                // anyway, and an idle connection should not hold its last reply.
+                self.buf = Vec::new();
                 self.done = 0;
                 return Ok(());
             }
@@ -373,7 +432,8 @@ mod tests {
         let mut r = FrameReader::default();
         ours.readable().await.unwrap();
         assert!(drain(&mut r, &ours).is_none());
-        assert!(r.body.capacity() <= BODY_STEP, "{}", r.body.capacity());
+        let cap = r.frame.as_ref().map_or(0, |f| f.body.capacity());
+        assert!(cap <= BODY_STEP, "{cap}");
         assert_eq!(r.consumed(), 8);
         // Half of it, through a writer thread (the socket buffer is smaller).
         let half = big.len() / 2;
@@ -385,7 +445,7 @@ mod tests {
             assert!(drain(&mut r, &ours).is_none());
         }
         t.join().unwrap();
-        let cap = r.body.capacity();
+        let cap = r.frame.as_ref().map_or(0, |f| f.body.capacity());
         assert!(
             cap <= half + half / 4 + BODY_STEP,
             "{cap} held for {half} received"

@@ -19,14 +19,14 @@
 
 use crate::connection::{FrameReader, Incoming, Outbox, ReadEnd};
 use crate::error::{RpcError, MESSAGE_STRING_MAX};
-use crate::protocol::{self, msg_type, status};
+use crate::protocol::{self, msg_type, status, Header};
 use crate::xdr::XdrError;
 use std::any::Any;
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::{UnixListener, UnixStream};
@@ -162,6 +162,21 @@ pub trait Program: Send + Sync + 'static {
     }
 }
 
+/// Where [`Server::begin_call`] left a message.
+enum CallStep {
+    /// Handled; `false`: close once the queued reply is sent.
+    Done(bool),
+    /// A deferred call: its work, then [`Server::finish_call`] with the rest.
+    Later(LaterCall),
+}
+
+/// What a deferred call's reply needs once its work is done.
+struct LaterCall {
+    work: std::pin::Pin<Box<dyn std::future::Future<Output = Result<Reply, DispatchError>> + Send>>,
+    header: Header,
+    close_after: bool,
+}
+
 /// A call's result, or the work still to do for it.
 pub enum Dispatched {
     Now(Result<Reply, DispatchError>),
@@ -178,9 +193,20 @@ pub struct ServiceInfo {
     pub unlink_on_stop: bool,
 }
 
+/// Wakes a client's task: an admin close, or a change of the server's run state (which
+/// the task reads itself). One `Notify` for both, so the task waits on one `notified()`
+/// (64 bytes in its future) instead of that and a `watch::changed()` (120 more).
+#[derive(Default)]
+struct ClientWake {
+    notify: Notify,
+    /// Set by [`Server::close_client`]; any other wake-up just makes the task look at
+    /// the run state again.
+    close: AtomicBool,
+}
+
 struct ClientEntry {
     info: ClientInfo,
-    close: Arc<Notify>,
+    wake: Arc<ClientWake>,
     /// The client's private state as last saved for the fd store (`{}` without it).
     saved: serde_json::Value,
     /// Its fd is being closed: no fd store snapshot lists it any more (the entry itself
@@ -301,6 +327,8 @@ pub struct Server {
     /// Listening sockets being served: fd number and whether we unlink it on stop.
     listener_fds: Mutex<Vec<(RawFd, bool)>>,
     store_hook: std::sync::OnceLock<Arc<dyn StoreHook>>,
+    /// Whether the task that wakes every client on a run state change is running.
+    run_watch: AtomicBool,
 }
 
 /// Locks one of the server's (or the admin program's) tables, recovering it if a panic
@@ -344,6 +372,7 @@ impl Server {
             service_infos: Mutex::new(Vec::new()),
             listener_fds: Mutex::new(Vec::new()),
             store_hook: std::sync::OnceLock::new(),
+            run_watch: AtomicBool::new(false),
         })
     }
 
@@ -402,7 +431,8 @@ impl Server {
     pub fn close_client(&self, id: u64) -> bool {
         match lock_table(&self.clients).get(&id) {
             Some(e) => {
-                e.close.notify_one();
+                e.wake.close.store(true, Ordering::Release);
+                e.wake.notify.notify_one();
                 true
             }
             None => false,
@@ -647,6 +677,32 @@ impl Server {
         Ok(())
     }
 
+    /// Starts (once) the task that wakes every client when the run state changes
+    /// (a re-exec's hand-off, a quit), so that a client's task waits on its own
+    /// `ClientWake` alone. Started with the first client, inside the runtime.
+    fn start_run_watch(self: &Arc<Self>) {
+        if self.run_watch.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Weak: the watch must not keep a server alive that nothing else uses.
+        let server = Arc::downgrade(self);
+        let mut run = self.run.clone();
+        tokio::spawn(async move {
+            loop {
+                let gone = run.changed().await.is_err();
+                let Some(server) = server.upgrade() else {
+                    return;
+                };
+                for e in lock_table(&server.clients).values() {
+                    e.wake.notify.notify_one();
+                }
+                if gone {
+                    return;
+                }
+            }
+        });
+    }
+
     fn spawn_client(
         self: &Arc<Self>,
         stream: UnixStream,
@@ -655,7 +711,8 @@ impl Server {
         reader: FrameReader,
         outbox: Outbox,
     ) {
-        let close = Arc::new(Notify::new());
+        self.start_run_watch();
+        let wake = Arc::new(ClientWake::default());
         // A client restored across a restart carries its private state in the snapshot
         // from the start (the first call saves it again).
         let saved = match self.store_hook.get() {
@@ -666,7 +723,7 @@ impl Server {
             info.id,
             ClientEntry {
                 info: info.clone(),
-                close: close.clone(),
+                wake: wake.clone(),
                 saved,
                 closing: false,
             },
@@ -675,146 +732,178 @@ impl Server {
         self.changed.notify_waiters();
         let me = self.clone();
         tokio::spawn(async move {
-            me.client_loop(stream, info, private, close, reader, outbox)
+            me.client_loop(stream, info, private, wake, reader, outbox)
                 .await
         });
     }
 
-    async fn client_loop(
+    // A plain fn returning an `async move` block, not an `async fn`: an async fn's
+    // future keeps its arguments twice (as passed, and moved into the body's locals),
+    // and this future is most of what an idle connection costs (920 -> 632 bytes).
+    #[allow(clippy::manual_async_fn)]
+    fn client_loop(
         self: Arc<Self>,
         stream: UnixStream,
         info: ClientInfo,
         mut private: Private,
-        close: Arc<Notify>,
+        wake: Arc<ClientWake>,
         mut reader: FrameReader,
         mut outbox: Outbox,
-    ) {
-        let mut run = self.run.clone();
-        let mut close_when_sent = false;
-        let outcome: RunState = loop {
-            // Seen here, so that `changed()` below waits for the next change only.
-            let state = *run.borrow_and_update();
-            if state == RunState::Handoff {
-                // Whatever the peer takes right now need not be carried (and a C next
-                // image, which cannot resume it, gets a whole reply out).
-                let _ = outbox.try_flush(&stream);
-                break state;
-            }
-            if state != RunState::Running {
-                break state;
-            }
-            // A reply goes out whole before the next request is read (one request at
-            // a time, as libvirt's nrequests_client_max = 1).
-            if !outbox.is_empty() {
-                tokio::select! {
-                    r = outbox.flush(&stream) => match r {
-                        Ok(()) if close_when_sent => break RunState::Quit,
-                        // Go to the back of the queue before reading this client's next
-                        // request. Without it, a client that answers quickly (it often
-                        // runs on our CPU, woken by our reply) has its next request read
-                        // at once, and the loop ping-pongs with it for a whole coop
-                        // budget while every other client waits: that was the 4-8 ms p99
-                        // with 16 busy owners.
-                        Ok(()) => tokio::task::yield_now().await,
-                        Err(e) => {
-                            debug!(server = %self.name, client = info.id, "write failed: {e}");
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        async move {
+            let mut close_when_sent = false;
+            let outcome: RunState = loop {
+                // Read before waiting: a change after this wakes `wake` (the run watch
+                // notifies every client in the table, and this one is in it), and a
+                // `notify_one` with nobody waiting is kept for the next `notified()`.
+                if self.run.has_changed().is_err() {
+                    // The daemon's side of the run state is gone: it is shutting down.
+                    break RunState::Quit;
+                }
+                let state = *self.run.borrow();
+                if state == RunState::Handoff {
+                    // Whatever the peer takes right now need not be carried (and a C next
+                    // image, which cannot resume it, gets a whole reply out).
+                    let _ = outbox.try_flush(&stream);
+                    break state;
+                }
+                if state != RunState::Running {
+                    break state;
+                }
+                // A reply goes out whole before the next request is read (one request at
+                // a time, as libvirt's nrequests_client_max = 1).
+                if !outbox.is_empty() {
+                    tokio::select! {
+                        r = outbox.flush(&stream) => match r {
+                            Ok(()) if close_when_sent => break RunState::Quit,
+                            // Go to the back of the queue before reading this client's next
+                            // request. Without it, a client that answers quickly (it often
+                            // runs on our CPU, woken by our reply) has its next request read
+                            // at once, and the loop ping-pongs with it for a whole coop
+                            // budget while every other client waits: that was the 4-8 ms p99
+                            // with 16 busy owners.
+                            Ok(()) => tokio::task::yield_now().await,
+                            Err(e) => {
+                                debug!(server = %self.name, client = info.id, "write failed: {e}");
+                                break RunState::Quit;
+                            }
+                        },
+                        _ = wake.notify.notified() => {
+                            if wake.close.load(Ordering::Acquire) {
+                                break RunState::Quit;
+                            }
+                        }
+                    }
+                    continue;
+                }
+                let msg = tokio::select! {
+                    r = reader.read(&stream) => r,
+                    _ = wake.notify.notified() => {
+                        if wake.close.load(Ordering::Acquire) {
                             break RunState::Quit;
                         }
-                    },
-                    r = run.changed() => if r.is_err() { break RunState::Quit },
-                    _ = close.notified() => break RunState::Quit,
-                }
-                continue;
-            }
-            let msg = tokio::select! {
-                r = reader.read(&stream) => r,
-                r = run.changed() => { if r.is_err() { break RunState::Quit } continue }
-                _ = close.notified() => break RunState::Quit,
-            };
-            let msg = match msg {
-                Ok(m) => m,
-                Err(ReadEnd::Eof) => break RunState::Quit,
-                Err(ReadEnd::Broken(why)) => {
-                    self.violation(&info, &why);
-                    break RunState::Quit;
-                }
-            };
-            if !self.handle(&info, &mut private, msg, &mut outbox).await {
-                close_when_sent = true;
-            }
-            if let Some(hook) = self.store_hook.get() {
-                self.save_for_store(&info, &private);
-                hook.after_call();
-            }
-            // The reply usually goes out at once; only a full socket takes the select
-            // above (and its waiter registrations) on the next turn.
-            match outbox.try_flush(&stream) {
-                Ok(()) if close_when_sent => break RunState::Quit,
-                Ok(()) => tokio::task::yield_now().await,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => {
-                    debug!(server = %self.name, client = info.id, "write failed: {e}");
-                    break RunState::Quit;
-                }
-            }
-        };
-        let id = info.id;
-        if outcome == RunState::Handoff {
-            let saved = match self.hooks.save_private(&private) {
-                Ok(v) => v,
-                Err(e) => {
-                    warn!(server = %self.name, client = info.id, "cannot save client state: {e}");
-                    serde_json::json!({})
-                }
-            };
-            match stream.into_std() {
-                Ok(s) => {
-                    let (input, input_fds) = reader.take_partial();
-                    let (output, output_fds) = outbox.take_unsent();
-                    let pending = PendingIo {
-                        input,
-                        input_fds,
-                        output,
-                        output_fds,
-                    };
-                    if !pending.is_empty() {
-                        debug!(
-                            server = %self.name,
-                            client = info.id,
-                            "carrying {} request and {} reply bytes across re-exec",
-                            pending.input.len(),
-                            pending.output.len()
-                        );
+                        continue;
                     }
-                    lock_table(&self.handed_off_clients).push(HandedOffClient {
-                        info,
-                        fd: OwnedFd::from(s),
-                        private: saved,
-                        pending,
-                    });
+                };
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(ReadEnd::Eof) => break RunState::Quit,
+                    Err(ReadEnd::Broken(why)) => {
+                        self.violation(&info, &why);
+                        break RunState::Quit;
+                    }
+                };
+                // Only a deferred call's own future is awaited here; the rest of the call is
+                // synchronous, so the connection's future does not carry a `handle` state
+                // (its message, header, program) while it waits for the next request.
+                let keep = match self.begin_call(&info, &mut private, msg, &mut outbox) {
+                    CallStep::Done(keep) => keep,
+                    CallStep::Later(LaterCall {
+                        work,
+                        header,
+                        close_after,
+                    }) => {
+                        let res = work.await;
+                        self.finish_call(&info, &header, close_after, res, &mut outbox)
+                    }
+                };
+                if !keep {
+                    close_when_sent = true;
                 }
-                Err(e) => warn!(server = %self.name, "cannot hand off client: {e}"),
+                if let Some(hook) = self.store_hook.get() {
+                    self.save_for_store(&info, &private);
+                    hook.after_call();
+                }
+                // The reply usually goes out at once; only a full socket takes the select
+                // above (and its waiter registrations) on the next turn.
+                match outbox.try_flush(&stream) {
+                    Ok(()) if close_when_sent => break RunState::Quit,
+                    Ok(()) => tokio::task::yield_now().await,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        debug!(server = %self.name, client = info.id, "write failed: {e}");
+                        break RunState::Quit;
+                    }
+                }
+            };
+            let id = info.id;
+            if outcome == RunState::Handoff {
+                let saved = match self.hooks.save_private(&private) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        warn!(server = %self.name, client = info.id, "cannot save client state: {e}");
+                        serde_json::json!({})
+                    }
+                };
+                match stream.into_std() {
+                    Ok(s) => {
+                        let (input, input_fds) = reader.take_partial();
+                        let (output, output_fds) = outbox.take_unsent();
+                        let pending = PendingIo {
+                            input,
+                            input_fds,
+                            output,
+                            output_fds,
+                        };
+                        if !pending.is_empty() {
+                            debug!(
+                                server = %self.name,
+                                client = info.id,
+                                "carrying {} request and {} reply bytes across re-exec",
+                                pending.input.len(),
+                                pending.output.len()
+                            );
+                        }
+                        lock_table(&self.handed_off_clients).push(HandedOffClient {
+                            info,
+                            fd: OwnedFd::from(s),
+                            private: saved,
+                            pending,
+                        });
+                    }
+                    Err(e) => warn!(server = %self.name, "cannot hand off client: {e}"),
+                }
+            } else {
+                // Marked under the table's lock first: a snapshot listing clients holds
+                // that lock, so the fd it lists stays open until the keeper has stored it,
+                // and no later snapshot lists it (`store_view`). The entry itself stays
+                // until the close hook has run (a quit waits for an empty table).
+                if let Some(e) = lock_table(&self.clients).get_mut(&id) {
+                    e.closing = true;
+                }
+                crate::fdstore_keeper::closing(stream.as_raw_fd());
+                drop(stream);
+                info!("{}: client closed", who(&self.name, &info));
+                self.hooks.client_closed(&info, private);
             }
-        } else {
-            // Marked under the table's lock first: a snapshot listing clients holds
-            // that lock, so the fd it lists stays open until the keeper has stored it,
-            // and no later snapshot lists it (`store_view`). The entry itself stays
-            // until the close hook has run (a quit waits for an empty table).
-            if let Some(e) = lock_table(&self.clients).get_mut(&id) {
-                e.closing = true;
+            // Only now, once a handed-off client is in `handed_off_clients`: a re-exec
+            // takes that list as soon as no client is left here, and must not miss it.
+            lock_table(&self.clients).remove(&id);
+            if outcome != RunState::Handoff {
+                crate::fdstore_keeper::touch_soon();
             }
-            crate::fdstore_keeper::closing(stream.as_raw_fd());
-            drop(stream);
-            info!("{}: client closed", who(&self.name, &info));
-            self.hooks.client_closed(&info, private);
+            self.changed.notify_waiters();
         }
-        // Only now, once a handed-off client is in `handed_off_clients`: a re-exec
-        // takes that list as soon as no client is left here, and must not miss it.
-        lock_table(&self.clients).remove(&id);
-        if outcome != RunState::Handoff {
-            crate::fdstore_keeper::touch_soon();
-        }
-        self.changed.notify_waiters();
     }
 
     /// Records the client's private state for the next fd store snapshot; a change
@@ -831,15 +920,16 @@ impl Server {
         }
     }
 
-    /// Dispatches one message and queues what it produces. `false`: close once that is
-    /// sent.
-    async fn handle(
+    /// Dispatches one message and queues what it produces (`Done(false)`: close once
+    /// that is sent), or hands back a deferred call's work for the caller to await and
+    /// pass to [`Self::finish_call`].
+    fn begin_call(
         self: &Arc<Self>,
         info: &ClientInfo,
         private: &mut Private,
         msg: Incoming,
         out: &mut Outbox,
-    ) -> bool {
+    ) -> CallStep {
         let h = msg.header;
         // 1. Keepalive is consumed before dispatch, and only as type MESSAGE.
         if h.prog == protocol::KEEPALIVE_PROGRAM
@@ -849,7 +939,7 @@ impl Server {
             if h.proc_ == protocol::KEEPALIVE_PING {
                 out.push(protocol::pong_frame(), Vec::new());
             }
-            return true;
+            return CallStep::Done(true);
         }
         let is_call = h.type_ == msg_type::CALL || h.type_ == msg_type::CALL_WITH_FDS;
         // 2. Find the program.
@@ -876,7 +966,7 @@ impl Server {
                     h.proc_
                 );
             }
-            return true;
+            return CallStep::Done(true);
         };
         // 3. Only calls are answered; anything else is dropped without a word (but
         // logged, as 9.0 does; it ignores stream data quietly).
@@ -884,7 +974,7 @@ impl Server {
             if h.type_ != msg_type::STREAM {
                 self.violation_kept(info, &format!("Unexpected message type {}", h.type_));
             }
-            return true;
+            return CallStep::Done(true);
         }
         // 4. Status must be OK.
         if h.status != status::OK {
@@ -892,7 +982,7 @@ impl Server {
             let e = RpcError::rpc(format!("Unexpected message status {}", h.status as u32));
             self.call_refused(info, &e);
             out.push(protocol::encode_error_frame(&h, &e), Vec::new());
-            return true;
+            return CallStep::Done(true);
         }
         let mut ctx = CallContext {
             server: self,
@@ -906,8 +996,26 @@ impl Server {
         drop(ctx); // unused call fds are closed here, as libvirt does
         let res = match res {
             Dispatched::Now(r) => r,
-            Dispatched::Later(work) => work.await,
+            Dispatched::Later(work) => {
+                return CallStep::Later(LaterCall {
+                    work,
+                    header: h,
+                    close_after,
+                })
+            }
         };
+        CallStep::Done(self.finish_call(info, &h, close_after, res, out))
+    }
+
+    /// Queues a dispatched call's reply (or error). `false`: close once that is sent.
+    fn finish_call(
+        &self,
+        info: &ClientInfo,
+        h: &Header,
+        close_after: bool,
+        res: Result<Reply, DispatchError>,
+        out: &mut Outbox,
+    ) -> bool {
         // A quit that began meanwhile (a signal, or this very call: admin
         // CONNECT_DAEMON_SHUTDOWN) closes the client without the reply, as 11.3 drops
         // every queued reply when it closes its clients.
@@ -955,7 +1063,7 @@ impl Server {
                     debug!(server = %self.name, client = info.id, "error reply too long; closing");
                     return false;
                 }
-                out.push(protocol::encode_error_frame(&h, &e), Vec::new());
+                out.push(protocol::encode_error_frame(h, &e), Vec::new());
             }
         }
         !close_after
