@@ -76,7 +76,6 @@ use crate::lease_lock::{self, LockKind};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use smallvec::{smallvec, SmallVec};
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
@@ -84,7 +83,6 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use vh_common::error::{code, domain, errno_of, RpcError};
 
 /// The lease flags live with the protocol; re-exported for the lockspace's callers.
@@ -177,12 +175,71 @@ fn close_claimed(file: File, id: FileId, claims: &dyn Claims) {
 /// A resource's owner pids.
 type Owners = SmallVec<[u32; 2]>;
 
+/// A lease's name and path in one allocation: the name is nearly always the path's tail
+/// (`<dir>/<name>`, or the path itself in the default lockspace), so the bytes are the
+/// path and the name starts `name_start` bytes in; otherwise (a restored state whose
+/// path is not so made) the name follows the path.
+#[derive(Debug)]
+struct NamePath {
+    text: Box<[u8]>,
+    /// Where the name starts in `text` (it runs to the end). A u32: names and paths
+    /// come in RPC frames or the state document, far below 4 GiB.
+    name_start: u32,
+    /// The name follows the path rather than being its tail: the path ends at
+    /// `name_start`.
+    apart: bool,
+}
+
+impl NamePath {
+    fn new(name: &str, path: &Path) -> NamePath {
+        use std::os::unix::ffi::OsStrExt;
+        let path = path.as_os_str().as_bytes();
+        let (text, start, apart) = if path.ends_with(name.as_bytes()) {
+            (Box::from(path), path.len() - name.len(), false)
+        } else {
+            (
+                [path, name.as_bytes()].concat().into_boxed_slice(),
+                path.len(),
+                true,
+            )
+        };
+        NamePath {
+            text,
+            name_start: u32::try_from(start).unwrap_or(u32::MAX),
+            apart,
+        }
+    }
+
+    fn name_bytes(&self) -> &[u8] {
+        self.text
+            .get(self.name_start as usize..)
+            .unwrap_or_default()
+    }
+
+    fn name(&self) -> &str {
+        // Always valid: the bytes are those of the `&str` given to `new`.
+        std::str::from_utf8(self.name_bytes()).unwrap_or_default()
+    }
+
+    fn path(&self) -> &Path {
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = if self.apart {
+            self.text
+                .get(..self.name_start as usize)
+                .unwrap_or_default()
+        } else {
+            &self.text
+        };
+        Path::new(std::ffi::OsStr::from_bytes(bytes))
+    }
+}
+
 /// One held resource: an open fd carrying the byte-0 lock, plus its owners.
 #[derive(Debug)]
 pub struct Resource {
-    /// Shared with the resource's key in its lockspace (ten thousand leases, one copy).
-    name: Arc<str>,
-    path: Box<Path>,
+    /// The name (the key in its lockspace's table too, [`Resources`]: no copy of it
+    /// there) and the file actually opened, in one allocation.
+    name_path: NamePath,
     fd: OwnedFd,
     lock_held: bool,
     flags: u32,
@@ -202,12 +259,12 @@ pub struct Resource {
 impl Resource {
     /// The resource name (the key in its lockspace).
     pub fn name(&self) -> &str {
-        &self.name
+        self.name_path.name()
     }
 
     /// The file actually opened and locked.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.name_path.path()
     }
 
     /// The fd holding the lock (never close a duplicate of it: see the module docs).
@@ -311,32 +368,32 @@ impl Resource {
         if let Err(e) = lease_lock::relock(self.fd.as_raw_fd(), false, self.kind) {
             if self.is_shared() && matches!(e, Errno::EAGAIN | Errno::EACCES) {
                 tracing::debug!(
-                    path = %self.path.display(),
+                    path = %self.path().display(),
                     "could not upgrade shared lease to exclusive ({e}), not deleting"
                 );
             } else {
                 let n = crate::renewal::note_lost_at_release();
                 tracing::warn!(
-                    path = %self.path.display(),
+                    path = %self.path().display(),
                     losses = n,
                     "lease {} is no longer ours ({e}): lost while held, the file is left to its holder",
-                    self.name
+                    self.name()
                 );
             }
             return;
         }
         if let Some(id) = self.file_id {
-            if FileId::of_path(&self.path) != Some(id) {
+            if FileId::of_path(self.path()) != Some(id) {
                 tracing::debug!(
-                    path = %self.path.display(),
+                    path = %self.path().display(),
                     "resource path no longer names the locked file, not deleting"
                 );
                 return;
             }
         }
-        if let Err(e) = fs::remove_file(&self.path) {
+        if let Err(e) = fs::remove_file(self.path()) {
             if e.kind() != io::ErrorKind::NotFound {
-                tracing::warn!("Failed to unlink resource {}: {}", self.path.display(), e);
+                tracing::warn!("Failed to unlink resource {}: {}", self.path().display(), e);
             }
         }
     }
@@ -474,11 +531,93 @@ fn leak_fd(file: File, path: &Path) {
 /// controlling terminal (std adds `O_CLOEXEC`).
 const OPEN_FLAGS: i32 = libc::O_NONBLOCK | libc::O_NOCTTY;
 
+/// A lockspace's held resources, by name. Each resource is boxed and the table holds
+/// the boxes, hashed by the name inside them: 8 bytes a bucket rather than the whole
+/// resource and a key (with 10,000 leases a table has 16,384 buckets, most of the
+/// inline resources' room wasted on empty ones).
+#[derive(Default)]
+struct Resources {
+    table: hashbrown::HashTable<Box<Resource>>,
+    hasher: std::hash::RandomState,
+}
+
+/// A name's hash in a lockspace's table (its bytes: the table compares bytes).
+fn hash_name(hasher: &std::hash::RandomState, name: &[u8]) -> u64 {
+    use std::hash::BuildHasher;
+    hasher.hash_one(name)
+}
+
+impl std::fmt::Debug for Resources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.table.iter()).finish()
+    }
+}
+
+impl Resources {
+    fn with_capacity(n: usize) -> Resources {
+        Resources {
+            table: hashbrown::HashTable::with_capacity(n),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+
+    fn hash(&self, name: &str) -> u64 {
+        hash_name(&self.hasher, name.as_bytes())
+    }
+
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Resource> {
+        self.table.iter().map(|r| &**r)
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut Resource> {
+        self.table.iter_mut().map(|r| &mut **r)
+    }
+
+    fn get(&self, name: &str) -> Option<&Resource> {
+        self.table
+            .find(self.hash(name), |r| {
+                r.name_path.name_bytes() == name.as_bytes()
+            })
+            .map(|r| &**r)
+    }
+
+    fn get_mut(&mut self, name: &str) -> Option<&mut Resource> {
+        let hash = self.hash(name);
+        self.table
+            .find_mut(hash, |r| r.name_path.name_bytes() == name.as_bytes())
+            .map(|r| &mut **r)
+    }
+
+    fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    fn remove(&mut self, name: &str) -> Option<Box<Resource>> {
+        let hash = self.hash(name);
+        self.table
+            .find_entry(hash, |r| r.name_path.name_bytes() == name.as_bytes())
+            .ok()
+            .map(|e| e.remove().0)
+    }
+
+    /// Adds `res`, whose name the table must not hold already (the caller checked).
+    fn insert_new(&mut self, res: Box<Resource>) {
+        let hash = hash_name(&self.hasher, res.name_path.name_bytes());
+        let hasher = &self.hasher;
+        self.table
+            .insert_unique(hash, res, |r| hash_name(hasher, r.name_path.name_bytes()));
+    }
+}
+
 /// One lockspace: the default one (no directory) or a directory lockspace.
 #[derive(Debug, Default)]
 pub struct LockSpace {
     directory: Option<PathBuf>,
-    resources: HashMap<Arc<str>, Resource>,
+    resources: Resources,
     /// The directory is on a local disk file system: its jobs run inline (see
     /// [`is_local_fs`]).
     local: bool,
@@ -538,7 +677,7 @@ impl LockSpace {
         }
         Ok(LockSpace {
             directory: Some(dir.to_path_buf()),
-            resources: HashMap::new(),
+            resources: Resources::default(),
             local: is_local_fs(dir),
         })
     }
@@ -549,7 +688,7 @@ impl LockSpace {
     pub fn restored(directory: Option<PathBuf>, resources: usize) -> LockSpace {
         LockSpace {
             directory,
-            resources: HashMap::with_capacity(resources),
+            resources: Resources::with_capacity(resources),
             local: false,
         }
     }
@@ -641,18 +780,13 @@ impl LockSpace {
         owners: Vec<u32>,
         carried: Option<Carried>,
     ) -> Result<(), RpcError> {
-        // One hash of the name (10,000 leases at re-exec), not a lookup and an insert.
-        let slot = match self.resources.entry(name.into()) {
-            Entry::Occupied(o) => {
-                // Checked before a Resource exists, so nothing is unlinked.
-                return Err(RpcError::internal(
-                    domain::LOCKSPACE,
-                    format!("Duplicate resource '{}' in JSON document", shown(o.key())),
-                ));
-            }
-            Entry::Vacant(v) => v,
-        };
-        let name = slot.key().clone();
+        if self.resources.contains_key(&name) {
+            // Checked before a Resource exists, so nothing is unlinked.
+            return Err(RpcError::internal(
+                domain::LOCKSPACE,
+                format!("Duplicate resource '{}' in JSON document", shown(&name)),
+            ));
+        }
         let file_id = match carried {
             Some(c) => Some(c.id),
             None => nix::sys::stat::fstat(fd.as_raw_fd()).ok().map(|st| FileId {
@@ -676,9 +810,8 @@ impl LockSpace {
         } else {
             LockKind::Ofd
         };
-        slot.insert(Resource {
-            name,
-            path: path.into_boxed_path(),
+        self.resources.insert_new(Box::new(Resource {
+            name_path: NamePath::new(&name, &path),
             fd,
             lock_held,
             flags,
@@ -690,7 +823,7 @@ impl LockSpace {
             // It came through an exec (or the fd store's dup2, which clears the flag
             // too).
             inheritable: true,
-        });
+        }));
         Ok(())
     }
 }
@@ -883,7 +1016,7 @@ enum JobKind {
     Create(PathBuf),
     Delete(PathBuf),
     /// The last owner released it: unlink (AUTOCREATE) and close.
-    Close(Resource),
+    Close(Box<Resource>),
 }
 
 /// A job's result.
@@ -891,7 +1024,7 @@ enum JobKind {
 pub struct Finished {
     key: String,
     name: String,
-    result: Result<Option<Resource>, RpcError>,
+    result: Result<Option<Box<Resource>>, RpcError>,
 }
 
 impl Job {
@@ -912,9 +1045,8 @@ impl Job {
             JobKind::Acquire { path, owner, flags } => {
                 acquire_file(&self.name, &path, flags, claims).map(|(fd, id)| {
                     tracing::debug!(name = self.name, path = %path.display(), owner, flags, "acquired resource");
-                    Some(Resource {
-                        name: self.name.as_str().into(),
-                        path: path.into_boxed_path(),
+                    Some(Box::new(Resource {
+                        name_path: NamePath::new(&self.name, &path),
                         fd,
                         lock_held: true,
                         flags,
@@ -924,7 +1056,7 @@ impl Job {
                         // Opened close-on-exec (std's default): cleared once it is
                         // in the table (`finish`), never while only a job holds it.
                         inheritable: false,
-                    })
+                    }))
                 })
             }
             JobKind::Create(path) => create_file(&self.name, &path, claims).map(|()| None),
@@ -949,15 +1081,15 @@ impl Job {
     }
 }
 
-/// A file this process holds or is locking (module docs).
+/// What a file's slot has beyond being there (module docs): only while its claimant is
+/// closing it, or when fds were parked on it; so a held lease's slot is its (device,
+/// inode) alone, 16 bytes a bucket in [`LockSpaces::slots`].
 #[derive(Debug, Default)]
-struct Slot {
+struct SlotState {
     /// The claimant is closing its fd: the (device, inode) may soon name another file.
     closing: bool,
-    /// Fds opened on the file by accident, closed after the claimant's. Boxed: rare,
-    /// and every held lease has a slot, so 8 bytes a slot rather than a Vec's 24.
-    #[allow(clippy::box_collection)]
-    parked: Option<Box<Vec<OwnedFd>>>,
+    /// Fds opened on the file by accident, closed after the claimant's.
+    parked: Vec<OwnedFd>,
 }
 
 /// What [`LockSpaces::claim`] did.
@@ -977,8 +1109,10 @@ pub enum Claim {
 pub struct LockSpaces {
     default: LockSpace,
     dirs: HashMap<String, LockSpace>,
-    /// Files held or being locked, with the fds parked on them (module docs).
-    slots: HashMap<FileId, Slot>,
+    /// Files held or being locked (module docs).
+    slots: HashSet<FileId>,
+    /// The few slots being closed or with fds parked on them.
+    slot_states: HashMap<FileId, SlotState>,
     /// A re-exec's handoff has named the held leases (see [`Self::exec_started`]).
     exec_started: bool,
     /// (lockspace key, resource name) with a job in flight.
@@ -1031,7 +1165,7 @@ impl LockSpaces {
         self.slots.reserve(ls.resources.len());
         for r in ls.resources() {
             if let Some(id) = r.file_id {
-                if self.slots.insert(id, Slot::default()).is_some() {
+                if !self.slots.insert(id) {
                     tracing::warn!(
                         resource = r.name(),
                         "the restored state holds this file under two names"
@@ -1069,56 +1203,50 @@ impl LockSpaces {
     /// The fds parked on held files: a re-exec must keep them open too (closing one at
     /// exec would drop the lock).
     pub fn parked_fds(&self) -> impl Iterator<Item = RawFd> + '_ {
-        self.slots
+        self.slot_states
             .values()
-            .flat_map(|s| s.parked.iter().flat_map(|p| p.iter()))
+            .flat_map(|s| s.parked.iter())
             .map(|fd| fd.as_raw_fd())
     }
 
     /// Whether file `id` has a slot.
     pub fn is_claimed(&self, id: FileId) -> bool {
-        self.slots.get(&id).is_some_and(|s| !s.closing)
+        self.slots.contains(&id) && !self.slot_states.get(&id).is_some_and(|s| s.closing)
     }
 
     /// [`Claims::claim`] under the table lock.
     pub fn claim(&mut self, id: FileId, file: File) -> Claim {
-        match self.slots.entry(id) {
-            std::collections::hash_map::Entry::Occupied(e) if e.get().closing => {
-                Claim::Closing(file)
-            }
-            std::collections::hash_map::Entry::Occupied(mut e) => {
-                e.get_mut()
-                    .parked
-                    .get_or_insert_with(Default::default)
-                    .push(file.into());
-                Claim::Parked
-            }
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(Slot::default());
-                Claim::Claimed(file)
-            }
+        if self.slots.insert(id) {
+            return Claim::Claimed(file);
         }
+        let state = self.slot_states.entry(id).or_default();
+        if state.closing {
+            return Claim::Closing(file);
+        }
+        state.parked.push(file.into());
+        Claim::Parked
     }
 
     /// [`Claims::closing`] under the table lock.
     pub fn mark_closing(&mut self, id: FileId) {
-        if let Some(s) = self.slots.get_mut(&id) {
-            s.closing = true;
+        if self.slots.contains(&id) {
+            self.slot_states.entry(id).or_default().closing = true;
         }
     }
 
     /// One step of [`Claims::unclaim`]: removes the slot when nothing is parked there,
     /// else hands out the parked fds (to be closed outside the table lock; then call again).
     pub fn unclaim_step(&mut self, id: FileId) -> Vec<OwnedFd> {
-        match self.slots.get_mut(&id) {
-            Some(s) if s.parked.as_ref().is_some_and(|p| !p.is_empty()) => {
-                s.parked.take().map(|p| *p).unwrap_or_default()
-            }
-            Some(_) => {
+        if !self.slots.contains(&id) {
+            return Vec::new();
+        }
+        match self.slot_states.get_mut(&id) {
+            Some(s) if !s.parked.is_empty() => std::mem::take(&mut s.parked),
+            _ => {
                 self.slots.remove(&id);
+                self.slot_states.remove(&id);
                 Vec::new()
             }
-            None => Vec::new(),
         }
     }
 
@@ -1145,7 +1273,7 @@ impl LockSpaces {
                 match set_cloexec(res.fd.as_raw_fd(), true) {
                     Ok(()) => res.inheritable = false,
                     Err(e) => tracing::warn!(
-                        resource = &*res.name,
+                        resource = res.name(),
                         "cannot set close-on-exec before closing ({e})"
                     ),
                 }
@@ -1243,12 +1371,12 @@ impl LockSpaces {
             .chain(self.dirs.iter_mut().map(|(k, v)| (k.clone(), v)));
         for (key, ls) in lockspaces {
             let mut gone = Vec::new();
-            for (name, res) in ls.resources.iter_mut() {
+            for res in ls.resources.values_mut() {
                 if let Some(idx) = res.owners.iter().position(|&o| o == owner) {
                     any = true;
                     res.owners.remove(idx);
                     if res.owners.is_empty() {
-                        gone.push(name.clone());
+                        gone.push(String::from(res.name()));
                     }
                 }
             }
@@ -1316,12 +1444,12 @@ impl LockSpaces {
                 match set_cloexec(res.fd.as_raw_fd(), false) {
                     Ok(()) => res.inheritable = true,
                     Err(e) => tracing::warn!(
-                        resource = &*res.name,
+                        resource = res.name(),
                         "cannot clear close-on-exec now ({e}); the re-exec will"
                     ),
                 }
             }
-            ls.resources.insert(res.name.clone(), res);
+            ls.resources.insert_new(res);
         }
         Ok(())
     }
@@ -2359,7 +2487,7 @@ mod tests {
         let mut s = m.into_inner().unwrap();
         s.finish(done).unwrap();
         assert!(!d.join("foo").exists());
-        assert!(s.slots.is_empty());
+        assert!(s.slots.is_empty() && s.slot_states.is_empty());
     }
 
     // ---- LockSpaces, owners, restore ----

@@ -305,11 +305,22 @@ fn send_handoff(r: &Running, keep_files: bool) -> HandoffAcks {
     }
 }
 
+impl Slot {
+    fn capacity(&self) -> usize {
+        self.capacity as usize
+    }
+
+    fn set_capacity(&mut self, bytes: usize) {
+        self.capacity = u32::try_from(bytes).unwrap_or(u32::MAX);
+    }
+}
+
 /// One pipe in the thread's table.
 struct Slot {
     file: Arc<LogFile>,
-    /// Current capacity of the pipe, bytes; 0 until first serviced.
-    capacity: usize,
+    /// Current capacity of the pipe, bytes; 0 until first serviced. A u32 (the kernel's
+    /// pipe sizes are ints): the slot is 16 bytes, and there is one per fd number.
+    capacity: u32,
     /// The kernel refused to enlarge this pipe; do not ask again.
     fixed: bool,
     /// The last pass moved at least [`BULK_BYTES`]: use splice(2).
@@ -478,8 +489,8 @@ impl Thread {
         };
         if slot.capacity == 0 {
             // A pipe enlarged by the previous image counts against the budget here too.
-            slot.capacity = pipe_capacity(&slot.file);
-            self.enlarged += slot.capacity.saturating_sub(DEFAULT_PIPE);
+            slot.set_capacity(pipe_capacity(&slot.file));
+            self.enlarged += slot.capacity().saturating_sub(DEFAULT_PIPE);
         }
         // A pipe that gave a lot last time is read by splice(2); small amounts are
         // cheaper by plain read + write.
@@ -490,7 +501,7 @@ impl Thread {
         };
         // Hysteresis, so a flood does not flip paths on every short pass.
         slot.bulk = bytes >= if slot.bulk { BULK_END } else { BULK_BYTES };
-        let fill = bytes as f64 / slot.capacity.max(1) as f64;
+        let fill = bytes as f64 / slot.capacity().max(1) as f64;
         match outcome {
             Pumped::Empty => {
                 if fill >= 0.5 {
@@ -613,7 +624,7 @@ impl Thread {
         let _ = self.epoll.delete(slot.file.pipe.as_fd());
         self.enlarged = self
             .enlarged
-            .saturating_sub(slot.capacity.saturating_sub(DEFAULT_PIPE));
+            .saturating_sub(slot.capacity().saturating_sub(DEFAULT_PIPE));
         (self.on_closed)(&slot.file);
     }
 
@@ -624,16 +635,16 @@ impl Thread {
             return;
         };
         if slot.fixed
-            || slot.capacity >= BIG_PIPE
-            || self.enlarged + BIG_PIPE - slot.capacity > ENLARGE_BUDGET
+            || slot.capacity() >= BIG_PIPE
+            || self.enlarged + BIG_PIPE - slot.capacity() > ENLARGE_BUDGET
         {
             return;
         }
         let fd = slot.file.pipe.as_raw_fd();
         match nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(BIG_PIPE as i32)) {
-            Ok(n) if n > 0 && n as usize > slot.capacity => {
-                self.enlarged += n as usize - slot.capacity;
-                slot.capacity = n as usize;
+            Ok(n) if n > 0 && n as usize > slot.capacity() => {
+                self.enlarged += n as usize - slot.capacity();
+                slot.set_capacity(n as usize);
                 debug!(path = %slot.file.path.display(), "pipe raised to {n} bytes");
             }
             Ok(_) => {}
@@ -747,6 +758,12 @@ fn pipe_capacity(file: &LogFile) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slot_is_sixteen_bytes() {
+        // One per fd number (pipes and log files alike): 10,000 logs, 20,000 slots.
+        assert_eq!(std::mem::size_of::<Option<Slot>>(), 16);
+    }
 
     const MS: Duration = Duration::from_millis(1);
 
