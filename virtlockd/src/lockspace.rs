@@ -180,12 +180,23 @@ type Owners = SmallVec<[u32; 2]>;
 /// lockspace), so the bytes are the path and the name starts `name_start` bytes in;
 /// otherwise (a restored state whose path is not so made) the name follows the path
 /// (`apart`). Returns (bytes, name_start, apart).
-fn name_and_path(name: &str, path: &Path) -> (Box<[u8]>, u32, bool) {
-    use std::os::unix::ffi::OsStrExt;
-    let path = path.as_os_str().as_bytes();
-    let (text, start, apart) = if path.ends_with(name.as_bytes()) {
-        (Box::from(path), path.len() - name.len(), false)
+fn name_and_path(name: &str, path: PathBuf) -> (Box<[u8]>, u32, bool) {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let (text, start, apart) = if path.as_os_str().as_bytes().ends_with(name.as_bytes()) {
+        // The path's own buffer when it is exact (a restore's, from the state
+        // document: no copy inside the pause); a copy otherwise (a job's path grew
+        // while it was joined, and shrinking it in place would leave its heap chunk
+        // oversized for the lease's life).
+        let bytes = path.into_os_string().into_vec();
+        let text = if bytes.capacity() == bytes.len() {
+            bytes.into_boxed_slice()
+        } else {
+            Box::from(&bytes[..])
+        };
+        let start = text.len() - name.len();
+        (text, start, false)
     } else {
+        let path = path.as_os_str().as_bytes();
         (
             [path, name.as_bytes()].concat().into_boxed_slice(),
             path.len(),
@@ -228,8 +239,12 @@ pub struct Resource {
 impl Resource {
     /// The resource name (the key in its lockspace).
     pub fn name(&self) -> &str {
-        // Always valid: the bytes are those of the `&str` given to `name_and_path`.
-        std::str::from_utf8(self.name_bytes()).unwrap_or_default()
+        let bytes = self.name_bytes();
+        // SAFETY: `name_bytes` is either empty or exactly the bytes of the `&str` given
+        // to `name_and_path` (the path's tail equal to them, or a copy of them), so it
+        // is valid UTF-8. Not checked again: the re-exec's state names and sorts
+        // 10,000 leases inside the pause.
+        unsafe { std::str::from_utf8_unchecked(bytes) }
     }
 
     fn name_bytes(&self) -> &[u8] {
@@ -562,8 +577,13 @@ impl Resources {
     }
 
     fn get(&self, name: &str) -> Option<&Resource> {
+        self.get_hashed(self.hash(name), name)
+    }
+
+    /// [`get`](Self::get) with the name's hash known (a restore hashes each name once).
+    fn get_hashed(&self, hash: u64, name: &str) -> Option<&Resource> {
         self.table
-            .find(self.hash(name), |r| r.name_bytes() == name.as_bytes())
+            .find(hash, |r| r.name_bytes() == name.as_bytes())
             .map(|r| &**r)
     }
 
@@ -589,6 +609,11 @@ impl Resources {
     /// Adds `res`, whose name the table must not hold already (the caller checked).
     fn insert_new(&mut self, res: Box<Resource>) {
         let hash = hash_name(&self.hasher, res.name_bytes());
+        self.insert_hashed(hash, res);
+    }
+
+    /// [`insert_new`](Self::insert_new) with the name's hash known.
+    fn insert_hashed(&mut self, hash: u64, res: Box<Resource>) {
         let hasher = &self.hasher;
         self.table
             .insert_unique(hash, res, |r| hash_name(hasher, r.name_bytes()));
@@ -713,7 +738,9 @@ impl LockSpace {
     pub fn resource_path(&self, name: &str) -> PathBuf {
         match &self.directory {
             Some(dir) => {
-                let mut s = OsString::from(dir.as_os_str());
+                // Sized exactly: a held lease keeps this buffer (see `name_and_path`).
+                let mut s = OsString::with_capacity(dir.as_os_str().len() + 1 + name.len());
+                s.push(dir.as_os_str());
                 s.push("/");
                 s.push(name);
                 PathBuf::from(s)
@@ -762,7 +789,8 @@ impl LockSpace {
         owners: Vec<u32>,
         carried: Option<Carried>,
     ) -> Result<(), RpcError> {
-        if self.resources.contains_key(&name) {
+        let hash = self.resources.hash(&name);
+        if self.resources.get_hashed(hash, &name).is_some() {
             // Checked before a Resource exists, so nothing is unlinked.
             return Err(RpcError::internal(
                 domain::LOCKSPACE,
@@ -803,24 +831,27 @@ impl LockSpace {
             );
             (flags & 0xff) as u8
         });
-        let (name_path, name_start, name_apart) = name_and_path(&name, &path);
-        self.resources.insert_new(Box::new(Resource {
-            name_path,
-            name_start,
-            name_apart,
-            fd,
-            lock_held,
-            flags,
-            // Collected, not converted: a deserialized Vec has room for four, and
-            // `from_vec` would keep that allocation.
-            owners: owners.into_iter().collect(),
-            file_id: file_id.unwrap_or(FileId { dev: 0, ino: 0 }),
-            has_file_id: file_id.is_some(),
-            kind,
-            // It came through an exec (or the fd store's dup2, which clears the flag
-            // too).
-            inheritable: true,
-        }));
+        let (name_path, name_start, name_apart) = name_and_path(&name, path);
+        self.resources.insert_hashed(
+            hash,
+            Box::new(Resource {
+                name_path,
+                name_start,
+                name_apart,
+                fd,
+                lock_held,
+                flags,
+                // Collected, not converted: a deserialized Vec has room for four, and
+                // `from_vec` would keep that allocation.
+                owners: owners.into_iter().collect(),
+                file_id: file_id.unwrap_or(FileId { dev: 0, ino: 0 }),
+                has_file_id: file_id.is_some(),
+                kind,
+                // It came through an exec (or the fd store's dup2, which clears the flag
+                // too).
+                inheritable: true,
+            }),
+        );
         Ok(())
     }
 }
@@ -1042,7 +1073,7 @@ impl Job {
             JobKind::Acquire { path, owner, flags } => {
                 acquire_file(&self.name, &path, flags, claims).map(|(fd, id)| {
                     tracing::debug!(name = self.name, path = %path.display(), owner, flags, "acquired resource");
-                    let (name_path, name_start, name_apart) = name_and_path(&self.name, &path);
+                    let (name_path, name_start, name_apart) = name_and_path(&self.name, path);
                     Some(Box::new(Resource {
                         name_path,
                         name_start,
@@ -1813,9 +1844,9 @@ mod tests {
 
     #[test]
     fn name_and_path_share_bytes() {
-        let (t, start, apart) = name_and_path("b", Path::new("/ls/b"));
+        let (t, start, apart) = name_and_path("b", PathBuf::from("/ls/b"));
         assert_eq!((&*t, start, apart), (&b"/ls/b"[..], 4, false));
-        let (t, start, apart) = name_and_path("x", Path::new("/ls/b"));
+        let (t, start, apart) = name_and_path("x", PathBuf::from("/ls/b"));
         assert_eq!((&*t, start, apart), (&b"/ls/bx"[..], 5, true));
     }
 
