@@ -203,8 +203,13 @@ fn name_and_path(name: &str, path: PathBuf) -> (Box<[u8]>, u32, bool) {
             true,
         )
     };
-    // Names and paths come in RPC frames or the state document, far below 4 GiB.
-    (text, u32::try_from(start).unwrap_or(u32::MAX), apart)
+    // Names and paths come in RPC frames or the state document, far below 4 GiB; were
+    // one not to, the lease would keep an empty name and path rather than a wrong split
+    // (`Resource::name` relies on the split being the name's exact start).
+    match u32::try_from(start) {
+        Ok(start) => (text, start, apart),
+        Err(_) => (Box::default(), 0, false),
+    }
 }
 
 /// One held resource: an open fd carrying the byte-0 lock, plus its owners.
@@ -219,7 +224,7 @@ pub struct Resource {
     name_apart: bool,
     fd: OwnedFd,
     lock_held: bool,
-    /// `ACQUIRE_SHARED` | `ACQUIRE_AUTOCREATE` (restore refuses others).
+    /// `ACQUIRE_SHARED` | `ACQUIRE_AUTOCREATE` (a restore keeps the low 8 bits).
     flags: u8,
     /// Inline up to two (an exclusive lease has one): no allocation per lease.
     owners: Owners,
@@ -241,8 +246,8 @@ impl Resource {
     pub fn name(&self) -> &str {
         let bytes = self.name_bytes();
         // SAFETY: `name_bytes` is either empty or exactly the bytes of the `&str` given
-        // to `name_and_path` (the path's tail equal to them, or a copy of them), so it
-        // is valid UTF-8. Not checked again: the re-exec's state names and sorts
+        // to `name_and_path` (the path's tail equal to them, or a copy of them: the
+        // split is the name's start, or the whole is empty), so it is valid UTF-8. Not checked again: the re-exec's state names and sorts
         // 10,000 leases inside the pause.
         unsafe { std::str::from_utf8_unchecked(bytes) }
     }
