@@ -14,6 +14,7 @@
 //! | [`stop_intent`] | on SIGTERM with the store on: is systemd restarting us, or stopping us for good? |
 //! | [`logging`] | log_level / log_filters / log_outputs driving `tracing` |
 //! | [`daemon`] | the daemon front-end: start-up, sockets, signals, `--timeout`, re-exec |
+//! | [`next_image`] | before a re-exec: is the program argv[0] names our own image (its marker section)? Then exec that very open file |
 //! | [`restart`] | the re-exec state file's shared part: framing, servers, clients, sockets, the located-error walker, file I/O (each daemon's `state.rs` has its own part) |
 //! | [`inspect`] | the program shell of our operator-only "VHIP" program (both daemons) |
 //! | [`admin`] | libvirt's admin program (0x06900690): servers, clients, limits, logging |
