@@ -16,7 +16,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// A marker: the name of an ELF section and the exact bytes it holds.
@@ -32,13 +32,6 @@ pub struct NextImage {
     file: File,
 }
 
-/// Bounds on what is read from a candidate file: a real section header table is a few
-/// KiB, its name table a few hundred bytes.
-const MAX_SECTIONS: usize = 4096;
-const MAX_NAMES: u64 = 1 << 20;
-const ELF64_HEADER: usize = 64;
-const ELF64_SECTION: usize = 64;
-
 impl NextImage {
     /// Resolves `argv0` as `execvp` does and opens it if it carries `marker`. `None`
     /// for anything else, a failure included: the caller then hands off as to a
@@ -50,9 +43,7 @@ impl NextImage {
     /// [`Self::probe`] with the search path given (`None`: PATH unset).
     fn probe_in(argv0: &OsStr, path: Option<&OsStr>, marker: Marker) -> Option<NextImage> {
         let file = resolve(argv0, path)?;
-        has_marker(&file, marker)
-            .ok()?
-            .then_some(NextImage { file })
+        has_marker(&file, marker).then_some(NextImage { file })
     }
 
     /// Runs this very file with `argv` and the current environment. Returns only on
@@ -109,67 +100,36 @@ fn resolve(argv0: &OsStr, path: Option<&OsStr>) -> Option<File> {
     })
 }
 
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(x)
-}
-
-/// Whether `file` is a 64-bit little-endian ELF file with a section named
-/// `marker.section` holding exactly `marker.contents`. Other ELF flavours are never
-/// ours (we build for x86-64 and aarch64 only).
-fn has_marker(file: &File, marker: Marker) -> io::Result<bool> {
-    let bad = || io::Error::from(io::ErrorKind::InvalidData);
-    let mut h = [0u8; ELF64_HEADER];
-    file.read_exact_at(&mut h, 0)?;
-    // Magic, ELFCLASS64, ELFDATA2LSB.
-    if h[..4] != *b"\x7fELF" || h[4] != 2 || h[5] != 1 {
-        return Ok(false);
-    }
-    let shoff = u64_at(&h, 0x28);
-    let shentsize = usize::from(u16_at(&h, 0x3a));
-    let shnum = usize::from(u16_at(&h, 0x3c));
-    let shstrndx = usize::from(u16_at(&h, 0x3e));
-    if shentsize != ELF64_SECTION || shnum == 0 || shnum > MAX_SECTIONS || shstrndx >= shnum {
-        return Ok(false);
-    }
-    let mut table = vec![0u8; shnum * ELF64_SECTION];
-    file.read_exact_at(&mut table, shoff)?;
-    let section = |i: usize| &table[i * ELF64_SECTION..(i + 1) * ELF64_SECTION];
-    // (name offset, file offset, size)
-    let fields = |s: &[u8]| (u32_at(s, 0), u64_at(s, 24), u64_at(s, 32));
-    let (_, names_at, names_len) = fields(section(shstrndx));
-    if names_len > MAX_NAMES {
-        return Err(bad());
-    }
-    let mut names = vec![0u8; usize::try_from(names_len).map_err(|_| bad())?];
-    file.read_exact_at(&mut names, names_at)?;
-    let wanted = marker.section.as_bytes();
-    for i in 0..shnum {
-        let (name, at, len) = fields(section(i));
-        let Some(name) = usize::try_from(name).ok().and_then(|n| names.get(n..)) else {
-            continue;
-        };
-        let is_it = name.starts_with(wanted) && name.get(wanted.len()) == Some(&0);
-        if !is_it {
-            continue;
+/// Whether `file` is an ELF file with a section named `marker.section` holding exactly
+/// `marker.contents`. Only the file header, the section header table and the section
+/// names are read (not the symbol tables of a 12 MB binary: this runs in the re-exec's
+/// pause).
+fn has_marker(file: &File, marker: Marker) -> bool {
+    use object::read::elf::{FileHeader, SectionHeader};
+    let data = object::ReadCache::new(file);
+    let found = || -> object::Result<bool> {
+        let header = object::elf::FileHeader64::<object::Endianness>::parse(&data)?;
+        let endian = header.endian()?;
+        let sections = header.sections(endian, &data)?;
+        // The names' table in one read: a lookup by name would read each name apart.
+        let names_at = object::SectionIndex(header.shstrndx(endian, &data)? as usize);
+        let names = sections.section(names_at)?.data(endian, &data)?;
+        let wanted = marker.section.as_bytes();
+        for section in sections.iter() {
+            let name = names
+                .get(section.sh_name(endian) as usize..)
+                .unwrap_or_default();
+            if name
+                .strip_prefix(wanted)
+                .is_some_and(|rest| rest.first() == Some(&0))
+            {
+                return Ok(section.data(endian, &data)? == marker.contents);
+            }
         }
-        if len != marker.contents.len() as u64 {
-            return Ok(false);
-        }
-        let mut got = vec![0u8; marker.contents.len()];
-        file.read_exact_at(&mut got, at)?;
-        return Ok(got == marker.contents);
-    }
-    Ok(false)
+        Ok(false)
+    };
+    // Not ELF, not 64-bit, a truncated or odd table: not ours.
+    found().unwrap_or(false)
 }
 
 #[cfg(test)]
