@@ -700,14 +700,10 @@ impl Thread {
         // Our command eventfd closes at exec, which unregisters it by itself; taken out
         // now so that a restore after a failed exec does not get its wake-ups.
         let _ = self.epoll.delete(self.wake.as_fd());
-        if keep_files {
-            let _ = prepared.send(Some(self.epoll.0));
-        } else {
-            // Closed before the exec may start: the files are inheritable (see
-            // `rotating_file::open_entry`), and the next image is not ours.
-            drop(files);
-            let _ = prepared.send(Some(self.epoll.0));
-        }
+        // Closed before the exec may start (none when `keep_files`): the files are
+        // inheritable (see `rotating_file::open_entry`), and the next image is not ours.
+        drop(files);
+        let _ = prepared.send(Some(self.epoll.0));
     }
 
     /// Quit: what QEMU wrote before the stop reaches its file (bounded, as for RPCs).
