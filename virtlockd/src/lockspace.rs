@@ -247,8 +247,9 @@ impl Resource {
         let bytes = self.name_bytes();
         // SAFETY: `name_bytes` is either empty or exactly the bytes of the `&str` given
         // to `name_and_path` (the path's tail equal to them, or a copy of them: the
-        // split is the name's start, or the whole is empty), so it is valid UTF-8. Not checked again: the re-exec's state names and sorts
-        // 10,000 leases inside the pause.
+        // split is the name's start, or the whole is empty), so it is valid UTF-8. Not
+        // checked again: the re-exec's state names and sorts 10,000 leases inside the
+        // pause.
         unsafe { std::str::from_utf8_unchecked(bytes) }
     }
 
